@@ -1,0 +1,243 @@
+"""Lightning Attention: causal linear attention with a constant per-head decay (SPEC.md §4).
+
+For every (batch, head):  o_t = sum_{j <= t} lambda^(t-j) (q_t . k_j) v_j,  lambda = exp(-s),
+with an optional initial state S_0 that enters as if it had been built by earlier tokens:
+o_t += lambda^(t+1) q_t S_0, and the final state is S_T = lambda^T S_0 + sum_j lambda^(T-1-j) k_j^T v_j.
+
+Forms (all exact, all agree; `impl` selects one):
+  reference  the quadratic masked form O = ((Q K^T) * D) V; for tests and short sequences.
+  blockwise  Lightning Attention-2 chunks of `chunk_size`: intra-chunk masked products in parallel,
+             a float32 state carried across chunks by `lax.scan`. The XLA path for training.
+  recurrent  `lax.scan` over tokens with `lightning_attention_step`: only multiplications by
+             lambda <= 1, so it stays finite at any length (the paper's robust inference form).
+  pallas     the GPU kernels of `pallas_kernels/` (interpret mode on machines without a GPU).
+
+All decay arithmetic and every state is float32; causal masks come from token indices.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+IMPLS = ("reference", "blockwise", "recurrent", "pallas")
+
+
+def alibi_slopes(num_heads: int) -> Array:
+    """Base decay rates s_h of SPEC.md §2 (the ALiBi slopes): [num_heads] float32."""
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be positive, got {num_heads}.")
+
+    def power_of_two(n: int) -> list:
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    p = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = power_of_two(p)
+    if p < num_heads:
+        slopes += power_of_two(2 * p)[0::2][: num_heads - p]
+    return jnp.asarray(slopes, dtype=jnp.float32)
+
+
+def layer_slopes(num_heads: int, layer: int, num_layers: int) -> Array:
+    """Decay rates of layer `layer` (0-based) of `num_layers`: s_h * (1 - l/(L-1) + 1e-5), [H] f32."""
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"layer {layer} is out of range for a model of {num_layers} layers.")
+    factor = 1.0 + 1e-5 if num_layers == 1 else 1.0 - layer / (num_layers - 1) + 1e-5
+    return alibi_slopes(num_heads) * jnp.float32(factor)
+
+
+def _check_inputs(q: Array, k: Array, v: Array, slopes: Array, initial_state: Optional[Array]) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            "lightning_attention expects q, k, v of shape [batch, seq, heads, dim], got "
+            f"{q.shape}, {k.shape}, {v.shape}."
+        )
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape, got {q.shape} and {k.shape}.")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"v must share batch, seq and heads with q: q is {q.shape}, v is {v.shape}."
+        )
+    heads = q.shape[2]
+    if slopes.shape != (heads,):
+        raise ValueError(f"slopes must have shape [heads] = ({heads},), got {slopes.shape}.")
+    if initial_state is not None:
+        want = (q.shape[0], heads, q.shape[3], v.shape[3])
+        if initial_state.shape != want:
+            raise ValueError(
+                f"initial_state must have shape [batch, heads, dk, dv] = {want}, "
+                f"got {initial_state.shape}."
+            )
+
+
+def _zero_state(q: Array, v: Array) -> Array:
+    b, _, h, dk = q.shape
+    return jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
+
+
+def _dot_precision(*xs: Array):
+    # float32 inputs must stay float32 on GPUs too (XLA would otherwise use TF32 there).
+    return lax.Precision.HIGHEST if any(x.dtype == jnp.float32 for x in xs) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# reference: quadratic masked form
+# ----------------------------------------------------------------------------------------------
+def _reference(q, k, v, slopes, initial_state, chunk_size):
+    del chunk_size
+    t = q.shape[1]
+    pos = jnp.arange(t)
+    causal = pos[None, :] <= pos[:, None]  # [t, j]
+    dist = jnp.where(causal, pos[:, None] - pos[None, :], 0).astype(jnp.float32)
+    decay = jnp.where(causal[None], jnp.exp(-slopes[:, None, None] * dist[None]), 0.0)  # [h, t, j]
+    prec = _dot_precision(q, k, v)
+    scores = jnp.einsum("bthd,bjhd->bhtj", q, k, precision=prec, preferred_element_type=jnp.float32)
+    o = jnp.einsum("bhtj,bjhe->bthe", scores * decay, v.astype(jnp.float32), precision=prec)
+    # Positions counted from the initial state: token t sees it through lambda^(t+1).
+    tail = jnp.exp(-slopes[:, None] * (t - 1 - pos[None, :]).astype(jnp.float32))  # lambda^(T-1-j)
+    s_t = jnp.einsum("bjhd,bjhe,hj->bhde", k.astype(jnp.float32), v.astype(jnp.float32), tail,
+                     precision=lax.Precision.HIGHEST)
+    if initial_state is not None:
+        head_decay = jnp.exp(-slopes[:, None] * (pos[None, :] + 1).astype(jnp.float32))  # [h, t]
+        o = o + jnp.einsum("bthd,bhde,ht->bthe", q.astype(jnp.float32), initial_state, head_decay,
+                           precision=lax.Precision.HIGHEST)
+        s_t = s_t + jnp.exp(-slopes * t)[None, :, None, None] * initial_state
+    return o.astype(v.dtype), s_t
+
+
+# ----------------------------------------------------------------------------------------------
+# blockwise: Lightning Attention-2
+# ----------------------------------------------------------------------------------------------
+def _blockwise(q, k, v, slopes, initial_state, chunk_size):
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    c = chunk_size
+    n = -(-t // c)
+    pad = n * c - t
+    if pad:
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+
+    def chunks(x):  # [b, n*c, h, d] -> [b, h, n, c, d]
+        return x.reshape(b, n, c, h, x.shape[-1]).transpose(0, 3, 1, 2, 4)
+
+    qc, kc, vc = chunks(q), chunks(k), chunks(v)
+    r = jnp.arange(c)
+    # Valid length of each chunk: only the last one can be short. Exponents use it so that padding
+    # never decays the state.
+    length = jnp.minimum(c, t - jnp.arange(n) * c)  # [n]
+
+    causal = r[None, :] <= r[:, None]
+    dist = jnp.where(causal, r[:, None] - r[None, :], 0).astype(jnp.float32)
+    intra_decay = jnp.where(causal[None], jnp.exp(-slopes[:, None, None] * dist[None]), 0.0)  # [h,c,c]
+    q_decay = jnp.exp(-slopes[:, None] * (r + 1).astype(jnp.float32)[None, :])  # [h, c]: lambda^(r+1)
+    k_exp = (length[:, None] - 1 - r[None, :]).astype(jnp.float32)  # [n, c]
+    k_decay = jnp.where(r[None, :] < length[:, None], jnp.exp(-slopes[:, None, None] * k_exp[None]), 0.0)  # [h, n, c]
+    chunk_decay = jnp.exp(-slopes[:, None] * length[None, :].astype(jnp.float32))  # [h, n]
+
+    prec = _dot_precision(q, k, v)
+    scores = jnp.einsum("bhncd,bhnjd->bhncj", qc, kc, precision=prec,
+                        preferred_element_type=jnp.float32)
+    o_intra = jnp.einsum("bhncj,bhnje->bhnce", scores * intra_decay[None, :, None], vc.astype(jnp.float32),
+                         precision=prec)
+    # Each chunk's own contribution to the state, all chunks at once: (lambda^(len-1-r) K_c)^T V_c.
+    kv = jnp.einsum("bhncd,bhnce->bhnde", kc.astype(jnp.float32) * k_decay[None, ..., None],
+                    vc.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+
+    def step(state, inputs):
+        kv_n, decay_n = inputs  # [b, h, dk, dv], [h]
+        return decay_n[None, :, None, None] * state + kv_n, state
+
+    s0 = _zero_state(q, v) if initial_state is None else initial_state.astype(jnp.float32)
+    final, before = lax.scan(step, s0, (kv.transpose(2, 0, 1, 3, 4), chunk_decay.T))
+    before = before.transpose(1, 2, 0, 3, 4)  # [b, h, n, dk, dv]: the state entering each chunk
+    o_inter = jnp.einsum("bhncd,bhnde->bhnce", qc.astype(jnp.float32) * q_decay[None, :, None, :, None],
+                         before, precision=lax.Precision.HIGHEST)
+    o = (o_intra + o_inter).transpose(0, 2, 3, 1, 4).reshape(b, n * c, h, dv)[:, :t]
+    return o.astype(v.dtype), final
+
+
+# ----------------------------------------------------------------------------------------------
+# recurrent: one token at a time
+# ----------------------------------------------------------------------------------------------
+def lightning_attention_step(q: Array, k: Array, v: Array, slopes: Array,
+                             state: Array) -> Tuple[Array, Array]:
+    """One decoding step: S <- lambda S + k^T v, o = q S.
+
+    Args:
+      q, k: [batch, heads, dk]; v: [batch, heads, dv]; slopes: [heads] f32;
+      state: [batch, heads, dk, dv] f32.
+    Returns:
+      o: [batch, heads, dv] in v's dtype, and the new state [batch, heads, dk, dv] f32.
+    """
+    decay = jnp.exp(-slopes)[None, :, None, None]
+    kv = k.astype(jnp.float32)[..., :, None] * v.astype(jnp.float32)[..., None, :]
+    state = decay * state + kv
+    o = jnp.einsum("bhd,bhde->bhe", q.astype(jnp.float32), state, precision=lax.Precision.HIGHEST)
+    return o.astype(v.dtype), state
+
+
+def _recurrent(q, k, v, slopes, initial_state, chunk_size):
+    del chunk_size
+    s0 = _zero_state(q, v) if initial_state is None else initial_state.astype(jnp.float32)
+
+    def step(state, qkv_t):
+        o_t, state = lightning_attention_step(*qkv_t, slopes, state)
+        return state, o_t
+
+    time_major = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
+    final, o = lax.scan(step, s0, (time_major(q), time_major(k), time_major(v)))
+    return time_major(o), final
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------------------
+def _pallas(q, k, v, slopes, initial_state, chunk_size):
+    from pallas_kernels import lightning  # imported lazily: only this impl needs Pallas
+
+    return lightning.lightning_attention(q, k, v, slopes, initial_state=initial_state,
+                                         chunk_size=chunk_size)
+
+
+_FORMS: Dict[str, Callable] = {
+    "reference": _reference,
+    "blockwise": _blockwise,
+    "recurrent": _recurrent,
+    "pallas": _pallas,
+}
+
+
+def check_impl(impl: str) -> None:
+    """Raises a one-sentence error when `impl` names no attention implementation."""
+    if impl not in _FORMS:
+        raise ValueError(f"Unknown attention impl {impl!r}: choose one of {', '.join(IMPLS)}.")
+
+
+@functools.partial(jax.named_call, name="lightning_attention")
+def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *, impl: str = "blockwise",
+                        chunk_size: int = 64,
+                        initial_state: Optional[Array] = None) -> Tuple[Array, Array]:
+    """Causal linear attention with per-head decay lambda = exp(-slopes).
+
+    Args:
+      q, k: [batch, seq, heads, dk]; v: [batch, seq, heads, dv] (any float dtype; bf16 on GPU).
+      slopes: [heads] float32 decay rates s (not lambda).
+      impl: "reference", "blockwise", "recurrent" or "pallas".
+      chunk_size: chunk length of the blockwise and Pallas forms (any seq length is allowed).
+      initial_state: optional [batch, heads, dk, dv] float32 state of earlier tokens.
+    Returns:
+      o: [batch, seq, heads, dv] in v's dtype; final_state: [batch, heads, dk, dv] float32.
+    """
+    check_impl(impl)
+    slopes = jnp.asarray(slopes, jnp.float32)
+    _check_inputs(q, k, v, slopes, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    return _FORMS[impl](q, k, v, slopes, initial_state, chunk_size)

@@ -1,0 +1,184 @@
+"""TransNormerLLM in Flax Linen, as released (SPEC.md §1-3).
+
+Every parameter carries logical axis names (`vocab`, `embed`, `qkvu`, `heads`, `head_dim`, `mlp`); only
+the sharding code maps them onto mesh axes. The attention implementation comes from the config through
+the single dispatch point `tnllm.attention.lightning_attention`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tnllm.attention import layer_slopes, lightning_attention
+from tnllm.config import ModelConfig
+
+Array = jax.Array
+
+_REMAT = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def srms_norm(x: Array, eps: float = 1e-6, axes: Sequence[int] = (-1,)) -> Array:
+    """SRMSNorm: x * rsqrt(mean(x^2) + eps) over `axes`, computed in float32, returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    ms = jnp.mean(jnp.square(xf), axis=tuple(axes), keepdims=True)
+    return (xf * jax.lax.rsqrt(ms + eps)).astype(x.dtype)
+
+
+def lrpe_theta_init(num_heads: int, head_dim: int):
+    """theta[h, j] = 10000^(-2i/D), i = h*head_dim + j, D = num_heads*head_dim (SPEC.md §3)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        d = num_heads * head_dim
+        i = jnp.arange(d, dtype=jnp.float32)
+        return (10000.0 ** (-2.0 * i / d)).reshape(shape).astype(dtype)
+
+    return init
+
+
+def lrpe(x: Array, theta: Array, positions: Array) -> Array:
+    """LRPE: x -> [x cos(theta t), x sin(theta t)] along the feature axis.
+
+    x: [batch, seq, heads, hd]; theta: [heads, hd]; positions: [batch, seq] int absolute positions.
+    Returns [batch, seq, heads, 2*hd] in x's dtype; phases are float32.
+    """
+    phase = positions.astype(jnp.float32)[:, :, None, None] * theta.astype(jnp.float32)[None, None]
+    xf = x.astype(jnp.float32)
+    return jnp.concatenate([xf * jnp.cos(phase), xf * jnp.sin(phase)], axis=-1).astype(x.dtype)
+
+
+def _init(cfg: ModelConfig, names: Tuple[Optional[str], ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.init_std), names)
+
+
+class SGLU(nn.Module):
+    """Simple GLU channel mixer: (x W1 * x W2) W3, no activation, no biases."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [batch, seq, d_model] -> [batch, seq, d_model]."""
+        cfg = self.cfg
+        dense = lambda feats, names, name: nn.DenseGeneral(  # noqa: E731
+            feats, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            kernel_init=_init(cfg, names), name=name)
+        x1 = dense(cfg.glu_dim, ("embed", "mlp"), "l1")(x)
+        x2 = dense(cfg.glu_dim, ("embed", "mlp"), "l2")(x)
+        x1 = nn.with_logical_constraint(x1, ("batch", "length", "mlp"))
+        return dense(cfg.d_model, ("mlp", "embed"), "l3")(x1 * x2)
+
+
+class GatedLinearAttention(nn.Module):
+    """GLA token mixer of one layer (SPEC.md §1): decayed causal linear attention with gate u."""
+
+    cfg: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Optional[Array],
+                 initial_state: Optional[Array]) -> Tuple[Array, Array]:
+        """x: [batch, seq, d_model]; positions: [batch, seq] int; mask: [batch, seq] bool or None
+        (False = padding: its key is zeroed so it contributes nothing); initial_state:
+        [batch, heads, dk, head_dim] f32 or None.
+
+        Returns the output [batch, seq, d_model] and the final state [batch, heads, dk, head_dim] f32,
+        where dk = 2*head_dim in LRPE layers and head_dim elsewhere.
+        """
+        cfg = self.cfg
+        h, hd = cfg.num_heads, cfg.head_dim
+        qkvu = nn.DenseGeneral(
+            (4, h, hd), use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            kernel_init=_init(cfg, ("embed", "qkvu", "heads", "head_dim")), name="qkvu_proj")(x)
+        qkvu = nn.with_logical_constraint(qkvu, ("batch", "length", "qkvu", "heads", "head_dim"))
+        q, k, v, u = (qkvu[:, :, i] for i in range(4))
+        q, k = nn.silu(q), nn.silu(k)
+        if self.layer in cfg.lrpe_layers:
+            theta = self.param(
+                "theta", nn.with_logical_partitioning(lrpe_theta_init(h, hd), ("heads", "head_dim")),
+                (h, hd), cfg.param_dtype)
+            q, k = lrpe(q, theta, positions), lrpe(k, theta, positions)
+        if mask is not None:
+            k = jnp.where(mask[:, :, None, None], k, jnp.zeros_like(k))
+        slopes = layer_slopes(h, self.layer, cfg.num_layers)
+        o, state = lightning_attention(q, k, v, slopes, impl=cfg.attention_impl,
+                                       chunk_size=cfg.chunk_size, initial_state=initial_state)
+        o = nn.with_logical_constraint(o, ("batch", "length", "heads", "head_dim"))
+        # The norm spans all heads together (the released code), not each head.
+        o = srms_norm(o, cfg.norm_eps, axes=(-2, -1)) * u
+        out = nn.DenseGeneral(
+            cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            kernel_init=_init(cfg, ("heads", "head_dim", "embed")), name="out_proj")(o)
+        return out, state
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual layer: x + GLA(SRMSNorm(x)), then x + SGLU(SRMSNorm(x))."""
+
+    cfg: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, positions, mask, initial_state):
+        eps = self.cfg.norm_eps
+        y, state = GatedLinearAttention(self.cfg, self.layer, name="token_mixer")(
+            srms_norm(x, eps), positions, mask, initial_state)
+        x = x + y
+        x = x + SGLU(self.cfg, name="channel_mixer")(srms_norm(x, eps))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x, state
+
+
+class TransNormerLLM(nn.Module):
+    """The language model: scaled tied embedding, `num_layers` decoder layers, SRMSNorm, tied head."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, positions: Optional[Array] = None,
+                 mask: Optional[Array] = None,
+                 initial_states: Optional[Sequence[Array]] = None) -> Tuple[Array, Tuple[Array, ...]]:
+        """Forward pass.
+
+        Args:
+          tokens: [batch, seq] int token ids.
+          positions: [batch, seq] int absolute positions for LRPE; default 0..seq-1.
+          mask: [batch, seq] bool, False at padding (zeroes its key); default all real.
+          initial_states: one [batch, heads, dk, head_dim] f32 state per layer (from a prefill), or None.
+        Returns:
+          logits [batch, seq, vocab] float32, and each layer's final state (a tuple of num_layers).
+        """
+        cfg = self.cfg
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            embedding_init=_init(cfg, ("vocab", "embed")), name="embed_tokens")
+        x = embed(tokens)
+        if cfg.scale_embedding:
+            x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        layer_cls = DecoderLayer
+        if cfg.remat_policy != "none":
+            layer_cls = nn.remat(DecoderLayer, policy=_REMAT[cfg.remat_policy], static_argnums=())
+        states = []
+        for i in range(cfg.num_layers):
+            s0 = None if initial_states is None else initial_states[i]
+            x, s = layer_cls(cfg, i, name=f"layers_{i}")(x, positions, mask, s0)
+            states.append(s)
+        x = srms_norm(x, cfg.norm_eps)
+        logits = embed.attend(x).astype(jnp.float32)
+        return logits, tuple(states)
+
+
+def state_shapes(cfg: ModelConfig, batch: int) -> Tuple[Tuple[int, int, int, int], ...]:
+    """Shape of each layer's recurrent state: [batch, heads, dk, head_dim], dk doubled by LRPE."""
+    return tuple(
+        (batch, cfg.num_heads, cfg.head_dim * (2 if i in cfg.lrpe_layers else 1), cfg.head_dim)
+        for i in range(cfg.num_layers))
