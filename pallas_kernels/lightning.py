@@ -254,9 +254,9 @@ def _check(q: Array, k: Array, v: Array, chunk_size: int, plan: Optional[Plan]) 
     if plan is not None:
         for name, blocks, value_dim in (("fwd", plan.fwd, v.shape[-1]), ("dq", plan.dq, q.shape[-1]),
                                         ("dk", plan.dk, q.shape[-1]), ("dv", plan.dv, v.shape[-1])):
-            if blocks.chunk != chunk_size or value_dim % blocks.block_v:
-                raise ValueError(f"plan.{name} = {blocks} does not fit: its chunk must equal "
-                                 f"chunk_size ({chunk_size}) and its block_v divide {value_dim}.")
+            if blocks.chunk not in CHUNK_SIZES or value_dim % blocks.block_v:
+                raise ValueError(f"plan.{name} = {blocks} does not fit: its chunk must be one of "
+                                 f"{CHUNK_SIZES} and its block_v divide {value_dim}.")
 
 
 def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
@@ -273,8 +273,9 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
         dv powers of two from 16 to 256; any seq >= 1.
       slopes: [heads] f32 decay rates s (lambda = exp(-s)); they get no gradient.
       initial_state: optional [batch, heads, dk, dv] f32 state of earlier tokens.
-      chunk_size: tokens per chunk, 16, 32, 64 or 128.
-      plan: block sizes of the four kernel calls; default `default_plan(dk, dv, chunk_size)`.
+      chunk_size: tokens per chunk, 16, 32, 64 or 128 (of the default plan).
+      plan: block sizes of the four kernel calls, chunks included; default
+        `default_plan(dk, dv, chunk_size)`.
       interpret: run in Pallas interpret mode; default: only when JAX has no GPU.
     Returns:
       o: [batch, seq, heads, dv] in v's dtype; final_state: [batch, heads, dk, dv] f32.
@@ -282,6 +283,7 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
     _check(q, k, v, chunk_size, plan)
     if plan is None:
         plan = default_plan(q.shape[-1], v.shape[-1], chunk_size)
+    chunk_size = max(b.chunk for b in (plan.fwd, plan.dq, plan.dk, plan.dv))
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
         if interpret:
