@@ -40,6 +40,7 @@ DTYPES = (jnp.bfloat16, jnp.float32)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 CHUNK_SIZES = (16, 32, 64, 128)
 _MAX_GRID_YZ = 65535  # CUDA limit on the grid's y and z extents (heads, batch)
+_STATE_ELEMS = 128 * 64  # float32 state elements per program: 32 registers a thread at 8 warps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,16 +69,17 @@ class Plan:
 
 
 def default_plan(dk: int, dv: int, chunk_size: int = 64) -> Plan:
-    """Blocks for head dims dk (of q, k) and dv (of v); value tiles of at most 64 columns.
+    """Blocks for head dims dk (of q, k) and dv (of v).
 
-    A program holds a [key dim, block_v] float32 state in registers: 64 columns keep it at
-    64 KB or less for key dims up to 256.
+    Each program keeps its [key dim, block_v] float32 state in registers. The measured
+    configuration (bench/NOTES.md: chunk 64, a [128, 64] state, 8 warps, 2 stages) compiles for
+    sm_90 without spills; larger states spill, so value tiles are sized to hold at most that
+    many elements: 64 columns for key dim 128, 32 for 256, up to 128 for 64.
     """
 
     def blocks(key_dim: int, value_dim: int) -> Blocks:
-        block_v = min(value_dim, 64)
-        warps = 8 if key_dim * block_v >= 128 * 64 else 4
-        return Blocks(chunk=chunk_size, block_v=block_v, num_warps=warps, num_stages=2)
+        block_v = max(16, min(value_dim, _STATE_ELEMS // key_dim))
+        return Blocks(chunk=chunk_size, block_v=block_v, num_warps=8, num_stages=2)
 
     # dQ = op(dO, V, K): key dim dv, value dim dk; dK = op(V, dO, Q) likewise; dV = op(K, Q, dO).
     return Plan(fwd=blocks(dk, dv), dq=blocks(dv, dk), dk=blocks(dv, dk), dv=blocks(dk, dv))

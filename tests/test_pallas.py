@@ -13,6 +13,8 @@ import pytest
 
 from pallas_kernels import lightning
 from tnllm import attention
+from tnllm.config import ModelConfig
+from tnllm.model import TransNormerLLM
 
 F32_TOL = 1e-5  # SPEC.md §4, float32 forms
 BF16_TOL = 5e-3  # SPEC.md §4, bf16 inputs against the float32 reference
@@ -99,6 +101,24 @@ def test_prefill_then_continue_equals_one_pass():
                                                   chunk_size=16, initial_state=state)
     assert rel_rms(jnp.concatenate([o_head, o_tail], axis=1), o_all) <= F32_TOL
     assert rel_rms(final, final_all) <= F32_TOL
+
+
+def test_model_with_pallas_matches_blockwise_under_jit_and_grad():
+    """impl="pallas" through the model: LRPE layer 0 (dk = 2 dv) and a plain layer, ragged seq."""
+    cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, glu_dim=64, chunk_size=16)
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 21), 0, cfg.vocab_size)
+    params = TransNormerLLM(cfg).init(jax.random.PRNGKey(5), tokens)["params"]
+
+    def loss(params, impl):
+        model = TransNormerLLM(cfg.replace(attention_impl=impl))
+        logits, states = model.apply({"params": params}, tokens)
+        return jnp.mean(logits**2) + sum(jnp.mean(s) for s in states)
+
+    value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, "pallas")
+    value_ref, grads_ref = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, "blockwise")
+    assert abs(float(value) - float(value_ref)) <= F32_TOL * abs(float(value_ref))
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        assert rel_rms(g, g_ref) <= F32_TOL
 
 
 def test_interpret_mode_warns_once_without_gpu():
