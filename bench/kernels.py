@@ -260,48 +260,36 @@ def stage_table(results, bandwidth):
     results["table"] = rows
 
 
-def peak_bytes(f, *args):
+def peak_mib(fwd_bwd, shape):
     """Peak device memory XLA plans for the compiled program: arguments + outputs + temps."""
-    m = jax.jit(f).lower(*args).compile().memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    spec = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    m = fwd_bwd.lower(spec, spec, spec, spec).compile().memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+    return (total - m.alias_size_in_bytes) / 2**20
 
 
-def stage_memory(results):
-    log("== peak memory of forward+backward against length (MiB), batch, heads =", LENGTH_BH)
+def fwd_bwd_ms(fwd_bwd, shape):
+    sets = [make_inputs(s, *shape, jnp.bfloat16) for s in (9, 10)]
+    return time_ms(fwd_bwd, sets, group_ms=20, groups=5)
+
+
+def stage_lengths(results, key, unit, measure):
+    """measure(forward+backward, shape) of every variant at every length of the length sweep."""
+    log(f"== {key} of forward+backward against length ({unit}), batch, heads =", LENGTH_BH)
     batch, heads = LENGTH_BH
     rows = []
     for seq in LENGTHS:
         shape = (batch, seq, heads, 128)
-        spec = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
         row = {"seq": seq}
         for name, f in variant_fns(attention.alibi_slopes(heads)).items():
             try:
-                row[name] = peak_bytes(fwd_and_fwd_bwd(f)[1], spec, spec, spec, spec) / 2**20
+                row[name] = measure(fwd_and_fwd_bwd(f)[1], shape)
             except Exception as e:
                 row[name] = None
                 log(f"{name} at {seq} failed: {type(e).__name__}: {str(e)[:200]}")
         rows.append(row)
         log(json.dumps(row))
-    results["memory"] = rows
-
-
-def stage_speed(results):
-    log("== forward+backward against length (ms), batch, heads =", LENGTH_BH)
-    batch, heads = LENGTH_BH
-    rows = []
-    for seq in LENGTHS:
-        shape = (batch, seq, heads, 128)
-        sets = [make_inputs(s, *shape, jnp.bfloat16) for s in (9, 10)]
-        row = {"seq": seq}
-        for name, f in variant_fns(attention.alibi_slopes(heads)).items():
-            try:
-                row[name] = time_ms(fwd_and_fwd_bwd(f)[1], sets, group_ms=20, groups=5)
-            except Exception as e:
-                row[name] = None
-                log(f"{name} at {seq} failed: {type(e).__name__}: {str(e)[:200]}")
-        rows.append(row)
-        log(json.dumps(row))
-    results["speed"] = rows
+    results[key] = rows
 
 
 def write_fla_check(path):
@@ -489,9 +477,9 @@ def main():
         elif stage == "fla":
             stage_fla(results)
         elif stage == "memory":
-            stage_memory(results)
+            stage_lengths(results, "memory", "MiB", peak_mib)
         elif stage == "speed":
-            stage_speed(results)
+            stage_lengths(results, "speed", "ms", fwd_bwd_ms)
         elif stage == "plots":
             plots(results, args.out)
         else:

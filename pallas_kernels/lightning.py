@@ -54,7 +54,7 @@ class Blocks:
 
     chunk: int = 64
     block_v: int = 64
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
 
 
