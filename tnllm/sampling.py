@@ -34,11 +34,10 @@ def _keep(logits: Array, keep: Array) -> Array:
     return jnp.where(keep, logits, -jnp.inf)
 
 
-def _scatter_rows(order: Array, values: Array) -> Array:
-    """The inverse of `take_along_axis(x, order, -1)` for [batch, vocab] arrays: puts values[b, i]
-    at [b, order[b, i]]."""
-    rows = jnp.arange(order.shape[0])[:, None]
-    return jnp.zeros(values.shape, values.dtype).at[rows, order].set(values)
+def _scatter_rows(like: Array, ids: Array, values: Array) -> Array:
+    """A bool array shaped like `like` [batch, vocab]: values[b, i] at [b, ids[b, i]], False elsewhere."""
+    rows = jnp.arange(ids.shape[0])[:, None]
+    return jnp.zeros(like.shape, bool).at[rows, ids].set(values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +86,7 @@ class TopK(Sampler):
     def filter(self, logits: Array) -> Array:
         k = min(self.k, logits.shape[-1])
         _, top = jax.lax.top_k(logits, k)
-        return _keep(logits, _scatter_rows(top, jnp.ones(top.shape, bool)))
+        return _keep(logits, _scatter_rows(logits, top, True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +108,7 @@ class TopP(Sampler):
         probs = jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1)
         # A token is kept while the mass of the tokens before it is still short of p.
         mass_before = jnp.cumsum(probs, axis=-1) - probs
-        return _keep(logits, _scatter_rows(order, mass_before < self.p))
+        return _keep(logits, _scatter_rows(logits, order, mass_before < self.p))
 
 
 @dataclasses.dataclass(frozen=True)
