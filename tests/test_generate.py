@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tnllm import config
-from tnllm.generate import decode, decode_step, generate, left_pad, prefill, prompt_bucket
+from tnllm.generate import (_read_prompts, complete, decode, decode_step, generate, left_pad, prefill,
+                            prompt_bucket)
 from tnllm.model import TransNormerLLM, state_shapes
 from tnllm.sampling import Temperature, TopK
 
@@ -152,3 +153,45 @@ def test_prompt_bucket_and_left_pad():
 def test_bad_requests_are_refused_with_the_fix(params, prompts, kwargs, match):
     with pytest.raises(ValueError, match=match):
         generate(params, CFG, prompts, **{"max_new_tokens": 2, **kwargs})
+
+
+class ByteStub:
+    """The tokenizer interface of `tnllm.tokenizer` over ASCII bytes, for the tiny 256-id model."""
+
+    vocab_size, pad_id, bos_id, eos_id = 256, 0, 1, 2
+
+    def encode(self, text):
+        return list(text.encode("ascii"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i > 2).decode("ascii", errors="replace")
+
+
+def test_complete_tokenizes_batches_and_decodes(params):
+    texts = ["hi", "hello there", "x"]
+    got = complete(params, CFG, ByteStub(), texts, max_new_tokens=NEW, batch_size=2, prefill_chunk=CHUNK)
+    assert len(got) == len(texts)
+    for text, completion in zip(texts, got):
+        alone = generate(params, CFG, [[1] + list(text.encode())], max_new_tokens=NEW, eos_id=2,
+                         prefill_chunk=CHUNK, return_logprobs=True)
+        n = int(alone.lengths[0])
+        assert completion.tokens == alone.tokens[0, :n].tolist()
+        np.testing.assert_allclose(completion.logprobs, alone.logprobs[0, :n], rtol=1e-5, atol=1e-5)
+        assert completion.text == ByteStub().decode(completion.tokens)
+
+
+def test_complete_refuses_a_tokenizer_larger_than_the_vocabulary(params):
+    stub = ByteStub()
+    stub.vocab_size = 300
+    with pytest.raises(ValueError, match="trained with"):
+        complete(params, CFG, stub, ["a"], max_new_tokens=1)
+
+
+def test_prompts_come_from_flags_and_a_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("first line\n\nsecond line\n")
+    assert _read_prompts(["flag"], str(path)) == ["flag", "first line", "second line"]
+    with pytest.raises(FileNotFoundError, match="--prompt_file"):
+        _read_prompts([], str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="--prompt TEXT"):
+        _read_prompts([], None)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tnllm.sampling import Chain, Greedy, Temperature, TopK, TopP
+from tnllm.sampling import Chain, Greedy, Temperature, TopK, TopP, make_sampler
 
 # Row 0 has distinct probabilities 0.5, 0.3, 0.15, 0.05 (ids 2, 0, 3, 1); row 1 ties ids 1 and 3.
 PROBS = np.array([[0.3, 0.05, 0.5, 0.15], [0.1, 0.3, 0.3, 0.3]], np.float32)
@@ -91,3 +91,12 @@ def test_samplers_are_hashable_static_arguments():
 def test_bad_parameters_are_refused(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_make_sampler_maps_the_usual_knobs():
+    assert make_sampler(temperature=0, top_k=5) == Greedy()
+    assert make_sampler() == Temperature(1.0)
+    assert make_sampler(top_k=40) == TopK(40)
+    assert make_sampler(temperature=0.7, top_k=40, top_p=0.9) == Chain((Temperature(0.7), TopK(40), TopP(0.9)))
+    with pytest.raises(ValueError, match="TopP.p"):
+        make_sampler(top_p=0)

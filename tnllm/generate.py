@@ -18,7 +18,7 @@ count real tokens only, so every row computes what it would compute alone.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ from jax import lax
 
 from tnllm.config import ModelConfig
 from tnllm.model import TransNormerLLM, state_shapes
-from tnllm.sampling import Greedy, Sampler
+from tnllm.sampling import Greedy, Sampler, make_sampler
 
 Array = jax.Array
 
@@ -231,3 +231,114 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
                  max_new_tokens=int(max_new_tokens), eos_id=eos_id, pad_id=pad_id,
                  return_logprobs=return_logprobs)
     return jax.device_get(out)
+
+
+class Completion(NamedTuple):
+    text: str  # the generated text, without the prompt and without EOS
+    tokens: List[int]  # the generated token ids, EOS included when the row stopped there
+    logprobs: List[float]  # the model's log-probability of each token in `tokens`
+
+
+def complete(params, cfg: ModelConfig, tokenizer, texts: Sequence[str], *, max_new_tokens: int,
+             sampler: Sampler = Greedy(), seed: int = 0, batch_size: int = 8, add_bos: bool = True,
+             prefill_chunk: int = 2048, progress: bool = False) -> List[Completion]:
+    """Tokenizes `texts`, continues them in batches of `batch_size` and decodes the continuations.
+
+    `tokenizer` follows `tnllm.tokenizer` (encode, decode, vocab_size, bos_id, eos_id, pad_id). The
+    last batch is filled up with copies of its last prompt, so every batch has the same size and
+    reuses one compiled program.
+    """
+    from tqdm import tqdm
+
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}; load "
+            "the tokenizer the model was trained with."
+        )
+    prompts = [([tokenizer.bos_id] if add_bos else []) + list(tokenizer.encode(t)) for t in texts]
+    completions = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch",
+                      disable=not progress):
+        batch = prompts[start:start + batch_size]
+        filled = batch + [batch[-1]] * (batch_size - len(batch))
+        out = generate(params, cfg, filled, max_new_tokens=max_new_tokens, sampler=sampler,
+                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=seed + start,
+                       return_logprobs=True, prefill_chunk=prefill_chunk)
+        for row in range(len(batch)):
+            n = int(out.lengths[row])
+            tokens = out.tokens[row, :n].tolist()
+            text_ids = tokens[:-1] if tokens and tokens[-1] == tokenizer.eos_id else tokens
+            completions.append(Completion(tokenizer.decode(text_ids), tokens,
+                                          out.logprobs[row, :n].tolist()))
+    return completions
+
+
+def _define_flags():
+    # Defined only when run as a program, so importing this module adds no global absl flags.
+    from absl import flags
+
+    flags.DEFINE_string("checkpoint", None, "A training work directory or an export.", required=True)
+    flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for several.")
+    flags.DEFINE_string("prompt_file", None, "A text file with one prompt per line.")
+    flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt at most.")
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy.")
+    flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 = all.")
+    flags.DEFINE_float("top_p", 1.0, "Keep the most likely tokens up to this probability mass; 1 = all.")
+    flags.DEFINE_integer("seed", 0, "Seed of the sampler.")
+    flags.DEFINE_integer("batch_size", 8, "Prompts generated together.")
+    flags.DEFINE_bool("add_bos", True, "Start every prompt with the tokenizer's BOS token.")
+    flags.DEFINE_bool("logprobs", False, "Also print each completion's mean token log-probability.")
+    flags.DEFINE_string("attention_impl", None,
+                        "Parallel form of the prefill (reference, blockwise, pallas); default: the "
+                        "checkpoint's config.")
+    flags.DEFINE_integer("prefill_chunk", 2048, "Prompt tokens per prefill segment (bounds memory).")
+
+
+def _read_prompts(prompts: Sequence[str], prompt_file: Optional[str]) -> List[str]:
+    texts = list(prompts)
+    if prompt_file is not None:
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                texts += [line.rstrip("\n") for line in f if line.strip()]
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"--prompt_file {prompt_file!r} does not exist; pass a text file with one prompt per "
+                "line.") from None
+    if not texts:
+        raise ValueError("No prompt given; pass --prompt TEXT or --prompt_file FILE.")
+    return texts
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    from tnllm import config as config_lib
+    from tnllm.checkpoint import load_model
+    from tnllm.tokenizer import load_tokenizer
+
+    FLAGS = flags.FLAGS
+    texts = _read_prompts(FLAGS.prompt, FLAGS.prompt_file)
+    config, params = load_model(FLAGS.checkpoint)
+    cfg = config_lib.model_config(config)
+    if FLAGS.attention_impl:
+        cfg = cfg.replace(attention_impl=FLAGS.attention_impl)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    sampler = make_sampler(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+    completions = complete(params, cfg, tokenizer, texts, max_new_tokens=FLAGS.max_new_tokens,
+                           sampler=sampler, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+                           add_bos=FLAGS.add_bos, prefill_chunk=FLAGS.prefill_chunk,
+                           progress=len(texts) > FLAGS.batch_size)
+    for text, completion in zip(texts, completions):
+        print(f"{text}{completion.text}")
+        if FLAGS.logprobs:
+            mean = sum(completion.logprobs) / max(len(completion.logprobs), 1)
+            print(f"[{len(completion.tokens)} tokens, mean log-probability {mean:.4f}]")
+        print()
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -128,3 +128,15 @@ class Chain(Sampler):
         for sampler in self.samplers:
             logits = sampler.filter(logits)
         return logits
+
+
+def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Sampler:
+    """The sampler of the usual knobs: temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+    if temperature == 0:
+        return Greedy()
+    filters = [Temperature(temperature)] if temperature != 1 else []
+    filters += [TopK(top_k)] if top_k else []
+    filters += [TopP(top_p)] if top_p != 1 else []
+    if not filters:
+        return Temperature(1.0)
+    return filters[0] if len(filters) == 1 else Chain(tuple(filters))
