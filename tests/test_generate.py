@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err
 
 from tnllm import config
 from tnllm.generate import (_read_prompts, complete, decode, decode_step, generate, left_pad, prefill,
@@ -30,10 +31,6 @@ def params():
 def forward(params, tokens, cfg=CFG):
     """Unpadded forward pass: tokens [batch, t] -> logits [batch, t, vocab] f32."""
     return TransNormerLLM(cfg).apply({"params": params}, tokens)[0]
-
-
-def rel_err(a, b):
-    return float(jnp.linalg.norm(jnp.asarray(a) - b) / jnp.linalg.norm(b))
 
 
 @pytest.mark.parametrize("impl", ["reference", "blockwise", "recurrent"])
