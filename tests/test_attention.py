@@ -1,4 +1,5 @@
 """The three XLA forms of Lightning Attention agree (SPEC.md §2, §4)."""
+import functools
 import itertools
 
 import jax
@@ -16,6 +17,12 @@ _seed = itertools.count(100)
 
 def fresh_key():
     return jax.random.PRNGKey(next(_seed))
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
+def attend(q, k, v, slopes, s0, *, impl, chunk_size=64):
+    """lightning_attention compiled once per case (op-by-op dispatch is several times slower)."""
+    return lightning_attention(q, k, v, slopes, impl=impl, chunk_size=chunk_size, initial_state=s0)
 
 
 def test_slopes_power_of_two():
@@ -63,9 +70,9 @@ CASES = [
 @pytest.mark.parametrize("seq,chunk,heads,dk,dv,with_state", CASES)
 def test_forms_agree(seq, chunk, heads, dk, dv, with_state):
     q, k, v, slopes, s0 = _inputs(2, seq, heads, dk, dv, with_state)
-    o_ref, s_ref = lightning_attention(q, k, v, slopes, impl="reference", initial_state=s0)
+    o_ref, s_ref = attend(q, k, v, slopes, s0, impl="reference")
     for impl in ("blockwise", "recurrent"):
-        o, s = lightning_attention(q, k, v, slopes, impl=impl, chunk_size=chunk, initial_state=s0)
+        o, s = attend(q, k, v, slopes, s0, impl=impl, chunk_size=chunk)
         assert o.shape == (2, seq, heads, dv) and o.dtype == jnp.float32
         assert s.shape == (2, heads, dk, dv) and s.dtype == jnp.float32
         assert rel_err(o, o_ref) <= 1e-5, impl
@@ -78,11 +85,12 @@ def test_gradients_agree(seq, chunk, heads, dk, dv):
     w_o = jax.random.normal(fresh_key(), (2, seq, heads, dv))
     w_s = jax.random.normal(fresh_key(), (2, heads, dk, dv))
 
-    def loss(impl, q, k, v, s0):
-        o, s = lightning_attention(q, k, v, slopes, impl=impl, chunk_size=chunk, initial_state=s0)
+    def loss(q, k, v, s0, impl):
+        o, s = attend(q, k, v, slopes, s0, impl=impl, chunk_size=chunk)
         return jnp.sum(o * w_o) + jnp.sum(s * w_s)
 
-    grads = {impl: jax.grad(loss, argnums=(1, 2, 3, 4))(impl, q, k, v, s0) for impl in FORMS}
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), static_argnames="impl")
+    grads = {impl: grad(q, k, v, s0, impl=impl) for impl in FORMS}
     for impl in ("blockwise", "recurrent"):
         for name, g, g_ref in zip("q k v s0".split(), grads[impl], grads["reference"]):
             assert rel_err(g, g_ref) <= 1e-5, (impl, name)
@@ -93,8 +101,8 @@ def test_recurrent_is_robust_over_65536_tokens():
     seq, heads = 65536, 2
     q, k, v = random_qkv(fresh_key(), 1, seq, heads, 16, 16)
     slopes = layer_slopes(heads, 7, 8)  # last layer: s = s_h * 1e-5, lambda closest to 1
-    o_rec, s_rec = jax.jit(lambda *a: lightning_attention(*a, impl="recurrent"))(q, k, v, slopes)
-    o_blk, s_blk = jax.jit(lambda *a: lightning_attention(*a, impl="blockwise"))(q, k, v, slopes)
+    o_rec, s_rec = attend(q, k, v, slopes, None, impl="recurrent")
+    o_blk, s_blk = attend(q, k, v, slopes, None, impl="blockwise")
     assert bool(jnp.all(jnp.isfinite(o_rec))) and bool(jnp.all(jnp.isfinite(s_rec)))
     assert rel_err(o_rec, o_blk) <= 1e-5
     assert rel_err(s_rec, s_blk) <= 1e-5
@@ -112,10 +120,10 @@ def test_step_continues_a_prefill():
 
 def test_bf16_inputs_keep_dtype_and_accuracy():
     q, k, v, slopes, _ = _inputs(1, 96, 2, 32, 32, False)
-    o_ref, _ = lightning_attention(q, k, v, slopes, impl="reference")
+    o_ref, _ = attend(q, k, v, slopes, None, impl="reference")
     cast = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
     for impl in FORMS:
-        o, s = lightning_attention(cast(q), cast(k), cast(v), slopes, impl=impl, chunk_size=32)
+        o, s = attend(cast(q), cast(k), cast(v), slopes, None, impl=impl, chunk_size=32)
         assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
         assert rel_err(o.astype(jnp.float32), o_ref) <= 5e-3, impl
 
