@@ -158,7 +158,8 @@ def _check_inputs(q, k, v, m, causal, key_mask, q_positions, k_positions, initia
                          f"{k.shape[1]}; use causal=False for cross attention.")
     if not m >= max(q.shape[1], k.shape[1]):
         raise ValueError(f"cosFormer's M ({m}) must be at least the query and key lengths "
-                         f"({q.shape[1]}, {k.shape[1]}); raise M to the longest context.")
+                         f"({q.shape[1]}, {k.shape[1]}); raise M (config.model.cosformer_max_len in the "
+                         "language model) to the longest context.")
     b, tq, h, d = q.shape
     for name, x, want in (("key_mask", key_mask, (b, k.shape[1])), ("q_positions", q_positions, (b, tq)),
                           ("k_positions", k_positions, (b, k.shape[1]))):
