@@ -62,7 +62,8 @@ def classifier_config(cfg, token_mixer: str) -> listops.ClassifierConfig:
     fields = {f.name for f in dataclasses.fields(listops.ClassifierConfig)}
     unknown = sorted(set(cfg.model) - fields)
     if unknown:
-        raise ValueError(f"Unknown config.model field(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}.")
+        raise ValueError(f"Unknown config.model field(s) {', '.join(unknown)}; known fields are "
+                         f"{', '.join(sorted(fields))}.")
     return listops.ClassifierConfig(**{**cfg.model.to_dict(), "token_mixer": token_mixer})
 
 

@@ -236,7 +236,9 @@ def cosformer_attention_step(q: Array, k: Array, v: Array, position: Array, stat
     """
     if state.shape != state_shape(*q.shape, v.shape[-1]):
         raise ValueError(f"state must have shape {state_shape(*q.shape, v.shape[-1])}, got {state.shape}.")
-    feature = lambda x: cos_features(nn.relu(x)[:, None], position[:, None], m)[:, 0].astype(jnp.float32)  # noqa: E731
+    def feature(x):  # [batch, heads, d] -> [batch, heads, 2d] f32
+        return cos_features(nn.relu(x)[:, None], position[:, None], m)[:, 0].astype(jnp.float32)
+
     va = _with_ones(v).astype(jnp.float32)
     state = state + feature(k)[..., :, None] * va[..., None, :]
     o = jnp.einsum("bhf,bhfe->bhe", feature(q), state, precision=lax.Precision.HIGHEST)

@@ -197,7 +197,8 @@ class EncoderBlock(nn.Module):
             y, _ = CosformerAttention(num_heads=cfg.num_heads, head_dim=cfg.d_model // cfg.num_heads,
                                       max_len=cfg.max_len, dtype=cfg.dtype, name="attention")(y, mask=mask)
         else:
-            y = nn.MultiHeadDotProductAttention(cfg.num_heads, dtype=cfg.dtype, attention_fn=softmax_attention,
+            y = nn.MultiHeadDotProductAttention(cfg.num_heads, dtype=cfg.dtype,
+                                                attention_fn=softmax_attention,
                                                 name="attention")(y, mask=mask[:, None, None, :])
         x = x + y
         y = nn.LayerNorm(dtype=cfg.dtype)(x)
