@@ -123,7 +123,7 @@ def _causal_scan(qf: Array, kf: Array, va: Array, s0: Array, chunk_size: int) ->
         scores = jnp.einsum("bhif,bhjf->bhij", q_c, k_c, precision=prec,
                             preferred_element_type=jnp.float32)
         o_c = jnp.einsum("bhij,bhje->bhie", jnp.where(tril, scores, 0.0), v_c.astype(jnp.float32),
-                         precision=lax.Precision.HIGHEST)
+                         precision=prec)
         o_c = o_c + jnp.einsum("bhif,bhfe->bhie", q_c.astype(jnp.float32), state,
                                precision=lax.Precision.HIGHEST)
         state = state + jnp.einsum("bhjf,bhje->bhfe", k_c, v_c, precision=prec,
