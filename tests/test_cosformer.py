@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import rel_err
 
 from tnllm import config, model
 from tnllm.cosformer import (CosformerAttention, cosformer_attention, cosformer_attention_step,
@@ -14,10 +15,6 @@ from tnllm.cosformer import (CosformerAttention, cosformer_attention, cosformer_
 
 TOL = 1e-5  # SPEC.md §4: float32 relative error
 attend = jax.jit(cosformer_attention, static_argnames=("m", "causal", "impl", "chunk_size", "eps"))
-
-
-def rel_err(a, b):
-    return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
 
 
 def normal(seed, *shape):
