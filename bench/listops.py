@@ -139,7 +139,7 @@ def plot(results, path: str) -> None:
         print("matplotlib is missing: no loss plot.")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
+    for r in (r for r in results if "loss_curve" in r):
         steps, losses = zip(*r["loss_curve"])
         ax.plot(steps, losses, label=f"{r['token_mixer']} (test acc {r['test_accuracy']:.2f}%)")
     ax.set(xlabel="step", ylabel="training loss", title="ListOps, same budget per token mixer")
@@ -173,7 +173,13 @@ def main(argv):
     print(f"data: {num_train} train + {len(test[0])} test examples of up to {train[0].shape[1]} tokens "
           f"in {data_s:.1f} s on {workers} processes; devices: {jax.devices()}")
 
-    results = [train_and_evaluate(cfg, mixer, train, test) for mixer in cfg.token_mixers]
+    results = []
+    for mixer in cfg.token_mixers:
+        try:
+            results.append(train_and_evaluate(cfg, mixer, train, test))
+        except jax.errors.JaxRuntimeError as e:  # e.g. out of memory: keep the other mixer's result
+            print(f"{mixer} failed: {e}")
+            results.append({"token_mixer": mixer, "error": str(e)})
 
     device = jax.devices()[0].device_kind
     print(f"\nListOps test accuracy, {cfg.train.steps} steps x {cfg.train.batch_size} sequences, {device}")
@@ -181,6 +187,10 @@ def main(argv):
     print("|---|---|---|---|---|---|")
     for r in results:
         name, paper = PAPER[r["token_mixer"]]
+        if "error" in r:
+            error = r["error"].splitlines()[0][:80]
+            print(f"| {r['token_mixer']} | failed: {error} | {paper} ({name}) | | | |")
+            continue
         print(f"| {r['token_mixer']} | {r['test_accuracy']:.2f} | {paper} ({name}) | "
               f"{r['final_train_loss']:.3f} | {r['train_s']:.1f} | {r['padded_tokens_per_s']:,.0f} |")
     report = {

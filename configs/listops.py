@@ -19,7 +19,7 @@ def get_config():
     cfg.data.num_test = 2000
     cfg.data.workers = 0  # processes generating the data; 0 = one per CPU core
     cfg.train = ml_collections.ConfigDict(dict(
-        steps=1000, batch_size=32, learning_rate=5e-4, warmup_steps=100, weight_decay=0.01,
+        steps=600, batch_size=32, learning_rate=5e-4, warmup_steps=100, weight_decay=0.01,
         grad_clip=1.0, seed=0))
     cfg.token_mixers = ("cosformer", "softmax")
     return cfg
