@@ -52,6 +52,25 @@ def test_linear_matches_reference_outputs_and_gradients(case):
         assert rel_err(g, r) <= TOL
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_bf16_matches_float32(causal):
+    """SPEC.md §4 tolerance for bf16 inputs: relative RMS error <= 5e-3, outputs and gradients."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv(9, tq=50, tk=50, d=16, dv=16))
+
+    def run(impl, *qkv_):
+        def loss(q, k, v):
+            o, _ = cosformer_attention(q, k, v, m=64, causal=causal, impl=impl, chunk_size=16)
+            return jnp.sum(o.astype(jnp.float32) ** 2), o
+
+        (_, o), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(*qkv_)
+        return (o, *grads)
+
+    got = run("linear", q, k, v)
+    want = run("reference", *(x.astype(jnp.float32) for x in (q, k, v)))
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.bfloat16 and rel_err(g, w) <= 5e-3
+
+
 def test_reference_is_the_cos_reweighted_formula():
     """One query, two keys, written out: the linear features must reproduce cos(pi/2 (i-j)/M)."""
     q = jnp.array([1.0, -2.0]).reshape(1, 1, 1, 2)

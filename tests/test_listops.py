@@ -82,21 +82,38 @@ def test_bad_settings_are_named():
         listops.ListOpsClassifier(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 5), jnp.int32))
 
 
-@pytest.mark.parametrize("mixer", listops.TOKEN_MIXERS)
-def test_classifier_ignores_padding_and_has_gradients(mixer):
+@pytest.mark.parametrize("mixer,dtype", [("cosformer", "float32"), ("softmax", "float32"),
+                                         ("cosformer", "bfloat16")])
+def test_classifier_ignores_padding_and_has_gradients(mixer, dtype):
     cfg = listops.ClassifierConfig(token_mixer=mixer, num_layers=1, d_model=16, num_heads=2, mlp_dim=32,
-                                   max_len=48)
+                                   max_len=48, dtype=dtype)
+    tol = 1e-5 if dtype == "float32" else 2e-2
     net = listops.ListOpsClassifier(cfg)
     tokens, labels = listops.generate("train", 3, grammar=listops.Grammar(4, 4, 10, 32))
     padded = np.pad(tokens, ((0, 0), (0, 16)))  # 16 more padding tokens
     params = jax.jit(net.init)(jax.random.PRNGKey(0), tokens)
-    logits = jax.jit(net.apply)(params, tokens)
+
+    @jax.jit
+    def run(params):  # one compilation for everything
+        def loss(p):
+            return -jnp.mean(jax.nn.log_softmax(net.apply(p, tokens))[jnp.arange(3), labels])
+
+        return net.apply(params, tokens), net.apply(params, padded), jax.grad(loss)(params)
+
+    logits, logits_padded, grads = run(params)
     assert logits.shape == (3, listops.NUM_CLASSES) and logits.dtype == jnp.float32
-    np.testing.assert_allclose(jax.jit(net.apply)(params, padded), logits, rtol=1e-5, atol=1e-5)
-
-    def loss(p):
-        return -jnp.mean(jax.nn.log_softmax(net.apply(p, tokens))[jnp.arange(3), labels])
-
-    grads = jax.tree_util.tree_leaves(jax.jit(jax.grad(loss))(params))
+    np.testing.assert_allclose(logits_padded, logits, rtol=tol, atol=tol)
+    grads = jax.tree_util.tree_leaves(grads)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
     assert sum(float(jnp.sum(jnp.abs(g))) for g in grads) > 0
+
+
+@pytest.mark.gpu
+def test_cudnn_softmax_matches_xla():
+    tokens, _ = listops.generate("train", 4, grammar=listops.Grammar(4, 4, 10, 64))
+    nets = [listops.ListOpsClassifier(listops.ClassifierConfig(
+        token_mixer="softmax", num_layers=1, d_model=64, num_heads=2, mlp_dim=64, max_len=64,
+        dtype="bfloat16", softmax_impl=impl)) for impl in listops.SOFTMAX_IMPLS]
+    params = jax.jit(nets[0].init)(jax.random.PRNGKey(0), tokens)
+    xla, cudnn = (jax.jit(net.apply)(params, tokens) for net in nets)
+    assert float(jnp.linalg.norm(cudnn - xla) / jnp.linalg.norm(xla)) <= 5e-3 * 4  # two bf16 runs

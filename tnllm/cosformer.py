@@ -38,8 +38,15 @@ IMPLS = ("reference", "linear")
 
 
 def _precision(x: Array):
-    # float32 inputs must stay float32 on GPUs too (XLA would otherwise use TF32 there).
+    # float32 inputs must stay float32 on GPUs too (XLA would otherwise use TF32 there); bf16 values
+    # are exact in TF32, so the default suffices for them.
     return lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+
+
+def _einsum(spec: str, a: Array, b: Array, precision) -> Array:
+    """einsum of float32 operands, float32 result. (XLA's CPU backend cannot run every bf16 x bf16 ->
+    f32 dot; bf16 values lose nothing as float32 operands.)"""
+    return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32), precision=precision)
 
 
 def cos_features(x: Array, positions: Array, m: float) -> Array:
@@ -65,14 +72,12 @@ def _normalise(o_aug: Array, eps: float, dtype) -> Array:
 
 def _key_sums(kf: Array, va: Array) -> Array:
     """sum_j k~_j^T [v_j, 1]: [batch, seq, heads, 2d] x [batch, seq, heads, dv+1] -> [b, h, 2d, dv+1] f32."""
-    return jnp.einsum("bjhf,bjhe->bhfe", kf, va, precision=_precision(kf),
-                      preferred_element_type=jnp.float32)
+    return _einsum("bjhf,bjhe->bhfe", kf, va, _precision(kf))
 
 
 def _query_state(qf: Array, state: Array) -> Array:
     """q~_i S: [batch, seq, heads, 2d] x [batch, heads, 2d, dv+1] -> [batch, seq, heads, dv+1] f32."""
-    return jnp.einsum("bthf,bhfe->bthe", qf.astype(jnp.float32), state,
-                      precision=lax.Precision.HIGHEST)
+    return _einsum("bthf,bhfe->bthe", qf, state, lax.Precision.HIGHEST)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,9 +86,7 @@ def _query_state(qf: Array, state: Array) -> Array:
 # ----------------------------------------------------------------------------------------------
 def _reference(q, k, qf, kf, va, s0, *, q_positions, k_positions, m, causal, key_mask, chunk_size):
     del chunk_size
-    prec = _precision(q)
-    scores = jnp.einsum("bihd,bjhd->bhij", nn.relu(q), nn.relu(k), precision=prec,
-                        preferred_element_type=jnp.float32)
+    scores = _einsum("bihd,bjhd->bhij", nn.relu(q), nn.relu(k), _precision(q))
     distance = (q_positions[:, :, None] - k_positions[:, None, :]).astype(jnp.float32)
     scores = scores * jnp.cos((math.pi / (2.0 * m)) * distance)[:, None]
     keep = key_mask[:, None, :]  # [b, 1, j]
@@ -91,7 +94,7 @@ def _reference(q, k, qf, kf, va, s0, *, q_positions, k_positions, m, causal, key
         t = q.shape[1]
         keep = keep & (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None]
     scores = jnp.where(keep[:, None], scores, 0.0)
-    o = jnp.einsum("bhij,bjhe->bihe", scores, va.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    o = _einsum("bhij,bjhe->bihe", scores, va, lax.Precision.HIGHEST)
     return o + _query_state(qf, s0), s0 + _key_sums(kf, va)
 
 
@@ -120,14 +123,10 @@ def _causal_scan(qf: Array, kf: Array, va: Array, s0: Array, chunk_size: int) ->
 
     def step(state, chunk):
         q_c, k_c, v_c = chunk
-        scores = jnp.einsum("bhif,bhjf->bhij", q_c, k_c, precision=prec,
-                            preferred_element_type=jnp.float32)
-        o_c = jnp.einsum("bhij,bhje->bhie", jnp.where(tril, scores, 0.0), v_c.astype(jnp.float32),
-                         precision=prec)
-        o_c = o_c + jnp.einsum("bhif,bhfe->bhie", q_c.astype(jnp.float32), state,
-                               precision=lax.Precision.HIGHEST)
-        state = state + jnp.einsum("bhjf,bhje->bhfe", k_c, v_c, precision=prec,
-                                   preferred_element_type=jnp.float32)
+        scores = _einsum("bhif,bhjf->bhij", q_c, k_c, prec)
+        o_c = _einsum("bhij,bhje->bhie", jnp.where(tril, scores, 0.0), v_c, prec)
+        o_c = o_c + _einsum("bhif,bhfe->bhie", q_c, state, lax.Precision.HIGHEST)
+        state = state + _einsum("bhjf,bhje->bhfe", k_c, v_c, prec)
         return state, o_c
 
     final, o = lax.scan(step, s0, (chunks(qf), chunks(kf), chunks(va)))
@@ -241,7 +240,7 @@ def cosformer_attention_step(q: Array, k: Array, v: Array, position: Array, stat
 
     va = _with_ones(v).astype(jnp.float32)
     state = state + feature(k)[..., :, None] * va[..., None, :]
-    o = jnp.einsum("bhf,bhfe->bhe", feature(q), state, precision=lax.Precision.HIGHEST)
+    o = _einsum("bhf,bhfe->bhe", feature(q), state, lax.Precision.HIGHEST)
     return _normalise(o, eps, v.dtype), state
 
 

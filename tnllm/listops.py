@@ -14,12 +14,14 @@ examples are the same whatever its size.
 
 The classifier (the LRA ListOps model: 4 layers, width 512, 8 heads) is a pre-LayerNorm Transformer
 encoder with sinusoidal positions, mean pooling over real tokens and an MLP head; its token mixer is
-bidirectional cosFormer (`tnllm.cosformer`) or softmax attention (`jax.nn.dot_product_attention`).
+bidirectional cosFormer (`tnllm.cosformer`) or softmax attention (`jax.nn.dot_product_attention`,
+XLA or cuDNN flash attention).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import math
 import random
 from typing import List, Optional, Sequence, Tuple
@@ -42,6 +44,7 @@ _CLOSE = VOCAB.index("]")
 NUM_CLASSES = 10
 SPLITS = {"train": 96_000, "validation": 2_000, "test": 2_000}
 TOKEN_MIXERS = ("cosformer", "softmax")
+SOFTMAX_IMPLS = ("xla", "cudnn")
 _OPERATOR_P = 0.25  # LRA's VALUE_P: a node is a digit when a uniform draw exceeds it
 
 
@@ -156,23 +159,34 @@ class ClassifierConfig:
     vocab_size: int = len(VOCAB)
     num_classes: int = NUM_CLASSES
     dtype: str = "float32"
+    softmax_impl: str = "xla"
 
     def __post_init__(self):
         if self.token_mixer not in TOKEN_MIXERS:
             raise ValueError(f"config.model.token_mixer is {self.token_mixer!r}; choose one of "
                              f"{', '.join(TOKEN_MIXERS)}.")
+        if self.softmax_impl not in SOFTMAX_IMPLS:
+            raise ValueError(f"config.model.softmax_impl is {self.softmax_impl!r}; choose one of "
+                             f"{', '.join(SOFTMAX_IMPLS)}.")
         if self.d_model % self.num_heads:
             raise ValueError(f"config.model.d_model ({self.d_model}) must be divisible by "
                              f"config.model.num_heads ({self.num_heads}).")
 
 
-def softmax_attention(query: Array, key: Array, value: Array, mask: Optional[Array] = None) -> Array:
+def softmax_attention(query: Array, key: Array, value: Array, mask: Array, *,
+                      implementation: str = "xla") -> Array:
     """Softmax attention through `jax.nn.dot_product_attention` (the attention_fn of Flax's module).
 
-    query: [batch, tq, heads, d]; key, value: [batch, tk, heads, d]; mask: broadcastable to
-    [batch, heads, tq, tk] bool, True where attention is allowed.
+    query: [batch, tq, heads, d]; key, value: [batch, tk, heads, d]; mask: [batch, 1, 1, tk] bool,
+    False at padded keys. implementation "xla" materialises the [batch, heads, tq, tk] float32 logits;
+    "cudnn" (GPU, bf16) is flash attention, which takes key lengths instead of a mask, so there the
+    padding must come after the real tokens (as `generate` makes it).
     """
-    return jax.nn.dot_product_attention(query, key, value, mask=mask)
+    if implementation == "cudnn":
+        lengths = jnp.sum(mask[:, 0, 0, :], axis=-1, dtype=jnp.int32)
+        return jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=lengths,
+                                            implementation="cudnn")
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
 
 
 def sinusoidal_positions(length: int, width: int) -> Array:
@@ -197,8 +211,8 @@ class EncoderBlock(nn.Module):
             y, _ = CosformerAttention(num_heads=cfg.num_heads, head_dim=cfg.d_model // cfg.num_heads,
                                       max_len=cfg.max_len, dtype=cfg.dtype, name="attention")(y, mask=mask)
         else:
-            y = nn.MultiHeadDotProductAttention(cfg.num_heads, dtype=cfg.dtype,
-                                                attention_fn=softmax_attention,
+            attend = functools.partial(softmax_attention, implementation=cfg.softmax_impl)
+            y = nn.MultiHeadDotProductAttention(cfg.num_heads, dtype=cfg.dtype, attention_fn=attend,
                                                 name="attention")(y, mask=mask[:, None, None, :])
         x = x + y
         y = nn.LayerNorm(dtype=cfg.dtype)(x)
