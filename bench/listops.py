@@ -21,6 +21,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a script from anywhere; spawned data workers inherit the path
+# Room for XLA's softmax attention should cuDNN's be unavailable (4 GiB of logits per layer).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
 from absl import app, flags  # noqa: E402
 
