@@ -95,8 +95,12 @@ class TrainCheckpoints:
         self.workdir = workdir
         self.manager = ocp.CheckpointManager(
             os.path.abspath(os.path.join(workdir, CHECKPOINTS)),
+            # Named handlers let a fresh manager read item metadata before any restore.
+            item_handlers=dict(params=ocp.StandardCheckpointHandler(),
+                               opt_state=ocp.StandardCheckpointHandler(),
+                               meta=ocp.JsonCheckpointHandler(), config=ocp.JsonCheckpointHandler()),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=not read_only, read_only=read_only,
+                max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
                 cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save))
 
     def steps(self):

@@ -26,7 +26,6 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import tensorboardX
 from flax.training.train_state import TrainState
 from tqdm import tqdm
 
@@ -178,17 +177,26 @@ class MetricsLog:
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(self.path + ".tmp", self.path)
-        self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+        try:
+            import tensorboardX
+        except ImportError:  # e.g. an offline GPU machine without it: metrics.jsonl still has it all
+            print("Warning: tensorboardX is not installed, so no TensorBoard event files are "
+                  "written; `pip install tensorboardX` to get them.")
+            self.writer = None
+        else:
+            self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, values: Dict[str, float]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(dict(step=step, **values)) + "\n")
-        for name, value in values.items():
-            self.writer.add_scalar(name, value, step)
-        self.writer.flush()
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def read_metrics(workdir: str) -> List[dict]:
