@@ -1,8 +1,8 @@
 """Trains TransNormerLLM; with no flags, the tiny config on the Python standard library's sources.
 
     python train.py
-    python train.py --config=configs/385m.py --workdir=runs/385m \
-        --config.data.path='corpus/*.jsonl' --config.data.tokenizer=tokenizer.model
+    python train.py --config=configs/385m.py --workdir=runs/385m
+        --config.data.path='corpus/*.jsonl' --config.data.tokenizer=tokenizer.model  (one line)
 
 Any config field can be overridden with --config.<section>.<field>=<value>. Rerunning with the same
 --workdir resumes from its latest checkpoint; SIGTERM or Ctrl-C saves one and stops.
@@ -14,13 +14,43 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from tnllm import config as config_lib
 from tnllm import train_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py"),
-    "Config file (configs/*.py); override fields with --config.<section>.<field>=<value>.")
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints, metrics and plots (default: runs/<config name>).")
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
+
+
+def _define_flags():
+    config = config_flags.DEFINE_config_file(
+        "config", _DEFAULT_CONFIG,
+        "Config file (configs/*.py); override fields with --config.<section>.<field>=<value>.")
+    workdir = flags.DEFINE_string(
+        "workdir", None, "Directory for checkpoints, metrics and plots (default: runs/<config name>).")
+    return config, workdir
+
+
+def _unknown_override(argv) -> str:
+    """Names the first --config.<path>=... flag whose path the config file lacks."""
+    path = _DEFAULT_CONFIG
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    cfg = config_lib.load(path)
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        node, keys = cfg, arg[len("--config."):].split("=", 1)[0].split(".")
+        for depth, key in enumerate(keys):
+            where = ".".join(["config", *keys[:depth]])
+            if not hasattr(node, "keys"):
+                return f"{arg.split('=')[0]} names no config field: {where} is a value, not a section."
+            if key not in node:
+                return (f"{arg.split('=')[0]} names no config field: {where} has "
+                        f"{', '.join(sorted(node.keys()))}.")
+            node = node[key]
+    return ""
 
 
 def main(argv):
@@ -50,4 +80,13 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # config_flags applies overrides while the flag is defined and fails on a missing field with a
+    # bare KeyError, so overrides are checked first.
+    try:
+        problem = _unknown_override(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as e:
+        problem = str(e)
+    if problem:
+        sys.exit(f"error: {problem}")
+    _CONFIG, _WORKDIR = _define_flags()
     app.run(main)

@@ -131,12 +131,12 @@ def base_config() -> ml_collections.ConfigDict:
         tokenizer="byte",   # "byte", a SentencePiece .model or a Hugging Face tokenizer.json
         cache_dir="",       # where token stores live; "" = $TNLLM_CACHE or ~/.cache/tnllm
         val_fraction=0.05,  # share of documents held out for validation
-        seq_len=256,        # tokens per training sequence (windows hold seq_len + 1)
+        seq_len=2048,       # tokens per training sequence (windows hold seq_len + 1)
         seed=0,             # shuffling seed: batch n is a pure function of (seed, n)
     ))
     cfg.optim = ml_collections.ConfigDict(dict(
-        lr=1e-3,            # peak learning rate, reached after warmup_steps
-        warmup_steps=100,
+        lr=3e-4,            # peak learning rate, reached after warmup_steps
+        warmup_steps=1000,
         min_lr_ratio=0.1,   # the cosine decays to lr * min_lr_ratio at train.steps
         b1=0.9,
         b2=0.95,
@@ -145,17 +145,17 @@ def base_config() -> ml_collections.ConfigDict:
         grad_clip=1.0,      # global-norm clipping threshold; 0 = off
     ))
     cfg.train = ml_collections.ConfigDict(dict(
-        steps=1000,           # optimizer steps
+        steps=20000,          # optimizer steps
         batch_size=32,        # sequences per optimizer step, over all devices and micro-batches
         grad_accum_steps=1,   # micro-batches per step (batch_size must divide evenly)
         log_every=10,
-        eval_every=250,
+        eval_every=1000,
         eval_batches=8,       # validation batches per evaluation, spread over the validation split
         sample_tokens=200,    # length of the sample printed at the end; 0 = none
         peak_tflops=0.0,      # per-device peak for MFU; 0 = look up the device kind
     ))
     cfg.checkpoint = ml_collections.ConfigDict(dict(
-        every=250,          # steps between checkpoints (one is also saved at the end and on SIGTERM)
+        every=1000,         # steps between checkpoints (one is also saved at the end and on SIGTERM)
         keep=3,             # how many recent checkpoints to keep
         async_save=True,    # write in the background while training continues
     ))

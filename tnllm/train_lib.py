@@ -88,7 +88,7 @@ def make_train_step(model: TransNormerLLM, schedule: optax.Schedule):
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         grad_sum, losses = jax.lax.scan(micro_step, zeros, batch)
         grads = jax.tree.map(lambda g: g / batch.shape[0], grad_sum)
-        metrics = dict(loss=losses.mean(), grad_norm=optax.global_norm(grads),
+        metrics = dict(loss=losses.mean(), grad_norm=optax.tree.norm(grads),
                        lr=schedule(state.step))
         return state.apply_gradients(grads=grads), metrics
 
