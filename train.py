@@ -74,6 +74,11 @@ def main(argv):
           f"(perplexity {math.exp(result.val_loss):.3f} per token).")
     print(f"Unigram entropy of the corpus: {result.unigram_nats_per_byte:.4f} nats/byte; the "
           f"validation loss is {100 * below:.1f}% below it.")
+    if not math.isnan(result.tokens_per_s):
+        mfu = ("unknown (no peak FLOP/s for this device; set --config.train.peak_tflops)"
+               if result.mfu is None else f"{result.mfu:.1%}")
+        print(f"Throughput: {result.tokens_per_s:,.0f} tokens/s (median over logging intervals), "
+              f"MFU {mfu}.")
     if result.sample:
         print(f"Sample (prompt\u2502continuation):\n{result.sample}")
     print(f"Checkpoints, metrics.jsonl, TensorBoard events and {train_lib.LOSS_PNG} are in {workdir}.")

@@ -75,6 +75,18 @@ def test_run_killed_with_sigterm_resumes_with_identical_losses(corpus, reference
     assert _losses(tmp_path) == want  # every step, bit for bit
 
 
+def test_checkpoint_written_mid_run_resumes_with_identical_losses(corpus, reference_run, tmp_path):
+    """The asynchronous save at step 4 holds step 4's state although training went on (and
+    donated that state's buffers) while it was written: a crash after it loses nothing."""
+    workdir, want = reference_run
+    shutil.copytree(workdir, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / str(STEPS))  # as if killed before step 8's save
+    train_lib.train(_cfg(corpus), str(tmp_path / "run"))
+    assert _losses(tmp_path / "run") == want
+    logged = [r["step"] for r in train_lib.read_metrics(str(tmp_path / "run")) if "loss" in r]
+    assert logged == list(range(1, STEPS + 1))  # the redone steps replaced, not repeated
+
+
 def test_gradient_accumulation_equals_one_full_batch_step():
     model = TransNormerLLM(config.ModelConfig(vocab_size=259, d_model=32, num_layers=1, glu_dim=64,
                                               attention_impl="reference"))

@@ -183,8 +183,11 @@ def _first_line(error: BaseException) -> str:
 # ----------------------------------------------------------------------------- exports
 
 
-def _abstract_like(found: Any, dtype: Optional[str] = None) -> Any:
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), dtype or m.dtype), found)
+def _on_one_device(tree: Any) -> Any:
+    """Restore targets for `tree`'s shapes and dtypes on the first local device, whatever mesh the
+    arrays were saved from."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
 
 
 def save_export(out_dir: str, cfg: ml_collections.ConfigDict, params: Any,
@@ -242,7 +245,7 @@ def _load_export(export_dir: str) -> Tuple[ml_collections.ConfigDict, Any]:
         found = _metadata_tree(checkpointer.metadata(path).item_metadata)
         check_shapes(abstract_params(config_lib.model_config(cfg)), found, f"Export {export_dir}",
                      "its config.json and params/ do not belong together, so export it again")
-        params = checkpointer.restore(path, _abstract_like(found))
+        params = checkpointer.restore(path, _on_one_device(found))
     return cfg, params
 
 
@@ -256,7 +259,8 @@ def _load_workdir(workdir: str) -> Tuple[ml_collections.ConfigDict, Any]:
                 cfg = checkpoints.read_config(step)
                 expected = abstract_params(config_lib.model_config(cfg))
                 params = checkpoints.read(
-                    step, dict(params=ocp.args.StandardRestore(expected)), expected)["params"]
+                    step, dict(params=ocp.args.StandardRestore(_on_one_device(expected))),
+                    expected)["params"]
                 return cfg, params
             except DamagedCheckpoint as damaged:
                 print(f"Skipping unreadable checkpoint step {step} of {workdir} "

@@ -237,6 +237,8 @@ class Result:
     val_loss: float = math.nan
     val_nats_per_byte: float = math.nan
     unigram_nats_per_byte: float = math.nan
+    tokens_per_s: float = math.nan  # medians over this call's logging intervals
+    mfu: Optional[float] = None  # None when the devices' peak FLOP/s is unknown
     sample: str = ""
 
 
@@ -407,6 +409,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
 
     bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True)
     pending: List[Tuple[int, Dict[str, jax.Array]]] = []
+    speeds: List[float] = []
     clock, clock_step = time.perf_counter(), start
     try:
         with _StopSignals() as stop:
@@ -424,10 +427,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
                 now = time.perf_counter()
                 values = dict(records[-1][1], tokens_per_s=tokens_per_step * (step - clock_step) /
                               (now - clock))
+                speeds.append(values["tokens_per_s"])
+                postfix = dict(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:,.0f}")
                 if peak is not None:
                     values["mfu"] = values["tokens_per_s"] * flops / peak
+                    postfix["mfu"] = f"{values['mfu']:.1%}"
                 log.write(step, values)
-                bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:,.0f}")
+                bar.set_postfix(postfix)
                 if due_eval:
                     evaluate(step)
                     bar.write(f"step {step}: validation loss {result.val_loss:.4f} nats/token, "
@@ -446,6 +452,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
         s.checkpoints.wait()
         s.checkpoints.close()
         log.close()
+    if speeds:
+        result.tokens_per_s = float(np.median(speeds))
+        result.mfu = None if peak is None else result.tokens_per_s * flops / peak
     if result.interrupted_by is not None:
         return result
     plot_losses(workdir)
