@@ -132,7 +132,6 @@ def base_config() -> ml_collections.ConfigDict:
         cache_dir="",       # where token stores live; "" = $TNLLM_CACHE or ~/.cache/tnllm
         val_fraction=0.05,  # share of documents held out for validation
         seq_len=2048,       # tokens per training sequence (windows hold seq_len + 1)
-        seed=0,             # shuffling seed: batch n is a pure function of (seed, n)
     ))
     cfg.optim = ml_collections.ConfigDict(dict(
         lr=3e-4,            # peak learning rate, reached after warmup_steps
@@ -146,6 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     cfg.train = ml_collections.ConfigDict(dict(
         steps=20000,          # optimizer steps
+        seed=0,               # parameter initialisation and data order: batch n depends on (seed, n)
         batch_size=32,        # sequences per optimizer step, over all devices and micro-batches
         grad_accum_steps=1,   # micro-batches per step (batch_size must divide evenly)
         log_every=10,
@@ -198,6 +198,8 @@ def check(cfg: ml_collections.ConfigDict) -> ModelConfig:
             value = cfg[section][name]
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"config.{section}.{name} must be a positive integer, got {value!r}.")
+    if not isinstance(cfg.train.seed, int) or cfg.train.seed < 0:
+        raise ValueError(f"config.train.seed must be a non-negative integer, got {cfg.train.seed!r}.")
     if not 0 < cfg.data.val_fraction < 1:
         raise ValueError(f"config.data.val_fraction must lie strictly between 0 and 1, got "
                          f"{cfg.data.val_fraction}.")

@@ -173,7 +173,8 @@ class MetricsLog:
         if os.path.isfile(self.path):
             # Lines a killed run wrote after its last checkpoint describe steps about to be redone.
             with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+                kept = [line for line in f if line.endswith("\n")  # not one cut short by a kill
+                        and json.loads(line)["step"] <= resume_step]
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(self.path + ".tmp", self.path)
@@ -291,7 +292,7 @@ class _Setup:
         self.store = data.TokenStore(cfg.data, self.tokenizer)
         t = cfg.train
         self.micro_batch = t.batch_size // t.grad_accum_steps
-        self.loader = data.Loader(self.store, cfg.data.seq_len, t.batch_size, cfg.data.seed)
+        self.loader = data.Loader(self.store, cfg.data.seq_len, t.batch_size, t.seed)
         self.val = data.Windows(self.store.splits["val"], cfg.data.seq_len, "val")
         self.mesh = sharding.make_mesh(cfg.mesh)
         if self.micro_batch % sharding.batch_parallelism(self.mesh):
@@ -305,8 +306,12 @@ class _Setup:
         # Shardings enter through jit's in/out shardings only, with no mesh context: under one, flax
         # checks DenseGeneral's qkvu kernel by running its initialiser, which puts the kernel's 4-axis
         # logical constraint on a 2-D array and fails. XLA propagates the batch sharding instead.
-        self._build_state(cfg)
-        self._compile(cfg, schedule)
+        try:
+            self._build_state(cfg)
+            self._compile(cfg, schedule)
+        except BaseException:
+            self.checkpoints.close()
+            raise
 
     def _init_state(self, rng: jax.Array, boxed: bool = False) -> TrainState:
         params = self.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
@@ -314,7 +319,7 @@ class _Setup:
                                  tx=self.tx).replace(step=jnp.zeros((), jnp.int32))
 
     def _build_state(self, cfg: ml_collections.ConfigDict) -> None:
-        rng = jax.random.key(cfg.data.seed)
+        rng = jax.random.key(cfg.train.seed)
         specs = nn.get_partition_spec(jax.eval_shape(functools.partial(self._init_state, boxed=True), rng))
         self.state_sharding = sharding.logical_to_sharding(specs, self.mesh)
         self.abstract_state = jax.tree.map(
@@ -354,8 +359,9 @@ class _Setup:
             jax.ShapeDtypeStruct((self.micro_batch,), jnp.float32, sharding=rows)).compile()
         self.rows = rows
 
-    def batch(self, cfg: ml_collections.ConfigDict) -> jax.Array:
-        tokens = next(self.loader).reshape(cfg.train.grad_accum_steps, self.micro_batch, -1)
+    def next_batch(self) -> jax.Array:
+        """[grad_accum_steps, micro_batch, seq_len + 1] int32, sharded over the batch axes."""
+        tokens = next(self.loader).reshape(-1, self.micro_batch, self.loader.windows.seq_len + 1)
         return jax.device_put(tokens, sharding.batch_sharding(self.mesh))
 
     def evaluate(self, params: Any, eval_batches: int) -> float:
@@ -414,7 +420,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
     try:
         with _StopSignals() as stop:
             for step in range(start + 1, t.steps + 1):
-                s.state, metrics = s.train_step(s.state, s.batch(cfg))
+                s.state, metrics = s.train_step(s.state, s.next_batch())
                 pending.append((step, metrics))
                 bar.update()
                 due_eval = step % t.eval_every == 0 or step == t.steps
@@ -461,7 +467,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
     if t.sample_tokens > 0:
         prompt = s.val.read([0])[0, :SAMPLE_PROMPT_TOKENS].tolist()
         continuation = sample(s.model_cfg, jax.device_get(s.state.params), prompt, t.sample_tokens,
-                              seed=cfg.data.seed)
+                              seed=cfg.train.seed)
         if s.tokenizer.eos_id in continuation:
             continuation = continuation[:continuation.index(s.tokenizer.eos_id)]
         result.sample = s.tokenizer.decode(prompt) + "\u2502" + s.tokenizer.decode(continuation)
