@@ -16,13 +16,17 @@ from tnllm import attention
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots")
+TOKEN_MIXERS = ("gla", "cosformer")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The TransNormerLLM architecture (SPEC.md §1, §5) and how to compute it.
 
-    hidden_dim (h) defaults to d_model when 0; head_dim = hidden_dim // num_heads.
+    hidden_dim (h) defaults to d_model when 0; head_dim = hidden_dim // num_heads. token_mixer "gla" is
+    TransNormerLLM's gated linear attention (lrpe_layers and attention_impl apply to it); "cosformer"
+    is causal cosFormer attention (SPEC.md §10) with the fixed horizon M = cosformer_max_len, which
+    must cover the longest context (prompt and generated tokens together).
     """
 
     vocab_size: int = 256
@@ -40,13 +44,15 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    token_mixer: str = "gla"
+    cosformer_max_len: int = 2048
 
     def __post_init__(self):
         object.__setattr__(self, "lrpe_layers", tuple(int(i) for i in self.lrpe_layers))
         if self.hidden_dim == 0:
             object.__setattr__(self, "hidden_dim", self.d_model)
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "glu_dim", "hidden_dim",
-                     "chunk_size"):
+                     "chunk_size", "cosformer_max_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"config.model.{name} must be a positive integer, got {value!r}.")
@@ -76,6 +82,10 @@ class ModelConfig:
             raise ValueError(
                 f"config.model.remat_policy is {self.remat_policy!r}; choose one of "
                 f"{', '.join(REMAT_POLICIES)}."
+            )
+        if self.token_mixer not in TOKEN_MIXERS:
+            raise ValueError(
+                f"config.model.token_mixer is {self.token_mixer!r}; choose one of {', '.join(TOKEN_MIXERS)}."
             )
 
     @property

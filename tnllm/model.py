@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tnllm import cosformer
 from tnllm.attention import layer_slopes, lightning_attention
 from tnllm.config import ModelConfig
 
@@ -118,8 +119,23 @@ class GatedLinearAttention(nn.Module):
         return out, state
 
 
+def token_mixer(cfg: ModelConfig, layer: int) -> nn.Module:
+    """The token mixer of layer `layer` named by config.model.token_mixer, the one place that chooses it.
+
+    Every mixer is called as mixer(x, positions, mask, initial_state) -> (y, final_state), with x and y
+    [batch, seq, d_model] and its own float32 state (`state_shapes`).
+    """
+    if cfg.token_mixer == "cosformer":
+        return cosformer.CosformerAttention(
+            num_heads=cfg.num_heads, head_dim=cfg.head_dim, max_len=cfg.cosformer_max_len, causal=True,
+            out_features=cfg.d_model, chunk_size=cfg.chunk_size, dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype, kernel_init=nn.initializers.normal(stddev=cfg.init_std),
+            name="token_mixer")
+    return GatedLinearAttention(cfg, layer, name="token_mixer")
+
+
 class DecoderLayer(nn.Module):
-    """Pre-norm residual layer: x + GLA(SRMSNorm(x)), then x + SGLU(SRMSNorm(x))."""
+    """Pre-norm residual layer: x + TokenMixer(SRMSNorm(x)), then x + SGLU(SRMSNorm(x))."""
 
     cfg: ModelConfig
     layer: int
@@ -127,8 +143,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, positions, mask, initial_state):
         eps = self.cfg.norm_eps
-        y, state = GatedLinearAttention(self.cfg, self.layer, name="token_mixer")(
-            srms_norm(x, eps), positions, mask, initial_state)
+        y, state = token_mixer(self.cfg, self.layer)(srms_norm(x, eps), positions, mask, initial_state)
         x = x + y
         x = x + SGLU(self.cfg, name="channel_mixer")(srms_norm(x, eps))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -148,9 +163,9 @@ class TransNormerLLM(nn.Module):
 
         Args:
           tokens: [batch, seq] int token ids.
-          positions: [batch, seq] int absolute positions for LRPE; default 0..seq-1.
+          positions: [batch, seq] int absolute positions (LRPE and cosFormer phases); default 0..seq-1.
           mask: [batch, seq] bool, False at padding (zeroes its key); default all real.
-          initial_states: one [batch, heads, dk, head_dim] f32 state per layer (from a prefill), or None.
+          initial_states: one f32 state per layer (from a prefill; shapes: `state_shapes`), or None.
         Returns:
           logits [batch, seq, vocab] float32, and each layer's final state (a tuple of num_layers).
         """
@@ -178,7 +193,10 @@ class TransNormerLLM(nn.Module):
 
 
 def state_shapes(cfg: ModelConfig, batch: int) -> Tuple[Tuple[int, int, int, int], ...]:
-    """Shape of each layer's recurrent state: [batch, heads, dk, head_dim], dk doubled by LRPE."""
+    """Shape of each layer's recurrent state: GLA [batch, heads, dk, head_dim], dk doubled by LRPE;
+    cosFormer [batch, heads, 2*head_dim, head_dim+1] (key sums of numerator and denominator)."""
+    if cfg.token_mixer == "cosformer":
+        return (cosformer.state_shape(batch, cfg.num_heads, cfg.head_dim),) * cfg.num_layers
     return tuple(
         (batch, cfg.num_heads, cfg.head_dim * (2 if i in cfg.lrpe_layers else 1), cfg.head_dim)
         for i in range(cfg.num_layers))

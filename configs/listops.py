@@ -1,0 +1,28 @@
+"""Long-Range Arena ListOps: the generated data, the encoder classifier and its training budget.
+
+`python bench/listops.py` trains the classifier once per token mixer (cosFormer and softmax) with this
+budget; override fields with `--config.train.steps=...` or the bench's --steps / --batch_size.
+"""
+import dataclasses
+
+import ml_collections
+
+from tnllm.listops import ClassifierConfig, Grammar
+
+
+def get_config():
+    cfg = ml_collections.ConfigDict()
+    # The LRA ListOps model: 4 layers, width 512, 8 heads; bfloat16 activations, float32 parameters.
+    # Softmax attention as cuDNN flash attention: XLA's holds 4 GiB of float32 logits per layer at
+    # batch 32 and 2,000 tokens (the bench falls back to XLA where cuDNN fails, and off GPUs).
+    cfg.model = ml_collections.ConfigDict(dataclasses.asdict(
+        ClassifierConfig(dtype="bfloat16", softmax_impl="cudnn")))
+    cfg.data = ml_collections.ConfigDict(dataclasses.asdict(Grammar()))
+    cfg.data.seed = 0
+    cfg.data.num_test = 2000
+    cfg.data.workers = 0  # processes generating the data; 0 = one per CPU core
+    cfg.train = ml_collections.ConfigDict(dict(
+        steps=600, batch_size=32, learning_rate=5e-4, warmup_steps=100, weight_decay=0.01,
+        grad_clip=1.0, seed=0))
+    cfg.token_mixers = ("cosformer", "softmax")
+    return cfg

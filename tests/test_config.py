@@ -1,0 +1,54 @@
+"""Configs: released sizes (SPEC.md §5) and clear errors for invalid values."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tnllm import config
+from tnllm.model import TransNormerLLM
+
+RELEASED = {
+    "385m": 398_984_192,
+    "1b": 1_020_266_496,
+    "3b": 2_911_111_680,
+    "7b": 6_836_719_616,
+}
+
+
+@pytest.mark.parametrize("name,count", RELEASED.items())
+def test_released_parameter_counts(name, count):
+    cfg = config.model_config(config.load(f"configs/{name}.py"))
+    model = TransNormerLLM(cfg)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
+    params = nn.meta.unbox(shapes["params"])
+    assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)) == count
+
+
+def test_released_values():
+    cfg = config.model_config(config.load("configs/3b.py"))
+    assert (cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.glu_dim, cfg.vocab_size) == (
+        2560, 32, 20, 6912, 64000)
+    assert cfg.head_dim == 128 and cfg.lrpe_layers == (0,) and not cfg.scale_embedding
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(d_model=100, num_heads=3), r"hidden_dim \(100\) must be divisible by config.model.num_heads"),
+    (dict(lrpe_layers=[5]), r"lrpe_layers holds 5, out of range for num_layers=2"),
+    (dict(num_layers=0), r"config.model.num_layers must be a positive integer"),
+    (dict(vocab_size=-3), r"config.model.vocab_size must be a positive integer"),
+    (dict(attention_impl="flash"), r"config.model.attention_impl: Unknown attention impl 'flash'"),
+    (dict(dtype="float8"), r"config.model.dtype is 'float8'"),
+    (dict(remat_policy="sometimes"), r"config.model.remat_policy is 'sometimes'"),
+    (dict(widht=3), r"Unknown config.model field\(s\) widht"),
+])
+def test_invalid_values_name_the_field(changes, message):
+    fields = config.load("configs/tiny.py").model.to_dict()
+    fields.update(changes)
+    with pytest.raises(ValueError, match=message):
+        config.ModelConfig.from_dict(fields)
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        config.load("configs/nope.py")

@@ -1,0 +1,318 @@
+"""cosFormer attention (arXiv 2202.08791, SPEC.md §10): ReLU features with a cos re-weighting.
+
+For queries i and keys j, with q' = ReLU(q), k' = ReLU(k) and a fixed horizon M >= every |i - j|:
+
+    o_i = sum_j (q'_i . k'_j) cos(pi/2 (i - j)/M) v_j  /  max(sum_j (q'_i . k'_j) cos(pi/2 (i - j)/M), eps)
+
+cos(a - b) = cos a cos b + sin a sin b makes it linear: with the doubled features
+q~_i = [q'_i sin(pi i/2M), q'_i cos(pi i/2M)] (k~_j likewise), the score is q~_i . k~_j, so one state
+S = sum_j k~_j^T [v_j, 1] of shape [2d, dv + 1] carries numerator (first dv columns) and denominator
+(last column) together. Causal attention sums over j <= i, bidirectional and cross attention over all
+keys (query and key lengths may differ; both count positions against the same M).
+
+Forms (`impl`), all exact:
+  reference  the quadratic form with cos(pi/2 (i - j)/M) taken directly; for tests.
+  linear     bidirectional/cross: one state over all keys. Causal: a `lax.scan` over chunks that
+             carries S, so the forward holds O(length * d + chunk^2 + d^2) per head, never the
+             length x 2d x dv prefix sums of the official code. (Its gradient keeps one S per chunk.)
+`cosformer_attention_step` is one decoding step; it equals the causal form at the same M and positions.
+
+Padded keys (key_mask False) are dropped from numerator and denominator alike. M is fixed by the
+caller, never taken from the padded length, so padding and decoding leave the weights unchanged.
+States and normalisers are float32; outputs come back in v's dtype.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+IMPLS = ("reference", "linear")
+
+
+def _precision(x: Array):
+    # float32 inputs must stay float32 on GPUs too (XLA would otherwise use TF32 there); bf16 values
+    # are exact in TF32, so the default suffices for them.
+    return lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+
+
+def _einsum(spec: str, a: Array, b: Array, precision) -> Array:
+    """einsum of float32 operands, float32 result. (XLA's CPU backend cannot run every bf16 x bf16 ->
+    f32 dot; bf16 values lose nothing as float32 operands.)"""
+    return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32), precision=precision)
+
+
+def cos_features(x: Array, positions: Array, m: float) -> Array:
+    """The re-weighted features [x sin(pi t/2M), x cos(pi t/2M)].
+
+    x: [batch, seq, heads, d] (already ReLU'd); positions: [batch, seq] int. Returns
+    [batch, seq, heads, 2d] in x's dtype; the angles are float32.
+    """
+    angle = (math.pi / (2.0 * m)) * positions.astype(jnp.float32)[:, :, None, None]
+    xf = x.astype(jnp.float32)
+    return jnp.concatenate([xf * jnp.sin(angle), xf * jnp.cos(angle)], axis=-1).astype(x.dtype)
+
+
+def _with_ones(v: Array) -> Array:
+    """[v, 1]: the extra column turns the numerator's sums into the denominator's."""
+    return jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+
+
+def _normalise(o_aug: Array, eps: float, dtype) -> Array:
+    """[..., dv + 1] numerator and denominator -> numerator / max(denominator, eps), in `dtype`."""
+    return (o_aug[..., :-1] / jnp.maximum(o_aug[..., -1:], eps)).astype(dtype)
+
+
+def _key_sums(kf: Array, va: Array) -> Array:
+    """sum_j k~_j^T [v_j, 1]: [batch, seq, heads, 2d] x [batch, seq, heads, dv+1] -> [b, h, 2d, dv+1] f32."""
+    return _einsum("bjhf,bjhe->bhfe", kf, va, _precision(kf))
+
+
+def _query_state(qf: Array, state: Array) -> Array:
+    """q~_i S: [batch, seq, heads, 2d] x [batch, heads, 2d, dv+1] -> [batch, seq, heads, dv+1] f32."""
+    return _einsum("bthf,bhfe->bthe", qf, state, lax.Precision.HIGHEST)
+
+
+# ----------------------------------------------------------------------------------------------
+# forms: qf, kf the cos features (padded keys zeroed), va = [v, 1] (zero at padded keys),
+# s0 the f32 state of earlier keys. Each returns the unnormalised [.., dv + 1] output and the state.
+# ----------------------------------------------------------------------------------------------
+def _reference(q, k, qf, kf, va, s0, *, q_positions, k_positions, m, causal, key_mask, chunk_size):
+    del chunk_size
+    scores = _einsum("bihd,bjhd->bhij", nn.relu(q), nn.relu(k), _precision(q))
+    distance = (q_positions[:, :, None] - k_positions[:, None, :]).astype(jnp.float32)
+    scores = scores * jnp.cos((math.pi / (2.0 * m)) * distance)[:, None]
+    keep = key_mask[:, None, :]  # [b, 1, j]
+    if causal:  # from token order, never from positions
+        t = q.shape[1]
+        keep = keep & (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None]
+    scores = jnp.where(keep[:, None], scores, 0.0)
+    o = _einsum("bhij,bjhe->bihe", scores, va, lax.Precision.HIGHEST)
+    return o + _query_state(qf, s0), s0 + _key_sums(kf, va)
+
+
+def _linear(q, k, qf, kf, va, s0, *, q_positions, k_positions, m, causal, key_mask, chunk_size):
+    del q, k, q_positions, k_positions, m, key_mask
+    if causal:
+        return _causal_scan(qf, kf, va, s0, chunk_size)
+    state = s0 + _key_sums(kf, va)
+    return _query_state(qf, state), state
+
+
+def _causal_scan(qf: Array, kf: Array, va: Array, s0: Array, chunk_size: int) -> Tuple[Array, Array]:
+    """Chunk by chunk: o_c = tril(Q_c K_c^T) [V_c, 1] + Q_c S, then S += K_c^T [V_c, 1]."""
+    b, t, h, f = qf.shape
+    e = va.shape[-1]
+    c = min(chunk_size, t)
+    n = -(-t // c)
+    pad = ((0, 0), (0, n * c - t), (0, 0), (0, 0))  # zero keys: padding adds nothing to S
+
+    def chunks(x):  # [b, t, h, x] -> [n, b, h, c, x]
+        x = jnp.pad(x, pad)
+        return x.reshape(b, n, c, h, x.shape[-1]).transpose(1, 0, 3, 2, 4)
+
+    tril = jnp.arange(c)[None, :] <= jnp.arange(c)[:, None]
+    prec = _precision(qf)
+
+    def step(state, chunk):
+        q_c, k_c, v_c = chunk
+        scores = _einsum("bhif,bhjf->bhij", q_c, k_c, prec)
+        o_c = _einsum("bhij,bhje->bhie", jnp.where(tril, scores, 0.0), v_c, prec)
+        o_c = o_c + _einsum("bhif,bhfe->bhie", q_c, state, lax.Precision.HIGHEST)
+        state = state + _einsum("bhjf,bhje->bhfe", k_c, v_c, prec)
+        return state, o_c
+
+    final, o = lax.scan(step, s0, (chunks(qf), chunks(kf), chunks(va)))
+    o = o.transpose(1, 0, 3, 2, 4).reshape(b, n * c, h, e)[:, :t]
+    return o, final
+
+
+_FORMS = {"reference": _reference, "linear": _linear}
+
+
+def state_shape(batch: int, heads: int, head_dim: int, value_dim: Optional[int] = None):
+    """Shape of the cosFormer state S = sum_j k~_j^T [v_j, 1]: [batch, heads, 2*head_dim, dv + 1]."""
+    dv = head_dim if value_dim is None else value_dim
+    return (batch, heads, 2 * head_dim, dv + 1)
+
+
+def _check_inputs(q, k, v, m, causal, key_mask, q_positions, k_positions, initial_state, impl):
+    if impl not in _FORMS:
+        raise ValueError(f"Unknown cosFormer impl {impl!r}: choose one of {', '.join(IMPLS)}.")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError("cosformer_attention expects q, k, v of shape [batch, seq, heads, dim], got "
+                         f"{q.shape}, {k.shape}, {v.shape}.")
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError("q [b, tq, h, d], k [b, tk, h, d] and v [b, tk, h, dv] disagree: got "
+                         f"{q.shape}, {k.shape}, {v.shape}.")
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError(f"Causal cosFormer needs as many queries as keys, got {q.shape[1]} and "
+                         f"{k.shape[1]}; use causal=False for cross attention.")
+    if not m >= max(q.shape[1], k.shape[1]):
+        raise ValueError(f"cosFormer's M ({m}) must be at least the query and key lengths "
+                         f"({q.shape[1]}, {k.shape[1]}); raise M (config.model.cosformer_max_len in the "
+                         "language model) to the longest context.")
+    b, tq, h, d = q.shape
+    for name, x, want in (("key_mask", key_mask, (b, k.shape[1])), ("q_positions", q_positions, (b, tq)),
+                          ("k_positions", k_positions, (b, k.shape[1]))):
+        if x is not None and x.shape != want:
+            raise ValueError(f"{name} must have shape {want}, got {x.shape}.")
+    if initial_state is not None:
+        want = state_shape(b, h, d, v.shape[-1])
+        if initial_state.shape != want:
+            raise ValueError(f"initial_state must have shape [batch, heads, 2*d, dv+1] = {want}, "
+                             f"got {initial_state.shape}.")
+        if q_positions is None or k_positions is None:
+            raise ValueError("Pass q_positions and k_positions when continuing from an initial_state: "
+                             "the new tokens' positions follow those already in the state.")
+
+
+def _default_positions(x: Array, positions: Optional[Array]) -> Array:
+    if positions is not None:
+        return positions
+    return jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+
+
+@functools.partial(jax.named_call, name="cosformer_attention")
+def cosformer_attention(q: Array, k: Array, v: Array, *, m: float, causal: bool,
+                        key_mask: Optional[Array] = None, q_positions: Optional[Array] = None,
+                        k_positions: Optional[Array] = None, initial_state: Optional[Array] = None,
+                        impl: str = "linear", chunk_size: int = 64,
+                        eps: float = 1e-6) -> Tuple[Array, Array]:
+    """cosFormer attention of projected queries, keys and values (ReLU is applied here).
+
+    Args:
+      q: [batch, tq, heads, d]; k: [batch, tk, heads, d]; v: [batch, tk, heads, dv] (any float dtype).
+      m: the re-weighting horizon M, at least every |i - j| (e.g. the longest context); fixed, so
+        that padding and decoding keep the weights.
+      causal: key j attends to query i only for j <= i (token order; needs tq == tk).
+      key_mask: [batch, tk] bool, False at padded keys, which then count in neither sum.
+      q_positions, k_positions: [batch, tq] / [batch, tk] int positions i, j; default 0..len-1.
+      initial_state: [batch, heads, 2d, dv+1] f32 sums of earlier keys (from a prefill).
+      impl: "linear" or "reference" (quadratic, for tests).
+      chunk_size: chunk length of the causal scan.
+      eps: floor of the denominator (a clamp, as in the paper's code, not an addition).
+    Returns:
+      o: [batch, tq, heads, dv] in v's dtype; state: [batch, heads, 2d, dv+1] f32, the key sums
+      (all keys, plus initial_state): the prefix state for decoding, or a cache of cross-attention keys.
+    """
+    _check_inputs(q, k, v, m, causal, key_mask, q_positions, k_positions, initial_state, impl)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    q_positions = _default_positions(q, q_positions)
+    k_positions = _default_positions(k, k_positions)
+    key_mask = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask
+    keep = key_mask[:, :, None, None]
+    qf = cos_features(nn.relu(q), q_positions, m)
+    kf = jnp.where(keep, cos_features(nn.relu(k), k_positions, m), 0)
+    va = jnp.where(keep, _with_ones(v), 0)  # also drops NaN or inf values at padding
+    b, _, h, d = q.shape
+    s0 = (jnp.zeros(state_shape(b, h, d, v.shape[-1]), jnp.float32) if initial_state is None
+          else initial_state.astype(jnp.float32))
+    o, state = _FORMS[impl](q, k, qf, kf, va, s0, q_positions=q_positions, k_positions=k_positions,
+                            m=m, causal=causal, key_mask=key_mask, chunk_size=chunk_size)
+    return _normalise(o, eps, v.dtype), state
+
+
+def cosformer_attention_step(q: Array, k: Array, v: Array, position: Array, state: Array, *,
+                             m: float, eps: float = 1e-6) -> Tuple[Array, Array]:
+    """One causal decoding step: S <- S + k~^T [v, 1], o = q~ S (numerator / clamped denominator).
+
+    Args:
+      q, k: [batch, heads, d] projections of the new token; v: [batch, heads, dv].
+      position: [batch] int position of the new token (its phase pi t/2M).
+      state: [batch, heads, 2d, dv+1] f32 key sums of the earlier tokens (zeros at the start).
+      m: the same M as the prefill's.
+    Returns:
+      o: [batch, heads, dv] in v's dtype, and the new state [batch, heads, 2d, dv+1] f32.
+    """
+    if state.shape != state_shape(*q.shape, v.shape[-1]):
+        raise ValueError(f"state must have shape {state_shape(*q.shape, v.shape[-1])}, got {state.shape}.")
+    def feature(x):  # [batch, heads, d] -> [batch, heads, 2d] f32
+        return cos_features(nn.relu(x)[:, None], position[:, None], m)[:, 0].astype(jnp.float32)
+
+    va = _with_ones(v).astype(jnp.float32)
+    state = state + feature(k)[..., :, None] * va[..., None, :]
+    o = _einsum("bhf,bhfe->bhe", feature(q), state, lax.Precision.HIGHEST)
+    return _normalise(o, eps, v.dtype), state
+
+
+class CosformerAttention(nn.Module):
+    """Multi-head cosFormer attention with q/k/v/out projections, all with biases (SPEC.md §10).
+
+    Heads are contiguous head_dim slices of the projections. Self attention by default, also the token
+    mixer of the language model (causal=True); pass `inputs_kv` for cross attention. Parameters carry
+    the logical axis names `embed`, `heads`, `head_dim`.
+
+    Attributes:
+      num_heads, head_dim: heads and their width (the projections are num_heads * head_dim wide).
+      max_len: the re-weighting horizon M, at least the longest context (query or key length).
+      causal: causal self attention (a prefix scan; the state enables decoding).
+      out_features: width of the output; default the width of inputs_q.
+      chunk_size: chunk length of the causal scan; impl: "linear" or "reference".
+    """
+
+    num_heads: int
+    head_dim: int
+    max_len: int
+    causal: bool = False
+    out_features: Optional[int] = None
+    chunk_size: int = 64
+    impl: str = "linear"
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, inputs_q: Array, positions: Optional[Array] = None, mask: Optional[Array] = None,
+                 initial_state: Optional[Array] = None, *, inputs_kv: Optional[Array] = None,
+                 kv_positions: Optional[Array] = None) -> Tuple[Array, Array]:
+        """Attends from inputs_q to inputs_kv (default: inputs_q itself).
+
+        Args:
+          inputs_q: [batch, tq, features]; inputs_kv: [batch, tk, features_kv] or None.
+          positions: [batch, tq] int query positions; default 0..tq-1.
+          mask: [batch, tk] bool, False at padded keys (they contribute nothing).
+          initial_state: [batch, heads, 2*head_dim, head_dim+1] f32 key sums of earlier tokens.
+          kv_positions: [batch, tk] int key positions; default `positions` in self attention,
+            0..tk-1 in cross attention.
+        Returns:
+          out: [batch, tq, out_features] in `dtype`, and the state [batch, heads, 2*head_dim,
+          head_dim+1] f32 (see `cosformer_attention`).
+        """
+        if inputs_kv is None:
+            inputs_kv = inputs_q
+            kv_positions = positions if kv_positions is None else kv_positions
+        elif self.causal:
+            raise ValueError("Causal cosFormer attends within one sequence; pass no inputs_kv, or set "
+                             "causal=False for cross attention.")
+        names = ("embed", "heads", "head_dim")
+
+        def project(x, name):
+            return nn.DenseGeneral(
+                (self.num_heads, self.head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=nn.with_logical_partitioning(self.kernel_init, names),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[1:]),
+                name=name)(x)
+
+        q, k, v = project(inputs_q, "q_proj"), project(inputs_kv, "k_proj"), project(inputs_kv, "v_proj")
+        o, state = cosformer_attention(
+            q, k, v, m=self.max_len, causal=self.causal, key_mask=mask, q_positions=positions,
+            k_positions=kv_positions, initial_state=initial_state, impl=self.impl,
+            chunk_size=self.chunk_size, eps=self.eps)
+        o = nn.with_logical_constraint(o, ("batch", "length", "heads", "head_dim"))
+        out = nn.DenseGeneral(
+            self.out_features or inputs_q.shape[-1], axis=(-2, -1), dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(self.kernel_init, names[1:] + names[:1]),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[:1]),
+            name="out_proj")(o)
+        return out, state

@@ -1,0 +1,244 @@
+"""Long-Range Arena ListOps, generated offline, and the encoder classifier that reads it.
+
+The task (Nangia & Bowman 2018, as generated for LRA by Tay et al. 2020): evaluate a nested prefix
+expression such as `[MAX 4 3 [MIN 2 3 ] 1 0 [MED 1 5 8 9 2 ] ]` to a digit (10 classes). Operators MIN,
+MAX, MED (the median rounded down) and SM (sum mod 10) take 2 to `max_args` arguments; each node
+below `max_depth` is an operator with probability 1/4 (the root is depth 1), otherwise a digit. Trees
+are redrawn until their token count lies strictly between `min_length` and `max_length`; LRA's splits
+hold 96,000 / 2,000 / 2,000 examples. Tokens are the operators, the digits and `]`. (LRA's text
+pipeline also dropped `]`, leaving expressions ambiguous; here it stays, as in the grammar.)
+
+Example `index` of a split is drawn from its own random stream, seeded by (seed, split, index): the
+data depend on nothing else, so any number of processes can generate them and a split's first n
+examples are the same whatever its size.
+
+The classifier (the LRA ListOps model: 4 layers, width 512, 8 heads) is a pre-LayerNorm Transformer
+encoder with sinusoidal positions, mean pooling over real tokens and an MLP head; its token mixer is
+bidirectional cosFormer (`tnllm.cosformer`) or softmax attention (`jax.nn.dot_product_attention`,
+XLA or cuDNN flash attention).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import math
+import random
+from typing import List, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tnllm.cosformer import CosformerAttention
+
+Array = jax.Array
+
+OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
+VOCAB = ("<pad>",) + tuple(str(d) for d in range(10)) + OPERATORS + ("]",)
+PAD = 0
+_DIGIT = 1  # id of "0"
+_OPERATOR = VOCAB.index("[MIN")
+_CLOSE = VOCAB.index("]")
+NUM_CLASSES = 10
+SPLITS = {"train": 96_000, "validation": 2_000, "test": 2_000}
+TOKEN_MIXERS = ("cosformer", "softmax")
+SOFTMAX_IMPLS = ("xla", "cudnn")
+_OPERATOR_P = 0.25  # LRA's VALUE_P: a node is a digit when a uniform draw exceeds it
+
+
+@dataclasses.dataclass(frozen=True)
+class Grammar:
+    """The generator's parameters (LRA's defaults); lengths are exclusive bounds on the token count."""
+
+    max_depth: int = 10
+    max_args: int = 10
+    min_length: int = 500
+    max_length: int = 2000
+
+    def __post_init__(self):
+        if not 1 <= self.max_depth or not 2 <= self.max_args:
+            raise ValueError("ListOps needs max_depth >= 1 and max_args >= 2.")
+        if not 0 <= self.min_length < self.max_length - 1:
+            raise ValueError(f"ListOps min_length ({self.min_length}) must be below max_length - 1 "
+                             f"({self.max_length - 1}): both bounds are exclusive.")
+
+
+class _TooLong(Exception):
+    pass
+
+
+def _operator_value(op: int, args: List[int]) -> int:
+    if op == 0:
+        return min(args)
+    if op == 1:
+        return max(args)
+    if op == 2:  # LRA: int(np.median(args))
+        s, mid = sorted(args), len(args) // 2
+        return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) // 2
+    return sum(args) % 10
+
+
+def _tree(rng: random.Random, depth: int, grammar: Grammar, out: List[int]) -> int:
+    """Appends one subtree's tokens to `out` and returns its value."""
+    if depth >= grammar.max_depth or rng.random() > _OPERATOR_P:
+        value = rng.randrange(10)
+        out.append(_DIGIT + value)
+        return value
+    op = rng.randrange(len(OPERATORS))
+    out.append(_OPERATOR + op)
+    args = []
+    for _ in range(rng.randint(2, grammar.max_args)):
+        args.append(_tree(rng, depth + 1, grammar, out))
+        if len(out) >= grammar.max_length:  # rejected anyway: stop growing it
+            raise _TooLong
+    out.append(_CLOSE)
+    return _operator_value(op, args)
+
+
+def example(split: str, index: int, *, seed: int = 0, grammar: Grammar = Grammar()) -> Tuple[List[int], int]:
+    """Example `index` of `split`: its token ids (no padding) and its label 0..9."""
+    rng = random.Random(f"listops/{seed}/{split}/{index}")
+    while True:
+        tokens: List[int] = []
+        try:
+            label = _tree(rng, 1, grammar, tokens)
+        except _TooLong:
+            continue
+        if grammar.min_length < len(tokens) < grammar.max_length:
+            return tokens, label
+
+
+def _examples(split: str, indices: Sequence[int], seed: int, grammar: Grammar,
+              width: int) -> Tuple[np.ndarray, np.ndarray]:
+    tokens = np.full((len(indices), width), PAD, np.uint8)  # 4x less to send between processes
+    labels = np.empty(len(indices), np.int32)
+    for row, i in enumerate(indices):
+        ids, labels[row] = example(split, i, seed=seed, grammar=grammar)
+        tokens[row, :len(ids)] = ids
+    return tokens, labels
+
+
+def generate(split: str, num_examples: Optional[int] = None, *, seed: int = 0,
+             grammar: Grammar = Grammar(),
+             executor: Optional[concurrent.futures.Executor] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """The first `num_examples` (default: LRA's split size) examples of `split`.
+
+    Returns tokens [n, max_length - 1] int32 padded with PAD (0) at the end, and labels [n] int32.
+    With an `executor` (e.g. a process pool) the examples are generated in parallel pieces; the
+    result is the same.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"Unknown ListOps split {split!r}; choose one of {', '.join(SPLITS)}.")
+    n = SPLITS[split] if num_examples is None else num_examples
+    width = grammar.max_length - 1
+    if executor is None:
+        tokens, labels = _examples(split, range(n), seed, grammar, width)
+    else:
+        bounds = np.linspace(0, n, 64 + 1).astype(int)
+        pieces = [executor.submit(_examples, split, range(a, b), seed, grammar, width)
+                  for a, b in zip(bounds[:-1], bounds[1:])]
+        tokens, labels = (np.concatenate(parts) for parts in zip(*(p.result() for p in pieces)))
+    return tokens.astype(np.int32), labels
+
+
+# ----------------------------------------------------------------------------------------------
+# the encoder classifier
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    """The LRA ListOps encoder; `max_len` bounds the sequence length and is cosFormer's M."""
+
+    token_mixer: str = "cosformer"
+    num_layers: int = 4
+    d_model: int = 512
+    num_heads: int = 8
+    mlp_dim: int = 1024
+    max_len: int = 2000
+    vocab_size: int = len(VOCAB)
+    num_classes: int = NUM_CLASSES
+    dtype: str = "float32"
+    softmax_impl: str = "xla"
+
+    def __post_init__(self):
+        if self.token_mixer not in TOKEN_MIXERS:
+            raise ValueError(f"config.model.token_mixer is {self.token_mixer!r}; choose one of "
+                             f"{', '.join(TOKEN_MIXERS)}.")
+        if self.softmax_impl not in SOFTMAX_IMPLS:
+            raise ValueError(f"config.model.softmax_impl is {self.softmax_impl!r}; choose one of "
+                             f"{', '.join(SOFTMAX_IMPLS)}.")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"config.model.d_model ({self.d_model}) must be divisible by "
+                             f"config.model.num_heads ({self.num_heads}).")
+
+
+def softmax_attention(query: Array, key: Array, value: Array, mask: Array, *,
+                      implementation: str = "xla") -> Array:
+    """Softmax attention through `jax.nn.dot_product_attention` (the attention_fn of Flax's module).
+
+    query: [batch, tq, heads, d]; key, value: [batch, tk, heads, d]; mask: [batch, 1, 1, tk] bool,
+    False at padded keys. implementation "xla" materialises the [batch, heads, tq, tk] float32 logits;
+    "cudnn" (GPU, bf16) is flash attention, which takes key lengths instead of a mask, so there the
+    padding must come after the real tokens (as `generate` makes it).
+    """
+    if implementation == "cudnn":
+        lengths = jnp.sum(mask[:, 0, 0, :], axis=-1, dtype=jnp.int32)
+        return jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=lengths,
+                                            implementation="cudnn")
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
+
+
+def sinusoidal_positions(length: int, width: int) -> Array:
+    """[length, width] f32 sin/cos position codes (Vaswani et al.)."""
+    pos = np.arange(length)[:, None]
+    freq = np.exp(-math.log(10000.0) * np.arange(0, width, 2) / width)
+    codes = np.zeros((length, width), np.float32)
+    codes[:, 0::2], codes[:, 1::2] = np.sin(pos * freq), np.cos(pos * freq)
+    return jnp.asarray(codes)
+
+
+class EncoderBlock(nn.Module):
+    """x + Mixer(LN(x)), then x + MLP(LN(x)) with a GELU MLP."""
+
+    cfg: ClassifierConfig
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array) -> Array:
+        cfg = self.cfg
+        y = nn.LayerNorm(dtype=cfg.dtype)(x)
+        if cfg.token_mixer == "cosformer":
+            y, _ = CosformerAttention(num_heads=cfg.num_heads, head_dim=cfg.d_model // cfg.num_heads,
+                                      max_len=cfg.max_len, dtype=cfg.dtype, name="attention")(y, mask=mask)
+        else:
+            attend = functools.partial(softmax_attention, implementation=cfg.softmax_impl)
+            y = nn.MultiHeadDotProductAttention(cfg.num_heads, dtype=cfg.dtype, attention_fn=attend,
+                                                name="attention")(y, mask=mask[:, None, None, :])
+        x = x + y
+        y = nn.LayerNorm(dtype=cfg.dtype)(x)
+        y = nn.Dense(cfg.d_model, dtype=cfg.dtype)(nn.gelu(nn.Dense(cfg.mlp_dim, dtype=cfg.dtype)(y)))
+        return x + y
+
+
+class ListOpsClassifier(nn.Module):
+    """Token + position embedding, `num_layers` encoder blocks, LayerNorm, mean pool, MLP head."""
+
+    cfg: ClassifierConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array) -> Array:
+        """tokens: [batch, seq] int, PAD (0) at padding. Returns logits [batch, num_classes] f32."""
+        cfg = self.cfg
+        if tokens.shape[1] > cfg.max_len:
+            raise ValueError(f"Sequences of {tokens.shape[1]} tokens exceed config.model.max_len "
+                             f"({cfg.max_len}); raise it to the longest sequence.")
+        mask = tokens != PAD
+        x = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype)(tokens)
+        x = x + sinusoidal_positions(tokens.shape[1], cfg.d_model).astype(x.dtype)
+        for i in range(cfg.num_layers):
+            x = EncoderBlock(cfg, name=f"layers_{i}")(x, mask)
+        x = nn.LayerNorm(dtype=cfg.dtype)(x)
+        weights = mask[..., None].astype(jnp.float32)
+        pooled = jnp.sum(x.astype(jnp.float32) * weights, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
+        h = nn.relu(nn.Dense(cfg.mlp_dim, dtype=cfg.dtype)(pooled))
+        return nn.Dense(cfg.num_classes, dtype=cfg.dtype)(h).astype(jnp.float32)
