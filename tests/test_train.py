@@ -136,14 +136,13 @@ def test_clear_errors(corpus, reference_run, tmp_path):
         train_lib.train(cfg, str(tmp_path / "c"))
 
 
-def test_flops_are_the_parameter_matmuls_plus_linear_attention():
-    m = config.ModelConfig(vocab_size=300, d_model=64, num_layers=3, num_heads=2, glu_dim=96,
-                           lrpe_layers=(0,), chunk_size=16)
-    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(checkpoint.abstract_params(m))
-                 if len(x.shape) > 2 or x.shape != (2, 32))  # LRPE's theta is no matmul weight
-    hd = 32
-    attention = sum(2 * (2 * 16 * (dk + hd) + 4 * dk * hd) for dk in (2 * hd, hd, hd))
-    assert train_lib.flops_per_token(m, 4096) == 3 * (2 * params + attention)
+def test_flops_are_the_projections_of_spec_plus_linear_attention():
+    d, h, g, v, hd, c = 64, 64, 96, 300, 32, 16
+    m = config.ModelConfig(vocab_size=v, d_model=d, num_layers=3, num_heads=2, glu_dim=g,
+                           lrpe_layers=(0,), chunk_size=c)
+    projections = 3 * 2 * (4 * d * h + h * d + 3 * d * g) + 2 * d * v  # SPEC.md §1, tied head
+    attention = sum(2 * (2 * c * (dk + hd) + 4 * dk * hd) for dk in (2 * hd, hd, hd))
+    assert train_lib.flops_per_token(m, 4096) == 3 * (projections + attention)
     assert train_lib.flops_per_token(m, 4096) == train_lib.flops_per_token(m, 512)  # linear in length
 
 

@@ -3,9 +3,10 @@
 `train(cfg, workdir)` tokenizes the data once (tnllm.data), builds or restores the TrainState, compiles
 `train_step` once with shardings over the configured mesh and a donated state, then loops: a tqdm bar
 (step, loss, tokens/s), metrics to WORKDIR/metrics.jsonl and TensorBoard (WORKDIR/tensorboard),
-validation loss and perplexity, asynchronous Orbax checkpoints (tnllm.checkpoint) and a loss curve
-(WORKDIR/loss.png). SIGTERM or Ctrl-C finishes the current step, saves and returns; rerunning with the
-same work directory resumes exactly where it stopped.
+validation loss and perplexity, asynchronous Orbax checkpoints (tnllm.checkpoint); at the end a loss
+curve (WORKDIR/loss.png) and a sampled continuation of a validation prompt (tnllm.generate).
+SIGTERM or Ctrl-C finishes the current step, saves and returns; rerunning with the same work
+directory resumes exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ from flax.training.train_state import TrainState
 from tqdm import tqdm
 
 from tnllm import config as config_lib
-from tnllm import data, sharding
-from tnllm.checkpoint import TrainCheckpoints
+from tnllm import data, generate, sharding
+from tnllm.checkpoint import TrainCheckpoints, abstract_params
 from tnllm.model import TransNormerLLM
+from tnllm.sampling import make_sampler
 from tnllm.tokenizer import BYTE_SPEC, load_tokenizer
 
 matplotlib.use("Agg")
@@ -109,19 +111,23 @@ def make_eval_step(model: TransNormerLLM):
 def flops_per_token(model_cfg: config_lib.ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), matrix products only.
 
-    Forward, per layer: 2(4dh + hd + 3dg) for the projections and, per head, the chunked Lightning
-    Attention with C = min(chunk_size, seq_len): 2C(dk + dv) inside the chunk plus 2 dk dv for the
-    inter-chunk product and 2 dk dv for the state update, so linear in sequence length
-    (dk = 2 hd in LRPE layers). Plus 2dV for the tied LM head.
+    Forward: 2 per weight of every projection kernel (2(4dh + hd + 3dg) per GLA layer) plus 2dV for
+    the tied head, and per layer and head the chunked linear attention with C = min(chunk_size,
+    seq_len): 2C(dk + dv) inside the chunk, 2 dk dv for the inter-chunk product and 2 dk dv for the
+    state update, so linear in sequence length. dk = 2 hd where LRPE or cosFormer's cos/sin features
+    double it; cosFormer's state carries one more column (its normaliser).
     """
     m = model_cfg
-    d, h, hd = m.d_model, m.hidden_dim, m.head_dim
-    c = min(m.chunk_size, seq_len)
-    forward = 2 * m.d_model * m.vocab_size
+    kernels = sum(math.prod(x.shape) for path, x in
+                  jax.tree_util.tree_leaves_with_path(abstract_params(m))
+                  if getattr(path[-1], "key", None) == "kernel")
+    forward = 2 * kernels + 2 * m.d_model * m.vocab_size
+    c, hd = min(m.chunk_size, seq_len), m.head_dim
+    cosformer = m.token_mixer == "cosformer"
     for layer in range(m.num_layers):
-        dk = 2 * hd if layer in m.lrpe_layers else hd
-        forward += 2 * (4 * d * h + h * d + 3 * d * m.glu_dim)
-        forward += m.num_heads * (2 * c * (dk + hd) + 4 * dk * hd)
+        dk = 2 * hd if cosformer or layer in m.lrpe_layers else hd
+        dv = hd + 1 if cosformer else hd
+        forward += m.num_heads * (2 * c * (dk + dv) + 4 * dk * dv)
     return 3.0 * forward
 
 
@@ -132,34 +138,6 @@ def peak_flops(devices: Sequence[jax.Device], override_tflops: float) -> Optiona
     kind = devices[0].device_kind
     tflops = next((t for name, t in _PEAK_TFLOPS if name in kind), None)
     return None if tflops is None else tflops * 1e12 * len(devices)
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def sample(model_cfg: config_lib.ModelConfig, params: Any, prompt: Sequence[int], num_tokens: int,
-           seed: int = 0, temperature: float = SAMPLE_TEMPERATURE) -> List[int]:
-    """Continues `prompt` by `num_tokens` sampled tokens: the parallel form over the prompt, then
-    the one-token recurrence (constant cost per token) from each layer's final state."""
-    prefill = TransNormerLLM(model_cfg)
-    decode = TransNormerLLM(model_cfg.replace(attention_impl="recurrent"))
-
-    @jax.jit
-    def run(params, prompt, key):
-        logits, states = prefill.apply({"params": params}, prompt[None])
-
-        def step(carry, key):
-            logits, states, position = carry
-            token = jax.random.categorical(key, logits / temperature)
-            logits, states = decode.apply({"params": params}, token[:, None],
-                                          positions=jnp.full((1, 1), position),
-                                          initial_states=states)
-            return (logits[:, -1], states, position + 1), token[0]
-
-        carry = (logits[:, -1], states, jnp.int32(prompt.shape[0]))
-        return jax.lax.scan(step, carry, jax.random.split(key, num_tokens))[1]
-
-    return [int(t) for t in run(params, jnp.asarray(prompt, jnp.int32), jax.random.key(seed))]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -466,9 +444,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
     plot_losses(workdir)
     if t.sample_tokens > 0:
         prompt = s.val.read([0])[0, :SAMPLE_PROMPT_TOKENS].tolist()
-        continuation = sample(s.model_cfg, jax.device_get(s.state.params), prompt, t.sample_tokens,
-                              seed=cfg.train.seed)
-        if s.tokenizer.eos_id in continuation:
-            continuation = continuation[:continuation.index(s.tokenizer.eos_id)]
+        out = generate.generate(jax.device_get(s.state.params), s.model_cfg, [prompt],
+                                max_new_tokens=t.sample_tokens,
+                                sampler=make_sampler(temperature=SAMPLE_TEMPERATURE),
+                                eos_id=s.tokenizer.eos_id, pad_id=s.tokenizer.pad_id,
+                                seed=cfg.train.seed)
+        continuation = out.tokens[0, :int(out.lengths[0])].tolist()
+        if continuation and continuation[-1] == s.tokenizer.eos_id:
+            continuation = continuation[:-1]
         result.sample = s.tokenizer.decode(prompt) + "\u2502" + s.tokenizer.decode(continuation)
     return result
