@@ -142,7 +142,8 @@ def test_prompt_bucket_and_left_pad():
 @pytest.mark.parametrize("prompts, kwargs, match", [
     ([[1, 2], []], {}, "Prompt 1 must be a non-empty"),
     ("hello", {}, "tokenize text first"),
-    ([[1, 256]], {}, "token id 256, outside the model's vocabulary 0..255"),
+    ([[1, CFG.vocab_size]], {},
+     f"token id {CFG.vocab_size}, outside the model's vocabulary 0..{CFG.vocab_size - 1}"),
     ([[-1]], {}, "token id -1"),
     ([[1]], {"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
     ([[1]], {"eos_id": 300}, "eos_id 300 is outside"),

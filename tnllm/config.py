@@ -131,8 +131,97 @@ def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """The fields every config file starts from; size files override `model`."""
+    """The fields every config file starts from; size files override `model` and training defaults."""
     cfg = ml_collections.ConfigDict()
     cfg.model = ml_collections.ConfigDict(ModelConfig().to_dict())
     cfg.model.hidden_dim = 0  # 0 = d_model, whatever size file overrides d_model
+    cfg.data = ml_collections.ConfigDict(dict(
+        path="",            # a text file, a directory or a glob (.txt, .jsonl); "" = Python's stdlib sources
+        text_field="text",  # the field of each .jsonl record that holds its text
+        tokenizer="byte",   # "byte", a SentencePiece .model or a Hugging Face tokenizer.json
+        cache_dir="",       # where token stores live; "" = $TNLLM_CACHE or ~/.cache/tnllm
+        val_fraction=0.05,  # share of documents held out for validation
+        seq_len=2048,       # tokens per training sequence (windows hold seq_len + 1)
+    ))
+    cfg.optim = ml_collections.ConfigDict(dict(
+        lr=3e-4,            # peak learning rate, reached after warmup_steps
+        warmup_steps=1000,
+        min_lr_ratio=0.1,   # the cosine decays to lr * min_lr_ratio at train.steps
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,   # on weight matrices and the embedding only
+        grad_clip=1.0,      # global-norm clipping threshold; 0 = off
+    ))
+    cfg.train = ml_collections.ConfigDict(dict(
+        steps=20000,          # optimizer steps
+        seed=0,               # parameter initialisation and data order: batch n depends on (seed, n)
+        batch_size=32,        # sequences per optimizer step, over all devices and micro-batches
+        grad_accum_steps=1,   # micro-batches per step (batch_size must divide evenly)
+        log_every=10,
+        eval_every=1000,
+        eval_batches=8,       # validation batches per evaluation, spread over the validation split
+        sample_tokens=200,    # length of the sample printed at the end; 0 = none
+        peak_tflops=0.0,      # per-device peak for MFU; 0 = look up the device kind
+    ))
+    cfg.checkpoint = ml_collections.ConfigDict(dict(
+        every=1000,         # steps between checkpoints (one is also saved at the end and on SIGTERM)
+        keep=3,             # how many recent checkpoints to keep
+        async_save=True,    # write in the background while training continues
+    ))
+    cfg.mesh = ml_collections.ConfigDict(dict(
+        data=1,             # devices along the data-parallel axis; -1 = all remaining devices
+        fsdp=1,
+        tensor=1,
+    ))
     return cfg
+
+
+def check(cfg: ml_collections.ConfigDict) -> ModelConfig:
+    """Refuses unknown sections and fields and out-of-range training values, naming the field.
+
+    Returns the checked ModelConfig.
+    """
+    base = base_config()
+    unknown = sorted(set(cfg.keys()) - set(base.keys()))
+    if unknown:
+        raise ValueError(f"Unknown config section(s) {', '.join(unknown)}; known sections are "
+                         f"{', '.join(sorted(base.keys()))}.")
+    for section in sorted(base.keys()):
+        if section == "model":
+            continue
+        if section not in cfg:
+            raise ValueError(f"The config has no {section} section; start config files from "
+                             "tnllm.config.base_config().")
+        unknown = sorted(set(cfg[section].keys()) - set(base[section].keys()))
+        if unknown:
+            raise ValueError(
+                f"Unknown config.{section} field(s) {', '.join(unknown)}; known fields are "
+                f"{', '.join(sorted(base[section].keys()))}.")
+    model = model_config(cfg)
+    positive = {"data": ("seq_len",),
+                "train": ("steps", "batch_size", "grad_accum_steps", "log_every", "eval_every",
+                          "eval_batches"),
+                "checkpoint": ("every", "keep")}
+    for section, names in positive.items():
+        for name in names:
+            value = cfg[section][name]
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"config.{section}.{name} must be a positive integer, got {value!r}.")
+    if not isinstance(cfg.train.seed, int) or cfg.train.seed < 0:
+        raise ValueError(f"config.train.seed must be a non-negative integer, got {cfg.train.seed!r}.")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ValueError(f"config.data.val_fraction must lie strictly between 0 and 1, got "
+                         f"{cfg.data.val_fraction}.")
+    if cfg.train.batch_size % cfg.train.grad_accum_steps:
+        raise ValueError(
+            f"config.train.batch_size ({cfg.train.batch_size}) must be a multiple of "
+            f"config.train.grad_accum_steps ({cfg.train.grad_accum_steps}).")
+    if not cfg.optim.lr > 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise ValueError(f"config.optim needs lr > 0 and 0 <= min_lr_ratio <= 1, got lr={cfg.optim.lr} "
+                         f"and min_lr_ratio={cfg.optim.min_lr_ratio}.")
+    if not 0 <= cfg.optim.warmup_steps < cfg.train.steps:
+        raise ValueError(
+            f"config.optim.warmup_steps ({cfg.optim.warmup_steps}) must be at least 0 and below "
+            f"config.train.steps ({cfg.train.steps}); lower it for short runs.")
+    return model

@@ -1,0 +1,456 @@
+"""Training: the optimizer, one pure `train_step`, evaluation, FLOPs and MFU, and the training loop.
+
+`train(cfg, workdir)` tokenizes the data once (tnllm.data), builds or restores the TrainState, compiles
+`train_step` once with shardings over the configured mesh and a donated state, then loops: a tqdm bar
+(step, loss, tokens/s), metrics to WORKDIR/metrics.jsonl and TensorBoard (WORKDIR/tensorboard),
+validation loss and perplexity, asynchronous Orbax checkpoints (tnllm.checkpoint); at the end a loss
+curve (WORKDIR/loss.png) and a sampled continuation of a validation prompt (tnllm.generate).
+SIGTERM or Ctrl-C finishes the current step, saves and returns; rerunning with the same work
+directory resumes exactly where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import matplotlib
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax.training.train_state import TrainState
+from tqdm import tqdm
+
+from tnllm import config as config_lib
+from tnllm import data, generate, sharding
+from tnllm.checkpoint import TrainCheckpoints, abstract_params
+from tnllm.model import TransNormerLLM
+from tnllm.sampling import make_sampler
+from tnllm.tokenizer import BYTE_SPEC, load_tokenizer
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 -- after choosing the file-only backend
+
+METRICS = "metrics.jsonl"
+LOSS_PNG = "loss.png"
+SAMPLE_PROMPT_TOKENS = 64
+SAMPLE_TEMPERATURE = 0.7
+# Dense bf16 tensor-core peaks (vendor data sheets, SXM parts) by device-kind substring, for MFU.
+_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("B200", 2250.0))
+
+
+# ----------------------------------------------------------------------------- optimizer and steps
+
+
+def decay_mask(params: Any) -> Any:
+    """True for weight matrices and the embedding; LRPE's theta (and any bias) is not decayed."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding"), params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warmup then cosine decay to lr * min_lr_ratio, after global-norm clipping."""
+    o = cfg.optim
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps, decay_steps=cfg.train.steps,
+        end_value=o.lr * o.min_lr_ratio)
+    adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                        mask=decay_mask)
+    if o.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw), schedule
+    return adamw, schedule
+
+
+def token_losses(model: TransNormerLLM, params: Any, tokens: jax.Array) -> jax.Array:
+    """Next-token cross-entropy. tokens: [batch, seq_len + 1] int32 -> [batch, seq_len] f32 nats."""
+    logits, _ = model.apply({"params": params}, tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+
+
+def make_train_step(model: TransNormerLLM, schedule: optax.Schedule):
+    """The pure step: one optimizer update from the mean gradient of all micro-batches."""
+
+    def train_step(state: TrainState, batch: jax.Array) -> Tuple[TrainState, Dict[str, jax.Array]]:
+        """batch: [micro_batches, batch / micro_batches, seq_len + 1] int32 token ids."""
+
+        def micro_step(grad_sum, tokens):
+            loss, grads = jax.value_and_grad(
+                lambda p: token_losses(model, p, tokens).mean())(state.params)
+            return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grad_sum, losses = jax.lax.scan(micro_step, zeros, batch)
+        grads = jax.tree.map(lambda g: g / batch.shape[0], grad_sum)
+        metrics = dict(loss=losses.mean(), grad_norm=optax.tree.norm(grads),
+                       lr=schedule(state.step))
+        return state.apply_gradients(grads=grads), metrics
+
+    return train_step
+
+
+def make_eval_step(model: TransNormerLLM):
+    def eval_step(params: Any, tokens: jax.Array, weights: jax.Array) -> jax.Array:
+        """tokens: [batch, seq_len + 1]; weights: [batch] f32 (0 for padding rows) -> weighted loss sum."""
+        return jnp.sum(token_losses(model, params, tokens).mean(axis=1) * weights)
+
+    return eval_step
+
+
+# ----------------------------------------------------------------------------- FLOPs and MFU
+
+
+def flops_per_token(model_cfg: config_lib.ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), matrix products only.
+
+    Forward: 2 per weight of every projection kernel (2(4dh + hd + 3dg) per GLA layer) plus 2dV for
+    the tied head, and per layer and head the chunked linear attention with C = min(chunk_size,
+    seq_len): 2C(dk + dv) inside the chunk, 2 dk dv for the inter-chunk product and 2 dk dv for the
+    state update, so linear in sequence length. dk = 2 hd where LRPE or cosFormer's cos/sin features
+    double it; cosFormer's state carries one more column (its normaliser).
+    """
+    m = model_cfg
+    kernels = sum(math.prod(x.shape) for path, x in
+                  jax.tree_util.tree_leaves_with_path(abstract_params(m))
+                  if getattr(path[-1], "key", None) == "kernel")
+    forward = 2 * kernels + 2 * m.d_model * m.vocab_size
+    c, hd = min(m.chunk_size, seq_len), m.head_dim
+    cosformer = m.token_mixer == "cosformer"
+    for layer in range(m.num_layers):
+        dk = 2 * hd if cosformer or layer in m.lrpe_layers else hd
+        dv = hd + 1 if cosformer else hd
+        forward += m.num_heads * (2 * c * (dk + dv) + 4 * dk * dv)
+    return 3.0 * forward
+
+
+def peak_flops(devices: Sequence[jax.Device], override_tflops: float) -> Optional[float]:
+    """Peak FLOP/s of `devices` together, or None when unknown (CPUs, unlisted accelerators)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12 * len(devices)
+    kind = devices[0].device_kind
+    tflops = next((t for name, t in _PEAK_TFLOPS if name in kind), None)
+    return None if tflops is None else tflops * 1e12 * len(devices)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class MetricsLog:
+    """Appends metrics to WORKDIR/metrics.jsonl and TensorBoard event files (WORKDIR/tensorboard)."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.path = os.path.join(workdir, METRICS)
+        if os.path.isfile(self.path):
+            # Lines a killed run wrote after its last checkpoint describe steps about to be redone.
+            with open(self.path) as f:
+                kept = [line for line in f if line.endswith("\n")  # not one cut short by a kill
+                        and json.loads(line)["step"] <= resume_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+        try:
+            import tensorboardX
+        except ImportError:  # e.g. an offline GPU machine without it: metrics.jsonl still has it all
+            print("Warning: tensorboardX is not installed, so no TensorBoard event files are "
+                  "written; `pip install tensorboardX` to get them.")
+            self.writer = None
+        else:
+            self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, values: Dict[str, float]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(dict(step=step, **values)) + "\n")
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(workdir: str) -> List[dict]:
+    path = os.path.join(workdir, METRICS)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def plot_losses(workdir: str) -> str:
+    """Writes WORKDIR/loss.png: training and validation loss against step. Returns its path."""
+    records = read_metrics(workdir)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("val_loss", "validation")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = os.path.join(workdir, LOSS_PNG)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class Result:
+    """What a call of `train` ended with. Losses are nats per token; per byte divides by bytes."""
+
+    step: int
+    interrupted_by: Optional[int] = None  # the signal that stopped the run early
+    val_loss: float = math.nan
+    val_nats_per_byte: float = math.nan
+    unigram_nats_per_byte: float = math.nan
+    tokens_per_s: float = math.nan  # medians over this call's logging intervals
+    mfu: Optional[float] = None  # None when the devices' peak FLOP/s is unknown
+    sample: str = ""
+
+
+def _check_finite(records: List[Tuple[int, Dict[str, float]]], last_checkpoint: Optional[int]) -> None:
+    for step, values in records:
+        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+            kept = ("no checkpoint was written" if last_checkpoint is None
+                    else f"the last good checkpoint (step {last_checkpoint}) is kept")
+            raise FloatingPointError(
+                f"The loss became {values['loss']} (gradient norm {values['grad_norm']}) at step "
+                f"{step}; stopped without saving, {kept}; lower config.optim.lr or raise "
+                "config.optim.warmup_steps.")
+
+
+class _StopSignals:
+    """Turns the first SIGTERM / SIGINT into a request to stop after the current step; a second one
+    gets the default behaviour."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        signal.signal(signum, self._previous[signum])
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class _Setup:
+    """Everything `train` builds before the loop: data, mesh, model, compiled steps, state."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
+        self.model_cfg = config_lib.check(cfg)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size > self.model_cfg.vocab_size:
+            raise ValueError(
+                f"The tokenizer {cfg.data.tokenizer!r} has {self.tokenizer.vocab_size} ids but "
+                f"config.model.vocab_size is {self.model_cfg.vocab_size}; set config.model.vocab_size "
+                f"to at least {self.tokenizer.vocab_size}.")
+        if cfg.data.tokenizer != BYTE_SPEC:  # checkpoints must find it from any working directory
+            cfg.data.tokenizer = os.path.abspath(cfg.data.tokenizer)
+        self.store = data.TokenStore(cfg.data, self.tokenizer)
+        t = cfg.train
+        self.micro_batch = t.batch_size // t.grad_accum_steps
+        self.loader = data.Loader(self.store, cfg.data.seq_len, t.batch_size, t.seed)
+        self.val = data.Windows(self.store.splits["val"], cfg.data.seq_len, "val")
+        self.mesh = sharding.make_mesh(cfg.mesh)
+        if self.micro_batch % sharding.batch_parallelism(self.mesh):
+            raise ValueError(
+                f"The micro-batch (config.train.batch_size / grad_accum_steps = {self.micro_batch}) "
+                f"must split evenly over {sharding.batch_parallelism(self.mesh)} data-parallel "
+                "devices; change config.train.batch_size or config.mesh.")
+        self.model = TransNormerLLM(self.model_cfg)
+        self.tx, schedule = make_optimizer(cfg)
+        self.checkpoints = TrainCheckpoints(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+        # Shardings enter through jit's in/out shardings only, with no mesh context: under one, flax
+        # checks DenseGeneral's qkvu kernel by running its initialiser, which puts the kernel's 4-axis
+        # logical constraint on a 2-D array and fails. XLA propagates the batch sharding instead.
+        try:
+            self._build_state(cfg)
+            self._compile(cfg, schedule)
+        except BaseException:
+            self.checkpoints.close()
+            raise
+
+    def _init_state(self, rng: jax.Array, boxed: bool = False) -> TrainState:
+        params = self.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+        return TrainState.create(apply_fn=self.model.apply, params=params if boxed else nn.unbox(params),
+                                 tx=self.tx).replace(step=jnp.zeros((), jnp.int32))
+
+    def _build_state(self, cfg: ml_collections.ConfigDict) -> None:
+        rng = jax.random.key(cfg.train.seed)
+        specs = nn.get_partition_spec(jax.eval_shape(functools.partial(self._init_state, boxed=True), rng))
+        self.state_sharding = sharding.logical_to_sharding(specs, self.mesh)
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            jax.eval_shape(self._init_state, rng), self.state_sharding)
+        a = self.abstract_state
+        restored = self.checkpoints.restore_latest(
+            dict(params=ocp.args.StandardRestore(a.params),
+                 opt_state=ocp.args.StandardRestore(a.opt_state), meta=ocp.args.JsonRestore()),
+            expected_params=a.params)
+        if restored is None:
+            self.state = jax.jit(self._init_state, out_shardings=self.state_sharding)(rng)
+            self.resumed_from = None
+            return
+        step, items = restored
+        self.state = TrainState(
+            step=jax.device_put(np.int32(step), sharding.replicated(self.mesh)),
+            apply_fn=self.model.apply, params=items["params"], tx=self.tx,
+            opt_state=items["opt_state"])
+        for warning in self.loader.restore(items["meta"]["loader"]):
+            print(f"Warning: resuming from step {step}, but {warning}.")
+        self.resumed_from = step
+
+    def _compile(self, cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> None:
+        seq = cfg.data.seq_len + 1
+        batch = jax.ShapeDtypeStruct((cfg.train.grad_accum_steps, self.micro_batch, seq), jnp.int32,
+                                     sharding=sharding.batch_sharding(self.mesh))
+        self.train_step = jax.jit(
+            make_train_step(self.model, schedule), in_shardings=(self.state_sharding, batch.sharding),
+            out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
+            donate_argnums=0).lower(self.abstract_state, batch).compile()
+        rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+        self.eval_step = jax.jit(
+            make_eval_step(self.model), out_shardings=sharding.replicated(self.mesh)).lower(
+            self.abstract_state.params,
+            jax.ShapeDtypeStruct((self.micro_batch, seq), jnp.int32, sharding=rows),
+            jax.ShapeDtypeStruct((self.micro_batch,), jnp.float32, sharding=rows)).compile()
+        self.rows = rows
+
+    def next_batch(self) -> jax.Array:
+        """[grad_accum_steps, micro_batch, seq_len + 1] int32, sharded over the batch axes."""
+        tokens = next(self.loader).reshape(-1, self.micro_batch, self.loader.windows.seq_len + 1)
+        return jax.device_put(tokens, sharding.batch_sharding(self.mesh))
+
+    def evaluate(self, params: Any, eval_batches: int) -> float:
+        """Mean validation loss (nats/token) over eval_batches micro-batches of windows spread
+        evenly over the validation split."""
+        windows = self.val.spread(eval_batches * self.micro_batch)
+        total = 0.0
+        for start in range(0, len(windows), self.micro_batch):
+            ids = windows[start:start + self.micro_batch]
+            weights = np.zeros(self.micro_batch, np.float32)
+            weights[:len(ids)] = 1.0
+            ids = np.pad(ids, (0, self.micro_batch - len(ids)), mode="edge")
+            total += float(self.eval_step(params, jax.device_put(self.val.read(ids), self.rows),
+                                          jax.device_put(weights, self.rows)))
+        return total / len(windows)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
+    """Trains (or resumes training) per `cfg` in `workdir`; see the module docstring."""
+    cfg = cfg.copy_and_resolve_references()
+    os.makedirs(workdir, exist_ok=True)
+    s = _Setup(cfg, workdir)
+    t = cfg.train
+    start = int(s.state.step)
+    meta = s.store.meta
+    print(("Tokenized" if s.store.built else "Reusing tokens of") +
+          f" {meta['files']} files ({meta['splits']['train']['tokens']:,} training and "
+          f"{meta['splits']['val']['tokens']:,} validation tokens) in {s.store.directory}.")
+    if s.resumed_from is not None:
+        print(f"Resuming from the checkpoint at step {start} in {workdir}.")
+    tokens_per_step = t.batch_size * cfg.data.seq_len
+    flops = flops_per_token(s.model_cfg, cfg.data.seq_len)
+    peak = peak_flops(s.mesh.devices.flatten().tolist(), t.peak_tflops)
+    log = MetricsLog(workdir, start)
+    last_checkpoint = s.resumed_from
+    val_bytes = s.store.tokens_per_byte("val")
+    result = Result(step=start, unigram_nats_per_byte=meta["unigram_entropy"] *
+                    s.store.tokens_per_byte("train"))
+
+    def evaluate(step: int, record: bool = True) -> None:
+        result.val_loss = s.evaluate(s.state.params, t.eval_batches)
+        result.val_nats_per_byte = result.val_loss * val_bytes
+        if record:
+            log.write(step, dict(val_loss=result.val_loss, val_perplexity=math.exp(result.val_loss),
+                                 val_nats_per_byte=result.val_nats_per_byte))
+
+    def save(step: int) -> None:
+        nonlocal last_checkpoint
+        s.checkpoints.save(step, s.state.params, s.state.opt_state, s.loader.state(), cfg)
+        last_checkpoint = step
+
+    bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True)
+    pending: List[Tuple[int, Dict[str, jax.Array]]] = []
+    speeds: List[float] = []
+    clock, clock_step = time.perf_counter(), start
+    try:
+        with _StopSignals() as stop:
+            for step in range(start + 1, t.steps + 1):
+                s.state, metrics = s.train_step(s.state, s.next_batch())
+                pending.append((step, metrics))
+                bar.update()
+                due_eval = step % t.eval_every == 0 or step == t.steps
+                due_save = step % cfg.checkpoint.every == 0 or step == t.steps or stop.received
+                if not (step % t.log_every == 0 or due_eval or due_save):
+                    continue
+                records = [(i, {k: float(v) for k, v in m.items()}) for i, m in jax.device_get(pending)]
+                pending = []
+                _check_finite(records, last_checkpoint)
+                now = time.perf_counter()
+                values = dict(records[-1][1], tokens_per_s=tokens_per_step * (step - clock_step) /
+                              (now - clock))
+                speeds.append(values["tokens_per_s"])
+                postfix = dict(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:,.0f}")
+                if peak is not None:
+                    values["mfu"] = values["tokens_per_s"] * flops / peak
+                    postfix["mfu"] = f"{values['mfu']:.1%}"
+                log.write(step, values)
+                bar.set_postfix(postfix)
+                if due_eval:
+                    evaluate(step)
+                    bar.write(f"step {step}: validation loss {result.val_loss:.4f} nats/token, "
+                              f"perplexity {math.exp(result.val_loss):.3f}")
+                if due_save:
+                    save(step)
+                result.step = step
+                if stop.received:
+                    result.interrupted_by = stop.received
+                    break
+                clock, clock_step = time.perf_counter(), step
+        if result.interrupted_by is None and start >= t.steps:
+            evaluate(start, record=False)  # a finished run still reports where it ended
+    finally:
+        bar.close()
+        s.checkpoints.wait()
+        s.checkpoints.close()
+        log.close()
+    if speeds:
+        result.tokens_per_s = float(np.median(speeds))
+        result.mfu = None if peak is None else result.tokens_per_s * flops / peak
+    if result.interrupted_by is not None:
+        return result
+    plot_losses(workdir)
+    if t.sample_tokens > 0:
+        prompt = s.val.read([0])[0, :SAMPLE_PROMPT_TOKENS].tolist()
+        out = generate.generate(jax.device_get(s.state.params), s.model_cfg, [prompt],
+                                max_new_tokens=t.sample_tokens,
+                                sampler=make_sampler(temperature=SAMPLE_TEMPERATURE),
+                                eos_id=s.tokenizer.eos_id, pad_id=s.tokenizer.pad_id,
+                                seed=cfg.train.seed)
+        continuation = out.tokens[0, :int(out.lengths[0])].tolist()
+        if continuation and continuation[-1] == s.tokenizer.eos_id:
+            continuation = continuation[:-1]
+        result.sample = s.tokenizer.decode(prompt) + "\u2502" + s.tokenizer.decode(continuation)
+    return result

@@ -1,0 +1,97 @@
+"""Trains TransNormerLLM; with no flags, the tiny config on the Python standard library's sources.
+
+    python train.py
+    python train.py --config=configs/385m.py --workdir=runs/385m
+        --config.data.path='corpus/*.jsonl' --config.data.tokenizer=tokenizer.model  (one line)
+
+Any config field can be overridden with --config.<section>.<field>=<value>. Rerunning with the same
+--workdir resumes from its latest checkpoint; SIGTERM or Ctrl-C saves one and stops.
+"""
+import math
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from tnllm import config as config_lib
+from tnllm import train_lib
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
+
+
+def _define_flags():
+    config = config_flags.DEFINE_config_file(
+        "config", _DEFAULT_CONFIG,
+        "Config file (configs/*.py); override fields with --config.<section>.<field>=<value>.")
+    workdir = flags.DEFINE_string(
+        "workdir", None, "Directory for checkpoints, metrics and plots (default: runs/<config name>).")
+    return config, workdir
+
+
+def _unknown_override(argv) -> str:
+    """Names the first --config.<path>=... flag whose path the config file lacks."""
+    path = _DEFAULT_CONFIG
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    cfg = config_lib.load(path)
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        node, keys = cfg, arg[len("--config."):].split("=", 1)[0].split(".")
+        for depth, key in enumerate(keys):
+            where = ".".join(["config", *keys[:depth]])
+            if not hasattr(node, "keys"):
+                return f"{arg.split('=')[0]} names no config field: {where} is a value, not a section."
+            if key not in node:
+                return (f"{arg.split('=')[0]} names no config field: {where} has "
+                        f"{', '.join(sorted(node.keys()))}.")
+            node = node[key]
+    return ""
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments {argv[1:]}; pass settings as --config.x=y flags.")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
+        logging.set_verbosity(logging.WARNING)
+    config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
+        flags.FLAGS["config"])))[0]
+    workdir = _WORKDIR.value or os.path.join("runs", config_name)
+    try:
+        result = train_lib.train(_CONFIG.value, workdir)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+    if result.interrupted_by is not None:
+        print(f"Stopped by signal {result.interrupted_by} after step {result.step}; the checkpoint is "
+              f"saved, so the same command resumes from it.")
+        sys.exit(128 + result.interrupted_by)
+    below = 1 - result.val_nats_per_byte / result.unigram_nats_per_byte
+    print(f"Validation loss after {result.step} steps: {result.val_nats_per_byte:.4f} nats/byte "
+          f"(perplexity {math.exp(result.val_loss):.3f} per token).")
+    print(f"Unigram entropy of the corpus: {result.unigram_nats_per_byte:.4f} nats/byte; the "
+          f"validation loss is {100 * below:.1f}% below it.")
+    if not math.isnan(result.tokens_per_s):
+        mfu = ("unknown (no peak FLOP/s for this device; set --config.train.peak_tflops)"
+               if result.mfu is None else f"{result.mfu:.1%}")
+        print(f"Throughput: {result.tokens_per_s:,.0f} tokens/s (median over logging intervals), "
+              f"MFU {mfu}.")
+    if result.sample:
+        print(f"Sample (prompt\u2502continuation):\n{result.sample}")
+    print(f"Checkpoints, metrics.jsonl, TensorBoard events and {train_lib.LOSS_PNG} are in {workdir}.")
+
+
+if __name__ == "__main__":
+    # config_flags applies overrides while the flag is defined and fails on a missing field with a
+    # bare KeyError, so overrides are checked first.
+    try:
+        problem = _unknown_override(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as e:
+        problem = str(e)
+    if problem:
+        sys.exit(f"error: {problem}")
+    _CONFIG, _WORKDIR = _define_flags()
+    app.run(main)
