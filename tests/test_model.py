@@ -11,7 +11,7 @@ from conftest import rel_err
 from tnllm import config
 from tnllm.model import TransNormerLLM, lrpe, lrpe_theta_init, srms_norm, state_shapes
 
-XLA_IMPLS = ("reference", "blockwise", "recurrent")
+IMPLS = ("reference", "blockwise", "recurrent", "pallas")  # pallas: interpret mode on a CPU
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -47,7 +47,7 @@ def test_logit_shapes_and_states(tiny):
     assert states[0].shape[2] == 2 * cfg.head_dim  # LRPE doubles dk in layer 0
 
 
-@pytest.mark.parametrize("impl", XLA_IMPLS)
+@pytest.mark.parametrize("impl", IMPLS)
 def test_causality(tiny, impl):
     cfg, params = tiny
     cfg = cfg.replace(attention_impl=impl)
