@@ -101,6 +101,7 @@ class TrainCheckpoints:
                                meta=ocp.JsonCheckpointHandler(), config=ocp.JsonCheckpointHandler()),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
+                save_interval_steps=0 if read_only else 1,  # Orbax warns when a reader keeps 1
                 cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save))
 
     def steps(self):

@@ -311,13 +311,15 @@ def _read_prompts(prompts: Sequence[str], prompt_file: Optional[str]) -> List[st
 
 def main(argv):
     del argv
-    from absl import flags
+    from absl import flags, logging
 
     from tnllm import config as config_lib
     from tnllm.checkpoint import load_model
     from tnllm.tokenizer import load_tokenizer
 
     FLAGS = flags.FLAGS
+    if not FLAGS["verbosity"].present:  # Orbax logs every checkpoint it opens at INFO
+        logging.set_verbosity(logging.WARNING)
     texts = _read_prompts(FLAGS.prompt, FLAGS.prompt_file)
     config, params = load_model(FLAGS.checkpoint)
     cfg = config_lib.model_config(config)
