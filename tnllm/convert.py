@@ -34,6 +34,7 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
+from tnllm import checkpoint, tokenizer
 from tnllm.config import ModelConfig, base_config, model_config
 
 # TransnormerConfig's defaults in the released configuration code: a field that config.json leaves
@@ -290,7 +291,6 @@ def import_hf(hf_dir: str, out_dir: str, *, dtype: str = "float32",
     if not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(f"Tokenizer {tokenizer_path} does not exist; download the release's "
                                 "tokenizer.model into the checkpoint directory or pass --tokenizer.")
-    from tnllm import checkpoint, tokenizer  # TODO(convert): top-level once branch train lands
     config, params = load_hf(hf_dir, dtype)
     vocab = tokenizer.load_tokenizer(tokenizer_path).vocab_size
     if vocab > config.model.vocab_size:
@@ -307,7 +307,6 @@ def export_hf(checkpoint_dir: str, out_dir: str, *, dtype: str = "bfloat16") -> 
         raise ValueError(f"dtype is {dtype!r}; choose one of {', '.join(DTYPES)}.")
     if os.path.exists(out_dir):
         raise FileExistsError(f"{out_dir} already exists; choose a new --out directory.")
-    from tnllm import checkpoint, tokenizer  # TODO(convert): top-level once branch train lands
     config, params = checkpoint.load_model(checkpoint_dir)
     model = model_config(config)
     spec = config.data.tokenizer
