@@ -164,7 +164,10 @@ class TransNormerLLM(nn.Module):
         embed = nn.Embed(
             cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             embedding_init=_init(cfg, ("vocab", "embed")), name="embed_tokens")
-        x = embed(tokens)
+        # Gather the table's full width before the lookup, as for every other weight under FSDP:
+        # left split by width, the looked-up rows would have to change layout by full replication.
+        table = nn.with_logical_constraint(embed.embedding, ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(cfg.dtype)
         if cfg.scale_embedding:
             x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
