@@ -54,13 +54,15 @@ def test_mesh_shape_fills_one_axis():
     assert sharding.mesh_shape(dict(data=-1, fsdp=2, tensor=2), 8) == dict(data=2, fsdp=2, tensor=2)
     assert sharding.mesh_shape(dict(data=1, fsdp=1, tensor=-1), 8) == dict(data=1, fsdp=1, tensor=8)
     assert sharding.mesh_shape(dict(data=1, fsdp=2, tensor=4), 8) == dict(data=1, fsdp=2, tensor=4)
+    # One process may use only its first devices (the default config asks for one).
+    assert sharding.mesh_shape(dict(data=1, fsdp=1, tensor=1), 8) == dict(data=1, fsdp=1, tensor=1)
 
 
 @pytest.mark.parametrize("sizes, message", [
     (dict(data=-1, fsdp=-1, tensor=1), "at most one -1"),
     (dict(data=0, fsdp=1, tensor=1), "must be positive"),
     (dict(data=-1, fsdp=3, tensor=1), "do not divide the 8 devices"),
-    (dict(data=2, fsdp=2, tensor=1), "needs 4 devices but 8 are present"),
+    (dict(data=4, fsdp=2, tensor=2), "needs 16 devices but 8 are present"),
     (dict(data=2, tensor=4), "config.mesh lacks fsdp"),
 ])
 def test_mesh_shape_errors(sizes, message):
@@ -83,8 +85,8 @@ def test_activation_specs():
 def test_param_specs_follow_rules():
     boxed = jax.eval_shape(lambda: TransNormerLLM(CFG).init(jax.random.PRNGKey(0),
                                                             jnp.zeros((1, 4), jnp.int32)))
-    specs = sharding.tree_shardings(boxed, jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(
-        1, 1, 1), sharding.MESH_AXES))
+    specs = sharding.logical_to_sharding(nn.get_partition_spec(boxed),
+                                         sharding.make_mesh(dict(data=1, fsdp=1, tensor=1)))
     found = {}
     for path, s in jax.tree_util.tree_leaves_with_path(specs):
         name = "/".join(k.key for k in path[-3:])
@@ -126,24 +128,25 @@ def test_batch_not_divisible_fails_with_clear_error():
 # Cases on 8 fake devices, run in a subprocess by the tests below.
 # ------------------------------------------------------------------------------------------------
 def _run_on_8_devices(case, *args):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=REPO)
+    flags = "--xla_force_host_platform_device_count=8"
+    if case == "collectives":
+        flags += " --xla_disable_hlo_passes=cpu-all-reduce-combiner"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), case, *map(str, args)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"case {case}{args} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
 
 
-def test_state_shardings_follow_rules():
-    _run_on_8_devices("state_shardings")
-
-
-@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
-def test_train_step_matches_one_device(shape):
-    _run_on_8_devices("step_matches_one_device", *shape)
+def test_meshes_shard_by_rules_and_match_one_device():
+    _run_on_8_devices("meshes")
 
 
 def test_tensor_parallel_collectives():
     _run_on_8_devices("collectives")
+
+
+def test_per_shard_runs_each_block_alone():
+    _run_on_8_devices("per_shard")
 
 
 def _loss(model, params, tokens):
@@ -172,110 +175,137 @@ def _tokens(seed=1):
     return jax.random.randint(jax.random.PRNGKey(seed), (BATCH, SEQ + 1), 0, CFG.vocab_size)
 
 
-def _case_state_shardings():
-    tx = optax.adamw(1e-3)
-    _, create, _ = _setup(CFG, tx)
-    for shape in MESHES:
-        mesh = sharding.make_mesh(_mesh_sizes(shape))
-        with sharding.use_mesh(mesh):
-            (params, opt_state), _ = sharding.init_sharded(create, mesh, jax.random.PRNGKey(0))
-        adam = opt_state[0]
-        checked = 0
-        for tree in (params, adam.mu, adam.nu):
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-                name = "/".join(k.key for k in path)
-                spec = next(s for suffix, s in EXPECTED_SPECS.items() if name.endswith(suffix))
-                want = NamedSharding(mesh, spec)
-                assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (shape, name, leaf.sharding)
-                # Each device holds exactly its block, e.g. [64/fsdp, 4, 8/tensor, 8] of W_qkvu.
-                assert leaf.addressable_shards[0].data.shape == want.shard_shape(leaf.shape), name
-                checked += 1
-        assert checked == 3 * len(jax.tree.leaves(params))
-        assert adam.count.sharding.is_fully_replicated, shape
+def _assert_follows_rules(state, mesh):
+    """Every parameter and both Adam moments carry EXPECTED_SPECS; the step count is replicated."""
+    params, (adam, *_) = state
+    for tree in (params, adam.mu, adam.nu):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            name = jax.tree_util.keystr(path, simple=True, separator="/")
+            spec = next(s for suffix, s in EXPECTED_SPECS.items() if name.endswith(suffix))
+            want = NamedSharding(mesh, spec)
+            assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (mesh.shape, name, leaf.sharding)
+            # Each device holds exactly its block, e.g. [64/fsdp, 4, 8/tensor, 8] of W_qkvu.
+            assert leaf.addressable_shards[0].data.shape == want.shard_shape(leaf.shape), name
+    assert adam.count.sharding.is_fully_replicated
 
 
-def _case_step_matches_one_device(*shape):
+def _case_meshes():
+    """Acceptance 1 and 2: on each mesh the state is sharded by the rules and one training step
+    gives the single-device loss, gradients and updated parameters."""
     from conftest import rel_err
 
-    shape = tuple(int(n) for n in shape)
     tx = optax.adamw(1e-3)
     _, create, step = _setup(CFG, tx)
     key, tokens = jax.random.PRNGKey(0), _tokens()
+    ref_state = jax.jit(lambda k: nn.meta.unbox(create(k)))(key)
+    (ref_params, _), ref_loss, ref_grads = jax.jit(step)(ref_state, tokens)
 
-    state = jax.jit(lambda k: nn.meta.unbox(create(k)))(key)
-    (ref_params, _), ref_loss, ref_grads = jax.jit(step)(state, tokens)
-
-    mesh = sharding.make_mesh(_mesh_sizes(shape))
-    sharding.check_model(CFG, mesh)
-    sharding.check_batch(BATCH, mesh)
-    with sharding.use_mesh(mesh):
-        sharded, shardings = sharding.init_sharded(create, mesh, key)
-        for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(state)):
-            np.testing.assert_array_equal(a, b)  # the same initial state, only distributed
-        grad_shardings = shardings[0]
-        sharded_step = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                               out_shardings=(shardings, None, grad_shardings))
-        (params, _), loss, grads = sharded_step(sharded, jax.device_put(
-            tokens, sharding.batch_sharding(mesh)))
-
-    assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss)), (loss, ref_loss)
-    for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
-        assert rel_err(g, g_ref) <= 1e-5, (shape, jax.tree_util.keystr(path), rel_err(g, g_ref))
-    for p, p_ref in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-        assert rel_err(p, p_ref) <= 1e-5
+    for shape in MESHES:
+        mesh = sharding.make_mesh(_mesh_sizes(shape))
+        sharding.check_model(CFG, mesh)
+        sharding.check_batch(BATCH, mesh)
+        with sharding.use_mesh(mesh):
+            if shape == (2, 2, 2):  # the real creation path, once: born sharded, same values
+                state, shardings = sharding.init_sharded(create, mesh, key)
+                for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
+                    np.testing.assert_array_equal(a, b)
+            else:
+                shardings = sharding.logical_to_sharding(
+                    nn.get_partition_spec(jax.eval_shape(create, key)), mesh)
+                state = jax.device_put(ref_state, shardings)
+            _assert_follows_rules(state, mesh)
+            batch = jax.device_put(tokens, sharding.batch_sharding(mesh))
+            state, loss, grads = jax.jit(step, out_shardings=(shardings, None, shardings[0]))(
+                state, batch)
+        _assert_follows_rules(state, mesh)
+        assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss)), (shape, loss, ref_loss)
+        for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                    jax.tree.leaves(ref_grads)):
+            assert rel_err(g, g_ref) <= 1e-5, (shape, jax.tree_util.keystr(path), rel_err(g, g_ref))
+        for p, p_ref in zip(jax.tree.leaves(state[0]), jax.tree.leaves(ref_params)):
+            assert rel_err(p, p_ref) <= 1e-5, shape
 
 
 _COLLECTIVE = re.compile(
     r"= \(?([^=]*?)\)? (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-    r"(?:-start)?\(")
+    r"(?:-start)?\(.*op_name=\"([^\"]*)\"")
 _OPERAND = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
 
 
-def _collectives(compiled_text, large, small):
-    """Counts the tensors moved by collectives in compiled HLO as (kind, 'large'|'small'|size).
+def _collectives(hlo_text, sizes):
+    """Counts the tensors that collectives move in compiled HLO, by where they come from.
 
-    Tensors, not ops: XLA's combiner may merge independent all-reduces into one tuple op.
+    Returns {(place, pass): Counter{(kind, size name): n}}: place is `layers_<i>` or `outside`
+    (from the op's name scope), pass is `forward` or `backward` (the transpose of the forward).
+    `sizes` names element counts ({2048: "[b,t,d]"}); other sizes are kept as numbers.
     """
-    counts = Counter()
-    for kind_operands, kind in ((m.group(1), m.group(2)) for m in _COLLECTIVE.finditer(compiled_text)):
-        for dims in _OPERAND.findall(kind_operands):
+    found = {}
+    for operands, kind, op_name in _COLLECTIVE.findall(hlo_text):
+        layer = re.search(r"/(layers_\d+)/", op_name)
+        where = (layer.group(1) if layer else "outside",
+                 "backward" if "transpose(" in op_name else "forward")
+        for dims in _OPERAND.findall(operands):
             size = int(np.prod([int(d) for d in dims.split(",") if d]))
-            counts[(kind, {large: "large", small: "small"}.get(size, size))] += 1
-    return counts
+            found.setdefault(where, Counter())[(kind, sizes.get(size, size))] += 1
+    return found
 
 
 def _case_collectives():
-    """Tensor parallelism alone (1, 1, 8): the collectives per layer are the design's (parallelism.md)."""
+    """Acceptance 3: pure tensor parallelism (1, 1, 8); the collectives are those of parallelism.md.
+
+    Runs with XLA's CPU all-reduce combiner off, so that every collective keeps its own op and name
+    (the combiner only packs independent all-reduces into one tuple op; it moves the same tensors).
+    """
     batch, seq = 2, 16
     mesh = sharding.make_mesh(_mesh_sizes((1, 1, 8)))
-    tokens = jax.device_put(_tokens()[:batch, :seq + 1], sharding.batch_sharding(mesh))
-    large, small = batch * seq * CFG.d_model, batch * seq  # [b, t, d] activations, [b, t] statistics
+    _, create, step = _setup(CFG, optax.sgd(0.1))
+    with sharding.use_mesh(mesh):
+        state, shardings = sharding.init_sharded(create, mesh, jax.random.PRNGKey(0))
+        tokens = jax.device_put(_tokens()[:batch, :seq + 1], sharding.batch_sharding(mesh))
+        hlo = jax.jit(step, out_shardings=(shardings, None, None)).lower(state, tokens).compile()
+    found = _collectives(hlo.as_text(), {batch * seq * CFG.d_model: "[b,t,d]", batch * seq: "[b,t]"})
 
-    def count(num_layers):
-        cfg = CFG.replace(num_layers=num_layers)
-        tx = optax.sgd(0.1)
-        model, create, step = _setup(cfg, tx)
-        with sharding.use_mesh(mesh):
-            state, shardings = sharding.init_sharded(create, mesh, jax.random.PRNGKey(0))
-            forward = jax.jit(lambda s, t: _loss(model, s[0], t), in_shardings=(shardings, None))
-            train = jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None, None))
-            return (_collectives(forward.lower(state, tokens).compile().as_text(), large, small),
-                    _collectives(train.lower(state, tokens).compile().as_text(), large, small))
+    large, small = ("all-reduce", "[b,t,d]"), ("all-reduce", "[b,t]")
+    expected = {}
+    for i in range(CFG.num_layers):
+        # out_proj and l3 outputs; the SRMSNorm's sum of squares over the split heads.
+        expected[(f"layers_{i}", "forward")] = Counter({large: 2, small: 1})
+        # dx of qkvu_proj, l1 and l2; the norm's sum(o * do) over the heads.
+        expected[(f"layers_{i}", "backward")] = Counter({large: 3, small: 1})
+    # Vocab-parallel embedding lookup; the loss's max, sum of exponentials and label logit.
+    expected[("outside", "forward")] = Counter({large: 1, small: 3})
+    expected[("outside", "backward")] = Counter({large: 1})  # dx of the tied head
+    assert found == expected, found
 
-    # Per layer, forward: all-reduce after out_proj and after l3 ([b,t,d]) and of the SRMSNorm's sum
-    # of squares over the heads ([b,t]). Backward adds dx of qkvu_proj, l1 and l2 ([b,t,d]) and the
-    # norm's sum(o * do) ([b,t]). Outside the layers: the vocab-parallel embedding lookup ([b,t,d])
-    # forward, the tied head's dx backward, the loss's max, sum of exponentials and label logit
-    # over the vocabulary ([b,t]). Nothing else: no all-gather, no reduce-scatter.
-    layer_fwd = Counter({("all-reduce", "large"): 2, ("all-reduce", "small"): 1})
-    layer_step = Counter({("all-reduce", "large"): 5, ("all-reduce", "small"): 2})
-    outside_fwd = Counter({("all-reduce", "large"): 1, ("all-reduce", "small"): 3})
-    outside_step = Counter({("all-reduce", "large"): 2, ("all-reduce", "small"): 3})
-    for num_layers in (1, 2):
-        fwd, train = count(num_layers)
-        times = lambda c: Counter({k: num_layers * n for k, n in c.items()})  # noqa: E731
-        assert fwd == times(layer_fwd) + outside_fwd, (num_layers, fwd)
-        assert train == times(layer_step) + outside_step, (num_layers, train)
+
+def _case_per_shard():
+    """An operator independent across batch and heads runs on each device's block: the result of
+    the whole, and no collective in the compiled program."""
+    from conftest import random_qkv, rel_err
+
+    from tnllm.attention import layer_slopes, lightning_attention
+
+    q, k, v = random_qkv(jax.random.PRNGKey(2), 4, 20, 8, 16, 8)
+    slopes = layer_slopes(8, 0, 2)
+    s0 = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 16, 8))
+    op = lambda q, k, v, s, s0: lightning_attention(q, k, v, s, impl="blockwise", chunk_size=8,  # noqa: E731
+                                                    initial_state=s0)
+    want = op(q, k, v, slopes, s0)
+    seq, state = ("batch", "length", "heads", "head_dim"), ("batch", "heads", None, None)
+    mesh = sharding.make_mesh(_mesh_sizes((2, 2, 2)))
+    split = lambda x, names: jax.device_put(x, NamedSharding(mesh, sharding.spec(names)))  # noqa: E731
+    args = (split(q, seq), split(k, seq), split(v, seq), split(slopes, ("heads",)), split(s0, state))
+    with sharding.use_mesh(mesh):
+        f = jax.jit(sharding.per_shard(op, in_axes=(seq, seq, seq, ("heads",), state),
+                                       out_axes=(seq, state)))
+        compiled = f.lower(*args).compile()
+        got = compiled(*args)
+    assert got[0].sharding.is_equivalent_to(args[2].sharding, 4)
+    assert got[0].addressable_shards[0].data.shape == (1, 20, 4, 8)  # batch / (2*2), heads / 2
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-6
+    assert not _COLLECTIVE.findall(compiled.as_text())
+
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -9,9 +9,9 @@ This is the only module that names mesh axes. The mesh has three axes, outermost
           innermost so that its frequent collectives stay between neighbouring devices (one host).
 
 The model names logical axes only (`batch`, `length`, `vocab`, `embed`, `qkvu`, `heads`, `head_dim`,
-`mlp`); `RULES` maps them here. GSPMD derives the collectives from these annotations; the SRMSNorm
-after attention reduces over the sharded heads axis, so its mean of squares becomes an exact
-all-reduce across tensor shards. `docs/parallelism.md` counts the collectives per layer.
+`mlp`); `LOGICAL_AXIS_RULES` maps them here. GSPMD derives the collectives from these annotations;
+the SRMSNorm after attention reduces over the split heads axis, so its mean of squares becomes an
+exact all-reduce across tensor shards. `docs/parallelism.md` counts the collectives per layer.
 
 Typical use:
 
@@ -37,11 +37,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from tnllm.config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel axes
 
 # Logical axis -> mesh axes, in priority order (flax gives each mesh axis to at most one dimension of
 # an array, so `embed` of an activation [batch, length, embed] stays whole: `fsdp` went to `batch`).
-RULES = (
-    ("batch", ("data", "fsdp")),
+LOGICAL_AXIS_RULES = (
+    ("batch", BATCH_AXES),
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
@@ -61,8 +62,7 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> Dict[str, int]:
                          "a size (-1 = the devices left over).")
     shape = {a: int(sizes[a]) for a in MESH_AXES}
     fill = [a for a, n in shape.items() if n == -1]
-    bad = [a for a, n in shape.items() if n == 0 or n < -1]
-    if bad or len(fill) > 1:
+    if len(fill) > 1 or any(n == 0 or n < -1 for n in shape.values()):
         raise ValueError(f"config.mesh sizes must be positive, with at most one -1 (fill); got {shape}.")
     fixed = math.prod(n for n in shape.values() if n != -1)
     if fill:
@@ -70,75 +70,82 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> Dict[str, int]:
             raise ValueError(f"config.mesh {shape}: the fixed axes ({fixed} devices) do not divide the "
                              f"{num_devices} devices; change the sizes so their product divides it.")
         shape[fill[0]] = num_devices // fixed
-    elif fixed != num_devices:
+    elif fixed > num_devices:
         raise ValueError(f"config.mesh {shape} needs {fixed} devices but {num_devices} are present; "
-                         "set one size to -1 to fill the rest, or match the device count.")
+                         "lower config.mesh sizes or set one to -1 to use all devices.")
     return shape
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """The (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
 
-    `sizes` is the config's `mesh` section (a ConfigDict or dict). Axes are `Auto`: GSPMD places the
-    collectives, guided by the logical constraints inside the model.
+    `sizes` is the config's `mesh` section (a ConfigDict or dict). A single process may use only the
+    first devices (the default config asks for one); a multi-process mesh must span all of them,
+    since every process feeds its own devices. Axes are `Auto`: GSPMD places the collectives,
+    guided by the logical constraints inside the model.
     """
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(sizes, len(devices))
+    used = math.prod(shape.values())
+    if used < len(devices) and jax.process_count() > 1:
+        raise ValueError(f"config.mesh {shape} uses {used} of the {len(devices)} devices of "
+                         f"{jax.process_count()} processes; a multi-process mesh must use all of "
+                         "them: set one size to -1.")
     return jax.make_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES,
-                         axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+                         axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices[:used])
 
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
-    """Makes `mesh` and `RULES` current, so the model's logical constraints take effect.
+    """Makes `mesh` and `LOGICAL_AXIS_RULES` current, so the model's logical constraints take effect.
 
     Trace (first call of a jitted function) and `jax.eval_shape` inside this context.
     """
-    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         yield mesh
 
 
 def spec(logical_axes: Sequence[Optional[str]]) -> PartitionSpec:
     """The mesh PartitionSpec of an array whose dimensions have these logical names."""
-    return nn.logical_to_mesh_axes(tuple(logical_axes), RULES)
+    return nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_AXIS_RULES)
 
 
-def tree_shardings(tree: Any, mesh: Mesh) -> Any:
-    """A NamedSharding for every leaf of `tree`, from the logical names its boxes carry.
-
-    `tree` is typically the `jax.eval_shape` of state creation with boxed parameters
-    (`nn.LogicallyPartitioned`); optimizer states built from boxed parameters carry the same boxes.
-    Leaves without names (step counters, scalars) are replicated. The result has the structure of
-    the unboxed tree (`nn.meta.unbox(tree)`).
-    """
-    return nn.logical_to_mesh_sharding(nn.get_partition_spec(tree), mesh, RULES)
+def logical_to_sharding(specs: Any, mesh: Mesh) -> Any:
+    """Maps a tree of logical PartitionSpecs (`nn.get_partition_spec` of a boxed tree) to
+    NamedShardings; leaves without names (step counters, scalars) are replicated."""
+    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
 
 
 def init_sharded(create: Callable[..., Any], mesh: Mesh, *args: Any) -> Tuple[Any, Any]:
     """Runs `create(*args)` so that every array is born on its own shards (never whole on one device).
 
-    `create` returns a tree with boxed parameters (model.init, optimizer init, a TrainState...).
-    Returns the unboxed tree and its shardings (for `in_shardings`/`out_shardings` of the step).
+    `create` returns a tree with boxed parameters (model.init, optimizer init, a TrainState...);
+    optimizer states built from boxed parameters carry the same boxes. Returns the unboxed tree and
+    its shardings (for `in_shardings`/`out_shardings` of the step).
     """
-    shardings = tree_shardings(jax.eval_shape(create, *args), mesh)
+    shardings = logical_to_sharding(nn.get_partition_spec(jax.eval_shape(create, *args)), mesh)
     state = jax.jit(lambda *a: nn.meta.unbox(create(*a)), out_shardings=shardings)(*args)
     return state, shardings
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of input arrays [batch, ...]: batch split over the data axes, the rest whole."""
-    return NamedSharding(mesh, spec(("batch",)))
+def batch_sharding(mesh: Mesh, batch_dim: int = 0) -> NamedSharding:
+    """Sharding of input arrays whose dimension `batch_dim` is the batch: split over BATCH_AXES."""
+    return NamedSharding(mesh, PartitionSpec(*[None] * batch_dim, BATCH_AXES))
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-    """How many ways the batch is split (the product of the axes `batch` maps to)."""
-    axes = spec(("batch",))[0]
-    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A whole copy on every device (scalars, metrics)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_parallelism(mesh: Mesh) -> int:
+    """How many ways the batch is split (the product of BATCH_AXES)."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def check_batch(batch_size: int, mesh: Mesh, field: str = "config.batch_size") -> None:
     """Raises a one-sentence error when the global batch cannot be split over the data axes."""
-    n = data_parallel_size(mesh)
+    n = batch_parallelism(mesh)
     if batch_size % n:
         raise ValueError(f"{field} ({batch_size}) must be divisible by the data-parallel size "
                          f"data*fsdp = {n} of config.mesh; change one of them.")
@@ -171,19 +178,18 @@ def check_model(cfg: ModelConfig, mesh: Mesh) -> None:
             checked.add(name)
 
 
-def shard_over_batch_and_heads(fn: Callable, *, in_axes: Sequence[Sequence[Optional[str]]],
-                               out_axes: Any) -> Callable:
-    """Runs `fn` per shard with `jax.shard_map` when a mesh is current, else calls it directly.
+def per_shard(fn: Callable, *, in_axes: Sequence[Optional[Sequence[Optional[str]]]],
+              out_axes: Sequence[Sequence[Optional[str]]]) -> Callable:
+    """`fn` run by every device on its own block (`jax.shard_map`) when a mesh is current, else `fn`.
 
-    For operators that are independent across batch and heads (the Pallas kernels): inside, each
-    device sees its own [batch/b, ..., heads/t, ...] block and nothing is communicated. `in_axes`
-    gives the logical names of each positional argument (None for an argument that is None);
-    `out_axes` the names of each output, in the same tree structure.
+    For operators that mix nothing across the split axes, such as the Pallas kernels over batch and
+    heads: no collective is needed, and GSPMD could not split the custom kernel call itself.
+    `in_axes` gives the logical names of each positional argument (None for an argument that is
+    None); `out_axes` those of each output.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not nn.get_logical_axis_rules():
         return fn
-    to_spec = lambda names: None if names is None else spec(names)  # noqa: E731
-    in_specs = tuple(to_spec(a) for a in in_axes)
-    out_specs = jax.tree.map(spec, out_axes, is_leaf=lambda x: isinstance(x, tuple))
+    in_specs = tuple(None if names is None else spec(names) for names in in_axes)
+    out_specs = tuple(spec(names) for names in out_axes)
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
