@@ -1,0 +1,176 @@
+"""Decoding speed against context length: time per generated token after a prompt of 1K..128K tokens.
+
+For each config, batch size and context length: a random prompt of that length is prefilled (the
+parallel form in segments of --prefill_chunk tokens), then --new_tokens tokens are decoded greedily
+with the one-token recurrence, EOS off. The decode time is the median of --repeats runs after a
+warm-up, divided by the model steps it takes (new_tokens - 1: the first token comes from the prefill
+logits). Parameters are random bf16 (speed does not depend on their values).
+
+  python bench/generate.py                       # 385m and 1b, contexts 1K-128K, batch 1 and 64
+  python bench/generate.py --configs=385m --batches=1
+  python bench/generate.py --smoke               # tiny config, tiny contexts: checks the logic on CPU
+
+Prints a table; writes $OUT/generate.json (rewritten after every case, so a cut-off run keeps what it
+measured) and $OUT/generate.png. OUT defaults to ./bench_out. A case that fails (e.g. out of memory)
+is recorded with its error and the run goes on.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from tnllm import config as config_lib  # noqa: E402
+from tnllm.generate import decode, prefill  # noqa: E402
+from tnllm.model import TransNormerLLM, state_shapes  # noqa: E402
+from tnllm.sampling import Greedy  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+flags.DEFINE_list("configs", ["385m", "1b"], "Config files (configs/NAME.py) to measure.")
+flags.DEFINE_list("contexts", ["1024", "8192", "32768", "131072"], "Prompt lengths in tokens.")
+flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
+flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per timed run.")
+flags.DEFINE_integer("repeats", 5, "Timed decode runs per case (the median is reported).")
+flags.DEFINE_integer("prefill_chunk", 2048, "Prompt tokens per prefill segment.")
+flags.DEFINE_string("prefill_impl", "blockwise", "Parallel form of the prefill (blockwise, pallas).")
+flags.DEFINE_bool("smoke", False, "Tiny config and contexts, few tokens: a quick check of this script.")
+FLAGS = flags.FLAGS
+
+
+def random_params(cfg, seed=0):
+    model = TransNormerLLM(cfg)
+    variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))
+    return nn.unbox(variables)["params"]
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - start
+
+
+def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk):
+    """One case: prefill `context` random tokens per row, then time decoding `new_tokens` tokens."""
+    tokens = jax.random.randint(jax.random.key(context), (batch, context), 0, cfg.vocab_size, jnp.int32)
+    mask = jnp.ones((batch, context), bool)
+    start = time.perf_counter()
+    prefill_exe = prefill.lower(params, tokens, mask, cfg=cfg, prefill_chunk=prefill_chunk).compile()
+    prefill_compile_s = time.perf_counter() - start
+    prefilled, prefill_s = timed(prefill_exe, params, tokens, mask)
+
+    # The decode program does not depend on the context length: it compiles once per batch size.
+    run_decode = lambda: decode(params, prefilled, jax.random.key(0), cfg=cfg,  # noqa: E731
+                                sampler=Greedy(), max_new_tokens=new_tokens)
+    out, first_s = timed(run_decode)
+    if int(out.lengths.min()) != new_tokens:
+        raise RuntimeError(f"decode stopped early: lengths {out.lengths}")
+    times = [timed(run_decode)[1] for _ in range(repeats)]
+    step_ms = 1e3 * statistics.median(times) / max(new_tokens - 1, 1)
+    return dict(prefill_compile_s=prefill_compile_s, prefill_s=prefill_s,
+                prefill_tokens_per_s=batch * context / prefill_s, decode_first_call_s=first_s,
+                decode_ms_per_token=step_ms, decode_ms_per_token_min=1e3 * min(times) / max(new_tokens - 1, 1),
+                decode_tokens_per_s=batch * 1e3 / step_ms)
+
+
+def state_mb_per_sequence(cfg):
+    return sum(4 * h * dk * dv for _, h, dk, dv in state_shapes(cfg, 1)) / 1e6
+
+
+def print_table(rows):
+    head = (f"{'config':>7} {'batch':>5} {'context':>8} {'prefill s':>10} {'prefill tok/s':>14} "
+            f"{'ms/token':>9} {'decode tok/s':>13}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['config']:>7} {r['batch']:>5} {r['context']:>8}  failed: {r['error']}")
+            continue
+        print(f"{r['config']:>7} {r['batch']:>5} {r['context']:>8} {r['prefill_s']:>10.3f} "
+              f"{r['prefill_tokens_per_s']:>14,.0f} {r['decode_ms_per_token']:>9.3f} "
+              f"{r['decode_tokens_per_s']:>13,.0f}")
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_decode, ax_prefill) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series = sorted({(r["config"], r["batch"]) for r in rows if "error" not in r})
+    for name, batch in series:
+        ok = sorted((r for r in rows if (r["config"], r["batch"]) == (name, batch) and "error" not in r),
+                    key=lambda r: r["context"])
+        contexts = [r["context"] for r in ok]
+        label = f"{name}, batch {batch}"
+        ax_decode.plot(contexts, [r["decode_ms_per_token"] for r in ok], "o-", label=label)
+        ax_prefill.plot(contexts, [r["prefill_tokens_per_s"] for r in ok], "o-", label=label)
+    for ax, title, ylabel in ((ax_decode, "Decode: time per generated token", "ms per step"),
+                              (ax_prefill, "Prefill throughput", "tokens / s")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"TransNormerLLM generation, bf16, {jax.devices()[0].device_kind}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    if FLAGS.smoke:
+        names, contexts, batches = ["tiny"], [16, 64], [1, 2]
+        new_tokens, repeats, prefill_chunk = 8, 2, 32
+    else:
+        names = FLAGS.configs
+        contexts, batches = [int(c) for c in FLAGS.contexts], [int(b) for b in FLAGS.batches]
+        new_tokens, repeats, prefill_chunk = FLAGS.new_tokens, FLAGS.repeats, FLAGS.prefill_chunk
+    if new_tokens < 2:
+        raise ValueError("--new_tokens must be at least 2: the first token comes from the prefill.")
+    out_dir = Path(os.environ.get("OUT", "bench_out"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = dict(date=time.strftime("%Y-%m-%d"), device=jax.devices()[0].device_kind,
+                backend=jax.default_backend(), jax_version=jax.__version__, command=" ".join(sys.argv),
+                new_tokens=new_tokens, repeats=repeats, prefill_chunk=prefill_chunk,
+                prefill_impl=FLAGS.prefill_impl, dtype="bfloat16")
+    print(json.dumps(meta))
+    rows = []
+    for name in names:
+        cfg = config_lib.model_config(config_lib.load(str(REPO / "configs" / f"{name}.py")))
+        cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16", attention_impl=FLAGS.prefill_impl)
+        params = random_params(cfg)
+        for batch in batches:
+            for context in contexts:
+                row = dict(config=name, batch=batch, context=context,
+                           state_mb_per_sequence=state_mb_per_sequence(cfg))
+                try:
+                    row.update(measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk))
+                except Exception as e:  # noqa: BLE001 - keep measuring the other cases
+                    traceback.print_exc()
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                (out_dir / "generate.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
+        del params
+    print()
+    print_table(rows)
+    plot(rows, out_dir / "generate.png")
+    print(f"\nwrote {out_dir / 'generate.json'} and {out_dir / 'generate.png'}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Pallas GPU kernels of tnllm: Lightning Attention forward and backward (`lightning`)."""

@@ -1,0 +1,194 @@
+"""Generation: prefill + recurrent decode equals one forward pass; batching, EOS, compile-once."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+
+from tnllm import config
+from tnllm.generate import (_read_prompts, complete, decode, decode_step, generate, left_pad, prefill,
+                            prompt_bucket)
+from tnllm.model import TransNormerLLM, state_shapes
+from tnllm.sampling import Temperature, TopK
+
+# A larger init_std than training's 0.02 so that a random tiny model does not just repeat its input.
+CFG = config.model_config(config.load("configs/tiny.py")).replace(chunk_size=8, init_std=0.3)
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [200, 17, 45, 3, 99, 128], [42]]
+CHUNK = 8  # prefill segment: the 16-token bucket of PROMPTS runs as two segments
+NEW = 8  # max_new_tokens: one value, so that tests share compiled functions
+
+
+@pytest.fixture(scope="module")
+def params():
+    variables = jax.jit(TransNormerLLM(CFG).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    return nn.unbox(variables)["params"]
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def forward(params, tokens, cfg=CFG):
+    """Unpadded forward pass: tokens [batch, t] -> logits [batch, t, vocab] f32."""
+    return TransNormerLLM(cfg).apply({"params": params}, tokens)[0]
+
+
+@pytest.mark.parametrize("impl", ["reference", "blockwise", "recurrent"])
+def test_prefill_then_decode_steps_match_one_forward_pass(params, impl):
+    """Row r: prefill of its n_r prompt tokens, then total - n_r decode steps of given tokens, in one
+    left-padded batch, against one unpadded forward pass over all `total` tokens of the row."""
+    cfg = CFG.replace(attention_impl=impl)
+    total = len(PROMPTS[0]) + 5
+    rng = np.random.default_rng(0)
+    sequences = np.stack([p + rng.integers(0, cfg.vocab_size, total - len(p)).tolist() for p in PROMPTS])
+    want = forward(params, jnp.asarray(sequences), cfg=cfg)
+
+    tokens, mask = left_pad(PROMPTS, prompt_bucket(len(PROMPTS[0]), CHUNK))
+    pre = prefill(params, tokens, mask, cfg=cfg, prefill_chunk=CHUNK)
+    got = [pre.logits]
+    states, positions = pre.states, pre.positions
+    steps = total - min(len(p) for p in PROMPTS)
+    for _ in range(steps):
+        # Rows whose sequence is complete feed its last token again; their logits are not compared.
+        idx = np.minimum(np.asarray(positions), total - 1)
+        logits, states = decode_step(params, jnp.asarray(sequences[np.arange(len(PROMPTS)), idx]),
+                                     positions, states, cfg=cfg)
+        got.append(logits)
+        positions = positions + 1
+    got = jnp.stack(got, axis=1)  # [batch, steps + 1, vocab]: logits at positions n_r - 1 + i
+    for row, prompt in enumerate(PROMPTS):
+        n = len(prompt)
+        assert rel_err(got[row, :total - n + 1], want[row, n - 1:]) <= 1e-5
+    assert [s.shape for s in states] == list(state_shapes(cfg, len(PROMPTS)))
+
+
+def test_greedy_tokens_and_logprobs_are_those_of_a_forward_pass(params):
+    out = generate(params, CFG, PROMPTS, max_new_tokens=NEW, return_logprobs=True, prefill_chunk=CHUNK)
+    assert out.tokens.shape == out.logprobs.shape == (len(PROMPTS), NEW)
+    assert out.lengths.tolist() == [NEW] * len(PROMPTS)
+    for row, prompt in enumerate(PROMPTS):
+        n = len(prompt)
+        logits = forward(params, jnp.asarray([prompt + out.tokens[row].tolist()]))[0]
+        logprobs = jax.nn.log_softmax(logits[n - 1:-1])
+        np.testing.assert_array_equal(out.tokens[row], np.argmax(logprobs, axis=-1))
+        np.testing.assert_allclose(
+            out.logprobs[row], np.take_along_axis(logprobs, out.tokens[row][:, None], -1)[:, 0],
+            rtol=1e-5, atol=1e-5)
+    assert len(np.unique(out.tokens)) > 3  # the model does not just repeat one token
+
+
+def test_greedy_is_deterministic_and_equals_top_1_sampling(params):
+    runs = [generate(params, CFG, PROMPTS, max_new_tokens=NEW, seed=s, prefill_chunk=CHUNK).tokens
+            for s in (0, 1)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    top1 = generate(params, CFG, PROMPTS, max_new_tokens=NEW, sampler=TopK(1), seed=3, prefill_chunk=CHUNK)
+    np.testing.assert_array_equal(top1.tokens, runs[0])
+
+
+def test_sampling_follows_the_seed(params):
+    run = lambda seed: generate(params, CFG, PROMPTS, max_new_tokens=NEW,  # noqa: E731
+                                sampler=Temperature(1.0), seed=seed, prefill_chunk=CHUNK).tokens
+    np.testing.assert_array_equal(run(5), run(5))
+    assert (run(5) != run(6)).any()
+
+
+def test_eos_stops_its_row_while_the_others_continue(params):
+    free = generate(params, CFG, PROMPTS, max_new_tokens=NEW, prefill_chunk=CHUNK).tokens
+    # An EOS that row 0 emits at step `stop` and that neither row 0 before it nor row 1 ever emits.
+    stop = next(i for i in range(1, NEW)
+                if free[0, i] not in free[0, :i] and free[0, i] not in free[1])
+    eos, pad = int(free[0, stop]), 255
+    out = generate(params, CFG, PROMPTS, max_new_tokens=NEW, eos_id=eos, pad_id=pad, prefill_chunk=CHUNK,
+                   return_logprobs=True)
+    assert out.lengths[0] == stop + 1
+    np.testing.assert_array_equal(out.tokens[0, :stop + 1], free[0, :stop + 1])
+    assert (out.tokens[0, stop + 1:] == pad).all() and (out.logprobs[0, stop + 1:] == 0).all()
+    assert out.lengths[1] == NEW
+    np.testing.assert_array_equal(out.tokens[1], free[1])
+
+
+def test_decode_state_shape_does_not_depend_on_context_length(params):
+    shapes = []
+    for length in (16, 1024):
+        tokens = jnp.zeros((2, length), jnp.int32)
+        pre = jax.eval_shape(lambda t: prefill(params, t, t >= 0, cfg=CFG, prefill_chunk=256), tokens)
+        shapes.append(jax.tree.map(lambda x: (x.shape, x.dtype), pre))
+    assert shapes[0] == shapes[1]
+    assert [s for s, _ in shapes[0].states] == list(state_shapes(CFG, 2))
+    assert shapes[0].states[0][0] == (2, CFG.num_heads, 2 * CFG.head_dim, CFG.head_dim)  # LRPE doubles dk
+
+
+def test_compiles_once_per_batch_bucket_and_max_new_tokens(params):
+    cfg = CFG.replace(chunk_size=4)  # a configuration no other test compiles
+    sizes = lambda: (prefill._cache_size(), decode._cache_size())  # noqa: E731
+    run = lambda prompts: generate(params, cfg, prompts, max_new_tokens=3)  # noqa: E731
+    before = sizes()
+    run([[1] * 5, [2] * 9])
+    assert sizes() == (before[0] + 1, before[1] + 1)
+    run([[3] * 16, [4]])  # same batch and bucket (16): nothing new
+    assert sizes() == (before[0] + 1, before[1] + 1)
+    run([[5] * 17, [6] * 30])  # a new bucket (32) re-traces the prefill only: the state is the same
+    assert sizes() == (before[0] + 2, before[1] + 1)
+
+
+def test_prompt_bucket_and_left_pad():
+    assert [prompt_bucket(n) for n in (1, 16, 17, 1000, 2048, 2049)] == [16, 16, 32, 1024, 2048, 4096]
+    assert prompt_bucket(3000, prefill_chunk=1000) == 5000
+    tokens, mask = left_pad([[7, 8], [9]], 4, pad_id=0)
+    assert tokens.tolist() == [[0, 0, 7, 8], [0, 0, 0, 9]]
+    assert mask.tolist() == [[False, False, True, True], [False, False, False, True]]
+
+
+@pytest.mark.parametrize("prompts, kwargs, match", [
+    ([[1, 2], []], {}, "Prompt 1 must be a non-empty"),
+    ("hello", {}, "tokenize text first"),
+    ([[1, 256]], {}, "token id 256, outside the model's vocabulary 0..255"),
+    ([[-1]], {}, "token id -1"),
+    ([[1]], {"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+    ([[1]], {"eos_id": 300}, "eos_id 300 is outside"),
+])
+def test_bad_requests_are_refused_with_the_fix(params, prompts, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate(params, CFG, prompts, **{"max_new_tokens": 2, **kwargs})
+
+
+class ByteStub:
+    """The tokenizer interface of `tnllm.tokenizer` over ASCII bytes, for the tiny 256-id model."""
+
+    vocab_size, pad_id, bos_id, eos_id = 256, 0, 1, 2
+
+    def encode(self, text):
+        return list(text.encode("ascii"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i > 2).decode("ascii", errors="replace")
+
+
+def test_complete_tokenizes_batches_and_decodes(params):
+    texts = ["hi", "hello there", "x"]
+    got = complete(params, CFG, ByteStub(), texts, max_new_tokens=NEW, batch_size=2, prefill_chunk=CHUNK)
+    assert len(got) == len(texts)
+    for text, completion in zip(texts, got):
+        alone = generate(params, CFG, [[1] + list(text.encode())], max_new_tokens=NEW, eos_id=2,
+                         prefill_chunk=CHUNK, return_logprobs=True)
+        n = int(alone.lengths[0])
+        assert completion.tokens == alone.tokens[0, :n].tolist()
+        np.testing.assert_allclose(completion.logprobs, alone.logprobs[0, :n], rtol=1e-5, atol=1e-5)
+        assert completion.text == ByteStub().decode(completion.tokens)
+
+
+def test_complete_refuses_a_tokenizer_larger_than_the_vocabulary(params):
+    stub = ByteStub()
+    stub.vocab_size = 300
+    with pytest.raises(ValueError, match="trained with"):
+        complete(params, CFG, stub, ["a"], max_new_tokens=1)
+
+
+def test_prompts_come_from_flags_and_a_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("first line\n\nsecond line\n")
+    assert _read_prompts(["flag"], str(path)) == ["flag", "first line", "second line"]
+    with pytest.raises(FileNotFoundError, match="--prompt_file"):
+        _read_prompts([], str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="--prompt TEXT"):
+        _read_prompts([], None)
