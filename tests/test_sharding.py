@@ -5,10 +5,12 @@ The multi-device cases run in a subprocess, `python tests/test_sharding.py CASE 
 XLA_FLAGS=--xla_force_host_platform_device_count=8: the flag must be set before JAX starts its CPU
 backend, and the rest of the suite keeps its single device.
 """
+import functools
 import os
 import re
 import subprocess
 import sys
+import warnings
 from collections import Counter
 
 import flax.linen as nn
@@ -147,6 +149,10 @@ def test_tensor_parallel_collectives():
 
 def test_per_shard_runs_each_block_alone():
     _run_on_8_devices("per_shard")
+
+
+def test_pallas_kernels_run_per_shard():
+    _run_on_8_devices("pallas_per_shard")
 
 
 def _loss(model, params, tokens):
@@ -300,11 +306,46 @@ def _case_per_shard():
                                        out_axes=(seq, state)))
         compiled = f.lower(*args).compile()
         got = compiled(*args)
+        assert "shard_map[" in str(jax.make_jaxpr(f)(*args))
     assert got[0].sharding.is_equivalent_to(args[2].sharding, 4)
     assert got[0].addressable_shards[0].data.shape == (1, 20, 4, 8)  # batch / (2*2), heads / 2
     for a, b in zip(got, want):
         assert rel_err(a, b) <= 1e-6
     assert not _COLLECTIVE.findall(compiled.as_text())
+
+
+def _case_pallas_per_shard():
+    """impl="pallas" under a mesh: each device runs the kernels (interpret mode here) on its block;
+    outputs and gradients equal the float32 reference form's."""
+    from conftest import random_qkv, rel_err
+
+    from tnllm.attention import layer_slopes, lightning_attention
+
+    q, k, v = random_qkv(jax.random.PRNGKey(4), 4, 20, 2, 16, 16)
+    slopes = layer_slopes(2, 0, 2)
+    s0 = jax.random.normal(jax.random.PRNGKey(5), (4, 2, 16, 16))
+    do = jax.random.normal(jax.random.PRNGKey(6), v.shape)
+
+    def loss(impl, q, k, v, s0):
+        o, final = lightning_attention(q, k, v, slopes, impl=impl, chunk_size=16, initial_state=s0)
+        return jnp.sum(o * do) + jnp.sum(final), (o, final)
+
+    grad = lambda impl: jax.jit(jax.grad(functools.partial(loss, impl), argnums=(0, 1, 2, 3),  # noqa: E731
+                                         has_aux=True))
+    want = grad("reference")(q, k, v, s0)
+    mesh = sharding.make_mesh(_mesh_sizes((2, 2, 2)))
+    seq, state = ("batch", "length", "heads", "head_dim"), ("batch", "heads", None, None)
+    split = lambda x, names: jax.device_put(x, NamedSharding(mesh, sharding.spec(names)))  # noqa: E731
+    with sharding.use_mesh(mesh), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no GPU: interpret mode"
+        args = (split(q, seq), split(k, seq), split(v, seq), split(s0, state))
+        got = grad("pallas")(*args)
+        # The kernels sit inside shard_map (forward and backward), not split by GSPMD.
+        jaxpr = str(jax.make_jaxpr(grad("pallas"))(*args))
+        assert jaxpr.count("shard_map[") >= 2 and "pallas_call" in jaxpr
+    assert got[1][0].sharding.is_equivalent_to(NamedSharding(mesh, sharding.spec(seq)), 4)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert rel_err(a, b) <= 1e-5
 
 
 if __name__ == "__main__":
