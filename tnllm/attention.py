@@ -205,9 +205,20 @@ def _recurrent(q, k, v, slopes, initial_state, chunk_size):
 # ----------------------------------------------------------------------------------------------
 def _pallas(q, k, v, slopes, initial_state, chunk_size):
     from pallas_kernels import lightning  # imported lazily: only this impl needs Pallas
+    from tnllm import sharding  # lazily: tnllm.sharding imports tnllm.config, which imports us
 
-    return lightning.lightning_attention(q, k, v, slopes, initial_state=initial_state,
-                                         chunk_size=chunk_size)
+    def kernel(q, k, v, slopes, initial_state):
+        return lightning.lightning_attention(q, k, v, slopes, initial_state=initial_state,
+                                             chunk_size=chunk_size)
+
+    # GSPMD cannot split a custom kernel, so under a mesh each device runs it on its own block of
+    # batch and heads (the operator mixes neither); without a mesh this is the plain call.
+    seq = ("batch", "length", "heads", "head_dim")
+    state = ("batch", "heads", None, None)
+    kernel = sharding.per_shard(
+        kernel, in_axes=(seq, seq, seq, ("heads",), None if initial_state is None else state),
+        out_axes=(seq, state))
+    return kernel(q, k, v, slopes, initial_state)
 
 
 _FORMS: Dict[str, Callable] = {

@@ -296,9 +296,11 @@ class CosformerAttention(nn.Module):
                              "causal=False for cross attention.")
         names = ("embed", "heads", "head_dim")
 
+        # nn.Einsum, not nn.DenseGeneral, for the reason given in tnllm.model.GatedLinearAttention.
         def project(x, name):
-            return nn.DenseGeneral(
-                (self.num_heads, self.head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
+            return nn.Einsum(
+                (x.shape[-1], self.num_heads, self.head_dim), "btd,dhk->bthk", dtype=self.dtype,
+                param_dtype=self.param_dtype,
                 kernel_init=nn.with_logical_partitioning(self.kernel_init, names),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[1:]),
                 name=name)(x)
@@ -309,9 +311,9 @@ class CosformerAttention(nn.Module):
             k_positions=kv_positions, initial_state=initial_state, impl=self.impl,
             chunk_size=self.chunk_size, eps=self.eps)
         o = nn.with_logical_constraint(o, ("batch", "length", "heads", "head_dim"))
-        out = nn.DenseGeneral(
-            self.out_features or inputs_q.shape[-1], axis=(-2, -1), dtype=self.dtype,
-            param_dtype=self.param_dtype,
+        out = nn.Einsum(
+            (self.num_heads, self.head_dim, self.out_features or inputs_q.shape[-1]), "bthk,hkd->btd",
+            dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(self.kernel_init, names[1:] + names[:1]),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[:1]),
             name="out_proj")(o)

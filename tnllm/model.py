@@ -94,9 +94,12 @@ class GatedLinearAttention(nn.Module):
         """
         cfg = self.cfg
         h, hd = cfg.num_heads, cfg.head_dim
-        qkvu = nn.DenseGeneral(
-            (4, h, hd), use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=_init(cfg, ("embed", "qkvu", "heads", "head_dim")), name="qkvu_proj")(x)
+        # nn.Einsum, not nn.DenseGeneral: DenseGeneral initialises a flattened 2-D kernel and applies
+        # the 4-D logical constraint to it whenever a mesh is current (flax 0.12), which fails.
+        qkvu = nn.Einsum(
+            (cfg.d_model, 4, h, hd), "btd,dqhk->btqhk", use_bias=False, dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype, kernel_init=_init(cfg, ("embed", "qkvu", "heads", "head_dim")),
+            name="qkvu_proj")(x)
         qkvu = nn.with_logical_constraint(qkvu, ("batch", "length", "qkvu", "heads", "head_dim"))
         q, k, v, u = (qkvu[:, :, i] for i in range(4))
         q, k = nn.silu(q), nn.silu(k)
@@ -113,9 +116,10 @@ class GatedLinearAttention(nn.Module):
         o = nn.with_logical_constraint(o, ("batch", "length", "heads", "head_dim"))
         # The norm spans all heads together (the released code), not each head.
         o = srms_norm(o, cfg.norm_eps, axes=(-2, -1)) * u
-        out = nn.DenseGeneral(
-            cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=_init(cfg, ("heads", "head_dim", "embed")), name="out_proj")(o)
+        out = nn.Einsum(
+            (h, hd, cfg.d_model), "bthk,hkd->btd", use_bias=False, dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype, kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
+            name="out_proj")(o)
         return out, state
 
 
@@ -175,7 +179,10 @@ class TransNormerLLM(nn.Module):
         embed = nn.Embed(
             cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             embedding_init=_init(cfg, ("vocab", "embed")), name="embed_tokens")
-        x = embed(tokens)
+        # Gather the table's full width before the lookup, as for every other weight under FSDP:
+        # left split by width, the looked-up rows would have to change layout by full replication.
+        table = nn.with_logical_constraint(embed.embedding, ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(cfg.dtype)
         if cfg.scale_embedding:
             x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))

@@ -31,7 +31,7 @@ from flax.training.train_state import TrainState
 from tqdm import tqdm
 
 from tnllm import config as config_lib
-from tnllm import data, generate, sharding
+from tnllm import data, distributed, generate, sharding
 from tnllm.checkpoint import TrainCheckpoints, abstract_params
 from tnllm.model import TransNormerLLM
 from tnllm.sampling import make_sampler
@@ -144,10 +144,16 @@ def peak_flops(devices: Sequence[jax.Device], override_tflops: float) -> Optiona
 
 
 class MetricsLog:
-    """Appends metrics to WORKDIR/metrics.jsonl and TensorBoard event files (WORKDIR/tensorboard)."""
+    """Appends metrics to WORKDIR/metrics.jsonl and TensorBoard event files (WORKDIR/tensorboard).
 
-    def __init__(self, workdir: str, resume_step: int):
+    Only the main process of a multi-process run writes; the others' logs do nothing."""
+
+    def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
         self.path = os.path.join(workdir, METRICS)
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
         if os.path.isfile(self.path):
             # Lines a killed run wrote after its last checkpoint describe steps about to be redone.
             with open(self.path) as f:
@@ -166,6 +172,8 @@ class MetricsLog:
             self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, values: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(dict(step=step, **values)) + "\n")
         if self.writer is not None:
@@ -254,6 +262,13 @@ class _StopSignals:
             signal.signal(s, handler)
 
 
+def _global_array(rows: np.ndarray, sharding_: jax.sharding.Sharding, batch_dim: int = 0) -> jax.Array:
+    """The global array whose value is `rows`, built from this process's share of them."""
+    mine = distributed.local_rows(sharding_, rows.shape, batch_dim)
+    local = rows[(slice(None),) * batch_dim + (mine,)]
+    return jax.make_array_from_process_local_data(sharding_, local, rows.shape)
+
+
 class _Setup:
     """Everything `train` builds before the loop: data, mesh, model, compiled steps, state."""
 
@@ -273,6 +288,7 @@ class _Setup:
         self.loader = data.Loader(self.store, cfg.data.seq_len, t.batch_size, t.seed)
         self.val = data.Windows(self.store.splits["val"], cfg.data.seq_len, "val")
         self.mesh = sharding.make_mesh(cfg.mesh)
+        sharding.check_model(self.model_cfg, self.mesh)
         if self.micro_batch % sharding.batch_parallelism(self.mesh):
             raise ValueError(
                 f"The micro-batch (config.train.batch_size / grad_accum_steps = {self.micro_batch}) "
@@ -281,12 +297,11 @@ class _Setup:
         self.model = TransNormerLLM(self.model_cfg)
         self.tx, schedule = make_optimizer(cfg)
         self.checkpoints = TrainCheckpoints(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
-        # Shardings enter through jit's in/out shardings only, with no mesh context: under one, flax
-        # checks DenseGeneral's qkvu kernel by running its initialiser, which puts the kernel's 4-axis
-        # logical constraint on a 2-D array and fails. XLA propagates the batch sharding instead.
         try:
-            self._build_state(cfg)
-            self._compile(cfg, schedule)
+            # Traced under the mesh, so that the model's logical constraints place its activations.
+            with sharding.use_mesh(self.mesh):
+                self._build_state(cfg)
+                self._compile(cfg, schedule)
         except BaseException:
             self.checkpoints.close()
             raise
@@ -324,23 +339,27 @@ class _Setup:
     def _compile(self, cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> None:
         seq = cfg.data.seq_len + 1
         batch = jax.ShapeDtypeStruct((cfg.train.grad_accum_steps, self.micro_batch, seq), jnp.int32,
-                                     sharding=sharding.batch_sharding(self.mesh))
+                                     sharding=sharding.batch_sharding(self.mesh, batch_dim=1))
         self.train_step = jax.jit(
             make_train_step(self.model, schedule), in_shardings=(self.state_sharding, batch.sharding),
             out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
             donate_argnums=0).lower(self.abstract_state, batch).compile()
-        rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+        rows = sharding.batch_sharding(self.mesh)
         self.eval_step = jax.jit(
             make_eval_step(self.model), out_shardings=sharding.replicated(self.mesh)).lower(
             self.abstract_state.params,
             jax.ShapeDtypeStruct((self.micro_batch, seq), jnp.int32, sharding=rows),
             jax.ShapeDtypeStruct((self.micro_batch,), jnp.float32, sharding=rows)).compile()
         self.rows = rows
+        self.batch_sharding = batch.sharding
 
     def next_batch(self) -> jax.Array:
-        """[grad_accum_steps, micro_batch, seq_len + 1] int32, sharded over the batch axes."""
+        """[grad_accum_steps, micro_batch, seq_len + 1] int32, sharded over the batch axes.
+
+        Every process draws the same global batch (a pure function of seed and step) and hands over
+        only the rows its own devices hold."""
         tokens = next(self.loader).reshape(-1, self.micro_batch, self.loader.windows.seq_len + 1)
-        return jax.device_put(tokens, sharding.batch_sharding(self.mesh))
+        return _global_array(tokens, self.batch_sharding, batch_dim=1)
 
     def evaluate(self, params: Any, eval_batches: int) -> float:
         """Mean validation loss (nats/token) over eval_batches micro-batches of windows spread
@@ -352,8 +371,8 @@ class _Setup:
             weights = np.zeros(self.micro_batch, np.float32)
             weights[:len(ids)] = 1.0
             ids = np.pad(ids, (0, self.micro_batch - len(ids)), mode="edge")
-            total += float(self.eval_step(params, jax.device_put(self.val.read(ids), self.rows),
-                                          jax.device_put(weights, self.rows)))
+            total += float(self.eval_step(params, _global_array(self.val.read(ids), self.rows),
+                                          _global_array(weights, self.rows)))
         return total / len(windows)
 
 
@@ -365,15 +384,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
     t = cfg.train
     start = int(s.state.step)
     meta = s.store.meta
-    print(("Tokenized" if s.store.built else "Reusing tokens of") +
+    main = distributed.is_main_process()
+    say = print if main else (lambda *a, **k: None)
+    say(("Tokenized" if s.store.built else "Reusing tokens of") +
           f" {meta['files']} files ({meta['splits']['train']['tokens']:,} training and "
           f"{meta['splits']['val']['tokens']:,} validation tokens) in {s.store.directory}.")
     if s.resumed_from is not None:
-        print(f"Resuming from the checkpoint at step {start} in {workdir}.")
+        say(f"Resuming from the checkpoint at step {start} in {workdir}.")
     tokens_per_step = t.batch_size * cfg.data.seq_len
     flops = flops_per_token(s.model_cfg, cfg.data.seq_len)
     peak = peak_flops(s.mesh.devices.flatten().tolist(), t.peak_tflops)
-    log = MetricsLog(workdir, start)
+    log = MetricsLog(workdir, start, enabled=main)
     last_checkpoint = s.resumed_from
     val_bytes = s.store.tokens_per_byte("val")
     result = Result(step=start, unigram_nats_per_byte=meta["unigram_entropy"] *
@@ -391,7 +412,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
         s.checkpoints.save(step, s.state.params, s.state.opt_state, s.loader.state(), cfg)
         last_checkpoint = step
 
-    bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True, disable=not main)
     pending: List[Tuple[int, Dict[str, jax.Array]]] = []
     speeds: List[float] = []
     clock, clock_step = time.perf_counter(), start
@@ -420,8 +441,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
                 bar.set_postfix(postfix)
                 if due_eval:
                     evaluate(step)
-                    bar.write(f"step {step}: validation loss {result.val_loss:.4f} nats/token, "
-                              f"perplexity {math.exp(result.val_loss):.3f}")
+                    if main:
+                        tqdm.write(f"step {step}: validation loss {result.val_loss:.4f} nats/token, "
+                                   f"perplexity {math.exp(result.val_loss):.3f}")
                 if due_save:
                     save(step)
                 result.step = step
@@ -441,8 +463,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
         result.mfu = None if peak is None else result.tokens_per_s * flops / peak
     if result.interrupted_by is not None:
         return result
+    if not main:
+        return result
     plot_losses(workdir)
-    if t.sample_tokens > 0:
+    if t.sample_tokens > 0 and jax.process_count() == 1:  # the sample needs all parameters here
         prompt = s.val.read([0])[0, :SAMPLE_PROMPT_TOKENS].tolist()
         out = generate.generate(jax.device_get(s.state.params), s.model_cfg, [prompt],
                                 max_new_tokens=t.sample_tokens,
