@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tnllm import config as config_lib
-from tnllm import train_lib
+from tnllm import distributed, train_lib
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
 
@@ -26,6 +26,11 @@ def _define_flags():
         "Config file (configs/*.py); override fields with --config.<section>.<field>=<value>.")
     workdir = flags.DEFINE_string(
         "workdir", None, "Directory for checkpoints, metrics and plots (default: runs/<config name>).")
+    flags.DEFINE_string("coordinator_address", None,
+                        "host:port of process 0 in a multi-process run (default: from the cluster "
+                        "environment, e.g. SLURM or JAX_COORDINATOR_ADDRESS).")
+    flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
     return config, workdir
 
 
@@ -61,6 +66,8 @@ def main(argv):
     config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
         flags.FLAGS["config"])))[0]
     workdir = _WORKDIR.value or os.path.join("runs", config_name)
+    f = flags.FLAGS
+    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
     try:
         result = train_lib.train(_CONFIG.value, workdir)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
@@ -69,6 +76,8 @@ def main(argv):
         print(f"Stopped by signal {result.interrupted_by} after step {result.step}; the checkpoint is "
               f"saved, so the same command resumes from it.")
         sys.exit(128 + result.interrupted_by)
+    if not distributed.is_main_process():
+        return
     below = 1 - result.val_nats_per_byte / result.unigram_nats_per_byte
     print(f"Validation loss after {result.step} steps: {result.val_nats_per_byte:.4f} nats/byte "
           f"(perplexity {math.exp(result.val_loss):.3f} per token).")
