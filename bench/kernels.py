@@ -141,9 +141,11 @@ def measure_bandwidth():
 
 def stage_tests(results):
     log("== tests/test_pallas.py on", jax.devices()[0].device_kind)
+    # This process already holds most of the GPU (JAX preallocates): the tests take what they use.
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            os.path.join(ROOT, "tests", "test_pallas.py")],
-                          cwd=ROOT, capture_output=True, text=True)
+                          cwd=ROOT, capture_output=True, text=True, env=env)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-2000:]
     log(tail)
     if proc.returncode:
