@@ -88,6 +88,9 @@ def main(argv):
                if result.mfu is None else f"{result.mfu:.1%}")
         print(f"Throughput: {result.tokens_per_s:,.0f} tokens/s (median over logging intervals), "
               f"MFU {mfu}.")
+    if result.peak_memory_bytes is not None:
+        print(f"Peak device memory: {result.peak_memory_bytes / 2**30:.1f} GiB (the most any one device "
+              "held).")
     if result.sample:
         print(f"Sample (prompt\u2502continuation):\n{result.sample}")
     print(f"Checkpoints, metrics.jsonl, TensorBoard events and {train_lib.LOSS_PNG} are in {workdir}.")

@@ -190,6 +190,21 @@ def per_shard(fn: Callable, *, in_axes: Sequence[Optional[Sequence[Optional[str]
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not nn.get_logical_axis_rules():
         return fn
-    in_specs = tuple(None if names is None else spec(names) for names in in_axes)
-    out_specs = tuple(spec(names) for names in out_axes)
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+    def devices_along(name: str) -> int:
+        axes = spec((name,))[0]
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        return math.prod(mesh.shape[a] for a in axes)
+
+    def call(*args):
+        # A logical axis that some argument's size does not split evenly stays whole on every device
+        # (e.g. the batch of 1 that `init` traces): the operator mixes nothing along it either way.
+        whole = {name for arg, names in zip(args, in_axes) if names is not None
+                 for size, name in zip(arg.shape, names) if name and size % devices_along(name)}
+        keep = lambda names: spec([None if n in whole else n for n in names])  # noqa: E731
+        in_specs = tuple(None if names is None else keep(names) for names in in_axes)
+        out_specs = tuple(keep(names) for names in out_axes)
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)(*args)
+
+    return call

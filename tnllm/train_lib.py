@@ -226,7 +226,17 @@ class Result:
     unigram_nats_per_byte: float = math.nan
     tokens_per_s: float = math.nan  # medians over this call's logging intervals
     mfu: Optional[float] = None  # None when the devices' peak FLOP/s is unknown
+    peak_memory_bytes: Optional[int] = None  # the most any one local device held; None off GPUs
     sample: str = ""
+
+
+def peak_memory_bytes(devices: Sequence[jax.Device]) -> Optional[int]:
+    """The largest `peak_bytes_in_use` of this process's `devices` since it started, or None where
+    the backend keeps no such count (the CPU)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices
+             if d.process_index == jax.process_index()]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
 
 
 def _check_finite(records: List[Tuple[int, Dict[str, float]]], last_checkpoint: Optional[int]) -> None:
@@ -458,6 +468,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
         s.checkpoints.wait()
         s.checkpoints.close()
         log.close()
+    result.peak_memory_bytes = peak_memory_bytes(s.mesh.devices.flatten().tolist())
     if speeds:
         result.tokens_per_s = float(np.median(speeds))
         result.mfu = None if peak is None else result.tokens_per_s * flops / peak

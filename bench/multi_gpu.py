@@ -1,0 +1,171 @@
+"""Training on one host's GPUs: FSDP and tensor parallelism against one GPU, through `train.py`.
+
+Each case is a fresh `train.py` process (so its peak memory is its own) on the 1B config with the
+Pallas kernels, the same global batch of --tokens tokens per step at every sequence length, the same
+seed and data: one GPU (CUDA_VISIBLE_DEVICES=0), FSDP over all GPUs, tensor parallelism of 2, and of
+all GPUs when there are more than 2. After the FSDP case at the first length, its checkpoint (written
+on the multi-GPU mesh) is restored on one GPU by `python -m tnllm.generate`, which generates from it.
+
+    python3 bench/multi_gpu.py                          # every case, then the report
+    python3 bench/multi_gpu.py --cases=1gpu             # a subset (names: 1gpu, fsdpN, tensorN)
+    python3 bench/multi_gpu.py --report --results=a.jsonl,b.jsonl   # the report of earlier runs
+
+Writes one JSON line per case to --results (default $OUT/multi_gpu.jsonl) as each ends: per-step
+losses, tokens/s (median over steps), MFU, the peak memory of the busiest GPU and the log's tail.
+The report prints tokens/s per GPU, MFU, peak GiB per GPU, the scaling efficiency (tokens/s over
+N × the one-GPU tokens/s at the same length) and the largest loss difference from the one-GPU run.
+NVLink multicast stays off (NCCL_NVLS_ENABLE=0): on shared hosts it can take the GPUs down.
+"""
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                "NVSHMEM_DISABLE_NVLS": "1"}
+
+flags.DEFINE_string("config", "configs/1b.py", "Model config file.")
+flags.DEFINE_list("lengths", ["2048", "8192"], "Sequence lengths.")
+flags.DEFINE_integer("tokens", 16384, "Tokens per optimizer step at every length (global batch).")
+flags.DEFINE_list("steps", ["20", "10"], "Steps per length (the first length's runs compare losses).")
+flags.DEFINE_list("cases", [], "Cases to run (1gpu, fsdpN, tensorN); default all for this host.")
+flags.DEFINE_integer("gpus", 0, "GPUs on this host; 0 = count them with nvidia-smi.")
+flags.DEFINE_string("results", None, "JSON lines file(s); default $OUT/multi_gpu.jsonl.")
+flags.DEFINE_bool("report", False, "Only print the report of --results (comma-separated files).")
+flags.DEFINE_integer("timeout", 300, "Seconds allowed to each train.py run.")
+FLAGS = flags.FLAGS
+
+
+def gpu_count() -> int:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True).stdout
+    return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
+def all_cases(gpus: int) -> dict:
+    """name -> (config.mesh overrides, GPUs used)."""
+    cases = {"1gpu": ({}, 1), f"fsdp{gpus}": ({"fsdp": gpus}, gpus), "tensor2": ({"tensor": 2}, 2)}
+    if gpus > 2:
+        cases[f"tensor{gpus}"] = ({"tensor": gpus}, gpus)
+    return cases
+
+
+def train(name: str, mesh: dict, used: int, length: int, steps: int) -> dict:
+    workdir = f"/tmp/multi_gpu/{name}-{length}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={FLAGS.config}",
+           f"--workdir={workdir}", f"--config.data.seq_len={length}",
+           f"--config.train.batch_size={FLAGS.tokens // length}", "--config.train.grad_accum_steps=1",
+           f"--config.train.steps={steps}", "--config.optim.warmup_steps=5",
+           "--config.train.log_every=1", f"--config.train.eval_every={steps}",
+           "--config.train.eval_batches=1", f"--config.checkpoint.every={steps}",
+           "--config.train.sample_tokens=0", "--config.model.attention_impl=pallas"]
+    cmd += [f"--config.mesh.{axis}={size}" for axis, size in mesh.items()]
+    env = dict(os.environ, **NO_MULTICAST, CUDA_VISIBLE_DEVICES=",".join(map(str, range(used))))
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=FLAGS.timeout)
+        log, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        log, rc = (e.stdout or b"").decode() + (e.stderr or b"").decode(), "timeout"
+    record = {"case": name, "gpus": used, "mesh": mesh, "seq_len": length,
+              "batch": FLAGS.tokens // length, "steps": steps, "rc": rc,
+              "wall_s": time.perf_counter() - start, "workdir": workdir,
+              "log_tail": [line for line in log.replace("\r", "\n").splitlines()
+                           if line.strip() and "step/s" not in line][-12:]}
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        rows = [json.loads(line) for line in open(metrics)]
+        train_rows = [r for r in rows if "loss" in r]
+        record["losses"] = [r["loss"] for r in train_rows]
+        # The first step's interval holds no compile (train.py compiles before the loop), but skip
+        # it anyway: it also pays for first-touch allocations.
+        speeds = [r["tokens_per_s"] for r in train_rows[1:]] or [r["tokens_per_s"] for r in train_rows]
+        record["tokens_per_s"] = statistics.median(speeds)
+        mfus = [r["mfu"] for r in train_rows[1:] if "mfu" in r]
+        record["mfu"] = statistics.median(mfus) if mfus else None
+    peak = re.search(r"Peak device memory: ([\d.]+) GiB", log)
+    record["peak_gib"] = float(peak.group(1)) if peak else None
+    return record
+
+
+def restore_and_generate(workdir: str) -> dict:
+    """The multi-GPU checkpoint, restored on one GPU, generates (greedy, 32 tokens)."""
+    cmd = [sys.executable, "-m", "tnllm.generate", f"--checkpoint={workdir}", "--prompt=def main(",
+           "--max_new_tokens=32", "--temperature=0"]
+    env = dict(os.environ, **NO_MULTICAST, CUDA_VISIBLE_DEVICES="0")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=FLAGS.timeout)
+    return {"case": "restore_1gpu_generate", "from": workdir, "rc": proc.returncode,
+            "output": proc.stdout.strip()[-400:], "stderr_tail": proc.stderr.strip()[-400:]}
+
+
+def report(records: list) -> None:
+    runs = [r for r in records if "seq_len" in r]
+    one = {r["seq_len"]: r for r in runs if r["case"] == "1gpu" and "tokens_per_s" in r}
+    print("\n| case | GPUs | seq | batch | tokens/s | tokens/s per GPU | MFU | peak GiB per GPU | "
+          "scaling eff. | max loss diff vs 1 GPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        if "tokens_per_s" not in r:
+            print(f"| {r['case']} | {r['gpus']} | {r['seq_len']} | {r['batch']} | failed (rc {r['rc']}): "
+                  f"{(r['log_tail'] or [''])[-1][:100]} | | | | | |")
+            continue
+        ref = one.get(r["seq_len"])
+        eff = diff = ""
+        if ref is not None and r is not ref:
+            eff = f"{r['tokens_per_s'] / (r['gpus'] * ref['tokens_per_s']):.1%}"
+            n = min(len(ref["losses"]), len(r["losses"]))
+            diff = f"{max(abs(a - b) for a, b in zip(ref['losses'][:n], r['losses'][:n])):.2e} ({n} steps)"
+        mfu = "" if r.get("mfu") is None else f"{r['mfu']:.1%}"
+        peak = "" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
+        print(f"| {r['case']} | {r['gpus']} | {r['seq_len']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
+              f"{r['tokens_per_s'] / r['gpus']:,.0f} | {mfu} | {peak} | {eff} | {diff} |")
+    for r in records:
+        if r["case"] == "restore_1gpu_generate":
+            print(f"\nRestored {r['from']} on one GPU: rc {r['rc']}; output: {r['output']!r}")
+
+
+def main(argv):
+    del argv
+    out = os.environ.get("OUT", "bench_out")
+    paths = (FLAGS.results or os.path.join(out, "multi_gpu.jsonl")).split(",")
+    if FLAGS.report:
+        report([json.loads(line) for p in paths for line in open(p) if line.strip()])
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(paths[0])), exist_ok=True)
+    gpus = FLAGS.gpus or gpu_count()
+    cases = all_cases(gpus)
+    chosen = FLAGS.cases or list(cases)
+    unknown = sorted(set(chosen) - set(cases))
+    if unknown:
+        raise SystemExit(f"Unknown --cases {', '.join(unknown)} for {gpus} GPUs; choose from "
+                         f"{', '.join(cases)}.")
+    print(f"{gpus} GPUs; cases {', '.join(chosen)}; config {FLAGS.config}", flush=True)
+    records = []
+
+    def emit(record: dict) -> None:  # appended as it comes: a run cut short keeps what it measured
+        records.append(record)
+        with open(paths[0], "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    for length, steps in zip(map(int, FLAGS.lengths), map(int, FLAGS.steps)):
+        for name in chosen:
+            mesh, used = cases[name]
+            record = train(name, mesh, used, length, steps)
+            emit(record)
+            print(f"{name} at {length}: rc {record['rc']}, {record.get('tokens_per_s', 0):,.0f} tokens/s, "
+                  f"{record['wall_s']:.0f} s", flush=True)
+            if name == f"fsdp{gpus}" and gpus > 1 and length == int(FLAGS.lengths[0]) \
+                    and record["rc"] == 0:
+                emit(restore_and_generate(record["workdir"]))
+    report(records)
+
+
+if __name__ == "__main__":
+    app.run(main)
