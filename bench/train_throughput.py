@@ -1,0 +1,235 @@
+"""Training speed and memory against sequence length: TransNormerLLM against the softmax baseline.
+
+For each config (configs/NAME.py) and, for TNL's "gla" mixer, each attention impl, the real training
+step (`tnllm.train_lib.make_train_step`: AdamW, bf16 compute on float32 parameters, donated state)
+runs at sequence lengths 1K..32K with the same number of tokens per step (batch = tokens / length),
+as in the TransNormerLLM paper's Figure 1. Every case is lowered first, then all are compiled at once
+on a thread pool (XLA compiles outside the GIL; a 24-layer step takes tens of seconds to compile and
+there are dozens of cases), then timed one after another: --steps steps after one warm-up step, the
+median step time reported. Memory is the compiled executable's (arguments + outputs + temporaries -
+donated aliases), the per-case number; a case that fails is recorded with its error.
+
+The longest trainable sequence at batch 1 is probed by compiling only (no run): lengths double from
+--probe_from until the compiled memory exceeds the device's limit.
+
+    python3 bench/train_throughput.py                         # the H100 run (about 8 minutes)
+    python3 bench/train_throughput.py --configs=385m,softmax_385m --impls=pallas
+    python3 bench/train_throughput.py --smoke                 # tiny configs, tiny lengths, on a CPU
+
+Writes $OUT/train_throughput.json (rewritten after every case) and $OUT/train_throughput.png
+(tokens/s against length, one line per config and impl); prints a table last. OUT defaults to
+./bench_out. On the GPU machine ml_collections comes from the repository's wheel (bench/NOTES.md).
+"""
+import concurrent.futures
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from tnllm import config as config_lib  # noqa: E402
+from tnllm import train_lib  # noqa: E402
+from tnllm.model import TransNormerLLM  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+flags.DEFINE_list("configs", ["385m", "softmax_385m", "1b", "softmax_1b"], "Config files to measure.")
+flags.DEFINE_list("impls", ["pallas", "blockwise"], "Attention impls of the configs with token_mixer gla.")
+flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384", "32768"], "Sequence lengths.")
+flags.DEFINE_integer("tokens", 32768, "Tokens per training step at every length.")
+flags.DEFINE_integer("steps", 3, "Timed steps per case, after one warm-up step.")
+# Full rematerialisation for every case: the 1B step at 32K tokens does not fit 80 GB without it,
+# and the same policy for all keeps the comparison fair (both pay the recomputed forward).
+flags.DEFINE_string("remat", "full", "config.model.remat_policy of every case.")
+flags.DEFINE_integer("probe_from", 65536, "First length of the batch-1 longest-sequence probe; 0 = none.")
+flags.DEFINE_integer("probe_to", 262144, "Last length the probe tries.")
+flags.DEFINE_integer("threads", 8, "Concurrent compilations.")
+flags.DEFINE_integer("budget_s", 480, "Start no new timed case after this many seconds.")
+flags.DEFINE_bool("smoke", False, "Tiny configs and lengths, one step: checks this script on a CPU.")
+FLAGS = flags.FLAGS
+
+
+def case_config(name: str, impl: str, length: int, batch: int):
+    cfg = config_lib.load(str(REPO / "configs" / f"{name}.py"))
+    cfg.model.remat_policy = FLAGS.remat
+    if cfg.model.token_mixer == "gla":
+        cfg.model.attention_impl = impl
+    cfg.data.seq_len = length
+    cfg.train.update(batch_size=batch, grad_accum_steps=1, steps=1000)
+    cfg.optim.warmup_steps = 10
+    return cfg
+
+
+def lower(cfg):
+    """The training step lowered for abstract inputs, and the state's initialiser."""
+    model = TransNormerLLM(config_lib.check(cfg))
+    tx, schedule = train_lib.make_optimizer(cfg)
+    init = jax.jit(lambda rng: train_lib.init_state(model, tx, rng))
+    state = jax.eval_shape(init, jax.random.key(0))
+    batch = jax.ShapeDtypeStruct((1, cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32)
+    step = jax.jit(train_lib.make_train_step(model, schedule), donate_argnums=0)
+    return step.lower(state, batch), init
+
+
+def memory_bytes(compiled):
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def run_case(compiled, init, cfg):
+    state = init(jax.random.key(0))
+    batch = jax.random.randint(jax.random.key(1), (1, cfg.train.batch_size, cfg.data.seq_len + 1), 0,
+                               cfg.model.vocab_size, jnp.int32)
+    state, metrics = compiled(state, batch)  # warm-up
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(FLAGS.steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    loss = float(metrics["loss"])
+    del state, batch
+    return statistics.median(times), loss
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = {}
+    for r in results["cases"]:
+        if "tokens_per_s" in r:
+            series.setdefault(f"{r['config']} ({r['impl']})", []).append((r["seq_len"], r["tokens_per_s"]))
+    for label, points in series.items():
+        points.sort()
+        ax.plot(*zip(*points), marker="o", label=label)
+    ax.set(xscale="log", xlabel="sequence length (tokens)", ylabel="training tokens/s",
+           title=f"Training throughput, {FLAGS.tokens:,} tokens per step, {results['device']}")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv):
+    del argv
+    if FLAGS.smoke:
+        FLAGS.configs = [c for c in ("tiny", "softmax_tiny") if (REPO / "configs" / f"{c}.py").exists()]
+        FLAGS.impls, FLAGS.lengths, FLAGS.tokens, FLAGS.steps = ["blockwise"], ["64", "128"], 256, 1
+        FLAGS.probe_from, FLAGS.probe_to = 256, 512
+    out = Path(os.environ.get("OUT", "bench_out"))
+    out.mkdir(parents=True, exist_ok=True)
+    device = jax.devices()[0]
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    results = {"date": datetime.date.today().isoformat(), "device": device.device_kind,
+               "jax": jax.__version__, "command": " ".join(sys.argv), "tokens_per_step": FLAGS.tokens,
+               "remat": FLAGS.remat, "device_bytes_limit": limit, "cases": [], "longest": []}
+    print(f"jax {jax.__version__} on {device.device_kind}; memory limit "
+          f"{'unknown' if limit is None else f'{limit / 2**30:.1f} GiB'}", flush=True)
+
+    def save():
+        (out / "train_throughput.json").write_text(json.dumps(results, indent=1))
+
+    def variants(name):
+        mixer = config_lib.load(str(REPO / "configs" / f"{name}.py")).model.token_mixer
+        return FLAGS.impls if mixer == "gla" else [mixer]
+
+    # Timed cases in order of importance: each config's first impl, then the others (blockwise).
+    timed = [(name, impl, int(length)) for rank in range(len(FLAGS.impls)) for name in FLAGS.configs
+             for impl in variants(name)[rank:rank + 1] for length in FLAGS.lengths]
+    probes = [(name, variants(name)[0]) for name in FLAGS.configs] if FLAGS.probe_from else []
+    start = time.perf_counter()
+    pool = concurrent.futures.ThreadPoolExecutor(FLAGS.threads)
+    jobs = []
+    for name, impl, length in timed:
+        cfg = case_config(name, impl, length, max(1, FLAGS.tokens // length))
+        try:
+            lowered, init = lower(cfg)
+            jobs.append((name, impl, cfg, pool.submit(lowered.compile), init, time.perf_counter()))
+        except Exception as e:  # noqa: BLE001 -- recorded, and the other cases go on
+            jobs.append((name, impl, cfg, e, None, None))
+    print(f"lowered {len(jobs)} cases in {time.perf_counter() - start:.0f} s", flush=True)
+
+    for name, impl, cfg, job, init, submitted in jobs:
+        case = {"config": name, "impl": impl, "seq_len": cfg.data.seq_len, "batch": cfg.train.batch_size}
+        results["cases"].append(case)
+        if time.perf_counter() - start > FLAGS.budget_s:
+            case["skipped"] = f"over --budget_s={FLAGS.budget_s}"
+            continue
+        try:
+            if isinstance(job, Exception):
+                raise job
+            compiled = job.result()
+            case["memory_gib"] = (memory_bytes(compiled) or 0) / 2**30 or None
+            step_s, loss = run_case(compiled, init, cfg)
+            tokens_per_s = cfg.train.batch_size * cfg.data.seq_len / step_s
+            peak = train_lib.peak_flops([device], 0.0)
+            flops = train_lib.flops_per_token(config_lib.check(cfg), cfg.data.seq_len)
+            case.update(step_ms=step_s * 1e3, tokens_per_s=tokens_per_s, loss=loss,
+                        mfu=None if peak is None else tokens_per_s * flops / peak)
+        except Exception as e:  # noqa: BLE001
+            case["error"] = str(e).splitlines()[0][:300]
+        print(json.dumps(case), flush=True)
+        save()
+
+    for name, impl in probes:
+        length = FLAGS.probe_from
+        while length <= FLAGS.probe_to and time.perf_counter() - start < FLAGS.budget_s:
+            probe = {"config": name, "impl": impl, "seq_len": length}
+            try:
+                compiled = lower(case_config(name, impl, length, 1))[0].compile()
+                probe["memory_gib"] = memory_bytes(compiled) / 2**30
+                probe["fits"] = limit is None or memory_bytes(compiled) <= limit
+            except Exception as e:  # noqa: BLE001 -- e.g. an allocation XLA refuses at compile time
+                probe.update(fits=False, error=str(e).splitlines()[0][:300])
+            results["longest"].append(probe)
+            print(json.dumps(probe), flush=True)
+            save()
+            if not probe["fits"]:
+                break
+            length *= 2
+    pool.shutdown(wait=False, cancel_futures=True)
+
+    plot(results, out / "train_throughput.png")
+    print(f"\n{results['device']}, jax {results['jax']}, {FLAGS.tokens:,} tokens per step, remat "
+          f"{FLAGS.remat}\n")
+    print("| config | impl | seq | batch | step ms | tokens/s | MFU | memory GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for c in results["cases"]:
+        if "tokens_per_s" not in c:
+            print(f"| {c['config']} | {c['impl']} | {c['seq_len']} | {c['batch']} | "
+                  f"{c.get('error') or c.get('skipped')} | | | |")
+            continue
+        mfu = "" if c["mfu"] is None else f"{c['mfu']:.1%}"
+        mem = "" if c.get("memory_gib") is None else f"{c['memory_gib']:.1f}"
+        print(f"| {c['config']} | {c['impl']} | {c['seq_len']} | {c['batch']} | {c['step_ms']:.1f} | "
+              f"{c['tokens_per_s']:,.0f} | {mfu} | {mem} |")
+    if results["longest"]:
+        print("\nLongest sequence at batch 1 (compiled memory against the device limit):\n")
+        print("| config | impl | seq | memory GiB | fits |")
+        print("|---|---|---|---|---|")
+        for p in results["longest"]:
+            mem = f"{p['memory_gib']:.1f}" if "memory_gib" in p else p.get("error", "")
+            print(f"| {p['config']} | {p['impl']} | {p['seq_len']} | {mem} | {p['fits']} |")
+    sys.stdout.flush()
+    os._exit(0)  # compilations still queued are not waited for
+
+
+if __name__ == "__main__":
+    app.run(main)
