@@ -9,7 +9,7 @@ import pytest
 from conftest import rel_err
 
 from tnllm import config
-from tnllm.model import TransNormerLLM, lrpe, lrpe_theta_init, srms_norm, state_shapes
+from tnllm.model import TransNormerLLM, lrpe, lrpe_theta_init, srms_norm, state_specs
 
 IMPLS = ("reference", "blockwise", "recurrent", "pallas")  # pallas: interpret mode on a CPU
 
@@ -43,7 +43,7 @@ def test_logit_shapes_and_states(tiny):
     cfg, params = tiny
     logits, states = forward(params, _tokens(jax.random.PRNGKey(2), 2, 21, cfg.vocab_size), cfg=cfg)
     assert logits.shape == (2, 21, cfg.vocab_size) and logits.dtype == jnp.float32
-    assert tuple(s.shape for s in states) == state_shapes(cfg, 2)
+    assert [(s.shape, s.dtype) for s in states] == [(s.shape, s.dtype) for s in state_specs(cfg, 2)]
     assert states[0].shape[2] == 2 * cfg.head_dim  # LRPE doubles dk in layer 0
 
 
