@@ -6,11 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_prefill_then_decode_matches_forward, rel_err
+from conftest import assert_prefill_then_decode_matches_forward
 
 from tnllm import config
-from tnllm.generate import (_read_prompts, complete, decode, decode_step, generate, left_pad, prefill,
-                            prompt_bucket)
+from tnllm.generate import _read_prompts, complete, decode, generate, left_pad, prefill, prompt_bucket
 from tnllm.model import TransNormerLLM, state_specs
 from tnllm.sampling import Temperature, TopK
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import assert_prefill_then_decode_matches_forward, param_count, rel_err
 
-from tnllm import config
+from tnllm import config, convert
 from tnllm.generate import generate
 from tnllm.model import TransNormerLLM
 from tnllm.softmax import SoftmaxAttention, attention_implementation, rope
@@ -106,3 +106,8 @@ def test_implementation_is_xla_off_gpus_and_for_masks():
 def test_odd_head_dim_is_refused():
     with pytest.raises(ValueError, match="head_dim = hidden_dim / num_heads = 21 is odd"):
         CFG.replace(d_model=42, hidden_dim=42)
+
+
+def test_conversion_to_the_released_layout_is_refused():
+    with pytest.raises(ValueError, match="token_mixer 'softmax' \\(not 'gla'\\) cannot be converted"):
+        convert.layout(CFG)
