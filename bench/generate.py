@@ -84,7 +84,8 @@ def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk):
 
 
 def state_mb_per_sequence(cfg):
-    return sum(math.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(state_specs(cfg, 1))) / 1e6
+    leaves = jax.tree.leaves(state_specs(cfg, 1))
+    return sum(math.prod(s.shape) * s.dtype.itemsize for s in leaves) / 1e6
 
 
 def print_table(rows):

@@ -76,7 +76,8 @@ def test_prefill_then_decode_steps_match_one_forward_pass(params):
 def test_greedy_generation_follows_the_forward_pass(params):
     prompt = [5, 6, 7]
     out = generate(params, CFG, [prompt], max_new_tokens=6, prefill_chunk=8)
-    logits, _ = TransNormerLLM(CFG).apply({"params": params}, jnp.asarray([prompt + out.tokens[0].tolist()]))
+    sequence = jnp.asarray([prompt + out.tokens[0].tolist()])
+    logits, _ = TransNormerLLM(CFG).apply({"params": params}, sequence)
     np.testing.assert_array_equal(out.tokens[0], np.argmax(logits[0, len(prompt) - 1:-1], axis=-1))
 
 
