@@ -15,6 +15,7 @@ measured) and $OUT/generate.png. OUT defaults to ./bench_out. A case that fails 
 is recorded with its error and the run goes on.
 """
 import json
+import math
 import os
 import statistics
 import sys
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from tnllm import config as config_lib  # noqa: E402
 from tnllm.generate import decode, prefill  # noqa: E402
-from tnllm.model import TransNormerLLM, state_shapes  # noqa: E402
+from tnllm.model import TransNormerLLM, state_specs  # noqa: E402
 from tnllm.sampling import Greedy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +84,8 @@ def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk):
 
 
 def state_mb_per_sequence(cfg):
-    return sum(4 * h * dk * dv for _, h, dk, dv in state_shapes(cfg, 1)) / 1e6
+    leaves = jax.tree.leaves(state_specs(cfg, 1))
+    return sum(math.prod(s.shape) * s.dtype.itemsize for s in leaves) / 1e6
 
 
 def print_table(rows):

@@ -246,7 +246,7 @@ def test_lm_with_cosformer_mixer_learns(lm):
 def test_lm_decoding_matches_forward(lm):
     cfg, net, params, tokens = lm
     logits, states = jax.jit(net.apply)(params, tokens)
-    assert tuple(s.shape for s in states) == model.state_shapes(cfg, 2)
+    assert [s.shape for s in states] == [s.shape for s in model.state_specs(cfg, 2)]
     prefill = 11
     _, carry = jax.jit(net.apply)(params, tokens[:, :prefill])
     positions = jnp.broadcast_to(jnp.arange(19), (2, 19))

@@ -6,12 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import assert_prefill_then_decode_matches_forward
 
 from tnllm import config
-from tnllm.generate import (_read_prompts, complete, decode, decode_step, generate, left_pad, prefill,
-                            prompt_bucket)
-from tnllm.model import TransNormerLLM, state_shapes
+from tnllm.generate import _read_prompts, complete, decode, generate, left_pad, prefill, prompt_bucket
+from tnllm.model import TransNormerLLM, state_specs
 from tnllm.sampling import Temperature, TopK
 
 # A larger init_std than training's 0.02 so that a random tiny model does not just repeat its input.
@@ -35,32 +34,9 @@ def forward(params, tokens, cfg=CFG):
 
 @pytest.mark.parametrize("impl", ["reference", "blockwise", "recurrent", "pallas"])
 def test_prefill_then_decode_steps_match_one_forward_pass(params, impl):
-    """Row r: prefill of its n_r prompt tokens, then total - n_r decode steps of given tokens, in one
-    left-padded batch, against one unpadded forward pass over all `total` tokens of the row."""
     # The Pallas kernels take chunks of 16 tokens or more (interpret mode on a CPU).
     cfg = CFG.replace(attention_impl=impl, chunk_size=16 if impl == "pallas" else CFG.chunk_size)
-    total = len(PROMPTS[0]) + 5
-    rng = np.random.default_rng(0)
-    sequences = np.stack([p + rng.integers(0, cfg.vocab_size, total - len(p)).tolist() for p in PROMPTS])
-    want = forward(params, jnp.asarray(sequences), cfg=cfg)
-
-    tokens, mask = left_pad(PROMPTS, prompt_bucket(len(PROMPTS[0]), CHUNK))
-    pre = prefill(params, tokens, mask, cfg=cfg, prefill_chunk=CHUNK)
-    got = [pre.logits]
-    states, positions = pre.states, pre.positions
-    steps = total - min(len(p) for p in PROMPTS)
-    for _ in range(steps):
-        # Rows whose sequence is complete feed its last token again; their logits are not compared.
-        idx = np.minimum(np.asarray(positions), total - 1)
-        logits, states = decode_step(params, jnp.asarray(sequences[np.arange(len(PROMPTS)), idx]),
-                                     positions, states, cfg=cfg)
-        got.append(logits)
-        positions = positions + 1
-    got = jnp.stack(got, axis=1)  # [batch, steps + 1, vocab]: logits at positions n_r - 1 + i
-    for row, prompt in enumerate(PROMPTS):
-        n = len(prompt)
-        assert rel_err(got[row, :total - n + 1], want[row, n - 1:]) <= 1e-5
-    assert [s.shape for s in states] == list(state_shapes(cfg, len(PROMPTS)))
+    assert_prefill_then_decode_matches_forward(params, cfg, PROMPTS, CHUNK)
 
 
 def test_greedy_tokens_and_logprobs_are_those_of_a_forward_pass(params):
@@ -115,7 +91,7 @@ def test_decode_state_shape_does_not_depend_on_context_length(params):
         pre = jax.eval_shape(lambda t: prefill(params, t, t >= 0, cfg=CFG, prefill_chunk=256), tokens)
         shapes.append(jax.tree.map(lambda x: (x.shape, x.dtype), pre))
     assert shapes[0] == shapes[1]
-    assert [s for s, _ in shapes[0].states] == list(state_shapes(CFG, 2))
+    assert list(shapes[0].states) == [(s.shape, s.dtype) for s in state_specs(CFG, 2)]
     assert shapes[0].states[0][0] == (2, CFG.num_heads, 2 * CFG.head_dim, CFG.head_dim)  # LRPE doubles dk
 
 

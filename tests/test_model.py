@@ -9,7 +9,7 @@ import pytest
 from conftest import rel_err
 
 from tnllm import config
-from tnllm.model import TransNormerLLM, lrpe, lrpe_theta_init, srms_norm, state_shapes
+from tnllm.model import TransNormerLLM, lrpe, lrpe_theta_init, srms_norm, state_specs
 
 IMPLS = ("reference", "blockwise", "recurrent", "pallas")  # pallas: interpret mode on a CPU
 
@@ -20,11 +20,23 @@ def forward(params, tokens, positions=None, mask=None, *, cfg):
     return TransNormerLLM(cfg).apply({"params": params}, tokens, positions=positions, mask=mask)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = config.model_config(config.load("configs/tiny.py")).replace(chunk_size=16, num_layers=3)
+def _model(path):
+    cfg = config.model_config(config.load(path)).replace(chunk_size=16, num_layers=3)
     params = TransNormerLLM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
     return cfg, nn.meta.unbox(params)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _model("configs/tiny.py")
+
+
+@pytest.fixture(scope="module")
+def softmax_tiny():
+    return _model("configs/softmax_tiny.py")
+
+
+MODELS = ("tiny", "softmax_tiny")  # the tests of position and padding handling run on both
 
 
 def _tokens(key, batch, seq, vocab):
@@ -43,7 +55,7 @@ def test_logit_shapes_and_states(tiny):
     cfg, params = tiny
     logits, states = forward(params, _tokens(jax.random.PRNGKey(2), 2, 21, cfg.vocab_size), cfg=cfg)
     assert logits.shape == (2, 21, cfg.vocab_size) and logits.dtype == jnp.float32
-    assert tuple(s.shape for s in states) == state_shapes(cfg, 2)
+    assert [(s.shape, s.dtype) for s in states] == [(s.shape, s.dtype) for s in state_specs(cfg, 2)]
     assert states[0].shape[2] == 2 * cfg.head_dim  # LRPE doubles dk in layer 0
 
 
@@ -89,8 +101,9 @@ def test_lrpe_scores_are_shift_invariant():
     assert not np.allclose(base[..., 0, 1], base[..., 0, 2])
 
 
-def test_model_is_shift_invariant_in_positions(tiny):
-    cfg, params = tiny
+@pytest.mark.parametrize("model", MODELS)
+def test_model_is_shift_invariant_in_positions(request, model):
+    cfg, params = request.getfixturevalue(model)
     tokens = _tokens(jax.random.PRNGKey(7), 1, 30, cfg.vocab_size)
     pos = jnp.arange(30)[None]
     a, _ = forward(params, tokens, pos, cfg=cfg)
@@ -107,9 +120,10 @@ def test_bf16_matches_float32(tiny):
     assert rel_err(bf16, f32) <= 2e-2
 
 
-def test_padding_mask_zeroes_keys(tiny):
+@pytest.mark.parametrize("model", MODELS)
+def test_padding_mask_zeroes_keys(request, model):
     """A left-padded row gives its real tokens the logits of the unpadded row."""
-    cfg, params = tiny
+    cfg, params = request.getfixturevalue(model)
     tokens = _tokens(jax.random.PRNGKey(9), 1, 20, cfg.vocab_size)
     pad = 7
     padded = jnp.concatenate([jnp.zeros((1, pad), tokens.dtype), tokens], axis=1)

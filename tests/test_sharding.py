@@ -33,16 +33,24 @@ CFG = ModelConfig(vocab_size=256, d_model=64, num_layers=2, num_heads=8, glu_dim
                   lrpe_layers=(0,), chunk_size=8)
 BATCH, SEQ = 8, 20
 
-# What the rules must give each parameter (and its Adam moments), by the parameter's path suffix.
-EXPECTED_SPECS = {
+# What the rules must give each parameter (and its Adam moments), by the parameter's path suffix,
+# for each token mixer.
+_SHARED_SPECS = {
     "embed_tokens/embedding": P("tensor", "fsdp"),  # vocab rows split: vocab-parallel tied head
-    "token_mixer/qkvu_proj/kernel": P("fsdp", None, "tensor", None),  # by heads
-    "token_mixer/theta": P("tensor", None),
     "token_mixer/out_proj/kernel": P("tensor", None, "fsdp"),  # by rows (heads)
     "channel_mixer/l1/kernel": P("fsdp", "tensor"),  # by the GLU axis
     "channel_mixer/l2/kernel": P("fsdp", "tensor"),
     "channel_mixer/l3/kernel": P("tensor", "fsdp"),  # by rows
 }
+EXPECTED_SPECS = {
+    "gla": {**_SHARED_SPECS,
+            "token_mixer/qkvu_proj/kernel": P("fsdp", None, "tensor", None),  # by heads
+            "token_mixer/theta": P("tensor", None)},
+    "softmax": {**_SHARED_SPECS,
+                "token_mixer/qkv_proj/kernel": P("fsdp", None, "tensor", None),  # by heads
+                "norm/scale": P("fsdp")},  # RMSNorm weights, like the embed axis of every weight
+}
+MIXER_CFGS = {"gla": CFG, "softmax": CFG.replace(token_mixer="softmax", lrpe_layers=())}
 
 
 def _mesh_sizes(shape):
@@ -84,19 +92,21 @@ def test_activation_specs():
     assert sharding.spec(("batch", "length", "mlp")) == P(("data", "fsdp"), None, "tensor")
 
 
-def test_param_specs_follow_rules():
-    boxed = jax.eval_shape(lambda: TransNormerLLM(CFG).init(jax.random.PRNGKey(0),
-                                                            jnp.zeros((1, 4), jnp.int32)))
+@pytest.mark.parametrize("mixer", EXPECTED_SPECS)
+def test_param_specs_follow_rules(mixer):
+    expected = EXPECTED_SPECS[mixer]
+    boxed = jax.eval_shape(lambda: TransNormerLLM(MIXER_CFGS[mixer]).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
     specs = sharding.logical_to_sharding(nn.get_partition_spec(boxed),
                                          sharding.make_mesh(dict(data=1, fsdp=1, tensor=1)))
     found = {}
     for path, s in jax.tree_util.tree_leaves_with_path(specs):
         name = "/".join(k.key for k in path[-3:])
-        matches = [suffix for suffix in EXPECTED_SPECS if name.endswith(suffix)]
+        matches = [suffix for suffix in expected if name.endswith(suffix)]
         assert len(matches) == 1, f"no expected spec for parameter {name}"
-        assert s.spec == EXPECTED_SPECS[matches[0]], name
+        assert s.spec == expected[matches[0]], name
         found[matches[0]] = True
-    assert set(found) == set(EXPECTED_SPECS)
+    assert set(found) == set(expected)
 
 
 def test_unshardable_heads_fail_with_clear_error():
@@ -113,9 +123,10 @@ def test_unshardable_width_fails_with_clear_error():
         sharding.check_model(CFG.replace(d_model=66, hidden_dim=64), mesh)
 
 
-def test_shardable_model_passes():
+@pytest.mark.parametrize("mixer", MIXER_CFGS)
+def test_shardable_model_passes(mixer):
     for shape in MESHES:
-        sharding.check_model(CFG, AbstractMesh(shape, sharding.MESH_AXES))
+        sharding.check_model(MIXER_CFGS[mixer], AbstractMesh(shape, sharding.MESH_AXES))
 
 
 def test_batch_not_divisible_fails_with_clear_error():
@@ -139,8 +150,9 @@ def _run_on_8_devices(case, *args):
     assert proc.returncode == 0, f"case {case}{args} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
 
 
-def test_meshes_shard_by_rules_and_match_one_device():
-    _run_on_8_devices("meshes")
+@pytest.mark.parametrize("mixer", MIXER_CFGS)
+def test_meshes_shard_by_rules_and_match_one_device(mixer):
+    _run_on_8_devices("meshes", mixer)
 
 
 def test_tensor_parallel_collectives():
@@ -181,13 +193,13 @@ def _tokens(seed=1):
     return jax.random.randint(jax.random.PRNGKey(seed), (BATCH, SEQ + 1), 0, CFG.vocab_size)
 
 
-def _assert_follows_rules(state, mesh):
-    """Every parameter and both Adam moments carry EXPECTED_SPECS; the step count is replicated."""
+def _assert_follows_rules(state, mesh, expected):
+    """Every parameter and both Adam moments carry `expected` specs; the step count is replicated."""
     params, (adam, *_) = state
     for tree in (params, adam.mu, adam.nu):
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
             name = jax.tree_util.keystr(path, simple=True, separator="/")
-            spec = next(s for suffix, s in EXPECTED_SPECS.items() if name.endswith(suffix))
+            spec = next(s for suffix, s in expected.items() if name.endswith(suffix))
             want = NamedSharding(mesh, spec)
             assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (mesh.shape, name, leaf.sharding)
             # Each device holds exactly its block, e.g. [64/fsdp, 4, 8/tensor, 8] of W_qkvu.
@@ -195,20 +207,21 @@ def _assert_follows_rules(state, mesh):
     assert adam.count.sharding.is_fully_replicated
 
 
-def _case_meshes():
+def _case_meshes(mixer):
     """Acceptance 1 and 2: on each mesh the state is sharded by the rules and one training step
-    gives the single-device loss, gradients and updated parameters."""
+    gives the single-device loss, gradients and updated parameters (model of token mixer `mixer`)."""
     from conftest import rel_err
 
+    cfg, expected = MIXER_CFGS[mixer], EXPECTED_SPECS[mixer]
     tx = optax.adamw(1e-3)
-    _, create, step = _setup(CFG, tx)
+    _, create, step = _setup(cfg, tx)
     key, tokens = jax.random.PRNGKey(0), _tokens()
     ref_state = jax.jit(lambda k: nn.meta.unbox(create(k)))(key)
     (ref_params, _), ref_loss, ref_grads = jax.jit(step)(ref_state, tokens)
 
     for shape in MESHES:
         mesh = sharding.make_mesh(_mesh_sizes(shape))
-        sharding.check_model(CFG, mesh)
+        sharding.check_model(cfg, mesh)
         sharding.check_batch(BATCH, mesh)
         with sharding.use_mesh(mesh):
             if shape == (2, 2, 2):  # the real creation path, once: born sharded, same values
@@ -219,11 +232,11 @@ def _case_meshes():
                 shardings = sharding.logical_to_sharding(
                     nn.get_partition_spec(jax.eval_shape(create, key)), mesh)
                 state = jax.device_put(ref_state, shardings)
-            _assert_follows_rules(state, mesh)
+            _assert_follows_rules(state, mesh, expected)
             batch = jax.device_put(tokens, sharding.batch_sharding(mesh))
             state, loss, grads = jax.jit(step, out_shardings=(shardings, None, shardings[0]))(
                 state, batch)
-        _assert_follows_rules(state, mesh)
+        _assert_follows_rules(state, mesh, expected)
         assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss)), (shape, loss, ref_loss)
         for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(grads),
                                     jax.tree.leaves(ref_grads)):

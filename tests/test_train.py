@@ -173,19 +173,32 @@ def test_cli_trains_logs_plots_and_samples(corpus, tmp_path):
     assert bad.returncode != 0 and "--config.train.bogus names no config field" in bad.stderr
 
 
-def test_cli_trains_the_cosformer_language_model(corpus, tmp_path):
-    """configs/cosformer.py: the same LM with cosFormer token mixers trains through train.py."""
-    workdir = tmp_path / "cosformer"
-    flags = ["--config=configs/cosformer.py", f"--workdir={workdir}", f"--config.data.path={corpus}",
+@pytest.mark.parametrize("name, extra", [
+    ("cosformer", ["--config.model.cosformer_max_len=64", "--config.train.sample_tokens=0"]),
+    # The softmax baseline also samples at the end: generation through its KV cache of 64 tokens.
+    ("softmax_tiny", ["--config.model.max_cache_len=64", "--config.train.sample_tokens=16"]),
+])
+def test_cli_trains_the_language_model_with_other_token_mixers(corpus, tmp_path, name, extra):
+    """configs/cosformer.py and configs/softmax_tiny.py: the LM with cosFormer or softmax token
+    mixers trains through train.py."""
+    workdir = tmp_path / name
+    flags = [f"--config=configs/{name}.py", f"--workdir={workdir}", f"--config.data.path={corpus}",
              f"--config.data.cache_dir={corpus}-cache", "--config.data.val_fraction=0.25",
              "--config.data.seq_len=32", "--config.model.d_model=32", "--config.model.glu_dim=64",
-             "--config.model.num_layers=1", "--config.model.cosformer_max_len=64",
+             "--config.model.num_layers=1", *extra,
              "--config.train.batch_size=8", "--config.train.steps=12", "--config.optim.warmup_steps=2",
              "--config.optim.lr=1e-2", "--config.train.log_every=1", "--config.train.eval_every=12",
-             "--config.checkpoint.every=12", "--config.train.sample_tokens=0"]
-    out = subprocess.run([sys.executable, "train.py", *flags], cwd=REPO, capture_output=True,
-                         text=True, env=dict(os.environ, PYTHONPATH=REPO))
+             "--config.checkpoint.every=12"]
+    run = lambda *args: subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True,  # noqa: E731
+                                       text=True, env=dict(os.environ, PYTHONPATH=REPO))
+    out = run("train.py", *flags)
     assert out.returncode == 0, out.stderr[-2000:]
     losses = [r["loss"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if "loss" in r]
     assert len(losses) == 12 and all(map(math.isfinite, losses))
     assert sum(losses[-3:]) < sum(losses[:3])
+    if name == "softmax_tiny":
+        assert "Sample" in out.stdout
+        out = run("-m", "tnllm.generate", f"--checkpoint={workdir}", "--prompt=def f(", "--max_new_tokens=8",
+                  "--logprobs")
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.startswith("def f(") and "tokens, mean log-probability" in out.stdout

@@ -16,7 +16,7 @@ from tnllm import attention
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots")
-TOKEN_MIXERS = ("gla", "cosformer")
+TOKEN_MIXERS = ("gla", "cosformer", "softmax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +26,10 @@ class ModelConfig:
     hidden_dim (h) defaults to d_model when 0; head_dim = hidden_dim // num_heads. token_mixer "gla" is
     TransNormerLLM's gated linear attention (lrpe_layers and attention_impl apply to it); "cosformer"
     is causal cosFormer attention (SPEC.md §10) with the fixed horizon M = cosformer_max_len, which
-    must cover the longest context (prompt and generated tokens together).
+    must cover the longest context (prompt and generated tokens together). "softmax" is the LLaMA-style
+    Transformer baseline (softmax attention with RoPE, RMSNorm with a learned weight, SwiGLU of width
+    glu_dim); its KV cache holds max_cache_len tokens, which bounds prompt and generated tokens
+    together in generation (not the training length).
     """
 
     vocab_size: int = 256
@@ -46,13 +49,14 @@ class ModelConfig:
     remat_policy: str = "none"
     token_mixer: str = "gla"
     cosformer_max_len: int = 2048
+    max_cache_len: int = 2048
 
     def __post_init__(self):
         object.__setattr__(self, "lrpe_layers", tuple(int(i) for i in self.lrpe_layers))
         if self.hidden_dim == 0:
             object.__setattr__(self, "hidden_dim", self.d_model)
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "glu_dim", "hidden_dim",
-                     "chunk_size", "cosformer_max_len"):
+                     "chunk_size", "cosformer_max_len", "max_cache_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"config.model.{name} must be a positive integer, got {value!r}.")
@@ -86,6 +90,11 @@ class ModelConfig:
         if self.token_mixer not in TOKEN_MIXERS:
             raise ValueError(
                 f"config.model.token_mixer is {self.token_mixer!r}; choose one of {', '.join(TOKEN_MIXERS)}."
+            )
+        if self.token_mixer == "softmax" and self.head_dim % 2:
+            raise ValueError(
+                f"config.model.token_mixer 'softmax' rotates feature pairs (RoPE), but head_dim = "
+                f"hidden_dim / num_heads = {self.head_dim} is odd; make it even."
             )
 
     @property

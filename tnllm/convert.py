@@ -141,6 +141,9 @@ class Tensor:
 
 def layout(cfg: ModelConfig) -> List[Tensor]:
     """Every tensor of the released state dict for `cfg` (SPEC.md §6), embedding first."""
+    if cfg.token_mixer != "gla":
+        raise ValueError(f"Only TransNormerLLM's layout exists on Hugging Face; a model with "
+                         f"config.model.token_mixer {cfg.token_mixer!r} (not 'gla') cannot be converted.")
     d, h, g, heads, hd = cfg.d_model, cfg.hidden_dim, cfg.glu_dim, cfg.num_heads, cfg.head_dim
     tensors = [Tensor("model.embed_tokens.weight", ("embed_tokens", "embedding"),
                       (cfg.vocab_size, d), (cfg.vocab_size, d), linear=False)]

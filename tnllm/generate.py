@@ -1,5 +1,9 @@
 """Generation with a constant-size state (SPEC.md §7), and its CLI.
 
+The state is each layer's recurrent state for TNL's linear mixers and a KV cache of
+`config.model.max_cache_len` tokens for the softmax baseline (`tnllm.softmax`); both keep one shape
+whatever the context length, so everything below serves every mixer.
+
   prefill      left-padded prompts [batch, bucket] -> the next token's logits, each row's next LRPE
                position and every layer's recurrent state. Runs the parallel form of
                `cfg.attention_impl` (blockwise or Pallas) in segments of `prefill_chunk` tokens, so
@@ -12,13 +16,14 @@
                of two), runs both and returns numpy arrays.
   main         `python -m tnllm.generate --checkpoint DIR --prompt "..."`.
 
-Left padding is exact (SPEC.md §7): padded keys are zeroed by the model's `mask`, and LRPE positions
-count real tokens only, so every row computes what it would compute alone.
+Left padding is exact (SPEC.md §7): padded keys are zeroed by the model's `mask` (the softmax mixer does
+not write them into its cache), and LRPE and RoPE positions count real tokens only, so every row
+computes what it would compute alone.
 """
 from __future__ import annotations
 
 import functools
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +31,7 @@ import numpy as np
 from jax import lax
 
 from tnllm.config import ModelConfig
-from tnllm.model import TransNormerLLM, state_shapes
+from tnllm.model import TransNormerLLM, zero_states
 from tnllm.sampling import Greedy, Sampler, make_sampler
 
 Array = jax.Array
@@ -39,7 +44,7 @@ class Prefilled(NamedTuple):
 
     logits: Array  # [batch, vocab] f32: the next token's logits
     positions: Array  # [batch] int32: the next token's LRPE position (= real tokens so far)
-    states: Tuple[Array, ...]  # per layer [batch, heads, dk, head_dim] f32 (dk = 2*head_dim with LRPE)
+    states: Tuple[Any, ...]  # per layer, as `tnllm.model.state_specs`: fixed shapes
 
 
 class Generation(NamedTuple):
@@ -51,14 +56,15 @@ class Generation(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def decode_step(params, tokens: Array, positions: Array, states: Sequence[Array], *,
-                cfg: ModelConfig) -> Tuple[Array, Tuple[Array, ...]]:
-    """One token per row through the recurrence S <- lambda S + k^T v, o = q S.
+def decode_step(params, tokens: Array, positions: Array, states: Sequence[Any], *,
+                cfg: ModelConfig) -> Tuple[Array, Tuple[Any, ...]]:
+    """One token per row through the recurrence S <- lambda S + k^T v, o = q S (softmax: one cache
+    slot written, attention over the cache up to the token's position).
 
     Args:
       params: the model's `params` collection (plain arrays).
-      tokens: [batch] int token ids; positions: [batch] int their LRPE positions.
-      states: per layer [batch, heads, dk, head_dim] f32.
+      tokens: [batch] int token ids; positions: [batch] int their positions (real tokens before them).
+      states: per layer, as `tnllm.model.state_specs`.
     Returns:
       logits [batch, vocab] f32 for the token after `tokens`, and the new states.
     """
@@ -106,8 +112,7 @@ def prefill(params, tokens: Array, mask: Array, *, cfg: ModelConfig,
                                 mask=seg_mask, initial_states=states)
         return states, None
 
-    zeros = tuple(jnp.zeros(shape, jnp.float32) for shape in state_shapes(cfg, batch))
-    states, _ = lax.scan(run_segment, zeros,
+    states, _ = lax.scan(run_segment, zero_states(cfg, batch),
                          (segments(context), segments(context_positions), segments(context_mask)))
     last_positions = jnp.sum(mask, axis=1, dtype=jnp.int32) - 1
     logits, states = decode_step(params, tokens[:, -1], last_positions, states, cfg=cfg)
@@ -207,6 +212,13 @@ def _check_request(cfg: ModelConfig, prompts, max_new_tokens, eos_id, pad_id, pr
             raise ValueError(
                 f"{name} {value} is outside the model's vocabulary 0..{cfg.vocab_size - 1}."
             )
+    longest = max(len(p) for p in prompts)
+    if cfg.token_mixer == "softmax" and longest + max_new_tokens > cfg.max_cache_len:
+        raise ValueError(
+            f"The longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+            f"KV cache of config.model.max_cache_len = {cfg.max_cache_len} tokens; raise "
+            "config.model.max_cache_len or shorten the request."
+        )
 
 
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -292,6 +304,9 @@ def _define_flags():
                         "Parallel form of the prefill (reference, blockwise, pallas); default: the "
                         "checkpoint's config.")
     flags.DEFINE_integer("prefill_chunk", 2048, "Prompt tokens per prefill segment (bounds memory).")
+    flags.DEFINE_integer("max_cache_len", None,
+                         "KV cache length of a softmax model (prompt + new tokens); default: the "
+                         "checkpoint's config.")
 
 
 def _read_prompts(prompts: Sequence[str], prompt_file: Optional[str]) -> List[str]:
@@ -325,6 +340,8 @@ def main(argv):
     cfg = config_lib.model_config(config)
     if FLAGS.attention_impl:
         cfg = cfg.replace(attention_impl=FLAGS.attention_impl)
+    if FLAGS.max_cache_len:
+        cfg = cfg.replace(max_cache_len=FLAGS.max_cache_len)
     tokenizer = load_tokenizer(config.data.tokenizer)
     sampler = make_sampler(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
     completions = complete(params, cfg, tokenizer, texts, max_new_tokens=FLAGS.max_new_tokens,

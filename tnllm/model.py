@@ -1,18 +1,23 @@
-"""TransNormerLLM in Flax Linen, as released (SPEC.md §1-3).
+"""TransNormerLLM in Flax Linen, as released (SPEC.md §1-3), and its softmax-attention baseline.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `qkvu`, `heads`, `head_dim`, `mlp`); only
 the sharding code maps them onto mesh axes. The attention implementation comes from the config through
 the single dispatch point `tnllm.attention.lightning_attention`.
+
+config.model.token_mixer picks the layer's token mixer (`token_mixer`); "softmax" builds the LLaMA-style
+Transformer baseline of issue 9, whose norms (`norm`) and channel mixer (`channel_mixer`) come with it:
+RMSNorm with a learned weight and SwiGLU instead of SRMSNorm and SGLU.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import functools
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tnllm import cosformer
+from tnllm import cosformer, softmax
 from tnllm.attention import layer_slopes, lightning_attention
 from tnllm.config import ModelConfig
 
@@ -58,10 +63,32 @@ def _init(cfg: ModelConfig, names: Tuple[Optional[str], ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.init_std), names)
 
 
-class SGLU(nn.Module):
-    """Simple GLU channel mixer: (x W1 * x W2) W3, no activation, no biases."""
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned weight (initialised to ones): srms_norm(x) * scale, scale [d_model]."""
 
     cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: [batch, seq, d_model] -> the same shape and dtype."""
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), self.cfg.param_dtype)
+        return srms_norm(x, self.cfg.norm_eps) * scale.astype(x.dtype)
+
+
+def norm(cfg: ModelConfig, name: str) -> Callable[[Array], Array]:
+    """The pre-norm of the model: SRMSNorm (no parameter) for TNL's mixers, RMSNorm for softmax."""
+    if cfg.token_mixer == "softmax":
+        return RMSNorm(cfg, name=name)
+    return functools.partial(srms_norm, eps=cfg.norm_eps)
+
+
+class SGLU(nn.Module):
+    """GLU channel mixer: (act(x W1) * x W2) W3, no biases. act is the identity in TNL's SGLU and silu
+    in SwiGLU (`swish`), the channel mixer of the softmax baseline."""
+
+    cfg: ModelConfig
+    swish: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -73,6 +100,8 @@ class SGLU(nn.Module):
         x1 = dense(cfg.glu_dim, ("embed", "mlp"), "l1")(x)
         x2 = dense(cfg.glu_dim, ("embed", "mlp"), "l2")(x)
         x1 = nn.with_logical_constraint(x1, ("batch", "length", "mlp"))
+        if self.swish:
+            x1 = nn.silu(x1)
         return dense(cfg.d_model, ("mlp", "embed"), "l3")(x1 * x2)
 
 
@@ -127,8 +156,10 @@ def token_mixer(cfg: ModelConfig, layer: int) -> nn.Module:
     """The token mixer of layer `layer` named by config.model.token_mixer, the one place that chooses it.
 
     Every mixer is called as mixer(x, positions, mask, initial_state) -> (y, final_state), with x and y
-    [batch, seq, d_model] and its own float32 state (`state_shapes`).
+    [batch, seq, d_model] and its own state (`state_specs`).
     """
+    if cfg.token_mixer == "softmax":
+        return softmax.SoftmaxAttention(cfg, name="token_mixer")
     if cfg.token_mixer == "cosformer":
         return cosformer.CosformerAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim, max_len=cfg.cosformer_max_len, causal=True,
@@ -138,24 +169,32 @@ def token_mixer(cfg: ModelConfig, layer: int) -> nn.Module:
     return GatedLinearAttention(cfg, layer, name="token_mixer")
 
 
+def channel_mixer(cfg: ModelConfig) -> SGLU:
+    """TNL's SGLU, or SwiGLU for the softmax baseline."""
+    return SGLU(cfg, swish=cfg.token_mixer == "softmax", name="channel_mixer")
+
+
 class DecoderLayer(nn.Module):
-    """Pre-norm residual layer: x + TokenMixer(SRMSNorm(x)), then x + SGLU(SRMSNorm(x))."""
+    """Pre-norm residual layer: x + TokenMixer(Norm(x)), then x + ChannelMixer(Norm(x))."""
 
     cfg: ModelConfig
     layer: int
 
     @nn.compact
     def __call__(self, x, positions, mask, initial_state):
-        eps = self.cfg.norm_eps
-        y, state = token_mixer(self.cfg, self.layer)(srms_norm(x, eps), positions, mask, initial_state)
+        cfg = self.cfg
+        y, state = token_mixer(cfg, self.layer)(norm(cfg, "token_mixer_norm")(x), positions, mask,
+                                                initial_state)
         x = x + y
-        x = x + SGLU(self.cfg, name="channel_mixer")(srms_norm(x, eps))
+        x = x + channel_mixer(cfg)(norm(cfg, "channel_mixer_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, state
 
 
 class TransNormerLLM(nn.Module):
-    """The language model: scaled tied embedding, `num_layers` decoder layers, SRMSNorm, tied head."""
+    """The language model: scaled tied embedding, `num_layers` decoder layers, norm, tied head.
+
+    With token_mixer "softmax" it is the softmax baseline; the name stays for every mixer."""
 
     cfg: ModelConfig
 
@@ -169,9 +208,10 @@ class TransNormerLLM(nn.Module):
           tokens: [batch, seq] int token ids.
           positions: [batch, seq] int absolute positions (LRPE and cosFormer phases); default 0..seq-1.
           mask: [batch, seq] bool, False at padding (zeroes its key); default all real.
-          initial_states: one f32 state per layer (from a prefill; shapes: `state_shapes`), or None.
+          initial_states: one state per layer (from a prefill; shapes: `state_specs`), or None.
         Returns:
-          logits [batch, seq, vocab] float32, and each layer's final state (a tuple of num_layers).
+          logits [batch, seq, vocab] float32, and each layer's final state (a tuple of num_layers;
+          None for softmax layers run without a cache).
         """
         cfg = self.cfg
         if positions is None:
@@ -194,16 +234,28 @@ class TransNormerLLM(nn.Module):
             s0 = None if initial_states is None else initial_states[i]
             x, s = layer_cls(cfg, i, name=f"layers_{i}")(x, positions, mask, s0)
             states.append(s)
-        x = srms_norm(x, cfg.norm_eps)
+        x = norm(cfg, "final_norm")(x)
         logits = embed.attend(x).astype(jnp.float32)
         return logits, tuple(states)
 
 
-def state_shapes(cfg: ModelConfig, batch: int) -> Tuple[Tuple[int, int, int, int], ...]:
-    """Shape of each layer's recurrent state: GLA [batch, heads, dk, head_dim], dk doubled by LRPE;
-    cosFormer [batch, heads, 2*head_dim, head_dim+1] (key sums of numerator and denominator)."""
+def state_specs(cfg: ModelConfig, batch: int) -> Tuple[Any, ...]:
+    """Each layer's decoding state as a pytree of jax.ShapeDtypeStructs, one entry per layer.
+
+    GLA: [batch, heads, dk, head_dim] f32, dk doubled by LRPE; cosFormer: [batch, heads, 2*head_dim,
+    head_dim+1] f32 (key sums of numerator and denominator); softmax: a `softmax.KVCache` of k and v
+    [batch, max_cache_len, heads, head_dim] in cfg.dtype.
+    """
+    if cfg.token_mixer == "softmax":
+        return (softmax.cache_spec(cfg, batch),) * cfg.num_layers
     if cfg.token_mixer == "cosformer":
-        return (cosformer.state_shape(batch, cfg.num_heads, cfg.head_dim),) * cfg.num_layers
-    return tuple(
-        (batch, cfg.num_heads, cfg.head_dim * (2 if i in cfg.lrpe_layers else 1), cfg.head_dim)
-        for i in range(cfg.num_layers))
+        shapes = (cosformer.state_shape(batch, cfg.num_heads, cfg.head_dim),) * cfg.num_layers
+    else:
+        shapes = tuple((batch, cfg.num_heads, cfg.head_dim * (2 if i in cfg.lrpe_layers else 1),
+                        cfg.head_dim) for i in range(cfg.num_layers))
+    return tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes)
+
+
+def zero_states(cfg: ModelConfig, batch: int) -> Tuple[Any, ...]:
+    """The states before any token (`state_specs` filled with zeros): what a prefill starts from."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state_specs(cfg, batch))

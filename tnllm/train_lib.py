@@ -115,7 +115,9 @@ def flops_per_token(model_cfg: config_lib.ModelConfig, seq_len: int) -> float:
     the tied head, and per layer and head the chunked linear attention with C = min(chunk_size,
     seq_len): 2C(dk + dv) inside the chunk, 2 dk dv for the inter-chunk product and 2 dk dv for the
     state update, so linear in sequence length. dk = 2 hd where LRPE or cosFormer's cos/sin features
-    double it; cosFormer's state carries one more column (its normaliser).
+    double it; cosFormer's state carries one more column (its normaliser). The softmax baseline
+    instead has per layer and head the causal half of q kᵀ and of the weights times v: on average
+    seq_len/2 keys per token, 2 · 2 · (seq_len/2) · head_dim, quadratic in length.
     """
     m = model_cfg
     kernels = sum(math.prod(x.shape) for path, x in
@@ -123,6 +125,8 @@ def flops_per_token(model_cfg: config_lib.ModelConfig, seq_len: int) -> float:
                   if getattr(path[-1], "key", None) == "kernel")
     forward = 2 * kernels + 2 * m.d_model * m.vocab_size
     c, hd = min(m.chunk_size, seq_len), m.head_dim
+    if m.token_mixer == "softmax":
+        return 3.0 * (forward + m.num_layers * m.num_heads * 2 * seq_len * hd)
     cosformer = m.token_mixer == "cosformer"
     for layer in range(m.num_layers):
         dk = 2 * hd if cosformer or layer in m.lrpe_layers else hd
