@@ -1,11 +1,13 @@
 """ListOps (Long-Range Arena): the encoder classifier with cosFormer vs softmax attention, same budget.
 
-    python bench/listops.py [--steps N] [--batch_size B] [--config.train.learning_rate=...] [--smoke]
+    python bench/listops.py [--steps N] [--batch_size B] [--token_mixers softmax] [--smoke]
+                            [--config.train.learning_rate=...]
 
 Generates the data (tnllm/listops.py; all CPU cores), trains one classifier per token mixer with the
 same steps, batch size, data order and seed, evaluates each on the 2,000 test examples, prints a
 table next to the cosFormer paper's ListOps accuracies and writes listops.json and listops_loss.png
-to --out (default $OUT, else ./bench_out). --smoke runs a tiny model on tiny data in a minute on a CPU.
+to --out (default $OUT, else ./bench_out), rewritten after each token mixer so that a run cut off
+later keeps what has finished. --smoke runs a tiny model on tiny data in a minute on a CPU.
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs/
                                           "ListOps config file (model, data, train).")
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps per token mixer (config.train.steps).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Sequences per step (config.train.batch_size).")
+_MIXERS = flags.DEFINE_list("token_mixers", None, "Token mixers to train, in order, e.g. softmax or "
+                            "cosformer,softmax (config.token_mixers).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model, tiny data, a few steps: checks the script.")
 _OUT = flags.DEFINE_string("out", None, "Output folder; default $OUT, else ./bench_out.")
 
@@ -177,6 +181,12 @@ def main(argv):
         cfg.train.steps = _STEPS.value
     if _BATCH.value is not None:
         cfg.train.batch_size = _BATCH.value
+    if _MIXERS.value is not None:
+        cfg.token_mixers = tuple(_MIXERS.value)
+    unknown = [m for m in cfg.token_mixers if m not in listops.TOKEN_MIXERS]
+    if unknown or not cfg.token_mixers:
+        raise app.UsageError(f"--token_mixers names {', '.join(unknown) or 'none'}; name one or more of "
+                             f"{', '.join(listops.TOKEN_MIXERS)}, comma-separated.")
     out = _OUT.value or os.environ.get("OUT") or "bench_out"
     os.makedirs(out, exist_ok=True)
     workers = cfg.data.workers or os.cpu_count()
@@ -196,8 +206,14 @@ def main(argv):
     if cfg.model.softmax_impl == "cudnn" and jax.default_backend() != "gpu":
         print("cuDNN attention needs a GPU: softmax attention runs on XLA here.")
         cfg.model.softmax_impl = "xla"
-    results = [run(cfg, mixer, train, test) for mixer in cfg.token_mixers]
+    results = []
+    for mixer in cfg.token_mixers:
+        results.append(run(cfg, mixer, train, test))
+        write_report(cfg, results, out, data_s=data_s, num_train=num_train)
+    print_table(cfg, results)
 
+
+def print_table(cfg, results) -> None:
     device = jax.devices()[0].device_kind
     print(f"\nListOps test accuracy, {cfg.train.steps} steps x {cfg.train.batch_size} sequences, {device}")
     print("| token mixer | test acc. (%) | paper (%) | final train loss | train s | padded tokens/s |")
@@ -210,16 +226,21 @@ def main(argv):
             continue
         print(f"| {r['token_mixer']} | {r['test_accuracy']:.2f} | {paper} ({name}) | "
               f"{r['final_train_loss']:.3f} | {r['train_s']:.1f} | {r['padded_tokens_per_s']:,.0f} |")
+
+
+def write_report(cfg, results, out: str, *, data_s: float, num_train: int) -> None:
+    """listops.json and the loss plot for the token mixers finished so far (rewritten each time)."""
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv), "device": device, "jax": jax.__version__,
+        "command": " ".join(sys.argv), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
         "smoke": _SMOKE.value, "data_s": data_s, "num_train_examples": num_train,
         "config": cfg.to_dict(), "paper": {k: v[1] for k, v in PAPER.items()}, "results": results,
     }
     with open(os.path.join(out, "listops.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     plot(results, os.path.join(out, "listops_loss.png"))
-    print(f"wrote {out}/listops.json and {out}/listops_loss.png")
+    print(f"wrote {out}/listops.json and {out}/listops_loss.png ({len(results)} of "
+          f"{len(cfg.token_mixers)} token mixers)")
 
 
 if __name__ == "__main__":

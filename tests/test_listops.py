@@ -108,6 +108,28 @@ def test_classifier_ignores_padding_and_has_gradients(mixer, dtype):
     assert sum(float(jnp.sum(jnp.abs(g))) for g in grads) > 0
 
 
+def test_cudnn_branch_pads_lengths_and_masks_the_padding(monkeypatch):
+    """The cuDNN call itself needs a GPU: here XLA stands in for it, taking the same arguments, so
+    that the padding to a multiple of CUDNN_LENGTH_MULTIPLE and the key lengths are checked on CPU."""
+    xla_attention = jax.nn.dot_product_attention
+    shapes = []
+
+    def fake_cudnn(query, key, value, *, key_value_seq_lengths, implementation):
+        assert implementation == "cudnn"
+        shapes.append((query.shape[1], key.shape[1]))
+        return xla_attention(query, key, value, key_value_seq_lengths=key_value_seq_lengths,
+                             implementation="xla")
+
+    rng = np.random.default_rng(0)
+    query, key, value = (jnp.asarray(rng.standard_normal((2, 37, 2, 8)), jnp.float32) for _ in range(3))
+    mask = (np.arange(37)[None, :] < np.array([[37], [20]]))[:, None, None, :]  # padding at the end
+    want = listops.softmax_attention(query, key, value, jnp.asarray(mask), implementation="xla")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
+    got = listops.softmax_attention(query, key, value, jnp.asarray(mask), implementation="cudnn")
+    assert shapes == [(64, 64)] and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 def test_cudnn_softmax_matches_xla():
     tokens, _ = listops.generate("train", 4, grammar=listops.Grammar(4, 4, 10, 64))

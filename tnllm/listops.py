@@ -45,6 +45,8 @@ NUM_CLASSES = 10
 SPLITS = {"train": 96_000, "validation": 2_000, "test": 2_000}
 TOKEN_MIXERS = ("cosformer", "softmax")
 SOFTMAX_IMPLS = ("xla", "cudnn")
+# jax's cuDNN check wants even lengths when training; 64 also fills its attention tiles.
+CUDNN_LENGTH_MULTIPLE = 64
 _OPERATOR_P = 0.25  # LRA's VALUE_P: a node is a digit when a uniform draw exceeds it
 
 
@@ -180,12 +182,20 @@ def softmax_attention(query: Array, key: Array, value: Array, mask: Array, *,
     query: [batch, tq, heads, d]; key, value: [batch, tk, heads, d]; mask: [batch, 1, 1, tk] bool,
     False at padded keys. implementation "xla" materialises the [batch, heads, tq, tk] float32 logits;
     "cudnn" (GPU, bf16) is flash attention, which takes key lengths instead of a mask, so there the
-    padding must come after the real tokens (as `generate` makes it).
+    padding must come after the real tokens (as `generate` makes it). cuDNN refuses odd lengths in
+    training ("Unsupported sequence length Q 1999, KV 1999"), so both lengths are padded up to a
+    multiple of CUDNN_LENGTH_MULTIPLE; the key lengths exclude the extra keys and the extra queries'
+    rows are cut off.
     """
     if implementation == "cudnn":
         lengths = jnp.sum(mask[:, 0, 0, :], axis=-1, dtype=jnp.int32)
-        return jax.nn.dot_product_attention(query, key, value, key_value_seq_lengths=lengths,
-                                            implementation="cudnn")
+
+        def pad(x):
+            return jnp.pad(x, ((0, 0), (0, -x.shape[1] % CUDNN_LENGTH_MULTIPLE), (0, 0), (0, 0)))
+
+        out = jax.nn.dot_product_attention(pad(query), pad(key), pad(value),
+                                           key_value_seq_lengths=lengths, implementation="cudnn")
+        return out[:, :query.shape[1]]
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
 
 
