@@ -8,11 +8,15 @@ logits). Parameters are random bf16 (speed does not depend on their values).
 
   python bench/generate.py                       # 385m and 1b, contexts 1K-128K, batch 1 and 64
   python bench/generate.py --configs=385m --batches=1
-  python bench/generate.py --smoke               # tiny config, tiny contexts: checks the logic on CPU
+  python bench/generate.py --configs=385m,softmax_385m --contexts=1024,8192,32768 --prefill_chunk=512
+                                                 # TNL against the softmax baseline and its KV cache
+  python bench/generate.py --smoke               # tiny configs, tiny contexts: checks the logic on CPU
 
 Prints a table; writes $OUT/generate.json (rewritten after every case, so a cut-off run keeps what it
 measured) and $OUT/generate.png. OUT defaults to ./bench_out. A case that fails (e.g. out of memory)
-is recorded with its error and the run goes on.
+is recorded with its error and the run goes on. The softmax baseline's KV cache is sized to the context
+plus the new tokens; a case whose decoding state exceeds the device's memory is recorded as such
+without being run.
 """
 import json
 import math
@@ -89,15 +93,15 @@ def state_mb_per_sequence(cfg):
 
 
 def print_table(rows):
-    head = (f"{'config':>7} {'batch':>5} {'context':>8} {'prefill s':>10} {'prefill tok/s':>14} "
+    head = (f"{'config':>12} {'batch':>5} {'context':>8} {'prefill s':>10} {'prefill tok/s':>14} "
             f"{'ms/token':>9} {'decode tok/s':>13}")
     print(head)
     print("-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['config']:>7} {r['batch']:>5} {r['context']:>8}  failed: {r['error']}")
+            print(f"{r['config']:>12} {r['batch']:>5} {r['context']:>8}  failed: {r['error']}")
             continue
-        print(f"{r['config']:>7} {r['batch']:>5} {r['context']:>8} {r['prefill_s']:>10.3f} "
+        print(f"{r['config']:>12} {r['batch']:>5} {r['context']:>8} {r['prefill_s']:>10.3f} "
               f"{r['prefill_tokens_per_s']:>14,.0f} {r['decode_ms_per_token']:>9.3f} "
               f"{r['decode_tokens_per_s']:>13,.0f}")
 
@@ -135,7 +139,7 @@ def plot(rows, path):
 def main(argv):
     del argv
     if FLAGS.smoke:
-        names, contexts, batches = ["tiny"], [16, 64], [1, 2]
+        names, contexts, batches = ["tiny", "softmax_tiny"], [16, 64], [1, 2]
         new_tokens, repeats, prefill_chunk = 8, 2, 32
     else:
         names = FLAGS.configs
@@ -150,6 +154,7 @@ def main(argv):
                 new_tokens=new_tokens, repeats=repeats, prefill_chunk=prefill_chunk,
                 prefill_impl=FLAGS.prefill_impl, dtype="bfloat16")
     print(json.dumps(meta))
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     rows = []
     for name in names:
         cfg = config_lib.model_config(config_lib.load(str(REPO / "configs" / f"{name}.py")))
@@ -157,10 +162,17 @@ def main(argv):
         params = random_params(cfg)
         for batch in batches:
             for context in contexts:
-                row = dict(config=name, batch=batch, context=context,
-                           state_mb_per_sequence=state_mb_per_sequence(cfg))
+                # The softmax baseline's state is a KV cache as long as the whole context; the linear
+                # mixers' states do not depend on it.
+                case_cfg = cfg.replace(max_cache_len=context + new_tokens)
+                state_mb = state_mb_per_sequence(case_cfg)
+                row = dict(config=name, batch=batch, context=context, state_mb_per_sequence=state_mb)
                 try:
-                    row.update(measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk))
+                    if limit is not None and batch * state_mb * 1e6 > limit:
+                        raise MemoryError(f"the decoding state needs {batch * state_mb / 1e3:.0f} GB, more "
+                                          f"than the device's {limit / 1e9:.0f} GB")
+                    row.update(measure(case_cfg, params, batch, context, new_tokens, repeats,
+                                       prefill_chunk))
                 except Exception as e:  # noqa: BLE001 - keep measuring the other cases
                     traceback.print_exc()
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"

@@ -76,6 +76,14 @@ def token_losses(model: TransNormerLLM, params: Any, tokens: jax.Array) -> jax.A
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
 
 
+def init_state(model: TransNormerLLM, tx: optax.GradientTransformation, rng: jax.Array,
+               boxed: bool = False) -> TrainState:
+    """A fresh TrainState (step 0 as an int32 array); `boxed` keeps the logical axis metadata."""
+    params = model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    return TrainState.create(apply_fn=model.apply, params=params if boxed else nn.unbox(params),
+                             tx=tx).replace(step=jnp.zeros((), jnp.int32))
+
+
 def make_train_step(model: TransNormerLLM, schedule: optax.Schedule):
     """The pure step: one optimizer update from the mean gradient of all micro-batches."""
 
@@ -321,9 +329,7 @@ class _Setup:
             raise
 
     def _init_state(self, rng: jax.Array, boxed: bool = False) -> TrainState:
-        params = self.model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-        return TrainState.create(apply_fn=self.model.apply, params=params if boxed else nn.unbox(params),
-                                 tx=self.tx).replace(step=jnp.zeros((), jnp.int32))
+        return init_state(self.model, self.tx, rng, boxed)
 
     def _build_state(self, cfg: ml_collections.ConfigDict) -> None:
         rng = jax.random.key(cfg.train.seed)
