@@ -9,8 +9,8 @@ there are dozens of cases), then timed one after another: --steps steps after on
 median step time reported. Memory is the compiled executable's (arguments + outputs + temporaries -
 donated aliases), the per-case number; a case that fails is recorded with its error.
 
-The longest trainable sequence at batch 1 is probed by compiling only (no run): lengths double from
---probe_from until the compiled memory exceeds the device's limit.
+The longest trainable sequence at batch 1 is probed by compiling only (no run) at --probe_lengths:
+a length fits when the compiled memory is within the device's limit.
 
     python3 bench/train_throughput.py                         # the H100 run (about 8 minutes)
     python3 bench/train_throughput.py --configs=385m,softmax_385m --impls=pallas
@@ -50,8 +50,8 @@ flags.DEFINE_integer("steps", 3, "Timed steps per case, after one warm-up step."
 # Full rematerialisation for every case: the 1B step at 32K tokens does not fit 80 GB without it,
 # and the same policy for all keeps the comparison fair (both pay the recomputed forward).
 flags.DEFINE_string("remat", "full", "config.model.remat_policy of every case.")
-flags.DEFINE_integer("probe_from", 65536, "First length of the batch-1 longest-sequence probe; 0 = none.")
-flags.DEFINE_integer("probe_to", 262144, "Last length the probe tries.")
+flags.DEFINE_list("probe_configs", ["385m", "softmax_385m"], "Configs of the batch-1 length probe.")
+flags.DEFINE_list("probe_lengths", ["65536", "131072", "262144"], "Lengths the probe compiles at batch 1.")
 flags.DEFINE_integer("threads", 8, "Concurrent compilations.")
 flags.DEFINE_integer("budget_s", 480, "Start no new timed case after this many seconds.")
 flags.DEFINE_bool("smoke", False, "Tiny configs and lengths, one step: checks this script on a CPU.")
@@ -132,7 +132,7 @@ def main(argv):
     if FLAGS.smoke:
         FLAGS.configs = [c for c in ("tiny", "softmax_tiny") if (REPO / "configs" / f"{c}.py").exists()]
         FLAGS.impls, FLAGS.lengths, FLAGS.tokens, FLAGS.steps = ["blockwise"], ["64", "128"], 256, 1
-        FLAGS.probe_from, FLAGS.probe_to = 256, 512
+        FLAGS.probe_configs, FLAGS.probe_lengths = FLAGS.configs, ["256", "512"]
     out = Path(os.environ.get("OUT", "bench_out"))
     out.mkdir(parents=True, exist_ok=True)
     device = jax.devices()[0]
@@ -153,20 +153,30 @@ def main(argv):
     # Timed cases in order of importance: each config's first impl, then the others (blockwise).
     timed = [(name, impl, int(length)) for rank in range(len(FLAGS.impls)) for name in FLAGS.configs
              for impl in variants(name)[rank:rank + 1] for length in FLAGS.lengths]
-    probes = [(name, variants(name)[0]) for name in FLAGS.configs] if FLAGS.probe_from else []
+    probes = [(name, variants(name)[0], int(length)) for name in FLAGS.probe_configs
+              for length in FLAGS.probe_lengths]
     start = time.perf_counter()
     pool = concurrent.futures.ThreadPoolExecutor(FLAGS.threads)
-    jobs = []
-    for name, impl, length in timed:
-        cfg = case_config(name, impl, length, max(1, FLAGS.tokens // length))
+
+    def submit(name, impl, length, batch):
+        cfg = case_config(name, impl, length, batch)
         try:
             lowered, init = lower(cfg)
-            jobs.append((name, impl, cfg, pool.submit(lowered.compile), init, time.perf_counter()))
+            return cfg, pool.submit(lowered.compile), init
         except Exception as e:  # noqa: BLE001 -- recorded, and the other cases go on
-            jobs.append((name, impl, cfg, e, None, None))
-    print(f"lowered {len(jobs)} cases in {time.perf_counter() - start:.0f} s", flush=True)
+            return cfg, e, None
 
-    for name, impl, cfg, job, init, submitted in jobs:
+    jobs = [(name, impl) + submit(name, impl, length, max(1, FLAGS.tokens // length))
+            for name, impl, length in timed]
+    probe_jobs = [(name, impl) + submit(name, impl, length, 1) for name, impl, length in probes]
+    print(f"lowered {len(jobs) + len(probe_jobs)} cases in {time.perf_counter() - start:.0f} s",
+          flush=True)
+    # Compiling autotunes kernels on the GPU: no timing until every compilation has finished.
+    concurrent.futures.wait([job for _, _, _, job, _ in jobs + probe_jobs
+                             if isinstance(job, concurrent.futures.Future)])
+    print(f"compiled in {time.perf_counter() - start:.0f} s", flush=True)
+
+    for name, impl, cfg, job, init in jobs:
         case = {"config": name, "impl": impl, "seq_len": cfg.data.seq_len, "batch": cfg.train.batch_size}
         results["cases"].append(case)
         if time.perf_counter() - start > FLAGS.budget_s:
@@ -188,22 +198,18 @@ def main(argv):
         print(json.dumps(case), flush=True)
         save()
 
-    for name, impl in probes:
-        length = FLAGS.probe_from
-        while length <= FLAGS.probe_to and time.perf_counter() - start < FLAGS.budget_s:
-            probe = {"config": name, "impl": impl, "seq_len": length}
-            try:
-                compiled = lower(case_config(name, impl, length, 1))[0].compile()
-                probe["memory_gib"] = memory_bytes(compiled) / 2**30
-                probe["fits"] = limit is None or memory_bytes(compiled) <= limit
-            except Exception as e:  # noqa: BLE001 -- e.g. an allocation XLA refuses at compile time
-                probe.update(fits=False, error=str(e).splitlines()[0][:300])
-            results["longest"].append(probe)
-            print(json.dumps(probe), flush=True)
-            save()
-            if not probe["fits"]:
-                break
-            length *= 2
+    for name, impl, cfg, job, _ in probe_jobs:
+        probe = {"config": name, "impl": impl, "seq_len": cfg.data.seq_len}
+        try:
+            if isinstance(job, Exception):
+                raise job
+            used = memory_bytes(job.result())
+            probe.update(memory_gib=used / 2**30, fits=limit is None or used <= limit)
+        except Exception as e:  # noqa: BLE001 -- e.g. an allocation XLA refuses at compile time
+            probe.update(fits=False, error=str(e).splitlines()[0][:300])
+        results["longest"].append(probe)
+        print(json.dumps(probe), flush=True)
+    save()
     pool.shutdown(wait=False, cancel_futures=True)
 
     plot(results, out / "train_throughput.png")
