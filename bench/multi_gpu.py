@@ -1,6 +1,7 @@
 """Training on one host's GPUs: FSDP and tensor parallelism against one GPU, through `train.py`.
 
-Each case is a fresh `train.py` process (so its peak memory is its own) on the 1B config with the
+Each case is a fresh `train.py` process (so its peak memory is its own; the one-GPU runs of the
+different lengths run side by side, one per GPU) on the 1B config with the
 Pallas kernels, the same global batch of --tokens tokens per step at every sequence length, the same
 seed and data: one GPU (CUDA_VISIBLE_DEVICES=0), FSDP over all GPUs, tensor parallelism of 2, and of
 all GPUs when there are more than 2. After the FSDP case at the first length, its checkpoint (written
@@ -16,6 +17,7 @@ The report prints tokens/s per GPU, MFU, peak GiB per GPU, the scaling efficienc
 N × the one-GPU tokens/s at the same length) and the largest loss difference from the one-GPU run.
 NVLink multicast stays off (NCCL_NVLS_ENABLE=0): on shared hosts it can take the GPUs down.
 """
+import concurrent.futures
 import json
 import os
 import re
@@ -28,6 +30,11 @@ import time
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as a script from anywhere
+
+from tnllm import config as config_lib  # noqa: E402
+from tnllm import data  # noqa: E402
+from tnllm.tokenizer import load_tokenizer  # noqa: E402
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                 "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -56,18 +63,19 @@ def all_cases(gpus: int) -> dict:
     return cases
 
 
-def train(name: str, mesh: dict, used: int, length: int, steps: int) -> dict:
+def train(name: str, mesh: dict, devices: list, length: int, steps: int) -> dict:
     workdir = f"/tmp/multi_gpu/{name}-{length}"
     shutil.rmtree(workdir, ignore_errors=True)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={FLAGS.config}",
            f"--workdir={workdir}", f"--config.data.seq_len={length}",
            f"--config.train.batch_size={FLAGS.tokens // length}", "--config.train.grad_accum_steps=1",
-           f"--config.train.steps={steps}", "--config.optim.warmup_steps=5",
+           f"--config.train.steps={steps}", f"--config.optim.warmup_steps={min(5, steps - 1)}",
            "--config.train.log_every=1", f"--config.train.eval_every={steps}",
            "--config.train.eval_batches=1", f"--config.checkpoint.every={steps}",
            "--config.train.sample_tokens=0", "--config.model.attention_impl=pallas"]
     cmd += [f"--config.mesh.{axis}={size}" for axis, size in mesh.items()]
-    env = dict(os.environ, **NO_MULTICAST, CUDA_VISIBLE_DEVICES=",".join(map(str, range(used))))
+    env = dict(os.environ, **NO_MULTICAST, CUDA_VISIBLE_DEVICES=",".join(map(str, devices)))
+    used = len(devices)
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=FLAGS.timeout)
@@ -154,15 +162,27 @@ def main(argv):
         with open(paths[0], "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    for length, steps in zip(map(int, FLAGS.lengths), map(int, FLAGS.steps)):
-        for name in chosen:
+    def done(record: dict) -> None:
+        emit(record)
+        print(f"{record['case']} at {record['seq_len']}: rc {record['rc']}, "
+              f"{record.get('tokens_per_s', 0):,.0f} tokens/s, {record['wall_s']:.0f} s", flush=True)
+
+    lengths = list(zip(map(int, FLAGS.lengths), map(int, FLAGS.steps)))
+    # The corpus is tokenized here once, not by runs racing to build the same token store.
+    cfg = config_lib.load(FLAGS.config)
+    data.TokenStore(cfg.data, load_tokenizer(cfg.data.tokenizer))
+    if "1gpu" in chosen:  # the one-GPU runs of all lengths at once, each on its own GPU
+        with concurrent.futures.ThreadPoolExecutor(gpus) as pool:
+            runs = [pool.submit(train, "1gpu", {}, [i % gpus], length, steps)
+                    for i, (length, steps) in enumerate(lengths)]
+            for run in runs:
+                done(run.result())
+    for length, steps in lengths:
+        for name in (n for n in chosen if n != "1gpu"):
             mesh, used = cases[name]
-            record = train(name, mesh, used, length, steps)
-            emit(record)
-            print(f"{name} at {length}: rc {record['rc']}, {record.get('tokens_per_s', 0):,.0f} tokens/s, "
-                  f"{record['wall_s']:.0f} s", flush=True)
-            if name == f"fsdp{gpus}" and gpus > 1 and length == int(FLAGS.lengths[0]) \
-                    and record["rc"] == 0:
+            record = train(name, mesh, list(range(used)), length, steps)
+            done(record)
+            if name == f"fsdp{gpus}" and length == lengths[0][0] and record["rc"] == 0:
                 emit(restore_and_generate(record["workdir"]))
     report(records)
 
