@@ -69,11 +69,22 @@ def case_config(name: str, impl: str, length: int, batch: int):
     return cfg
 
 
+_INITS = {}
+
+
+def initialiser(model, tx, model_cfg):
+    """The jitted state initialiser, one per model: every length of a config shares its compile."""
+    if model_cfg not in _INITS:
+        _INITS[model_cfg] = jax.jit(lambda rng: train_lib.init_state(model, tx, rng))
+    return _INITS[model_cfg]
+
+
 def lower(cfg):
     """The training step lowered for abstract inputs, and the state's initialiser."""
-    model = TransNormerLLM(config_lib.check(cfg))
+    model_cfg = config_lib.check(cfg)
+    model = TransNormerLLM(model_cfg)
     tx, schedule = train_lib.make_optimizer(cfg)
-    init = jax.jit(lambda rng: train_lib.init_state(model, tx, rng))
+    init = initialiser(model, tx, model_cfg)
     state = jax.eval_shape(init, jax.random.key(0))
     batch = jax.ShapeDtypeStruct((1, cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32)
     step = jax.jit(train_lib.make_train_step(model, schedule), donate_argnums=0)
