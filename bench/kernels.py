@@ -10,12 +10,13 @@ table.md, speed_vs_length.png, memory_vs_length.png.
     python bench/kernels.py --out /tmp/bench --stages check,table  # a part
 
 Stages: tests (tests/test_pallas.py on this device), check, sweep (block sizes of one kernel
-call), table, fla, memory, speed (against length), plots. Timings are medians over groups of
+call), segments (sequence split), table, fla, memory, speed (against length), plots. Timings are medians over groups of
 back-to-back calls (async dispatch keeps the GPU busy), inputs alternate between two random sets.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -38,6 +39,9 @@ SHAPES = [  # batch, seq, heads, head dim (KERNELS.md §3)
     (4, 8192, 32, 128),
     (8, 2048, 32, 128),
 ]
+# Few (batch x head) programs, where splitting the sequence matters most: the 385M (8 heads) and
+# the 1B (16 heads) at batch 1 and 32K tokens, the longest rows of bench/train_throughput.py.
+SEGMENT_SHAPES = [(1, 32768, 8, 128), (1, 32768, 16, 128)]
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]  # memory and speed against length
 LENGTH_BH = (1, 16)  # batch, heads of the length sweep
 # Ragged lengths, an initial state, float32 and dk != dv (layer 0 of the releases): checked, not
@@ -212,7 +216,7 @@ def stage_check(results):
 
 
 def stage_sweep(results, configs, shapes):
-    """Times one kernel call (forward or reverse direction) for several block configurations."""
+    """Times one kernel call (forward or reverse direction, one segment) for several blocks."""
     log("== block-size sweep of one kernel call (ms)")
     rows = []
     for shape in shapes:
@@ -222,8 +226,8 @@ def stage_sweep(results, configs, shapes):
         for reverse in (False, True):
             for blocks in configs:
                 f = jax.jit(functools.partial(
-                    lightning.decay_attention, slopes=slopes, initial_state=None, seq_len=seq,
-                    reverse=reverse, store_final=True, blocks=blocks,
+                    lightning.decay_attention, slopes=slopes, initial_states=None, seq_len=seq,
+                    reverse=reverse, output=True, store_states=True, segments=1, blocks=blocks,
                     interpret=jax.default_backend() != "gpu"))
                 try:
                     ms = time_ms(lambda q, k, v, do: f(q, k, v), sets)
@@ -236,6 +240,34 @@ def stage_sweep(results, configs, shapes):
                 log(f"{str(shape):24s} {'rev' if reverse else 'fwd'} {blocks} "
                     f"{'%.3f' % ms if ms else err}")
     results["sweep"] = rows
+
+
+def stage_segments(results, shapes):
+    """Forward and forward+backward of ours with the sequence cut into 1, 2, 4, ... segments,
+    up to four waves of programs; the default choice is marked."""
+    log("== sequence segments (ms)")
+    cores = jax.devices()[0].core_count if jax.default_backend() == "gpu" else 132
+    rows = []
+    for shape in shapes:
+        batch, seq, heads, dim = shape
+        sets = [make_inputs(s, batch, seq, heads, dim, jnp.bfloat16) for s in (12, 13)]
+        slopes = attention.alibi_slopes(heads)
+        base = lightning.default_plan(dim, dim)
+        programs = dim // base.fwd.block_v * heads * batch
+        auto = lightning.default_segments(programs, seq // base.fwd.chunk, cores)
+        segments = 1
+        while segments == 1 or (programs * segments <= 4 * cores
+                                and seq // base.fwd.chunk >= segments * 2):
+            plan = dataclasses.replace(base, segments=segments)
+            fwd, fwd_bwd = fwd_and_fwd_bwd(
+                lambda q, k, v, plan=plan: lightning.lightning_attention(q, k, v, slopes,
+                                                                         plan=plan)[0])
+            row = {"shape": shape, "segments": segments, "default": segments == auto,
+                   "fwd": time_ms(fwd, [s[:3] for s in sets]), "fwd_bwd": time_ms(fwd_bwd, sets)}
+            rows.append(row)
+            log(json.dumps(row))
+            segments *= 2
+    results["segments"] = rows
 
 
 def stage_table(results, bandwidth):
@@ -334,6 +366,24 @@ def fla_worker(out):
     res["check"] = {"o": rel(o, t["o"]), "dq": rel(q.grad, t["dq"]), "dk": rel(k.grad, t["dk"]),
                     "dv": rel(v.grad, t["dv"])}
     print("FLA check", res["check"], flush=True)
+    def b2b_ms(f, arg_sets, group_ms=30.0, groups=7):
+        """time_ms's method on the torch side: means of back-to-back calls, median of groups."""
+        for args in arg_sets:
+            f(*args)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        f(*arg_sets[0])
+        torch.cuda.synchronize()
+        n = max(2, int(group_ms / max((time.perf_counter() - t0) * 1e3, 1e-3)))
+        means = []
+        for _ in range(groups):
+            t0 = time.perf_counter()
+            for i in range(n):
+                f(*arg_sets[i % len(arg_sets)])
+            torch.cuda.synchronize()
+            means.append((time.perf_counter() - t0) * 1e3 / n)
+        return statistics.median(means)
+
     for shape in SHAPES:
         batch, seq, heads, dim = shape
         gen = torch.Generator(device=dev).manual_seed(0)
@@ -341,17 +391,27 @@ def fla_worker(out):
         def randn(*s):
             return torch.randn(*s, device=dev, generator=gen)
 
-        q = torch.nn.functional.silu(randn(batch, seq, heads, dim)).bfloat16().requires_grad_()
-        k = torch.nn.functional.silu(randn(batch, seq, heads, dim)).bfloat16().requires_grad_()
-        v = randn(batch, seq, heads, dim).bfloat16().requires_grad_()
-        do = randn(batch, seq, heads, dim).bfloat16()
+        sets = []
+        for _ in range(2):  # two input sets, alternated by the back-to-back timing like ours
+            q = torch.nn.functional.silu(randn(batch, seq, heads, dim)).bfloat16().requires_grad_()
+            k = torch.nn.functional.silu(randn(batch, seq, heads, dim)).bfloat16().requires_grad_()
+            v = randn(batch, seq, heads, dim).bfloat16().requires_grad_()
+            sets.append((q, k, v, randn(batch, seq, heads, dim).bfloat16()))
+        q, k, v, do = sets[0]
         slopes = t[f"slopes_{heads}"]
+
+        def fwd_bwd(q, k, v, do):
+            o = attn(q, k, v, slopes)
+            return o, torch.autograd.grad(o, (q, k, v), do)
+
         with torch.no_grad():
             fwd = triton.testing.do_bench(lambda: attn(q, k, v, slopes), return_mode="median")
-        fwd_bwd = triton.testing.do_bench(lambda: attn(q, k, v, slopes).backward(do),
-                                          grad_to_none=[q, k, v], return_mode="median")
-        res["rows"].append({"shape": shape, "fla_fwd": fwd, "fla_fwd_bwd": fwd_bwd})
-        print("FLA", shape, fwd, fwd_bwd, flush=True)
+            fwd_b2b = b2b_ms(lambda q, k, v, do: attn(q, k, v, slopes), sets)
+        fwd_bwd_do_bench = triton.testing.do_bench(lambda: attn(q, k, v, slopes).backward(do),
+                                                   grad_to_none=[q, k, v], return_mode="median")
+        res["rows"].append({"shape": shape, "fla_fwd": fwd_b2b, "fla_fwd_bwd": b2b_ms(fwd_bwd, sets),
+                            "fla_fwd_do_bench": fwd, "fla_fwd_bwd_do_bench": fwd_bwd_do_bench})
+        print("FLA", res["rows"][-1], flush=True)
         with open(os.path.join(out, "fla.json"), "w") as f:  # after each shape: partial results count
             json.dump(res, f)
 
@@ -441,8 +501,9 @@ def main():
     parser.add_argument("--fla-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.smoke:
-        global SHAPES, LENGTHS, LENGTH_BH, FLA_CHECK_SHAPE, EXTRA_CHECKS
+        global SHAPES, LENGTHS, LENGTH_BH, FLA_CHECK_SHAPE, EXTRA_CHECKS, SEGMENT_SHAPES
         SHAPES, LENGTHS, LENGTH_BH = [(1, 128, 2, 64), (2, 64, 1, 64)], [64, 128], (1, 2)
+        SEGMENT_SHAPES = [(1, 512, 1, 64)]
         EXTRA_CHECKS = [((1, 50, 2, 32, 16), "float32", True)]
         FLA_CHECK_SHAPE = (1, 64, 2, 64)
     os.makedirs(args.out, exist_ok=True)
@@ -474,6 +535,8 @@ def main():
         elif stage == "sweep":
             configs = [lightning.Blocks(*map(int, c.split(":"))) for c in args.sweep.split(",")]
             stage_sweep(results, configs, SHAPES)
+        elif stage == "segments":
+            stage_segments(results, SHAPES + SEGMENT_SHAPES)
         elif stage == "table":
             stage_table(results, results["bandwidth"])
         elif stage == "fla":

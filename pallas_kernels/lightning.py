@@ -15,7 +15,11 @@ the same kernel with the roles of the tensors exchanged (KERNELS.md §1):
     dV = op_rev(K, Q, dO; state dS)          reverse sweep; its final state is d(initial state)
 
 Each program owns one (batch, head) and one `block_v`-wide tile of the value dimension: the rows
-of the state are independent, so value tiles split the work without any reduction.
+of the state are independent, so value tiles split the work without any reduction. When batch x
+heads x tiles is too small to fill the GPU, the sequence is also cut into segments swept in
+parallel: a first pass (the same kernel without outputs) gives each segment's own state, a small
+product over segments (`entering_states`) gives the state entering each one, and the sweeps then
+start from those states. The forward states are kept for dQ; dK and dV share one reverse pass.
 
 Matmul operands are the input dtype (bf16 on the fast path) with float32 accumulation; the state,
 the decay factors and every sum are float32. float32 inputs use IEEE float32 dots (no TF32).
@@ -40,6 +44,7 @@ DTYPES = (jnp.bfloat16, jnp.float32)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 CHUNK_SIZES = (16, 32, 64, 128)
 _MAX_GRID_YZ = 65535  # CUDA limit on the grid's y and z extents (heads, batch)
+MIN_SEGMENT_CHUNKS = 4  # shortest sequence segment a program sweeps alone (default_segments)
 _STATE_ELEMS = 128 * 64  # float32 state elements per program: 32 registers a thread at 8 warps
 
 
@@ -60,12 +65,14 @@ class Blocks:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Blocks of the four kernel calls: forward, and the dQ, dK, dV calls of the backward pass."""
+    """Blocks of the four kernel calls (forward, and the dQ, dK, dV calls of the backward pass)
+    and the number of sequence segments each (batch, head) is split into."""
 
     fwd: Blocks
     dq: Blocks
     dk: Blocks
     dv: Blocks
+    segments: Optional[int] = None  # sequence segments per (batch, head); None: default_segments
 
 
 def default_plan(dk: int, dv: int, chunk_size: int = 64) -> Plan:
@@ -85,102 +92,137 @@ def default_plan(dk: int, dv: int, chunk_size: int = 64) -> Plan:
     return Plan(fwd=blocks(dk, dv), dq=blocks(dv, dk), dk=blocks(dv, dk), dv=blocks(dk, dv))
 
 
+def default_segments(programs: int, num_chunks: int, multiprocessors: int) -> int:
+    """Sequence segments per (batch, head): the largest power of two that keeps the programs of a
+    sweep within one wave on the GPU, and segments of at least MIN_SEGMENT_CHUNKS chunks.
+
+    A program sweeps its chunks one after another (each chunk waits for the state of the one
+    before), so `programs` (value tiles x heads x batch) below the multiprocessor count leave
+    the GPU idle; splitting the sequence multiplies them, for one extra pass over k, v (the
+    segments' own states) and a small product over segments.
+    """
+    segments = 1
+    while (programs * segments * 2 <= multiprocessors
+           and num_chunks >= 2 * segments * MIN_SEGMENT_CHUNKS):
+        segments *= 2
+    return segments
+
+
 # ----------------------------------------------------------------------------------------------
 # the kernel
 # ----------------------------------------------------------------------------------------------
 def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int, chunk: int,
-                            reverse: bool, has_initial: bool, store_final: bool):
-    """One (value tile, head, batch) program.
+                            seg_chunks: int, tiles: int, reverse: bool, has_initial: bool,
+                            output: bool, store_state: bool):
+    """One (segment and value tile, head, batch) program: the chunks of one sequence segment.
 
-    Refs: slope [1] f32; q, k [seq_pad, dqk]; v [seq_pad, block_v]; then optionally the initial
-    state [dqk, block_v] f32, the output o [seq_pad, block_v], optionally the final state.
+    Refs: slope [1] f32; q, k [seq_pad, dqk]; v [seq_pad, block_v]; then optionally the state
+    entering the segment [dqk, block_v] f32, the output o [seq_pad, block_v] (when `output`), and
+    the state leaving the segment (when `store_state`). Without `output` q is never read: the
+    program only accumulates the segment's state.
     """
     refs = list(refs)
     s0_ref = refs.pop(0) if has_initial else None
-    o_ref = refs.pop(0)
-    s_final_ref = refs.pop(0) if store_final else None
-    num_chunks = q_ref.shape[0] // chunk
-    dqk, block_v = q_ref.shape[1], v_ref.shape[1]
+    o_ref = refs.pop(0) if output else None
+    s_out_ref = refs.pop(0) if store_state else None
+    dqk, block_v = k_ref.shape[1], v_ref.shape[1]
+    first_chunk = (pl.program_id(0) // tiles) * seg_chunks
     f32 = jnp.float32
     dot = functools.partial(lax.dot_general, precision=lax.Precision.HIGHEST,
                             preferred_element_type=f32)
 
     neg_s = -slope_ref[0]
     r = jnp.arange(chunk, dtype=jnp.int32)
-    # Intra-chunk decay D[t, j] = lambda^|t-j| on the causal side (j <= t; t <= j in reverse),
-    # built from token indices once per program.
-    causal = (r[None, :] <= r[:, None]) if not reverse else (r[None, :] >= r[:, None])
-    dist = jnp.abs(r[:, None] - r[None, :]).astype(f32)
-    intra_decay = jnp.where(causal, jnp.exp(neg_s * dist), 0.0)
+    if output:
+        # Intra-chunk decay D[t, j] = lambda^|t-j| on the causal side (j <= t; t <= j in
+        # reverse), built from token indices once per program.
+        causal = (r[None, :] <= r[:, None]) if not reverse else (r[None, :] >= r[:, None])
+        dist = jnp.abs(r[:, None] - r[None, :]).astype(f32)
+        intra_decay = jnp.where(causal, jnp.exp(neg_s * dist), 0.0)
 
     def body(i, state):
-        c = num_chunks - 1 - i if reverse else i
+        c = first_chunk + (seg_chunks - 1 - i if reverse else i)
         start = pl.multiple_of(c * chunk, chunk)
         rows = pl.ds(start, chunk)
-        q = q_ref[rows, :]
         k = k_ref[rows, :]
         v = v_ref[rows, :]
-        # Only the last chunk can be short; exponents use its true length so that padding rows
-        # (zeros) neither decay the state nor receive it.
-        length = jnp.minimum(chunk, seq_len - start)
+        # Chunks past the true length are padding (zeros); exponents use each chunk's true length
+        # so that padding rows neither decay the state nor receive it.
+        length = jnp.clip(seq_len - start, 0, chunk)
         valid = r < length
         if reverse:  # row t sees the state of tokens after the chunk through lambda^(len-1-t)
             q_exp, k_exp = length - 1 - r, r + 1
         else:  # row t sees the state of tokens before the chunk through lambda^(t+1)
             q_exp, k_exp = r + 1, length - 1 - r
-        q_decay = jnp.where(valid, jnp.exp(neg_s * q_exp.astype(f32)), 0.0)
         k_decay = jnp.where(valid, jnp.exp(neg_s * k_exp.astype(f32)), 0.0)
         chunk_decay = jnp.exp(neg_s * length.astype(f32))
-
-        scores = dot(q, k, (((1,), (1,)), ((), ())))  # [C, C]
-        o = dot((scores * intra_decay).astype(v.dtype), v, (((1,), (0,)), ((), ())))
-        # Row scaling commutes with the product: (lambda^e * Q) S = lambda^e * (Q S), so q stays
-        # exact and only the state is rounded to the operand dtype.
-        o += q_decay[:, None] * dot(q, state.astype(q.dtype), (((1,), (0,)), ((), ())))
-        o_ref[rows, :] = o.astype(o_ref.dtype)
+        if output:
+            q = q_ref[rows, :]
+            q_decay = jnp.where(valid, jnp.exp(neg_s * q_exp.astype(f32)), 0.0)
+            scores = dot(q, k, (((1,), (1,)), ((), ())))  # [C, C]
+            o = dot((scores * intra_decay).astype(v.dtype), v, (((1,), (0,)), ((), ())))
+            # Row scaling commutes with the product: (lambda^e * Q) S = lambda^e * (Q S), so q
+            # stays exact and only the state is rounded to the operand dtype.
+            o += q_decay[:, None] * dot(q, state.astype(q.dtype), (((1,), (0,)), ((), ())))
+            o_ref[rows, :] = o.astype(o_ref.dtype)
         k_scaled = (k * k_decay[:, None]).astype(k.dtype)
         return chunk_decay * state + dot(k_scaled, v, (((0,), (0,)), ((), ())))  # [dqk, block_v]
 
     state = s0_ref[...] if has_initial else jnp.zeros((dqk, block_v), f32)
-    state = lax.fori_loop(0, num_chunks, body, state)
-    if store_final:
-        s_final_ref[...] = state
+    state = lax.fori_loop(0, seg_chunks, body, state)
+    if store_state:
+        s_out_ref[...] = state
 
 
-def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_state: Optional[Array],
-                    *, seq_len: int, reverse: bool, store_final: bool, blocks: Blocks,
-                    interpret: bool) -> Tuple[Array, Optional[Array]]:
-    """One kernel launch over padded inputs.
+def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states: Optional[Array],
+                    *, seq_len: int, reverse: bool, output: bool, store_states: bool,
+                    segments: int, blocks: Blocks, interpret: bool) -> Tuple[Optional[Array], Optional[Array]]:
+    """One kernel launch over padded inputs, one program per (segment, value tile, head, batch).
+
+    The sequence is cut into `segments` equal runs of whole chunks, each swept by its own
+    programs from the state that enters it.
 
     Args:
       q, k: [batch, seq_pad, heads, dqk]; v: [batch, seq_pad, heads, dv], one dtype, seq_pad a
         multiple of blocks.chunk and rows from seq_len on zero.
-      slopes: [heads] f32. initial_state: None or [batch, heads, dqk, dv] f32.
-      seq_len: true sequence length; reverse: anti-causal sums, state entering from the end.
+      slopes: [heads] f32.
+      initial_states: None (zero states) or [batch, heads, segments, dqk, dv] f32, the state
+        entering each segment (from its end when reverse).
+      seq_len: true sequence length; reverse: anti-causal sums, states entering from the end.
+      output: compute o; without it only the segments' states are computed and q is not read.
+      store_states: return the state leaving each segment, computed from its entering state.
+      segments: sequence segments, dividing seq_pad / blocks.chunk.
     Returns:
-      o: [batch, seq_pad, heads, dv] in v's dtype (rows from seq_len on are not meaningful), and
-      the state after the last (first, when reverse) token, [batch, heads, dqk, dv] f32, or None.
+      o: [batch, seq_pad, heads, dv] in v's dtype (rows from seq_len on are not meaningful) or
+      None; the states leaving the segments, [batch, heads, segments, dqk, dv] f32, or None.
     """
     batch, seq_pad, heads, dqk = q.shape
     dv = v.shape[-1]
     bv = blocks.block_v
-    has_initial = initial_state is not None
-    grid = (dv // bv, heads, batch)  # value tiles vary fastest: a head's tiles share q, k in L2
+    tiles = dv // bv
+    num_chunks = seq_pad // blocks.chunk
+    grid = (segments * tiles, heads, batch)  # value tiles vary fastest: they share q, k in L2
     qk_spec = pl.BlockSpec((None, seq_pad, None, dqk), lambda j, h, b: (b, 0, h, 0))
-    v_spec = pl.BlockSpec((None, seq_pad, None, bv), lambda j, h, b: (b, 0, h, j))
-    state_spec = pl.BlockSpec((None, None, dqk, bv), lambda j, h, b: (b, h, 0, j))
+    v_spec = pl.BlockSpec((None, seq_pad, None, bv), lambda j, h, b: (b, 0, h, j % tiles))
+    state_spec = pl.BlockSpec((None, None, None, dqk, bv),
+                              lambda j, h, b: (b, h, j // tiles, 0, j % tiles))
     in_specs = [pl.BlockSpec((1,), lambda j, h, b: (h,)), qk_spec, qk_spec, v_spec]
     args = [slopes, q, k, v]
-    if has_initial:
+    if initial_states is not None:
         in_specs.append(state_spec)
-        args.append(initial_state)
-    out_specs = [v_spec]
-    out_shape = [jax.ShapeDtypeStruct(v.shape, v.dtype)]
-    if store_final:
+        args.append(initial_states)
+    out_specs, out_shape = [], []
+    if output:
+        out_specs.append(v_spec)
+        out_shape.append(jax.ShapeDtypeStruct(v.shape, v.dtype))
+    if store_states:
         out_specs.append(state_spec)
-        out_shape.append(jax.ShapeDtypeStruct((batch, heads, dqk, dv), jnp.float32))
-    kernel = functools.partial(_decay_attention_kernel, seq_len=seq_len, chunk=blocks.chunk,
-                               reverse=reverse, has_initial=has_initial, store_final=store_final)
+        out_shape.append(jax.ShapeDtypeStruct((batch, heads, segments, dqk, dv), jnp.float32))
+    kernel = functools.partial(
+        _decay_attention_kernel, seq_len=seq_len, chunk=blocks.chunk,
+        seg_chunks=num_chunks // segments, tiles=tiles, reverse=reverse,
+        has_initial=initial_states is not None, output=output, store_state=store_states)
+    name = "lightning_attention_" + ("reverse" if reverse else "forward")
     outs = pl.pallas_call(
         kernel,
         grid=grid,
@@ -190,36 +232,115 @@ def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_state: 
         compiler_params=pl_triton.CompilerParams(num_warps=blocks.num_warps,
                                                  num_stages=blocks.num_stages),
         interpret=interpret,
-        name="lightning_attention_" + ("reverse" if reverse else "forward"),
+        name=name if output else name + "_states",
     )(*args)
-    return outs[0], (outs[1] if store_final else None)
+    outs = list(outs)
+    o = outs.pop(0) if output else None
+    return o, (outs.pop(0) if store_states else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# sequence segments: the states that enter them
+# ----------------------------------------------------------------------------------------------
+def entering_states(local: Array, initial_state: Optional[Array], slopes: Array, *, seq_len: int,
+                    seg_len: int, reverse: bool) -> Array:
+    """The state entering every segment, and the state after the whole sequence.
+
+    A segment's own state (its tokens swept from a zero state) reaches a later position p
+    decayed by lambda^(p - its end), an earlier one (reverse) by lambda^(its start - p), so the
+    states entering all segments are one small product over segments instead of a serial pass.
+
+    Args:
+      local: [batch, heads, segments, dk, dv] f32, each segment's own state (decay_attention
+        with store_states and no initial states).
+      initial_state: None or [batch, heads, dk, dv] f32, the state before the first token (after
+        the last one when reverse).
+      slopes: [heads] f32; seq_len: true length; seg_len: tokens per segment (padded).
+    Returns:
+      [batch, heads, segments + 1, dk, dv] f32: row s < segments enters segment s (at its start;
+      at its end when reverse), the last row is the state after the whole sequence.
+    """
+    segments = local.shape[2]
+    t = jnp.arange(segments)
+    begin = jnp.minimum(t * seg_len, seq_len)
+    end = jnp.minimum((t + 1) * seg_len, seq_len)
+    rows = jnp.arange(segments + 1)
+    last = jnp.array([seq_len if not reverse else 0])
+    if not reverse:  # row s: the position before segment s; segments t < s reach it
+        position = jnp.concatenate([begin, last])
+        dist, reaches = position[:, None] - end[None, :], t[None, :] < rows[:, None]
+        initial_dist = position
+    else:  # row s: the position after segment s; segments t > s reach it
+        position = jnp.concatenate([end, last])
+        dist = begin[None, :] - position[:, None]
+        reaches = (t[None, :] > rows[:, None]) | (rows[:, None] == segments)
+        initial_dist = seq_len - position
+    neg_s = -slopes.astype(jnp.float32)[:, None, None]
+    weights = jnp.where(reaches, jnp.exp(neg_s * dist.astype(jnp.float32)), 0.0)  # [H, S+1, S]
+    states = jnp.einsum("hrt,bhtkv->bhrkv", weights, local, precision=lax.Precision.HIGHEST)
+    if initial_state is not None:
+        initial_decay = jnp.exp(neg_s[..., 0] * initial_dist.astype(jnp.float32))  # [H, S+1]
+        states += initial_decay[None, :, :, None, None] * initial_state[:, :, None]
+    return states
 
 
 # ----------------------------------------------------------------------------------------------
 # forward + backward as one differentiable function
 # ----------------------------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _lightning(q, k, v, slopes, initial_state, seq_len, plan, interpret):
-    o, final_state = decay_attention(q, k, v, slopes, initial_state, seq_len=seq_len, reverse=False,
-                                     store_final=True, blocks=plan.fwd, interpret=interpret)
-    return o, final_state
+def _forward(q, k, v, slopes, initial_state, seq_len, plan, segments, interpret):
+    """(o, final state) and the states entering the segments (None for one segment)."""
+    call = functools.partial(decay_attention, slopes=slopes, seq_len=seq_len, reverse=False,
+                             segments=segments, blocks=plan.fwd, interpret=interpret)
+    if segments == 1:  # one sweep per (batch, head): the state leaving it is the final state
+        s0 = None if initial_state is None else initial_state[:, :, None]
+        o, final = call(q, k, v, initial_states=s0, output=True, store_states=True)
+        return (o, final[:, :, 0]), None
+    _, local = call(q, k, v, initial_states=None, output=False, store_states=True)
+    states = entering_states(local, initial_state, slopes, seq_len=seq_len,
+                             seg_len=q.shape[1] // segments, reverse=False)
+    o, _ = call(q, k, v, initial_states=states[:, :, :-1], output=True, store_states=False)
+    return (o, states[:, :, -1]), states[:, :, :-1]
 
 
-def _lightning_fwd(q, k, v, slopes, initial_state, seq_len, plan, interpret):
-    out = _lightning(q, k, v, slopes, initial_state, seq_len, plan, interpret)
-    return out, (q, k, v, slopes, initial_state)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _lightning(q, k, v, slopes, initial_state, seq_len, plan, segments, interpret):
+    return _forward(q, k, v, slopes, initial_state, seq_len, plan, segments, interpret)[0]
 
 
-def _lightning_bwd(seq_len, plan, interpret, residuals, cotangents):
-    q, k, v, slopes, initial_state = residuals
+def _lightning_fwd(q, k, v, slopes, initial_state, seq_len, plan, segments, interpret):
+    out, entering = _forward(q, k, v, slopes, initial_state, seq_len, plan, segments, interpret)
+    return out, (q, k, v, slopes, initial_state, entering)
+
+
+def _lightning_bwd(seq_len, plan, segments, interpret, residuals, cotangents):
+    q, k, v, slopes, initial_state, entering = residuals
     do, d_final = cotangents
-    call = functools.partial(decay_attention, slopes=slopes, seq_len=seq_len, interpret=interpret)
+    call = functools.partial(decay_attention, slopes=slopes, seq_len=seq_len, segments=segments,
+                             interpret=interpret)
     t = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
-    s0_t = None if initial_state is None else t(initial_state)
-    dq, _ = call(do, v, k, initial_state=s0_t, reverse=False, store_final=False, blocks=plan.dq)
-    dk, _ = call(v, do, q, initial_state=t(d_final), reverse=True, store_final=False, blocks=plan.dk)
-    dv, d_initial = call(k, q, do, initial_state=d_final, reverse=True,
-                         store_final=initial_state is not None, blocks=plan.dv)
+    # dQ sweeps forward with the transposed forward states; dK and dV sweep in reverse with dS
+    # (and its transpose), which enters from the end as the final state's cotangent.
+    if segments == 1:
+        s_fwd = None if initial_state is None else t(initial_state)[:, :, None]
+        ds = d_final[:, :, None]
+    else:
+        s_fwd = t(entering)
+        _, local = call(k, q, do, initial_states=None, reverse=True, output=False, store_states=True,
+                        blocks=plan.dv)
+        ds_all = entering_states(local, d_final, slopes, seq_len=seq_len,
+                                 seg_len=q.shape[1] // segments, reverse=True)
+        ds = ds_all[:, :, :-1]
+    dq, _ = call(do, v, k, initial_states=s_fwd, reverse=False, output=True, store_states=False, blocks=plan.dq)
+    dk, _ = call(v, do, q, initial_states=t(ds), reverse=True, output=True, store_states=False, blocks=plan.dk)
+    store = segments == 1 and initial_state is not None
+    dv, d_initial = call(k, q, do, initial_states=ds, reverse=True, output=True, store_states=store,
+                         blocks=plan.dv)
+    if initial_state is None:
+        d_initial = None
+    elif segments == 1:
+        d_initial = d_initial[:, :, 0]
+    else:
+        d_initial = ds_all[:, :, -1]
     # The slopes are fixed decay rates (SPEC.md §2), not parameters: no gradient flows to them.
     return dq, dk, dv, jnp.zeros_like(slopes), d_initial
 
@@ -234,6 +355,13 @@ _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 def _warn_interpret() -> None:
     warnings.warn("No GPU found: impl='pallas' runs its Pallas kernels in interpret mode, which is "
                   "slow; use impl='blockwise' for speed on this machine.", stacklevel=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors() -> int:
+    """Streaming multiprocessors of the local GPU; 1 elsewhere (interpret mode: no splitting)."""
+    device = jax.local_devices()[0]
+    return (getattr(device, "core_count", None) or 1) if device.platform == "gpu" else 1
 
 
 def _check(q: Array, k: Array, v: Array, chunk_size: int, plan: Optional[Plan]) -> None:
@@ -259,6 +387,9 @@ def _check(q: Array, k: Array, v: Array, chunk_size: int, plan: Optional[Plan]) 
             if blocks.chunk not in CHUNK_SIZES or value_dim % blocks.block_v:
                 raise ValueError(f"plan.{name} = {blocks} does not fit: its chunk must be one of "
                                  f"{CHUNK_SIZES} and its block_v divide {value_dim}.")
+        if plan.segments is not None and plan.segments < 1:
+            raise ValueError(f"plan.segments must be at least 1 (or None to choose), got "
+                             f"{plan.segments}.")
 
 
 def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
@@ -276,8 +407,8 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
       slopes: [heads] f32 decay rates s (lambda = exp(-s)); they get no gradient.
       initial_state: optional [batch, heads, dk, dv] f32 state of earlier tokens.
       chunk_size: tokens per chunk, 16, 32, 64 or 128 (of the default plan).
-      plan: block sizes of the four kernel calls, chunks included; default
-        `default_plan(dk, dv, chunk_size)`.
+      plan: block sizes of the four kernel calls, chunks included, and sequence segments;
+        default `default_plan(dk, dv, chunk_size)`, whose segments follow `default_segments`.
       interpret: run in Pallas interpret mode; default: only when JAX has no GPU.
     Returns:
       o: [batch, seq, heads, dv] in v's dtype; final_state: [batch, heads, dk, dv] f32.
@@ -292,11 +423,16 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
             _warn_interpret()
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)
-    seq_len = q.shape[1]
-    pad = -seq_len % chunk_size
+    batch, seq_len, heads = q.shape[:3]
+    segments = plan.segments
+    if segments is None:
+        programs = v.shape[-1] // plan.fwd.block_v * heads * batch
+        segments = default_segments(programs, -(-seq_len // chunk_size), _multiprocessors())
+    # Whole chunks of every kernel call in every segment; padding rows are zeros.
+    pad = -seq_len % (chunk_size * segments)
     if pad:
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
         q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
     o, final_state = _lightning(q, k, v, jnp.asarray(slopes, jnp.float32), initial_state, seq_len,
-                                plan, bool(interpret))
+                                plan, segments, bool(interpret))
     return o[:, :seq_len], final_state

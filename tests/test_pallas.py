@@ -4,6 +4,7 @@ On a machine without a GPU the kernels run in interpret mode; on a GPU the same 
 compiled kernels (bench/kernels.py runs them there before timing anything). Shapes are small and
 chunks short so that every case has several chunks and a ragged last one.
 """
+import dataclasses
 import warnings
 
 import jax
@@ -39,17 +40,41 @@ def random_inputs(seed, batch, seq, heads, dk, dv, dtype, with_state):
     return q, k, v, slopes, s0, do, d_final
 
 
-def value_and_grads(impl, q, k, v, slopes, s0, do, d_final, chunk_size):
-    """(o, final state) and the gradients of <o, do> + <final, d_final> w.r.t. q, k, v (and s0)."""
+def value_and_grads(attn, q, k, v, s0, do, d_final):
+    """(o, final state) of attn(q, k, v, s0) and the gradients of <o, do> + <final, d_final>
+    w.r.t. q, k, v (and s0)."""
 
     def loss(q, k, v, s0):
-        o, final = attention.lightning_attention(q, k, v, slopes, impl=impl, chunk_size=chunk_size,
-                                                 initial_state=s0)
+        o, final = attn(q, k, v, s0)
         return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * d_final), (o, final)
 
     argnums = (0, 1, 2, 3) if s0 is not None else (0, 1, 2)
     grads, outs = jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(q, k, v, s0)
     return outs, grads
+
+
+def impl_attention(impl, slopes, chunk_size):
+    def attn(q, k, v, s0):
+        return attention.lightning_attention(q, k, v, slopes, impl=impl, chunk_size=chunk_size,
+                                             initial_state=s0)
+    return attn
+
+
+def assert_matches_reference(outs, grads, q, k, v, slopes, s0, do, d_final):
+    """Outputs and gradients against the float32 reference form on the same (upcast) inputs."""
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    (o_ref, final_ref), grads_ref = value_and_grads(impl_attention("reference", slopes, 16), *up,
+                                                    s0, do, d_final)
+    (o, final) = outs
+    tol = F32_TOL if q.dtype == jnp.float32 else BF16_TOL
+    assert o.shape == o_ref.shape and o.dtype == q.dtype
+    assert final.shape == final_ref.shape and final.dtype == jnp.float32
+    assert rel_rms(o, o_ref) <= tol
+    assert rel_rms(final, final_ref) <= tol
+    names = ("dq", "dk", "dv", "d_initial_state")
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert g.shape == g_ref.shape, name
+        assert rel_rms(g, g_ref) <= tol, (name, rel_rms(g, g_ref))
 
 
 CASES = [
@@ -65,19 +90,37 @@ CASES = [
 def test_outputs_states_and_gradients_match_reference(batch, seq, heads, dk, dv, dtype, with_state,
                                                       chunk):
     q, k, v, slopes, s0, do, d_final = random_inputs(0, batch, seq, heads, dk, dv, dtype, with_state)
-    (o, final), grads = value_and_grads("pallas", q, k, v, slopes, s0, do, d_final, chunk)
-    up = [x.astype(jnp.float32) for x in (q, k, v)]
-    (o_ref, final_ref), grads_ref = value_and_grads("reference", *up, slopes, s0, do, d_final, chunk)
+    outs, grads = value_and_grads(impl_attention("pallas", slopes, chunk), q, k, v, s0, do, d_final)
+    assert outs[1].shape == (batch, heads, dk, dv)
+    assert_matches_reference(outs, grads, q, k, v, slopes, s0, do, d_final)
 
-    tol = F32_TOL if dtype == jnp.float32 else BF16_TOL
-    assert o.shape == o_ref.shape and o.dtype == dtype
-    assert final.shape == (batch, heads, dk, dv) and final.dtype == jnp.float32
-    assert rel_rms(o, o_ref) <= tol
-    assert rel_rms(final, final_ref) <= tol
-    names = ("dq", "dk", "dv", "d_initial_state")
-    for name, g, g_ref in zip(names, grads, grads_ref):
-        assert g.shape == g_ref.shape, name
-        assert rel_rms(g, g_ref) <= tol, (name, rel_rms(g, g_ref))
+
+@pytest.mark.parametrize("batch,seq,heads,dk,dv,dtype,with_state,segments", [
+    pytest.param(2, 50, 2, 32, 32, jnp.float32, True, 3, id="f32-ragged-state-3-segments"),
+    pytest.param(1, 37, 1, 16, 16, jnp.float32, False, 8, id="f32-segments-past-the-end"),
+    pytest.param(1, 100, 2, 64, 32, jnp.bfloat16, True, 4, id="bf16-dk64-dv32-state-4-segments"),
+])
+def test_sequence_segments_match_reference(batch, seq, heads, dk, dv, dtype, with_state, segments):
+    """The sequence split across programs (entering states from the segments' own states) gives
+    the same outputs, final state and gradients as one sweep, also with padding segments."""
+    q, k, v, slopes, s0, do, d_final = random_inputs(5, batch, seq, heads, dk, dv, dtype, with_state)
+    plan = dataclasses.replace(lightning.default_plan(dk, dv, 16), segments=segments)
+
+    def attn(q, k, v, s0):
+        return lightning.lightning_attention(q, k, v, slopes, initial_state=s0, plan=plan)
+
+    outs, grads = value_and_grads(attn, q, k, v, s0, do, d_final)
+    assert_matches_reference(outs, grads, q, k, v, slopes, s0, do, d_final)
+
+
+def test_default_segments_fill_one_wave_of_programs():
+    # 16 programs (the 385M at batch 1) on 132 multiprocessors: 8 segments of 64 chunks each.
+    assert lightning.default_segments(16, 512, 132) == 8
+    # Enough programs already, or too few chunks to split: one segment.
+    assert lightning.default_segments(192, 128, 132) == 1
+    assert lightning.default_segments(16, 7, 132) == 1
+    # The shortest segment is MIN_SEGMENT_CHUNKS chunks.
+    assert lightning.default_segments(1, 4 * lightning.MIN_SEGMENT_CHUNKS, 132) == 4
 
 
 def test_single_token_and_many_heads():
@@ -139,11 +182,16 @@ def test_interpret_mode_warns_once_without_gpu():
     (dict(dv=512), "dv"),
     (dict(chunk=48), "chunk_size"),
     (dict(seq=0), "at least one token"),
+    (dict(segments=0), "segments"),
 ])
 def test_unsupported_inputs_fail_with_a_clear_error(change, match):
     shape = dict(seq=8, dk=16, dv=16, chunk=16, dtype=jnp.bfloat16)
     shape.update(change)
     q = jnp.ones((1, shape["seq"], 2, shape["dk"]), shape["dtype"])
     v = jnp.ones((1, shape["seq"], 2, shape["dv"]), change.get("v_dtype", shape["dtype"]))
+    plan = None
+    if "segments" in change:
+        plan = dataclasses.replace(lightning.default_plan(16, 16, 16), segments=change["segments"])
     with pytest.raises(ValueError, match=match):
-        lightning.lightning_attention(q, q, v, attention.alibi_slopes(2), chunk_size=shape["chunk"])
+        lightning.lightning_attention(q, q, v, attention.alibi_slopes(2), chunk_size=shape["chunk"],
+                                      plan=plan)
