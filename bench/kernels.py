@@ -9,8 +9,8 @@ table.md, speed_vs_length.png, memory_vs_length.png.
     python bench/kernels.py --out /tmp/bench                      # everything
     python bench/kernels.py --out /tmp/bench --stages check,table  # a part
 
-Stages: tests (tests/test_pallas.py on this device), check, sweep (block sizes of one kernel
-call), segments (sequence split), table, fla, memory, speed (against length), plots. Timings are medians over groups of
+Stages: tests (tests/test_pallas.py on this device), check, sweep (one Blocks for all four kernel
+calls, --sweep), segments (sequence split), table, fla, memory, speed (against length), plots. Timings are medians over groups of
 back-to-back calls (async dispatch keeps the GPU busy), inputs alternate between two random sets.
 """
 from __future__ import annotations
@@ -216,29 +216,30 @@ def stage_check(results):
 
 
 def stage_sweep(results, configs, shapes):
-    """Times one kernel call (forward or reverse direction, one segment) for several blocks."""
-    log("== block-size sweep of one kernel call (ms)")
+    """Forward and forward+backward of ours with one Blocks for all four kernel calls and the
+    default segments for it; the forward output checked against the float32 blockwise form."""
+    log("== block-size sweep: forward and forward+backward (ms)")
     rows = []
     for shape in shapes:
         batch, seq, heads, dim = shape
         sets = [make_inputs(s, batch, seq, heads, dim, jnp.bfloat16) for s in (3, 4)]
         slopes = attention.alibi_slopes(heads)
-        for reverse in (False, True):
-            for blocks in configs:
-                f = jax.jit(functools.partial(
-                    lightning.decay_attention, slopes=slopes, initial_states=None, seq_len=seq,
-                    reverse=reverse, output=True, store_states=True, segments=1, blocks=blocks,
-                    interpret=jax.default_backend() != "gpu"))
-                try:
-                    ms = time_ms(lambda q, k, v, do: f(q, k, v), sets)
-                except Exception as e:  # a config that does not compile is a result too
-                    ms, err = None, f"{type(e).__name__}: {str(e)[:300]}"
-                else:
-                    err = None
-                rows.append({"shape": shape, "reverse": reverse, "blocks": blocks.__dict__,
-                             "ms": ms, "error": err})
-                log(f"{str(shape):24s} {'rev' if reverse else 'fwd'} {blocks} "
-                    f"{'%.3f' % ms if ms else err}")
+        ref = attention.lightning_attention(*(x.astype(jnp.float32) for x in sets[0][:3]), slopes,
+                                            impl="blockwise")[0]
+        for blocks in configs:
+            plan = lightning.Plan(fwd=blocks, dq=blocks, dk=blocks, dv=blocks)
+            fwd, fwd_bwd = fwd_and_fwd_bwd(
+                lambda q, k, v, plan=plan: lightning.lightning_attention(q, k, v, slopes,
+                                                                         plan=plan)[0])
+            row = {"shape": shape, "blocks": blocks.__dict__}
+            try:  # a config that does not compile is a result too
+                row["o_error"] = rel_rms(fwd(*sets[0][:3]), ref)
+                row["fwd"] = time_ms(fwd, [s[:3] for s in sets])
+                row["fwd_bwd"] = time_ms(fwd_bwd, sets)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
+            log(json.dumps(row))
     results["sweep"] = rows
 
 
@@ -496,6 +497,8 @@ def main():
     parser.add_argument("--out", required=True, help="folder for results.json, table.md, plots")
     parser.add_argument("--stages", default="tests,check,table,fla,memory,speed,plots")
     parser.add_argument("--sweep", default="", help="block configs C:bv:warps:stages,... for 'sweep'")
+    parser.add_argument("--sweep_shapes", default="0,1,2",
+                        help="indices into SHAPES of the shapes 'sweep' runs")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, to check this script end to end on a CPU")
     parser.add_argument("--fla-worker", action="store_true", help=argparse.SUPPRESS)
@@ -534,7 +537,8 @@ def main():
                 sys.exit(1)
         elif stage == "sweep":
             configs = [lightning.Blocks(*map(int, c.split(":"))) for c in args.sweep.split(",")]
-            stage_sweep(results, configs, SHAPES)
+            stage_sweep(results, configs, [SHAPES[int(i)] for i in args.sweep_shapes.split(",")
+                                          if int(i) < len(SHAPES)])
         elif stage == "segments":
             stage_segments(results, SHAPES + SEGMENT_SHAPES)
         elif stage == "table":

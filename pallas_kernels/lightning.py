@@ -45,6 +45,7 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 CHUNK_SIZES = (16, 32, 64, 128)
 _MAX_GRID_YZ = 65535  # CUDA limit on the grid's y and z extents (heads, batch)
 MIN_SEGMENT_CHUNKS = 4  # shortest sequence segment a program sweeps alone (default_segments)
+STATES_PASS_COST = 0.4  # the segments' states pass, as a fraction of a sweep (measured on H100)
 _STATE_ELEMS = 128 * 64  # float32 state elements per program: 32 registers a thread at 8 warps
 
 
@@ -93,19 +94,28 @@ def default_plan(dk: int, dv: int, chunk_size: int = 64) -> Plan:
 
 
 def default_segments(programs: int, num_chunks: int, multiprocessors: int) -> int:
-    """Sequence segments per (batch, head): the largest power of two that keeps the programs of a
-    sweep within one wave on the GPU, and segments of at least MIN_SEGMENT_CHUNKS chunks.
+    """Sequence segments per (batch, head), from a cost model of one sweep.
 
     A program sweeps its chunks one after another (each chunk waits for the state of the one
-    before), so `programs` (value tiles x heads x batch) below the multiprocessor count leave
-    the GPU idle; splitting the sequence multiplies them, for one extra pass over k, v (the
-    segments' own states) and a small product over segments.
+    before) and one program fills a multiprocessor, so a sweep takes about waves x chunks per
+    segment, waves = ceil(programs x segments / multiprocessors). Segments beyond one add the
+    pass that computes their own states, measured at ~40 % of a sweep (bench/NOTES.md, session
+    3). Among powers of two with segments of at least MIN_SEGMENT_CHUNKS chunks the cheapest
+    wins; of equal costs, the largest that keeps the programs within two waves (measured
+    fastest: the second wave hides the first one's tail).
     """
-    segments = 1
-    while (programs * segments * 2 <= multiprocessors
-           and num_chunks >= 2 * segments * MIN_SEGMENT_CHUNKS):
-        segments *= 2
-    return segments
+
+    def cost(segments: int) -> float:
+        waves = -(-programs * segments // multiprocessors)
+        return waves * num_chunks / segments * (1.0 if segments == 1 else 1.0 + STATES_PASS_COST)
+
+    candidates = [1]
+    while num_chunks >= 2 * candidates[-1] * MIN_SEGMENT_CHUNKS:
+        candidates.append(2 * candidates[-1])
+    best = min(cost(s) for s in candidates)
+    cheapest = [s for s in candidates if cost(s) <= best * (1 + 1e-9)]
+    within_two_waves = [s for s in cheapest if programs * s <= 2 * multiprocessors]
+    return max(within_two_waves) if within_two_waves else min(cheapest)
 
 
 # ----------------------------------------------------------------------------------------------

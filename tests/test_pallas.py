@@ -113,14 +113,19 @@ def test_sequence_segments_match_reference(batch, seq, heads, dk, dv, dtype, wit
     assert_matches_reference(outs, grads, q, k, v, slopes, s0, do, d_final)
 
 
-def test_default_segments_fill_one_wave_of_programs():
-    # 16 programs (the 385M at batch 1) on 132 multiprocessors: 8 segments of 64 chunks each.
-    assert lightning.default_segments(16, 512, 132) == 8
-    # Enough programs already, or too few chunks to split: one segment.
+def test_default_segments_follow_the_cost_model():
+    # Few programs on 132 multiprocessors: split until about two waves (measured fastest).
+    assert lightning.default_segments(16, 512, 132) == 16  # the 385M at batch 1, 32K tokens
+    assert lightning.default_segments(32, 512, 132) == 8   # the 1B likewise
+    assert lightning.default_segments(64, 256, 132) == 4   # B=2, H=16, two value tiles, 16K
+    # A full wave or more already: the states pass would cost more than the idle SMs.
+    assert lightning.default_segments(128, 32, 132) == 1
     assert lightning.default_segments(192, 128, 132) == 1
+    # Too few chunks to split, and the shortest segment of MIN_SEGMENT_CHUNKS chunks.
     assert lightning.default_segments(16, 7, 132) == 1
-    # The shortest segment is MIN_SEGMENT_CHUNKS chunks.
     assert lightning.default_segments(1, 4 * lightning.MIN_SEGMENT_CHUNKS, 132) == 4
+    # No GPU (one "multiprocessor"): never split.
+    assert lightning.default_segments(1, 1024, 1) == 1
 
 
 def test_single_token_and_many_heads():
