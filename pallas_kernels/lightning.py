@@ -46,8 +46,12 @@ CHUNK_SIZES = (16, 32, 64, 128)
 _MAX_GRID_YZ = 65535  # CUDA limit on the grid's y and z extents (heads, batch)
 MIN_SEGMENT_CHUNKS = 4  # shortest sequence segment a program sweeps alone (default_segments)
 STATES_PASS_COST = 0.4  # the segments' states pass, as a fraction of a sweep (measured on H100)
-_STATE_ELEMS = 128 * 64  # float32 state elements per program: 32 registers a thread at 8 warps
-
+_STATE_ELEMS = 128 * 64  # float32 state elements per program: 64 registers a thread at 4 warps
+MAX_STAGES = 4  # deepest software pipeline of the default plan (measured best on H100)
+# Shared memory one program may use, by compute capability (CUDA's opt-in limit per block); the
+# pipeline keeps num_stages chunks of q, k and v there.
+_SHARED_MEMORY = {"9.0": 232448, "8.0": 166912, "8.7": 166912}
+_SHARED_MEMORY_OTHER = 101376  # sm_86 / sm_89 and unknown devices
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
@@ -60,8 +64,8 @@ class Blocks:
 
     chunk: int = 64
     block_v: int = 64
-    num_warps: int = 8
-    num_stages: int = 2
+    num_warps: int = 4
+    num_stages: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,21 +80,42 @@ class Plan:
     segments: Optional[int] = None  # sequence segments per (batch, head); None: default_segments
 
 
-def default_plan(dk: int, dv: int, chunk_size: int = 64) -> Plan:
-    """Blocks for head dims dk (of q, k) and dv (of v).
+def default_plan(dk: int, dv: int, chunk_size: int = 64, *, itemsize: int = 2,
+                 batch_heads: Optional[int] = None, seq_len: Optional[int] = None,
+                 multiprocessors: int = 1, shared_memory: int = _SHARED_MEMORY["9.0"]) -> Plan:
+    """Blocks for head dims dk (of q, k) and dv (of v), measured on the H100 (bench/NOTES.md).
 
-    Each program keeps its [key dim, block_v] float32 state in registers. The measured
-    configuration (bench/NOTES.md: chunk 64, a [128, 64] state, 8 warps, 2 stages) compiles for
-    sm_90 without spills; larger states spill, so value tiles are sized to hold at most that
-    many elements: 64 columns for key dim 128, 32 for 256, up to 128 for 64.
+    Each program keeps its [key dim, block_v] float32 state in registers: value tiles hold at
+    most _STATE_ELEMS elements (64 columns for key dim 128, 32 for 256, up to 128 for 64), at 4
+    warps. The software pipeline is as deep as shared memory allows, up to MAX_STAGES chunks,
+    except where a second program per multiprocessor pays more: when one program each would
+    leave a last wave less than half full, 2 stages let two share a multiprocessor in one wave.
+
+    Args:
+      dk, dv: head dims; chunk_size: tokens per chunk; itemsize: bytes of an input element.
+      batch_heads, seq_len: batch x heads and the sequence length of the call; with them the
+        plan's segments come from `default_segments` and the pipeline depth from the waves.
+      multiprocessors, shared_memory: of the GPU (bytes per program).
     """
+    segments = None
+    if batch_heads is not None and seq_len is not None:
+        tiles = dv // max(16, min(dv, _STATE_ELEMS // dk))
+        segments = default_segments(tiles * batch_heads, -(-seq_len // chunk_size), multiprocessors)
 
     def blocks(key_dim: int, value_dim: int) -> Blocks:
         block_v = max(16, min(value_dim, _STATE_ELEMS // key_dim))
-        return Blocks(chunk=chunk_size, block_v=block_v, num_warps=8, num_stages=2)
+        stage_bytes = chunk_size * (2 * key_dim + block_v) * itemsize  # q, k and v of one chunk
+        stages = max(1, min(MAX_STAGES, shared_memory // stage_bytes))
+        if segments is not None:
+            programs = value_dim // block_v * batch_heads * segments
+            if (multiprocessors < programs <= 1.5 * multiprocessors
+                    and 2 * 2 * stage_bytes <= shared_memory):
+                stages = 2
+        return Blocks(chunk=chunk_size, block_v=block_v, num_warps=4, num_stages=stages)
 
     # dQ = op(dO, V, K): key dim dv, value dim dk; dK = op(V, dO, Q) likewise; dV = op(K, Q, dO).
-    return Plan(fwd=blocks(dk, dv), dq=blocks(dv, dk), dk=blocks(dv, dk), dv=blocks(dk, dv))
+    return Plan(fwd=blocks(dk, dv), dq=blocks(dv, dk), dk=blocks(dv, dk), dv=blocks(dk, dv),
+                segments=segments)
 
 
 def default_segments(programs: int, num_chunks: int, multiprocessors: int) -> int:
@@ -368,10 +393,15 @@ def _warn_interpret() -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _multiprocessors() -> int:
-    """Streaming multiprocessors of the local GPU; 1 elsewhere (interpret mode: no splitting)."""
+def _gpu() -> Tuple[int, int]:
+    """Streaming multiprocessors and shared memory per program of the local GPU; (1, H100's)
+    elsewhere (interpret mode: no splitting)."""
     device = jax.local_devices()[0]
-    return (getattr(device, "core_count", None) or 1) if device.platform == "gpu" else 1
+    if device.platform != "gpu":
+        return 1, _SHARED_MEMORY["9.0"]
+    capability = str(getattr(device, "compute_capability", ""))
+    return (getattr(device, "core_count", None) or 1,
+            _SHARED_MEMORY.get(capability, _SHARED_MEMORY_OTHER))
 
 
 def _check(q: Array, k: Array, v: Array, chunk_size: int, plan: Optional[Plan]) -> None:
@@ -418,14 +448,19 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
       initial_state: optional [batch, heads, dk, dv] f32 state of earlier tokens.
       chunk_size: tokens per chunk, 16, 32, 64 or 128 (of the default plan).
       plan: block sizes of the four kernel calls, chunks included, and sequence segments;
-        default `default_plan(dk, dv, chunk_size)`, whose segments follow `default_segments`.
+        default `default_plan` for these shapes and this GPU; a plan without segments gets
+        `default_segments`.
       interpret: run in Pallas interpret mode; default: only when JAX has no GPU.
     Returns:
       o: [batch, seq, heads, dv] in v's dtype; final_state: [batch, heads, dk, dv] f32.
     """
     _check(q, k, v, chunk_size, plan)
+    batch, seq_len, heads = q.shape[:3]
+    multiprocessors, shared_memory = _gpu()
     if plan is None:
-        plan = default_plan(q.shape[-1], v.shape[-1], chunk_size)
+        plan = default_plan(q.shape[-1], v.shape[-1], chunk_size, itemsize=q.dtype.itemsize,
+                            batch_heads=batch * heads, seq_len=seq_len,
+                            multiprocessors=multiprocessors, shared_memory=shared_memory)
     chunk_size = max(b.chunk for b in (plan.fwd, plan.dq, plan.dk, plan.dv))
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
@@ -433,11 +468,10 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
             _warn_interpret()
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)
-    batch, seq_len, heads = q.shape[:3]
     segments = plan.segments
     if segments is None:
         programs = v.shape[-1] // plan.fwd.block_v * heads * batch
-        segments = default_segments(programs, -(-seq_len // chunk_size), _multiprocessors())
+        segments = default_segments(programs, -(-seq_len // chunk_size), multiprocessors)
     # Whole chunks of every kernel call in every segment; padding rows are zeros.
     pad = -seq_len % (chunk_size * segments)
     if pad:

@@ -128,6 +128,26 @@ def test_default_segments_follow_the_cost_model():
     assert lightning.default_segments(1, 1024, 1) == 1
 
 
+def test_default_plan_fits_shared_memory_and_fills_waves():
+    h100 = dict(multiprocessors=132, shared_memory=232448)
+    # The kernels' shapes at bf16: the pipeline 4 chunks deep (4 x 40 KiB of q, k, v) ...
+    plan = lightning.default_plan(128, 128, batch_heads=4 * 64, seq_len=4096, **h100)
+    assert (plan.fwd.block_v, plan.fwd.num_warps, plan.fwd.num_stages, plan.segments) == (64, 4, 4, 1)
+    # ... except when 192 programs would leave a second wave 45 % full: two per multiprocessor.
+    plan = lightning.default_plan(128, 128, batch_heads=96, seq_len=8192, **h100)
+    assert plan.fwd.num_stages == plan.dv.num_stages == 2 and plan.segments == 1
+    # Few programs: the sequence is split, and the split programs fill two waves.
+    plan = lightning.default_plan(128, 128, batch_heads=2 * 16, seq_len=16384, **h100)
+    assert plan.segments == 4 and plan.fwd.num_stages == 4
+    # Larger chunks of q, k, v (key dim 256, float32) take fewer stages within shared memory.
+    for dk, dv, itemsize in ((256, 128, 2), (128, 128, 4), (256, 128, 4)):
+        plan = lightning.default_plan(dk, dv, itemsize=itemsize, **h100)
+        for blocks, key_dim in ((plan.fwd, dk), (plan.dq, dv), (plan.dk, dv), (plan.dv, dk)):
+            stage_bytes = blocks.chunk * (2 * key_dim + blocks.block_v) * itemsize
+            assert 1 <= blocks.num_stages and blocks.num_stages * stage_bytes <= 232448
+    assert lightning.default_plan(256, 128, **h100).fwd.num_stages == 3
+
+
 def test_single_token_and_many_heads():
     """seq = 1 (a chunk that is almost all padding) and batch x heads = 24 programs."""
     for batch, seq, heads in ((1, 1, 1), (2, 19, 12)):
