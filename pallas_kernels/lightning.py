@@ -126,8 +126,8 @@ def default_segments(programs: int, num_chunks: int, multiprocessors: int) -> in
     segment, waves = ceil(programs x segments / multiprocessors). Segments beyond one add the
     pass that computes their own states, measured at ~40 % of a sweep (bench/NOTES.md, session
     3). Among powers of two with segments of at least MIN_SEGMENT_CHUNKS chunks the cheapest
-    wins; of equal costs, the largest that keeps the programs within two waves (measured
-    fastest: the second wave hides the first one's tail).
+    wins; of equal costs, the largest that keeps the programs within one wave (measured fastest
+    with the default plan's deep pipeline, session 4).
     """
 
     def cost(segments: int) -> float:
@@ -139,8 +139,8 @@ def default_segments(programs: int, num_chunks: int, multiprocessors: int) -> in
         candidates.append(2 * candidates[-1])
     best = min(cost(s) for s in candidates)
     cheapest = [s for s in candidates if cost(s) <= best * (1 + 1e-9)]
-    within_two_waves = [s for s in cheapest if programs * s <= 2 * multiprocessors]
-    return max(within_two_waves) if within_two_waves else min(cheapest)
+    one_wave = [s for s in cheapest if programs * s <= multiprocessors]
+    return max(one_wave) if one_wave else min(cheapest)
 
 
 # ----------------------------------------------------------------------------------------------
