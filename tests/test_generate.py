@@ -9,7 +9,8 @@ import pytest
 from conftest import assert_prefill_then_decode_matches_forward
 
 from tnllm import config
-from tnllm.generate import _read_prompts, complete, decode, generate, left_pad, prefill, prompt_bucket
+from tnllm.generate import (_read_prompts, complete, decode, generate, left_pad, prefill, prompt_bucket,
+                            serving_params)
 from tnllm.model import TransNormerLLM, state_specs
 from tnllm.sampling import Temperature, TopK
 
@@ -52,6 +53,23 @@ def test_greedy_tokens_and_logprobs_are_those_of_a_forward_pass(params):
             out.logprobs[row], np.take_along_axis(logprobs, out.tokens[row][:, None], -1)[:, 0],
             rtol=1e-5, atol=1e-5)
     assert len(np.unique(out.tokens)) > 3  # the model does not just repeat one token
+
+
+def test_serving_params_are_bf16_weights_with_the_same_outputs():
+    cfg = CFG.replace(dtype="bfloat16")
+    variables = jax.jit(TransNormerLLM(cfg).init)(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
+    params = nn.unbox(variables)["params"]
+    served = serving_params(params, cfg)
+    kinds = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(served):
+        kinds.setdefault(path[-1].key, set()).add(str(x.dtype))
+    assert kinds["kernel"] == kinds["embedding"] == {"bfloat16"}
+    assert kinds["theta"] == {"float32"}  # LRPE angles: used in float32 by the model
+    tokens = jnp.asarray([[5, 9, 200, 3, 77, 1, 64, 12]])
+    full, cast = (TransNormerLLM(cfg).apply({"params": p}, tokens)[0] for p in (params, served))
+    np.testing.assert_array_equal(np.asarray(full), np.asarray(cast))
+    # float32 compute: nothing to cast.
+    assert all(a is b for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(serving_params(params, CFG))))
 
 
 def test_greedy_is_deterministic_and_equals_top_1_sampling(params):
