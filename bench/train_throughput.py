@@ -7,7 +7,10 @@ as in the TransNormerLLM paper's Figure 1. Every case is lowered first, then all
 on a thread pool (XLA compiles outside the GIL; a 24-layer step takes tens of seconds to compile and
 there are dozens of cases), then timed one after another: --steps steps after one warm-up step, the
 median step time reported. Memory is the compiled executable's (arguments + outputs + temporaries -
-donated aliases), the per-case number; a case that fails is recorded with its error.
+donated aliases), the per-case number; a case that fails is recorded with its error. --remat and
+--loss_chunk take lists: every case runs with each value (rematerialisation policy; the loss over
+the vocabulary all at once or in slices, tnllm.loss). --profile traces one more step of each case
+and records its GPU time by kernel kind (matrix products, attention kernels, XLA fusions).
 
 The longest trainable sequence at batch 1 is probed by compiling only (no run) at --probe_lengths:
 a length fits when the compiled memory is within the device's limit.
@@ -17,7 +20,7 @@ a length fits when the compiled memory is within the device's limit.
     python3 bench/train_throughput.py --smoke                 # tiny configs, tiny lengths, on a CPU
 
 Writes $OUT/train_throughput.json (rewritten after every case) and $OUT/train_throughput.png
-(tokens/s against length, one line per config and impl); prints a table last. OUT defaults to
+(tokens/s against length, one line per config, impl and option); prints a table last. OUT defaults to
 ./bench_out. On the GPU machine ml_collections comes from the repository's wheel (bench/NOTES.md).
 """
 import concurrent.futures
@@ -48,20 +51,23 @@ flags.DEFINE_list("impls", ["pallas", "blockwise"], "Attention impls of the conf
 flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384", "32768"], "Sequence lengths.")
 flags.DEFINE_integer("tokens", 32768, "Tokens per training step at every length.")
 flags.DEFINE_integer("steps", 3, "Timed steps per case, after one warm-up step.")
-# Full rematerialisation for every case: the 1B step at 32K tokens does not fit 80 GB without it,
+# Full rematerialisation by default: the 1B step at 32K tokens does not fit 80 GB without it,
 # and the same policy for all keeps the comparison fair (both pay the recomputed forward).
-flags.DEFINE_string("remat", "full", "config.model.remat_policy of every case.")
+flags.DEFINE_list("remat", ["full"], "config.model.remat_policy values: every case runs with each.")
+flags.DEFINE_list("loss_chunk", ["0"], "config.model.loss_chunk values (0: all logits at once).")
+flags.DEFINE_bool("profile", False, "Profile one more step of every case: GPU time by kernel kind.")
 flags.DEFINE_list("probe_configs", ["385m", "softmax_385m"], "Configs of the batch-1 length probe.")
 flags.DEFINE_list("probe_lengths", ["65536", "131072", "262144"], "Lengths the probe compiles at batch 1.")
+flags.DEFINE_integer("probe_loss_chunk", 0, "config.model.loss_chunk of the probe.")
 flags.DEFINE_integer("threads", 8, "Concurrent compilations.")
 flags.DEFINE_integer("budget_s", 480, "Start no new timed case after this many seconds.")
 flags.DEFINE_bool("smoke", False, "Tiny configs and lengths, one step: checks this script on a CPU.")
 FLAGS = flags.FLAGS
 
 
-def case_config(name: str, impl: str, length: int, batch: int):
+def case_config(name: str, impl: str, remat: str, loss_chunk: int, length: int, batch: int):
     cfg = config_lib.load(str(REPO / "configs" / f"{name}.py"))
-    cfg.model.remat_policy = FLAGS.remat
+    cfg.model.update(remat_policy=remat, loss_chunk=loss_chunk)
     if cfg.model.token_mixer == "gla":
         cfg.model.attention_impl = impl
     cfg.data.seq_len = length
@@ -104,7 +110,8 @@ def memory_bytes(compiled):
 
 
 def run_case(compiled, init, cfg, case):
-    """Median step seconds and the last loss; records the untimed setup's seconds in `case`."""
+    """Median step seconds and the last loss; records the untimed setup's seconds in `case`, and
+    with --profile the GPU time of one more step by kernel kind."""
     start = time.perf_counter()
     state = init(jax.random.key(0))
     shape = (1, cfg.train.batch_size, cfg.data.seq_len + 1)
@@ -122,8 +129,59 @@ def run_case(compiled, init, cfg, case):
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     loss = float(metrics["loss"])
+    if FLAGS.profile:
+        try:
+            case["profile"] = profile_step(compiled, state, batch)
+        except Exception as e:  # noqa: BLE001 -- the timing stands without its profile
+            case["profile"] = {"error": str(e).splitlines()[0][:300]}
     del state, batch
     return statistics.median(times), loss
+
+
+# GPU kernel kinds by name fragment, first match wins: cuBLAS/cuDNN matrix products (nvjet, cutlass,
+# xmma, gemm), cuDNN attention, the Pallas Triton kernels, then XLA's fusions by their kind prefix.
+_KINDS = (("matmul", ("nvjet", "cutlass", "xmma", "gemm", "cublas")),
+          ("cudnn attention", ("cudnn", "fmha", "flash")),
+          ("pallas", ("lightning", "pallas", "_kernel")))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, fragments in _KINDS:
+        if any(f in low for f in fragments):
+            return kind
+    return low.split("_fusion")[0] + " fusion" if "_fusion" in low else "other"
+
+
+def profile_step(compiled, state, batch):
+    """GPU time of one more step by kernel kind (ms) and the 15 longest kernels, from a Perfetto trace."""
+    import gzip
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as log_dir:
+        with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+            jax.block_until_ready(compiled(state, batch))
+        traces = list(Path(log_dir).rglob("perfetto_trace.json.gz"))
+        if not traces:
+            return {"error": "no perfetto_trace.json.gz written"}
+        events = json.loads(gzip.decompress(traces[0].read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    gpu = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+           and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
+    if not gpu:
+        return {"error": "no GPU process in the trace", "processes": sorted(
+            {str(e.get("args", {}).get("name")) for e in events if e.get("name") == "process_name"})}
+    by_kind, by_name = {}, {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu:
+            ms = float(e.get("dur", 0)) / 1e3
+            kind = kernel_kind(e["name"])
+            by_kind[kind] = by_kind.get(kind, 0.0) + ms
+            by_name[e["name"]] = by_name.get(e["name"], 0.0) + ms
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
+    return {"gpu_ms": sum(by_kind.values()),
+            "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "top_kernels_ms": [[name[:120], ms] for name, ms in top]}
 
 
 def plot(results, path):
@@ -135,7 +193,12 @@ def plot(results, path):
     series = {}
     for r in results["cases"]:
         if "tokens_per_s" in r:
-            series.setdefault(f"{r['config']} ({r['impl']})", []).append((r["seq_len"], r["tokens_per_s"]))
+            label = f"{r['config']} ({r['impl']}"
+            if len(FLAGS.remat) > 1:
+                label += f", remat {r['remat']}"
+            if len(FLAGS.loss_chunk) > 1:
+                label += f", loss chunk {r['loss_chunk']}"
+            series.setdefault(label + ")", []).append((r["seq_len"], r["tokens_per_s"]))
     for label, points in series.items():
         points.sort()
         ax.plot(*zip(*points), marker="o", label=label)
@@ -161,7 +224,7 @@ def main(argv):
     limit = (device.memory_stats() or {}).get("bytes_limit")
     results = {"date": datetime.date.today().isoformat(), "device": device.device_kind,
                "jax": jax.__version__, "command": " ".join(sys.argv), "tokens_per_step": FLAGS.tokens,
-               "remat": FLAGS.remat, "device_bytes_limit": limit, "cases": [], "longest": []}
+               "device_bytes_limit": limit, "cases": [], "longest": []}
     print(f"jax {jax.__version__} on {device.device_kind}; memory limit "
           f"{'unknown' if limit is None else f'{limit / 2**30:.1f} GiB'}", flush=True)
 
@@ -172,34 +235,40 @@ def main(argv):
         mixer = config_lib.load(str(REPO / "configs" / f"{name}.py")).model.token_mixer
         return FLAGS.impls if mixer == "gla" else [mixer]
 
-    # Timed cases in order of importance: each config's first impl, then the others (blockwise).
-    timed = [(name, impl, int(length)) for rank in range(len(FLAGS.impls)) for name in FLAGS.configs
-             for impl in variants(name)[rank:rank + 1] for length in FLAGS.lengths]
-    probes = [(name, variants(name)[0], int(length)) for name in FLAGS.probe_configs
-              for length in FLAGS.probe_lengths]
+    # Timed cases in order of importance: each config's first impl, then the others (blockwise);
+    # every remat policy and loss chunk of a config and impl before the next.
+    options = [(remat, int(chunk)) for remat in FLAGS.remat for chunk in FLAGS.loss_chunk]
+    timed = [dict(config=name, impl=impl, remat=remat, loss_chunk=chunk, seq_len=int(length),
+                  batch=max(1, FLAGS.tokens // int(length)))
+             for rank in range(len(FLAGS.impls)) for name in FLAGS.configs
+             for impl in variants(name)[rank:rank + 1] for remat, chunk in options
+             for length in FLAGS.lengths]
+    probes = [dict(config=name, impl=variants(name)[0], remat=FLAGS.remat[0],
+                   loss_chunk=FLAGS.probe_loss_chunk, seq_len=int(length), batch=1)
+              for name in FLAGS.probe_configs for length in FLAGS.probe_lengths]
     start = time.perf_counter()
     pool = concurrent.futures.ThreadPoolExecutor(FLAGS.threads)
 
-    def submit(name, impl, length, batch):
-        cfg = case_config(name, impl, length, batch)
+    def submit(case):
+        cfg = case_config(case["config"], case["impl"], case["remat"], case["loss_chunk"],
+                          case["seq_len"], case["batch"])
         try:
             lowered, init = lower(cfg, pool)
-            return cfg, pool.submit(lowered.compile), init
+            return case, cfg, pool.submit(lowered.compile), init
         except Exception as e:  # noqa: BLE001 -- recorded, and the other cases go on
-            return cfg, e, None
+            return case, cfg, e, None
 
-    jobs = [(name, impl) + submit(name, impl, length, max(1, FLAGS.tokens // length))
-            for name, impl, length in timed]
-    probe_jobs = [(name, impl) + submit(name, impl, length, 1) for name, impl, length in probes]
+    jobs = [submit(case) for case in timed]
+    probe_jobs = [submit(case) for case in probes]
     print(f"lowered {len(jobs) + len(probe_jobs)} cases in {time.perf_counter() - start:.0f} s",
           flush=True)
     # Compiling autotunes kernels on the GPU: no timing until every compilation has finished.
-    concurrent.futures.wait([job for _, _, _, job, _ in jobs + probe_jobs
-                             if isinstance(job, concurrent.futures.Future)] + [future for _, future in _INITS.values()])
+    concurrent.futures.wait([job for _, _, job, _ in jobs + probe_jobs
+                             if isinstance(job, concurrent.futures.Future)] +
+                            [future for _, future in _INITS.values()])
     print(f"compiled in {time.perf_counter() - start:.0f} s", flush=True)
 
-    for name, impl, cfg, job, init in jobs:
-        case = {"config": name, "impl": impl, "seq_len": cfg.data.seq_len, "batch": cfg.train.batch_size}
+    for case, cfg, job, init in jobs:
         results["cases"].append(case)
         if time.perf_counter() - start > FLAGS.budget_s:
             case["skipped"] = f"over --budget_s={FLAGS.budget_s}"
@@ -220,8 +289,7 @@ def main(argv):
         print(json.dumps(case), flush=True)
         save()
 
-    for name, impl, cfg, job, _ in probe_jobs:
-        probe = {"config": name, "impl": impl, "seq_len": cfg.data.seq_len}
+    for probe, cfg, job, _ in probe_jobs:
         try:
             if isinstance(job, Exception):
                 raise job
@@ -235,26 +303,26 @@ def main(argv):
     pool.shutdown(wait=False, cancel_futures=True)
 
     plot(results, out / "train_throughput.png")
-    print(f"\n{results['device']}, jax {results['jax']}, {FLAGS.tokens:,} tokens per step, remat "
-          f"{FLAGS.remat}\n")
-    print("| config | impl | seq | batch | step ms | tokens/s | MFU | memory GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n{results['device']}, jax {results['jax']}, {FLAGS.tokens:,} tokens per step\n")
+    print("| config | impl | remat | loss chunk | seq | batch | step ms | tokens/s | MFU | memory GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for c in results["cases"]:
+        head = (f"| {c['config']} | {c['impl']} | {c['remat']} | {c['loss_chunk']} | {c['seq_len']} | "
+                f"{c['batch']} |")
         if "tokens_per_s" not in c:
-            print(f"| {c['config']} | {c['impl']} | {c['seq_len']} | {c['batch']} | "
-                  f"{c.get('error') or c.get('skipped')} | | | |")
+            print(f"{head} {c.get('error') or c.get('skipped')} | | | |")
             continue
         mfu = "" if c["mfu"] is None else f"{c['mfu']:.1%}"
         mem = "" if c.get("memory_gib") is None else f"{c['memory_gib']:.1f}"
-        print(f"| {c['config']} | {c['impl']} | {c['seq_len']} | {c['batch']} | {c['step_ms']:.1f} | "
-              f"{c['tokens_per_s']:,.0f} | {mfu} | {mem} |")
+        print(f"{head} {c['step_ms']:.1f} | {c['tokens_per_s']:,.0f} | {mfu} | {mem} |")
     if results["longest"]:
         print("\nLongest sequence at batch 1 (compiled memory against the device limit):\n")
-        print("| config | impl | seq | memory GiB | fits |")
-        print("|---|---|---|---|---|")
+        print("| config | impl | remat | loss chunk | seq | memory GiB | fits |")
+        print("|---|---|---|---|---|---|---|")
         for p in results["longest"]:
             mem = f"{p['memory_gib']:.1f}" if "memory_gib" in p else p.get("error", "")
-            print(f"| {p['config']} | {p['impl']} | {p['seq_len']} | {mem} | {p['fits']} |")
+            print(f"| {p['config']} | {p['impl']} | {p['remat']} | {p['loss_chunk']} | {p['seq_len']} | "
+                  f"{mem} | {p['fits']} |")
     sys.stdout.flush()
     os._exit(0)  # compilations still queued are not waited for
 

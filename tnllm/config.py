@@ -29,7 +29,8 @@ class ModelConfig:
     must cover the longest context (prompt and generated tokens together). "softmax" is the LLaMA-style
     Transformer baseline (softmax attention with RoPE, RMSNorm with a learned weight, SwiGLU of width
     glu_dim); its KV cache holds max_cache_len tokens, which bounds prompt and generated tokens
-    together in generation (not the training length).
+    together in generation (not the training length). loss_chunk > 0 computes the training and
+    evaluation loss that many tokens at a time (tnllm.loss) instead of materialising all logits.
     """
 
     vocab_size: int = 256
@@ -47,6 +48,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    loss_chunk: int = 0
     token_mixer: str = "gla"
     cosformer_max_len: int = 2048
     max_cache_len: int = 2048
@@ -82,6 +84,9 @@ class ModelConfig:
                 raise ValueError(
                     f"config.model.{name} is {getattr(self, name)!r}; choose one of {', '.join(DTYPES)}."
                 )
+        if not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool) or self.loss_chunk < 0:
+            raise ValueError(f"config.model.loss_chunk must be 0 (all logits at once) or a positive "
+                             f"number of tokens per slice of the loss, got {self.loss_chunk!r}.")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"config.model.remat_policy is {self.remat_policy!r}; choose one of "

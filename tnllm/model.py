@@ -201,7 +201,8 @@ class TransNormerLLM(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, positions: Optional[Array] = None,
                  mask: Optional[Array] = None,
-                 initial_states: Optional[Sequence[Array]] = None) -> Tuple[Array, Tuple[Array, ...]]:
+                 initial_states: Optional[Sequence[Array]] = None,
+                 return_hidden: bool = False) -> Tuple[Array, Tuple[Array, ...]]:
         """Forward pass.
 
         Args:
@@ -209,9 +210,11 @@ class TransNormerLLM(nn.Module):
           positions: [batch, seq] int absolute positions (LRPE and cosFormer phases); default 0..seq-1.
           mask: [batch, seq] bool, False at padding (zeroes its key); default all real.
           initial_states: one state per layer (from a prefill; shapes: `state_specs`), or None.
+          return_hidden: return the final normed hidden states [batch, seq, d_model] in cfg.dtype
+            instead of the logits (the training loss applies the tied head in slices: tnllm.loss).
         Returns:
-          logits [batch, seq, vocab] float32, and each layer's final state (a tuple of num_layers;
-          None for softmax layers run without a cache).
+          logits [batch, seq, vocab] float32 (or the hidden states), and each layer's final state (a
+          tuple of num_layers; None for softmax layers run without a cache).
         """
         cfg = self.cfg
         if positions is None:
@@ -235,6 +238,8 @@ class TransNormerLLM(nn.Module):
             x, s = layer_cls(cfg, i, name=f"layers_{i}")(x, positions, mask, s0)
             states.append(s)
         x = norm(cfg, "final_norm")(x)
+        if return_hidden:
+            return x, tuple(states)
         logits = embed.attend(x).astype(jnp.float32)
         return logits, tuple(states)
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from tnllm import config as config_lib
 from tnllm import data, distributed, generate, sharding
 from tnllm.checkpoint import TrainCheckpoints, abstract_params
+from tnllm.loss import cross_entropy_sum
 from tnllm.model import TransNormerLLM
 from tnllm.sampling import make_sampler
 from tnllm.tokenizer import BYTE_SPEC, load_tokenizer
@@ -76,6 +77,20 @@ def token_losses(model: TransNormerLLM, params: Any, tokens: jax.Array) -> jax.A
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
 
 
+def weighted_loss(model: TransNormerLLM, params: Any, tokens: jax.Array,
+                  weights: jax.Array) -> jax.Array:
+    """Σ weights · next-token cross-entropy. tokens: [batch, seq_len + 1]; weights: [batch, seq_len].
+
+    With config.model.loss_chunk the head and loss run that many tokens at a time (tnllm.loss),
+    never holding all [batch, seq_len, vocab] logits; otherwise through `token_losses`."""
+    chunk = model.cfg.loss_chunk
+    if not chunk:
+        return jnp.sum(token_losses(model, params, tokens) * weights)
+    hidden, _ = model.apply({"params": params}, tokens[:, :-1], return_hidden=True)
+    return cross_entropy_sum(hidden, params["embed_tokens"]["embedding"], tokens[:, 1:],
+                             weights, chunk)
+
+
 def init_state(model: TransNormerLLM, tx: optax.GradientTransformation, rng: jax.Array,
                boxed: bool = False) -> TrainState:
     """A fresh TrainState (step 0 as an int32 array); `boxed` keeps the logical axis metadata."""
@@ -91,8 +106,9 @@ def make_train_step(model: TransNormerLLM, schedule: optax.Schedule):
         """batch: [micro_batches, batch / micro_batches, seq_len + 1] int32 token ids."""
 
         def micro_step(grad_sum, tokens):
+            weights = jnp.full(tokens[:, 1:].shape, 1.0 / tokens[:, 1:].size, jnp.float32)
             loss, grads = jax.value_and_grad(
-                lambda p: token_losses(model, p, tokens).mean())(state.params)
+                lambda p: weighted_loss(model, p, tokens, weights))(state.params)
             return jax.tree.map(jnp.add, grad_sum, grads), loss
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -108,7 +124,9 @@ def make_train_step(model: TransNormerLLM, schedule: optax.Schedule):
 def make_eval_step(model: TransNormerLLM):
     def eval_step(params: Any, tokens: jax.Array, weights: jax.Array) -> jax.Array:
         """tokens: [batch, seq_len + 1]; weights: [batch] f32 (0 for padding rows) -> weighted loss sum."""
-        return jnp.sum(token_losses(model, params, tokens).mean(axis=1) * weights)
+        seq_len = tokens.shape[1] - 1
+        per_token = jnp.broadcast_to(weights[:, None] / seq_len, (weights.shape[0], seq_len))
+        return weighted_loss(model, params, tokens, per_token)
 
     return eval_step
 
