@@ -8,7 +8,7 @@ all GPUs when there are more than 2. After the FSDP case at the first length, it
 on the multi-GPU mesh) is restored on one GPU by `python -m tnllm.generate`, which generates from it.
 
     python3 bench/multi_gpu.py                          # every case, then the report
-    python3 bench/multi_gpu.py --cases=1gpu             # a subset (names: 1gpu, fsdpN, tensorN)
+    python3 bench/multi_gpu.py --cases=1gpu             # a subset (1gpu, 1gpu_accum2, fsdpN, tensorN)
     python3 bench/multi_gpu.py --report --results=a.jsonl,b.jsonl   # the report of earlier runs
 
 Writes one JSON line per case to --results (default $OUT/multi_gpu.jsonl) as each ends: per-step
@@ -42,7 +42,7 @@ flags.DEFINE_string("config", "configs/1b.py", "Model config file.")
 flags.DEFINE_list("lengths", ["2048", "8192"], "Sequence lengths.")
 flags.DEFINE_integer("tokens", 16384, "Tokens per optimizer step at every length (global batch).")
 flags.DEFINE_list("steps", ["20", "10"], "Steps per length (the first length's runs compare losses).")
-flags.DEFINE_list("cases", [], "Cases to run (1gpu, fsdpN, tensorN); default all for this host.")
+flags.DEFINE_list("cases", [], "Cases to run (1gpu, 1gpu_accum2, fsdpN, tensorN); default all.")
 flags.DEFINE_integer("gpus", 0, "GPUs on this host; 0 = count them with nvidia-smi.")
 flags.DEFINE_string("results", None, "JSON lines file(s); default $OUT/multi_gpu.jsonl.")
 flags.DEFINE_bool("report", False, "Only print the report of --results (comma-separated files).")
@@ -56,19 +56,24 @@ def gpu_count() -> int:
 
 
 def all_cases(gpus: int) -> dict:
-    """name -> (config.mesh overrides, GPUs used)."""
-    cases = {"1gpu": ({}, 1), f"fsdp{gpus}": ({"fsdp": gpus}, gpus), "tensor2": ({"tensor": 2}, 2)}
+    """name -> (config.mesh overrides, GPUs used, micro-batches per step).
+
+    "1gpu_accum2" is the bf16 noise reference: one GPU, the same global batch in two micro-batches,
+    an update equal to 1gpu's in exact arithmetic but summed in another order, as a mesh sums it."""
+    cases = {"1gpu": ({}, 1, 1), "1gpu_accum2": ({}, 1, 2), f"fsdp{gpus}": ({"fsdp": gpus}, gpus, 1),
+             "tensor2": ({"tensor": 2}, 2, 1)}
     if gpus > 2:
-        cases[f"tensor{gpus}"] = ({"tensor": gpus}, gpus)
+        cases[f"tensor{gpus}"] = ({"tensor": gpus}, gpus, 1)
     return cases
 
 
-def train(name: str, mesh: dict, devices: list, length: int, steps: int) -> dict:
+def train(name: str, mesh: dict, devices: list, accum: int, length: int, steps: int) -> dict:
     workdir = f"/tmp/multi_gpu/{name}-{length}"
     shutil.rmtree(workdir, ignore_errors=True)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={FLAGS.config}",
            f"--workdir={workdir}", f"--config.data.seq_len={length}",
-           f"--config.train.batch_size={FLAGS.tokens // length}", "--config.train.grad_accum_steps=1",
+           f"--config.train.batch_size={FLAGS.tokens // length}",
+           f"--config.train.grad_accum_steps={accum}",
            f"--config.train.steps={steps}", f"--config.optim.warmup_steps={min(5, steps - 1)}",
            "--config.train.log_every=1", f"--config.train.eval_every={steps}",
            "--config.train.eval_batches=1", f"--config.checkpoint.every={steps}",
@@ -171,16 +176,18 @@ def main(argv):
     # The corpus is tokenized here once, not by runs racing to build the same token store.
     cfg = config_lib.load(FLAGS.config)
     data.TokenStore(cfg.data, load_tokenizer(cfg.data.tokenizer))
-    if "1gpu" in chosen:  # the one-GPU runs of all lengths at once, each on its own GPU
+    single = [n for n in chosen if cases[n][1] == 1]
+    if single:  # the one-GPU runs of all lengths at once, each on its own GPU
         with concurrent.futures.ThreadPoolExecutor(gpus) as pool:
-            runs = [pool.submit(train, "1gpu", {}, [i % gpus], length, steps)
-                    for i, (length, steps) in enumerate(lengths)]
+            runs = [pool.submit(train, name, {}, [i % gpus], cases[name][2], length, steps)
+                    for i, (name, (length, steps)) in enumerate(
+                        (n, ls) for ls in lengths for n in single)]
             for run in runs:
                 done(run.result())
     for length, steps in lengths:
-        for name in (n for n in chosen if n != "1gpu"):
-            mesh, used = cases[name]
-            record = train(name, mesh, list(range(used)), length, steps)
+        for name in (n for n in chosen if cases[n][1] > 1):
+            mesh, used, accum = cases[name]
+            record = train(name, mesh, list(range(used)), accum, length, steps)
             done(record)
             if name == f"fsdp{gpus}" and length == lengths[0][0] and record["rc"] == 0:
                 emit(restore_and_generate(record["workdir"]))
