@@ -18,6 +18,7 @@ a length fits when the compiled memory is within the device's limit.
     python3 bench/train_throughput.py                         # the H100 run (about 8 minutes)
     python3 bench/train_throughput.py --configs=385m,softmax_385m --impls=pallas
     python3 bench/train_throughput.py --smoke                 # tiny configs, tiny lengths, on a CPU
+    python3 bench/train_throughput.py --replot=a.json,b.json  # one plot and table of earlier runs
 
 Writes $OUT/train_throughput.json (rewritten after every case) and $OUT/train_throughput.png
 (tokens/s against length, one line per config, impl and option); prints a table last. OUT defaults to
@@ -54,20 +55,25 @@ flags.DEFINE_integer("steps", 3, "Timed steps per case, after one warm-up step."
 # Full rematerialisation by default: the 1B step at 32K tokens does not fit 80 GB without it,
 # and the same policy for all keeps the comparison fair (both pay the recomputed forward).
 flags.DEFINE_list("remat", ["full"], "config.model.remat_policy values: every case runs with each.")
-flags.DEFINE_list("loss_chunk", ["0"], "config.model.loss_chunk values (0: all logits at once).")
+flags.DEFINE_list("loss_chunk", [], "config.model.loss_chunk values (0: all logits at once); "
+                  "default the config's.")
 flags.DEFINE_bool("profile", False, "Profile one more step of every case: GPU time by kernel kind.")
 flags.DEFINE_list("probe_configs", ["385m", "softmax_385m"], "Configs of the batch-1 length probe.")
 flags.DEFINE_list("probe_lengths", ["65536", "131072", "262144"], "Lengths the probe compiles at batch 1.")
-flags.DEFINE_integer("probe_loss_chunk", 0, "config.model.loss_chunk of the probe.")
+flags.DEFINE_integer("probe_loss_chunk", None, "config.model.loss_chunk of the probe; default the "
+                     "config's.")
+flags.DEFINE_list("replot", [], "Only redraw the plot and table of these train_throughput.json files.")
 flags.DEFINE_integer("threads", 8, "Concurrent compilations.")
 flags.DEFINE_integer("budget_s", 480, "Start no new timed case after this many seconds.")
 flags.DEFINE_bool("smoke", False, "Tiny configs and lengths, one step: checks this script on a CPU.")
 FLAGS = flags.FLAGS
 
 
-def case_config(name: str, impl: str, remat: str, loss_chunk: int, length: int, batch: int):
+def case_config(name: str, impl: str, remat: str, loss_chunk, length: int, batch: int):
     cfg = config_lib.load(str(REPO / "configs" / f"{name}.py"))
-    cfg.model.update(remat_policy=remat, loss_chunk=loss_chunk)
+    cfg.model.remat_policy = remat
+    if loss_chunk is not None:
+        cfg.model.loss_chunk = loss_chunk
     if cfg.model.token_mixer == "gla":
         cfg.model.attention_impl = impl
     cfg.data.seq_len = length
@@ -185,31 +191,55 @@ def profile_step(compiled, state, batch):
 
 
 def plot(results, path):
+    """Tokens/s against length, one line per config and impl (and remat and loss chunk where the
+    cases differ in them)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    timed = [r for r in results["cases"] if "tokens_per_s" in r]
+    varies = [key for key in ("remat", "loss_chunk") if len({r[key] for r in timed}) > 1]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = {}
-    for r in results["cases"]:
-        if "tokens_per_s" in r:
-            label = f"{r['config']} ({r['impl']}"
-            if len(FLAGS.remat) > 1:
-                label += f", remat {r['remat']}"
-            if len(FLAGS.loss_chunk) > 1:
-                label += f", loss chunk {r['loss_chunk']}"
-            series.setdefault(label + ")", []).append((r["seq_len"], r["tokens_per_s"]))
+    for r in timed:
+        label = ", ".join([f"{r['config']} ({r['impl']}"] + [f"{k} {r[k]}" for k in varies]) + ")"
+        series.setdefault(label, []).append((r["seq_len"], r["tokens_per_s"]))
     for label, points in series.items():
         points.sort()
         ax.plot(*zip(*points), marker="o", label=label)
-    ax.set(xscale="log", xlabel="sequence length (tokens)", ylabel="training tokens/s",
-           title=f"Training throughput, {FLAGS.tokens:,} tokens per step, {results['device']}")
+    ax.set(xlabel="sequence length (tokens)", ylabel="training tokens/s",
+           title=f"Training throughput, {results['tokens_per_step']:,} tokens per step, "
+                 f"{results['device']}")
     ax.set_xscale("log", base=2)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def print_tables(results):
+    print(f"\n{results['device']}, jax {results['jax']}, {results['tokens_per_step']:,} tokens per step\n")
+    print("| config | impl | remat | loss chunk | seq | batch | step ms | tokens/s | MFU | memory GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for c in results["cases"]:
+        head = (f"| {c['config']} | {c['impl']} | {c['remat']} | {c['loss_chunk']} | {c['seq_len']} | "
+                f"{c['batch']} |")
+        if "tokens_per_s" not in c:
+            print(f"{head} {c.get('error') or c.get('skipped')} | | | |")
+            continue
+        mfu = "" if c["mfu"] is None else f"{c['mfu']:.1%}"
+        mem = "" if c.get("memory_gib") is None else f"{c['memory_gib']:.1f}"
+        print(f"{head} {c['step_ms']:.1f} | {c['tokens_per_s']:,.0f} | {mfu} | {mem} |")
+    if results["longest"]:
+        print("\nLongest sequence at batch 1 (compiled memory against the device limit):\n")
+        print("| config | impl | remat | loss chunk | seq | memory GiB | fits |")
+        print("|---|---|---|---|---|---|---|")
+        for p in results["longest"]:
+            mem = f"{p['memory_gib']:.1f}" if "memory_gib" in p else p.get("error", "")
+            print(f"| {p['config']} | {p['impl']} | {p['remat']} | {p['loss_chunk']} | {p['seq_len']} | "
+                  f"{mem} | {p['fits']} |")
+    sys.stdout.flush()
 
 
 def main(argv):
@@ -220,6 +250,13 @@ def main(argv):
         FLAGS.probe_configs, FLAGS.probe_lengths = FLAGS.configs, ["256", "512"]
     out = Path(os.environ.get("OUT", "bench_out"))
     out.mkdir(parents=True, exist_ok=True)
+    if FLAGS.replot:  # several runs' cases in one plot and table (the first run's header)
+        runs = [json.loads(Path(p).read_text()) for p in FLAGS.replot]
+        results = dict(runs[0], cases=[c for r in runs for c in r["cases"]],
+                       longest=[p for r in runs for p in r["longest"]])
+        plot(results, out / "train_throughput.png")
+        print_tables(results)
+        return
     device = jax.devices()[0]
     limit = (device.memory_stats() or {}).get("bytes_limit")
     results = {"date": datetime.date.today().isoformat(), "device": device.device_kind,
@@ -237,7 +274,8 @@ def main(argv):
 
     # Timed cases in order of importance: each config's first impl, then the others (blockwise);
     # every remat policy and loss chunk of a config and impl before the next.
-    options = [(remat, int(chunk)) for remat in FLAGS.remat for chunk in FLAGS.loss_chunk]
+    options = [(remat, chunk) for remat in FLAGS.remat
+               for chunk in [int(c) for c in FLAGS.loss_chunk] or [None]]
     timed = [dict(config=name, impl=impl, remat=remat, loss_chunk=chunk, seq_len=int(length),
                   batch=max(1, FLAGS.tokens // int(length)))
              for rank in range(len(FLAGS.impls)) for name in FLAGS.configs
@@ -252,6 +290,7 @@ def main(argv):
     def submit(case):
         cfg = case_config(case["config"], case["impl"], case["remat"], case["loss_chunk"],
                           case["seq_len"], case["batch"])
+        case["loss_chunk"] = cfg.model.loss_chunk
         try:
             lowered, init = lower(cfg, pool)
             return case, cfg, pool.submit(lowered.compile), init
@@ -303,27 +342,7 @@ def main(argv):
     pool.shutdown(wait=False, cancel_futures=True)
 
     plot(results, out / "train_throughput.png")
-    print(f"\n{results['device']}, jax {results['jax']}, {FLAGS.tokens:,} tokens per step\n")
-    print("| config | impl | remat | loss chunk | seq | batch | step ms | tokens/s | MFU | memory GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for c in results["cases"]:
-        head = (f"| {c['config']} | {c['impl']} | {c['remat']} | {c['loss_chunk']} | {c['seq_len']} | "
-                f"{c['batch']} |")
-        if "tokens_per_s" not in c:
-            print(f"{head} {c.get('error') or c.get('skipped')} | | | |")
-            continue
-        mfu = "" if c["mfu"] is None else f"{c['mfu']:.1%}"
-        mem = "" if c.get("memory_gib") is None else f"{c['memory_gib']:.1f}"
-        print(f"{head} {c['step_ms']:.1f} | {c['tokens_per_s']:,.0f} | {mfu} | {mem} |")
-    if results["longest"]:
-        print("\nLongest sequence at batch 1 (compiled memory against the device limit):\n")
-        print("| config | impl | remat | loss chunk | seq | memory GiB | fits |")
-        print("|---|---|---|---|---|---|---|")
-        for p in results["longest"]:
-            mem = f"{p['memory_gib']:.1f}" if "memory_gib" in p else p.get("error", "")
-            print(f"| {p['config']} | {p['impl']} | {p['remat']} | {p['loss_chunk']} | {p['seq_len']} | "
-                  f"{mem} | {p['fits']} |")
-    sys.stdout.flush()
+    print_tables(results)
     os._exit(0)  # compilations still queued are not waited for
 
 

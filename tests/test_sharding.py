@@ -22,7 +22,7 @@ import pytest
 from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tnllm import sharding
+from tnllm import sharding, train_lib
 from tnllm.config import ModelConfig
 from tnllm.model import TransNormerLLM
 
@@ -50,7 +50,11 @@ EXPECTED_SPECS = {
                 "token_mixer/qkv_proj/kernel": P("fsdp", None, "tensor", None),  # by heads
                 "norm/scale": P("fsdp")},  # RMSNorm weights, like the embed axis of every weight
 }
-MIXER_CFGS = {"gla": CFG, "softmax": CFG.replace(token_mixer="softmax", lrpe_layers=())}
+# "gla_sliced_loss": the loss over the vocabulary in slices (tnllm.loss) of 48 tokens, 6 positions of
+# the 8 rows: 4 slices, the last padded, each with the vocab-parallel head.
+MIXER_CFGS = {"gla": CFG, "softmax": CFG.replace(token_mixer="softmax", lrpe_layers=()),
+              "gla_sliced_loss": CFG.replace(loss_chunk=48)}
+EXPECTED_SPECS["gla_sliced_loss"] = EXPECTED_SPECS["gla"]
 
 
 def _mesh_sizes(shape):
@@ -168,6 +172,9 @@ def test_pallas_kernels_run_per_shard():
 
 
 def _loss(model, params, tokens):
+    if model.cfg.loss_chunk:  # as train_lib's step computes it
+        weights = jnp.full(tokens[:, 1:].shape, 1.0 / tokens[:, 1:].size)
+        return train_lib.weighted_loss(model, params, tokens, weights)
     logits, _ = model.apply({"params": params}, tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
