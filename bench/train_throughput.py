@@ -57,6 +57,8 @@ flags.DEFINE_integer("steps", 3, "Timed steps per case, after one warm-up step."
 flags.DEFINE_list("remat", ["full"], "config.model.remat_policy values: every case runs with each.")
 flags.DEFINE_list("loss_chunk", [], "config.model.loss_chunk values (0: all logits at once); "
                   "default the config's.")
+flags.DEFINE_integer("train_segment", None, "config.model.train_segment of TNL's cases (positions "
+                     "per segment, carrying the states); default the config's.")
 flags.DEFINE_bool("profile", False, "Profile one more step of every case: GPU time by kernel kind.")
 flags.DEFINE_list("probe_configs", ["385m", "softmax_385m"], "Configs of the batch-1 length probe.")
 flags.DEFINE_list("probe_lengths", ["65536", "131072", "262144"], "Lengths the probe compiles at batch 1.")
@@ -74,6 +76,8 @@ def case_config(name: str, impl: str, remat: str, loss_chunk, length: int, batch
     cfg.model.remat_policy = remat
     if loss_chunk is not None:
         cfg.model.loss_chunk = loss_chunk
+    if FLAGS.train_segment is not None and cfg.model.token_mixer != "softmax":
+        cfg.model.train_segment = FLAGS.train_segment
     if cfg.model.token_mixer == "gla":
         cfg.model.attention_impl = impl
     cfg.data.seq_len = length
@@ -233,12 +237,12 @@ def print_tables(results):
         print(f"{head} {c['step_ms']:.1f} | {c['tokens_per_s']:,.0f} | {mfu} | {mem} |")
     if results["longest"]:
         print("\nLongest sequence at batch 1 (compiled memory against the device limit):\n")
-        print("| config | impl | remat | loss chunk | seq | memory GiB | fits |")
-        print("|---|---|---|---|---|---|---|")
+        print("| config | impl | remat | loss chunk | train segment | seq | memory GiB | fits |")
+        print("|---|---|---|---|---|---|---|---|")
         for p in results["longest"]:
             mem = f"{p['memory_gib']:.1f}" if "memory_gib" in p else p.get("error", "")
-            print(f"| {p['config']} | {p['impl']} | {p['remat']} | {p['loss_chunk']} | {p['seq_len']} | "
-                  f"{mem} | {p['fits']} |")
+            print(f"| {p['config']} | {p['impl']} | {p['remat']} | {p['loss_chunk']} | "
+                  f"{p.get('train_segment', 0)} | {p['seq_len']} | {mem} | {p['fits']} |")
     sys.stdout.flush()
 
 
@@ -290,7 +294,7 @@ def main(argv):
     def submit(case):
         cfg = case_config(case["config"], case["impl"], case["remat"], case["loss_chunk"],
                           case["seq_len"], case["batch"])
-        case["loss_chunk"] = cfg.model.loss_chunk
+        case.update(loss_chunk=cfg.model.loss_chunk, train_segment=cfg.model.train_segment)
         try:
             lowered, init = lower(cfg, pool)
             return case, cfg, pool.submit(lowered.compile), init

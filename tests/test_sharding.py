@@ -50,11 +50,12 @@ EXPECTED_SPECS = {
                 "token_mixer/qkv_proj/kernel": P("fsdp", None, "tensor", None),  # by heads
                 "norm/scale": P("fsdp")},  # RMSNorm weights, like the embed axis of every weight
 }
-# "gla_sliced_loss": the loss over the vocabulary in slices (tnllm.loss) of 48 tokens, 6 positions of
-# the 8 rows: 4 slices, the last padded, each with the vocab-parallel head.
+# "gla_segments_sliced_loss": training in segments of 8 positions carrying the states (8, 8 and a
+# padded 4; train_lib.weighted_loss), each segment's loss over the vocabulary in slices of 48 tokens
+# (6 positions of the 8 rows; tnllm.loss) through the vocab-parallel head.
 MIXER_CFGS = {"gla": CFG, "softmax": CFG.replace(token_mixer="softmax", lrpe_layers=()),
-              "gla_sliced_loss": CFG.replace(loss_chunk=48)}
-EXPECTED_SPECS["gla_sliced_loss"] = EXPECTED_SPECS["gla"]
+              "gla_segments_sliced_loss": CFG.replace(train_segment=8, loss_chunk=48)}
+EXPECTED_SPECS["gla_segments_sliced_loss"] = EXPECTED_SPECS["gla"]
 
 
 def _mesh_sizes(shape):
@@ -172,7 +173,7 @@ def test_pallas_kernels_run_per_shard():
 
 
 def _loss(model, params, tokens):
-    if model.cfg.loss_chunk:  # as train_lib's step computes it
+    if model.cfg.loss_chunk or model.cfg.train_segment:  # as train_lib's step computes it
         weights = jnp.full(tokens[:, 1:].shape, 1.0 / tokens[:, 1:].size)
         return train_lib.weighted_loss(model, params, tokens, weights)
     logits, _ = model.apply({"params": params}, tokens[:, :-1])

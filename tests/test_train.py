@@ -111,8 +111,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, reference_run
                                                           monkeypatch):
     workdir = tmp_path / "run"
     shutil.copytree(reference_run[0], workdir)
-    real = train_lib.token_losses
-    monkeypatch.setattr(train_lib, "token_losses", lambda *a: real(*a) * jnp.nan)
+    real = train_lib.weighted_loss
+    monkeypatch.setattr(train_lib, "weighted_loss", lambda *a: real(*a) * jnp.nan)
     with pytest.raises(FloatingPointError, match=r"became nan .* at step 9;.*checkpoint \(step 8\)"):
         train_lib.train(_cfg(corpus, steps=12), str(workdir))
     assert checkpoint.TrainCheckpoints(str(workdir)).steps() == [4, 8]

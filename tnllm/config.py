@@ -34,7 +34,9 @@ class ModelConfig:
     Transformer baseline (softmax attention with RoPE, RMSNorm with a learned weight, SwiGLU of width
     glu_dim); its KV cache holds max_cache_len tokens, which bounds prompt and generated tokens
     together in generation (not the training length). loss_chunk > 0 computes the training and
-    evaluation loss that many tokens at a time (tnllm.loss) instead of materialising all logits.
+    evaluation loss that many tokens at a time (tnllm.loss) instead of materialising all logits;
+    train_segment > 0 runs training and evaluation that many positions at a time, carrying the
+    recurrent states (GLA and cosFormer), so activation memory does not grow with seq_len.
     """
 
     vocab_size: int = 256
@@ -53,6 +55,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     loss_chunk: int = 0
+    train_segment: int = 0
     token_mixer: str = "gla"
     cosformer_max_len: int = 2048
     max_cache_len: int = 2048
@@ -88,9 +91,15 @@ class ModelConfig:
                 raise ValueError(
                     f"config.model.{name} is {getattr(self, name)!r}; choose one of {', '.join(DTYPES)}."
                 )
-        if not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool) or self.loss_chunk < 0:
-            raise ValueError(f"config.model.loss_chunk must be 0 (all logits at once) or a positive "
-                             f"number of tokens per slice of the loss, got {self.loss_chunk!r}.")
+        for name, zero in (("loss_chunk", "all logits at once"), ("train_segment", "the whole sequence")):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"config.model.{name} must be 0 ({zero}) or a positive number of "
+                                 f"tokens, got {value!r}.")
+        if self.train_segment and self.token_mixer == "softmax":
+            raise ValueError("config.model.train_segment carries recurrent states between segments, "
+                             "but the softmax baseline has none (its attention needs every earlier "
+                             "token): set it to 0.")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"config.model.remat_policy is {self.remat_policy!r}; choose one of "

@@ -18,10 +18,10 @@ import numpy as np
 Array = jax.Array
 
 
-def _slices(x: Array, positions: int) -> Array:
+def sequence_slices(x: Array, positions: int) -> Array:
     """[batch, seq, ...] -> [seq / positions, batch, positions, ...], the sequence zero-padded.
 
-    The batch axis stays whole (and sharded as it was); the scan walks the new leading axis."""
+    The batch axis stays whole (and sharded as it was); a scan walks the new leading axis."""
     b, s = x.shape[:2]
     x = jnp.pad(x, [(0, 0), (0, -s % positions)] + [(0, 0)] * (x.ndim - 2))
     return jnp.swapaxes(x.reshape((b, -1, positions) + x.shape[2:]), 0, 1)
@@ -51,8 +51,8 @@ def _scan(hidden, embedding, labels, weights, tokens_per_slice: int, with_grad: 
     zeros = jnp.zeros(table.shape if with_grad else (), jnp.float32)
     (loss, d_table), d_h = jax.lax.scan(
         body, (jnp.zeros((), jnp.float32), zeros),
-        (_slices(hidden, positions), _slices(labels, positions),
-         _slices(weights.astype(jnp.float32), positions)))
+        (sequence_slices(hidden, positions), sequence_slices(labels, positions),
+         sequence_slices(weights.astype(jnp.float32), positions)))
     if not with_grad:
         return loss
     d_h = jnp.swapaxes(d_h, 0, 1).reshape(b, -1, d)[:, :s]

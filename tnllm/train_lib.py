@@ -33,8 +33,8 @@ from tqdm import tqdm
 from tnllm import config as config_lib
 from tnllm import data, distributed, generate, sharding
 from tnllm.checkpoint import TrainCheckpoints, abstract_params
-from tnllm.loss import cross_entropy_sum
-from tnllm.model import TransNormerLLM
+from tnllm.loss import cross_entropy_sum, sequence_slices
+from tnllm.model import TransNormerLLM, zero_states
 from tnllm.sampling import make_sampler
 from tnllm.tokenizer import BYTE_SPEC, load_tokenizer
 
@@ -71,24 +71,42 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> Tuple[optax.GradientTransf
     return adamw, schedule
 
 
-def token_losses(model: TransNormerLLM, params: Any, tokens: jax.Array) -> jax.Array:
-    """Next-token cross-entropy. tokens: [batch, seq_len + 1] int32 -> [batch, seq_len] f32 nats."""
-    logits, _ = model.apply({"params": params}, tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-
-
 def weighted_loss(model: TransNormerLLM, params: Any, tokens: jax.Array,
                   weights: jax.Array) -> jax.Array:
     """Σ weights · next-token cross-entropy. tokens: [batch, seq_len + 1]; weights: [batch, seq_len].
 
     With config.model.loss_chunk the head and loss run that many tokens at a time (tnllm.loss),
-    never holding all [batch, seq_len, vocab] logits; otherwise through `token_losses`."""
-    chunk = model.cfg.loss_chunk
-    if not chunk:
-        return jnp.sum(token_losses(model, params, tokens) * weights)
-    hidden, _ = model.apply({"params": params}, tokens[:, :-1], return_hidden=True)
-    return cross_entropy_sum(hidden, params["embed_tokens"]["embedding"], tokens[:, 1:],
-                             weights, chunk)
+    never holding all [batch, seq_len, vocab] logits. With config.model.train_segment the model
+    runs that many positions at a time, each layer's recurrent state carried into the next segment,
+    and a segment's forward pass is recomputed in the backward pass: activation memory is one
+    segment's, whatever seq_len, and the gradients are exact (the states' cotangents flow back).
+    """
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    segment = model.cfg.train_segment
+    if not segment or inputs.shape[1] <= segment:
+        return _run_loss(model, params, inputs, labels, weights, None, None)[1]
+
+    @jax.checkpoint
+    def run_segment(states, xs):
+        return _run_loss(model, params, *xs, states)
+
+    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
+    # The last segment is padded at its end with zero weights: causal, so no real token sees it.
+    xs = tuple(sequence_slices(x, segment) for x in (inputs, labels, weights, positions))
+    _, losses = jax.lax.scan(run_segment, zero_states(model.cfg, inputs.shape[0]), xs)
+    return jnp.sum(losses)
+
+
+def _run_loss(model, params, inputs, labels, weights, positions, states):
+    """(each layer's final state, Σ weights · cross-entropy) of one model run over inputs [b, s]."""
+    if model.cfg.loss_chunk:
+        hidden, states = model.apply({"params": params}, inputs, positions, None, states,
+                                     return_hidden=True)
+        return states, cross_entropy_sum(hidden, params["embed_tokens"]["embedding"], labels,
+                                         weights, model.cfg.loss_chunk)
+    logits, states = model.apply({"params": params}, inputs, positions, None, states)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return states, jnp.sum(losses * weights)
 
 
 def init_state(model: TransNormerLLM, tx: optax.GradientTransformation, rng: jax.Array,
