@@ -11,6 +11,8 @@ logits). Parameters are random bf16 (speed does not depend on their values).
   python bench/generate.py --configs=385m,softmax_385m --contexts=1024,8192,32768 --prefill_chunk=512
                                                  # TNL against the softmax baseline and its KV cache
   python bench/generate.py --smoke               # tiny configs, tiny contexts: checks the logic on CPU
+  python bench/generate.py --configs=1b --batches=1 --contexts=1024 --profile
+                                                 # where a decode step's time goes (GPU trace)
 
 Prints a table; writes $OUT/generate.json (rewritten after every case, so a cut-off run keeps what it
 measured) and $OUT/generate.png. OUT defaults to ./bench_out. A case that fails (e.g. out of memory)
@@ -34,6 +36,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench import profiling  # noqa: E402
 from tnllm import config as config_lib  # noqa: E402
 from tnllm.generate import decode, prefill  # noqa: E402
 from tnllm.model import TransNormerLLM, state_specs  # noqa: E402
@@ -48,6 +51,8 @@ flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per timed run.")
 flags.DEFINE_integer("repeats", 5, "Timed decode runs per case (the median is reported).")
 flags.DEFINE_integer("prefill_chunk", 2048, "Prompt tokens per prefill segment.")
 flags.DEFINE_string("prefill_impl", "blockwise", "Parallel form of the prefill (blockwise, pallas).")
+flags.DEFINE_bool("profile", False, "Trace one more decode run per case: GPU busy time, span and "
+                  "kernel count per token, by kernel kind (bench/profiling.py).")
 flags.DEFINE_bool("smoke", False, "Tiny config and contexts, few tokens: a quick check of this script.")
 FLAGS = flags.FLAGS
 
@@ -81,7 +86,14 @@ def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk):
         raise RuntimeError(f"decode stopped early: lengths {out.lengths}")
     times = [timed(run_decode)[1] for _ in range(repeats)]
     step_ms = 1e3 * statistics.median(times) / max(new_tokens - 1, 1)
-    return dict(prefill_compile_s=prefill_compile_s, prefill_s=prefill_s,
+    profile = {}
+    if FLAGS.profile:  # per model step: is the GPU busy, or waiting between kernels?
+        trace = profiling.gpu_time(run_decode)
+        steps = max(new_tokens - 1, 1)
+        profile = {"profile": trace} if "error" in trace else {"profile": dict(
+            trace, busy_ms_per_token=trace["gpu_ms"] / steps, span_ms_per_token=trace["span_ms"] / steps,
+            kernels_per_token=trace["kernels"] / steps)}
+    return dict(**profile, prefill_compile_s=prefill_compile_s, prefill_s=prefill_s,
                 prefill_tokens_per_s=batch * context / prefill_s, decode_first_call_s=first_s,
                 decode_ms_per_token=step_ms, decode_ms_per_token_min=1e3 * min(times) / max(new_tokens - 1, 1),
                 decode_tokens_per_s=batch * 1e3 / step_ms)

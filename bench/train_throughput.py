@@ -41,6 +41,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench import profiling  # noqa: E402
 from tnllm import config as config_lib  # noqa: E402
 from tnllm import train_lib  # noqa: E402
 from tnllm.model import TransNormerLLM  # noqa: E402
@@ -141,57 +142,11 @@ def run_case(compiled, init, cfg, case):
     loss = float(metrics["loss"])
     if FLAGS.profile:
         try:
-            case["profile"] = profile_step(compiled, state, batch)
+            case["profile"] = profiling.gpu_time(lambda: compiled(state, batch))
         except Exception as e:  # noqa: BLE001 -- the timing stands without its profile
             case["profile"] = {"error": str(e).splitlines()[0][:300]}
     del state, batch
     return statistics.median(times), loss
-
-
-# GPU kernel kinds by name fragment, first match wins: cuBLAS/cuDNN matrix products (nvjet, cutlass,
-# xmma, gemm), cuDNN attention, the Pallas Triton kernels, then XLA's fusions by their kind prefix.
-_KINDS = (("matmul", ("nvjet", "cutlass", "xmma", "gemm", "cublas")),
-          ("cudnn attention", ("cudnn", "fmha", "flash")),
-          ("pallas", ("lightning", "pallas", "_kernel")))
-
-
-def kernel_kind(name: str) -> str:
-    low = name.lower()
-    for kind, fragments in _KINDS:
-        if any(f in low for f in fragments):
-            return kind
-    return low.split("_fusion")[0] + " fusion" if "_fusion" in low else "other"
-
-
-def profile_step(compiled, state, batch):
-    """GPU time of one more step by kernel kind (ms) and the 15 longest kernels, from a Perfetto trace."""
-    import gzip
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as log_dir:
-        with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-            jax.block_until_ready(compiled(state, batch))
-        traces = list(Path(log_dir).rglob("perfetto_trace.json.gz"))
-        if not traces:
-            return {"error": "no perfetto_trace.json.gz written"}
-        events = json.loads(gzip.decompress(traces[0].read_bytes()))
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    gpu = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-           and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
-    if not gpu:
-        return {"error": "no GPU process in the trace", "processes": sorted(
-            {str(e.get("args", {}).get("name")) for e in events if e.get("name") == "process_name"})}
-    by_kind, by_name = {}, {}
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in gpu:
-            ms = float(e.get("dur", 0)) / 1e3
-            kind = kernel_kind(e["name"])
-            by_kind[kind] = by_kind.get(kind, 0.0) + ms
-            by_name[e["name"]] = by_name.get(e["name"], 0.0) + ms
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
-    return {"gpu_ms": sum(by_kind.values()),
-            "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-            "top_kernels_ms": [[name[:120], ms] for name, ms in top]}
 
 
 def plot(results, path):
