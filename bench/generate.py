@@ -85,17 +85,17 @@ def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk):
     if int(out.lengths.min()) != new_tokens:
         raise RuntimeError(f"decode stopped early: lengths {out.lengths}")
     times = [timed(run_decode)[1] for _ in range(repeats)]
-    step_ms = 1e3 * statistics.median(times) / max(new_tokens - 1, 1)
+    steps = max(new_tokens - 1, 1)  # model steps per run: the first token comes from the prefill
+    step_ms = 1e3 * statistics.median(times) / steps
     profile = {}
     if FLAGS.profile:  # per model step: is the GPU busy, or waiting between kernels?
         trace = profiling.gpu_time(run_decode)
-        steps = max(new_tokens - 1, 1)
         profile = {"profile": trace} if "error" in trace else {"profile": dict(
             trace, busy_ms_per_token=trace["gpu_ms"] / steps, span_ms_per_token=trace["span_ms"] / steps,
             kernels_per_token=trace["kernels"] / steps)}
     return dict(**profile, prefill_compile_s=prefill_compile_s, prefill_s=prefill_s,
                 prefill_tokens_per_s=batch * context / prefill_s, decode_first_call_s=first_s,
-                decode_ms_per_token=step_ms, decode_ms_per_token_min=1e3 * min(times) / max(new_tokens - 1, 1),
+                decode_ms_per_token=step_ms, decode_ms_per_token_min=1e3 * min(times) / steps,
                 decode_tokens_per_s=batch * 1e3 / step_ms)
 
 
