@@ -11,8 +11,9 @@ logits). Parameters are random bf16 (speed does not depend on their values).
   python bench/generate.py --configs=385m,softmax_385m --contexts=1024,8192,32768 --prefill_chunk=512
                                                  # TNL against the softmax baseline and its KV cache
   python bench/generate.py --smoke               # tiny configs, tiny contexts: checks the logic on CPU
-  python bench/generate.py --configs=1b --batches=1 --contexts=1024 --profile
-                                                 # where a decode step's time goes (GPU trace)
+  python bench/generate.py --configs=1b --batches=1 --contexts=1024 --impls=blockwise,pallas --profile
+                                                 # where a decode step's time goes (GPU trace), with
+                                                 # the XLA step and the one-kernel Pallas step
 
 Prints a table; writes $OUT/generate.json (rewritten after every case, so a cut-off run keeps what it
 measured) and $OUT/generate.png. OUT defaults to ./bench_out. A case that fails (e.g. out of memory)
@@ -50,9 +51,11 @@ flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
 flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per timed run.")
 flags.DEFINE_integer("repeats", 5, "Timed decode runs per case (the median is reported).")
 flags.DEFINE_integer("prefill_chunk", 2048, "Prompt tokens per prefill segment.")
-flags.DEFINE_string("prefill_impl", "blockwise", "Parallel form of the prefill (blockwise, pallas).")
+flags.DEFINE_list("impls", ["pallas"], "Attention impls of TNL's cases: the prefill's parallel form, "
+                  "and the decoding step (pallas: one kernel, pallas_kernels.decode; otherwise XLA).")
 flags.DEFINE_bool("profile", False, "Trace one more decode run per case: GPU busy time, span and "
                   "kernel count per token, by kernel kind (bench/profiling.py).")
+flags.DEFINE_bool("dump_hlo", False, "Write each decode program's optimized HLO to $OUT.")
 flags.DEFINE_bool("smoke", False, "Tiny config and contexts, few tokens: a quick check of this script.")
 FLAGS = flags.FLAGS
 
@@ -69,7 +72,7 @@ def timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk):
+def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk, out_dir):
     """One case: prefill `context` random tokens per row, then time decoding `new_tokens` tokens."""
     tokens = jax.random.randint(jax.random.key(context), (batch, context), 0, cfg.vocab_size, jnp.int32)
     mask = jnp.ones((batch, context), bool)
@@ -82,6 +85,10 @@ def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk):
     run_decode = lambda: decode(params, prefilled, jax.random.key(0), cfg=cfg,  # noqa: E731
                                 sampler=Greedy(), max_new_tokens=new_tokens)
     out, first_s = timed(run_decode)
+    if FLAGS.dump_hlo:
+        hlo = decode.lower(params, prefilled, jax.random.key(0), cfg=cfg, sampler=Greedy(),
+                           max_new_tokens=new_tokens).compile().as_text()
+        (out_dir / f"decode_{cfg.token_mixer}_{cfg.attention_impl}_b{batch}.hlo.txt").write_text(hlo)
     if int(out.lengths.min()) != new_tokens:
         raise RuntimeError(f"decode stopped early: lengths {out.lengths}")
     times = [timed(run_decode)[1] for _ in range(repeats)]
@@ -105,15 +112,15 @@ def state_mb_per_sequence(cfg):
 
 
 def print_table(rows):
-    head = (f"{'config':>12} {'batch':>5} {'context':>8} {'prefill s':>10} {'prefill tok/s':>14} "
+    head = (f"{'config':>12} {'impl':>9} {'batch':>5} {'context':>8} {'prefill s':>10} {'prefill tok/s':>14} "
             f"{'ms/token':>9} {'decode tok/s':>13}")
     print(head)
     print("-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['config']:>12} {r['batch']:>5} {r['context']:>8}  failed: {r['error']}")
+            print(f"{r['config']:>12} {r['impl']:>9} {r['batch']:>5} {r['context']:>8}  failed: {r['error']}")
             continue
-        print(f"{r['config']:>12} {r['batch']:>5} {r['context']:>8} {r['prefill_s']:>10.3f} "
+        print(f"{r['config']:>12} {r['impl']:>9} {r['batch']:>5} {r['context']:>8} {r['prefill_s']:>10.3f} "
               f"{r['prefill_tokens_per_s']:>14,.0f} {r['decode_ms_per_token']:>9.3f} "
               f"{r['decode_tokens_per_s']:>13,.0f}")
 
@@ -125,12 +132,13 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, (ax_decode, ax_prefill) = plt.subplots(1, 2, figsize=(11, 4.2))
-    series = sorted({(r["config"], r["batch"]) for r in rows if "error" not in r})
-    for name, batch in series:
-        ok = sorted((r for r in rows if (r["config"], r["batch"]) == (name, batch) and "error" not in r),
+    series = sorted({(r["config"], r["impl"], r["batch"]) for r in rows if "error" not in r})
+    for name, impl, batch in series:
+        ok = sorted((r for r in rows if (r["config"], r["impl"], r["batch"]) == (name, impl, batch)
+                     and "error" not in r),
                     key=lambda r: r["context"])
         contexts = [r["context"] for r in ok]
-        label = f"{name}, batch {batch}"
+        label = f"{name} ({impl}), batch {batch}"
         ax_decode.plot(contexts, [r["decode_ms_per_token"] for r in ok], "o-", label=label)
         ax_prefill.plot(contexts, [r["prefill_tokens_per_s"] for r in ok], "o-", label=label)
     for ax, title, ylabel in ((ax_decode, "Decode: time per generated token", "ms per step"),
@@ -152,10 +160,12 @@ def main(argv):
     del argv
     if FLAGS.smoke:
         names, contexts, batches = ["tiny", "softmax_tiny"], [16, 64], [1, 2]
+        impls = ["blockwise", "pallas"]
         new_tokens, repeats, prefill_chunk = 8, 2, 32
     else:
         names = FLAGS.configs
         contexts, batches = [int(c) for c in FLAGS.contexts], [int(b) for b in FLAGS.batches]
+        impls = FLAGS.impls
         new_tokens, repeats, prefill_chunk = FLAGS.new_tokens, FLAGS.repeats, FLAGS.prefill_chunk
     if new_tokens < 2:
         raise ValueError("--new_tokens must be at least 2: the first token comes from the prefill.")
@@ -164,33 +174,36 @@ def main(argv):
     meta = dict(date=time.strftime("%Y-%m-%d"), device=jax.devices()[0].device_kind,
                 backend=jax.default_backend(), jax_version=jax.__version__, command=" ".join(sys.argv),
                 new_tokens=new_tokens, repeats=repeats, prefill_chunk=prefill_chunk,
-                prefill_impl=FLAGS.prefill_impl, dtype="bfloat16")
+                dtype="bfloat16")
     print(json.dumps(meta))
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     rows = []
     for name in names:
         cfg = config_lib.model_config(config_lib.load(str(REPO / "configs" / f"{name}.py")))
-        cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16", attention_impl=FLAGS.prefill_impl)
+        cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
         params = random_params(cfg)
-        for batch in batches:
-            for context in contexts:
-                # The softmax baseline's state is a KV cache as long as the whole context; the linear
-                # mixers' states do not depend on it.
-                case_cfg = cfg.replace(max_cache_len=context + new_tokens)
-                state_mb = state_mb_per_sequence(case_cfg)
-                row = dict(config=name, batch=batch, context=context, state_mb_per_sequence=state_mb)
-                try:
-                    if limit is not None and batch * state_mb * 1e6 > limit:
-                        raise MemoryError(f"the decoding state needs {batch * state_mb / 1e3:.0f} GB, more "
-                                          f"than the device's {limit / 1e9:.0f} GB")
-                    row.update(measure(case_cfg, params, batch, context, new_tokens, repeats,
-                                       prefill_chunk))
-                except Exception as e:  # noqa: BLE001 - keep measuring the other cases
-                    traceback.print_exc()
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                (out_dir / "generate.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
+        # The impl picks the prefill's parallel form and the decoding step of TNL's mixers only.
+        for impl in impls if cfg.token_mixer == "gla" else [cfg.attention_impl]:
+            for batch in batches:
+                for context in contexts:
+                    # The softmax baseline's state is a KV cache as long as the whole context; the
+                    # linear mixers' states do not depend on it.
+                    case_cfg = cfg.replace(max_cache_len=context + new_tokens, attention_impl=impl)
+                    state_mb = state_mb_per_sequence(case_cfg)
+                    row = dict(config=name, impl=impl, batch=batch, context=context,
+                               state_mb_per_sequence=state_mb)
+                    try:
+                        if limit is not None and batch * state_mb * 1e6 > limit:
+                            raise MemoryError(f"the decoding state needs {batch * state_mb / 1e3:.0f} GB, "
+                                              f"more than the device's {limit / 1e9:.0f} GB")
+                        row.update(measure(case_cfg, params, batch, context, new_tokens, repeats,
+                                           prefill_chunk, out_dir))
+                    except Exception as e:  # noqa: BLE001 - keep measuring the other cases
+                        traceback.print_exc()
+                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    (out_dir / "generate.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
         del params
     print()
     print_table(rows)
