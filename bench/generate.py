@@ -11,9 +11,9 @@ logits). Parameters are random bf16 (speed does not depend on their values).
   python bench/generate.py --configs=385m,softmax_385m --contexts=1024,8192,32768 --prefill_chunk=512
                                                  # TNL against the softmax baseline and its KV cache
   python bench/generate.py --smoke               # tiny configs, tiny contexts: checks the logic on CPU
-  python bench/generate.py --configs=1b --batches=1 --contexts=1024 --impls=blockwise,pallas --profile
-                                                 # where a decode step's time goes (GPU trace), with
-                                                 # the XLA step and the one-kernel Pallas step
+  python bench/generate.py --configs=1b --batches=1 --contexts=1024 --profile --dump_hlo
+                                                 # where a decode step's time goes (GPU trace, and
+                                                 # the compiled program's HLO in $OUT)
 
 Prints a table; writes $OUT/generate.json (rewritten after every case, so a cut-off run keeps what it
 measured) and $OUT/generate.png. OUT defaults to ./bench_out. A case that fails (e.g. out of memory)
@@ -51,8 +51,8 @@ flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
 flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per timed run.")
 flags.DEFINE_integer("repeats", 5, "Timed decode runs per case (the median is reported).")
 flags.DEFINE_integer("prefill_chunk", 2048, "Prompt tokens per prefill segment.")
-flags.DEFINE_list("impls", ["pallas"], "Attention impls of TNL's cases: the prefill's parallel form, "
-                  "and the decoding step (pallas: one kernel, pallas_kernels.decode; otherwise XLA).")
+flags.DEFINE_list("impls", ["blockwise"], "Parallel forms of TNL's prefill (blockwise, pallas); the "
+                  "decoding step is XLA's in every case.")
 flags.DEFINE_bool("profile", False, "Trace one more decode run per case: GPU busy time, span and "
                   "kernel count per token, by kernel kind (bench/profiling.py).")
 flags.DEFINE_bool("dump_hlo", False, "Write each decode program's optimized HLO to $OUT.")
@@ -182,7 +182,7 @@ def main(argv):
         cfg = config_lib.model_config(config_lib.load(str(REPO / "configs" / f"{name}.py")))
         cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
         params = random_params(cfg)
-        # The impl picks the prefill's parallel form and the decoding step of TNL's mixers only.
+        # The impl picks the parallel form of TNL's prefill.
         for impl in impls if cfg.token_mixer == "gla" else [cfg.attention_impl]:
             for batch in batches:
                 for context in contexts:

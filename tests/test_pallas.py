@@ -5,7 +5,6 @@ compiled kernels (bench/kernels.py runs them there before timing anything). Shap
 chunks short so that every case has several chunks and a ragged last one.
 """
 import dataclasses
-import functools
 import warnings
 
 import jax
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import decode, lightning
+from pallas_kernels import lightning
 from tnllm import attention
 from tnllm.config import ModelConfig
 from tnllm.model import TransNormerLLM
@@ -158,40 +157,6 @@ def test_single_token_and_many_heads():
                                                          initial_state=s0)
         assert rel_rms(o, o_ref) <= F32_TOL
         assert rel_rms(final, final_ref) <= F32_TOL
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("batch,heads,dk,dv,block_v", [(1, 2, 16, 16, None), (2, 3, 32, 16, 8)])
-def test_decode_step_kernel_matches_reference_under_jit_and_grad(batch, heads, dk, dv, block_v, dtype):
-    """The one-kernel decoding step (pallas_kernels.decode) against the quadratic reference: a
-    single token after a state; dk = 2 dv as in LRPE layers; its state buffer donated under jit."""
-    q, k, v, slopes, s0, do, d_final = random_inputs(4, batch, 1, heads, dk, dv, dtype, True)
-    step = jax.jit(lambda q, k, v, s: decode.decay_step(q, k, v, slopes, s, block_v=block_v),
-                   donate_argnums=3)
-    o, final = step(q[:, 0], k[:, 0], v[:, 0], s0 + 0.0)
-    o_ref, final_ref = attention.lightning_attention(q, k, v, slopes, impl="reference", initial_state=s0)
-    assert o.shape == (batch, heads, dv) and o.dtype == dtype and final.dtype == jnp.float32
-    tol = F32_TOL if dtype == jnp.float32 else BF16_TOL
-    assert rel_rms(o, o_ref[:, 0]) <= tol
-    assert rel_rms(final, final_ref) <= F32_TOL  # the state is float32 whatever the inputs
-
-    def loss(step_fn, q, k, v, s):
-        o, final = step_fn(q, k, v, s)
-        return jnp.sum(o.astype(jnp.float32) * do[:, 0]) + jnp.sum(final * d_final)
-
-    kernel = lambda q, k, v, s: decode.decay_step(q, k, v, slopes, s, block_v=block_v)  # noqa: E731
-    xla = lambda q, k, v, s: attention.lightning_attention_step(q, k, v, slopes, s)  # noqa: E731
-    args = (q[:, 0], k[:, 0], v[:, 0], s0)
-    got = jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2, 3))(*args)
-    want = jax.grad(functools.partial(loss, xla), argnums=(0, 1, 2, 3))(*args)
-    for g, w in zip(got, want):
-        assert rel_rms(g, w) <= F32_TOL
-
-
-def test_decode_step_kernel_rejects_a_tile_that_does_not_divide_dv():
-    q = jnp.ones((1, 2, 16), jnp.float32)
-    with pytest.raises(ValueError, match="block_v"):
-        decode.decay_step(q, q, q, attention.alibi_slopes(2), jnp.zeros((1, 2, 16, 16)), block_v=12)
 
 
 def test_prefill_then_continue_equals_one_pass():

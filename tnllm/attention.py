@@ -10,8 +10,7 @@ Forms (all exact, all agree; `impl` selects one):
              a float32 state carried across chunks by `lax.scan`. The XLA path for training.
   recurrent  `lax.scan` over tokens with `lightning_attention_step`: only multiplications by
              lambda <= 1, so it stays finite at any length (the paper's robust inference form).
-  pallas     the GPU kernels of `pallas_kernels/` (interpret mode on machines without a GPU); a
-             single token with a state (a decoding step) runs `pallas_kernels.decode`.
+  pallas     the GPU kernels of `pallas_kernels/` (interpret mode on machines without a GPU).
 
 All decay arithmetic and every state is float32; causal masks come from token indices.
 """
@@ -205,13 +204,10 @@ def _recurrent(q, k, v, slopes, initial_state, chunk_size):
 # dispatch
 # ----------------------------------------------------------------------------------------------
 def _pallas(q, k, v, slopes, initial_state, chunk_size):
-    from pallas_kernels import decode, lightning  # imported lazily: only this impl needs Pallas
+    from pallas_kernels import lightning  # imported lazily: only this impl needs Pallas
     from tnllm import sharding  # lazily: tnllm.sharding imports tnllm.config, which imports us
 
     def kernel(q, k, v, slopes, initial_state):
-        if q.shape[1] == 1 and initial_state is not None:  # a decoding step: one fused kernel
-            o, state = decode.decay_step(q[:, 0], k[:, 0], v[:, 0], slopes, initial_state)
-            return o[:, None], state
         return lightning.lightning_attention(q, k, v, slopes, initial_state=initial_state,
                                              chunk_size=chunk_size)
 

@@ -69,9 +69,7 @@ def decode_step(params, tokens: Array, positions: Array, states: Sequence[Any], 
     Returns:
       logits [batch, vocab] f32 for the token after `tokens`, and the new states.
     """
-    # The Pallas impl has a one-kernel step (pallas_kernels.decode); the others take the XLA step.
-    impl = "pallas" if cfg.attention_impl == "pallas" else "recurrent"
-    model = TransNormerLLM(cfg.replace(attention_impl=impl))
+    model = TransNormerLLM(cfg.replace(attention_impl="recurrent"))
     logits, states = model.apply({"params": params}, tokens[:, None], positions=positions[:, None],
                                  initial_states=tuple(states))
     return logits[:, 0], states
