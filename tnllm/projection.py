@@ -6,6 +6,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Array = jax.Array
 
@@ -17,7 +18,7 @@ class MergeHeads(nn.Module):
     It runs as one [heads * head_dim, features] matrix product: for a single token (a decoding
     step) XLA lowers the two-axis contraction to an elementwise product and a reduction that write
     and read back a [heads, head_dim, features] temporary, 15 µs a layer for the 1B on an H100
-    (bench/NOTES.md, 2026-11-27), where a one-axis product becomes a GEMM.
+    (bench/NOTES.md, 2026-11-27), where a one-axis product is a GEMM.
     """
 
     features: int
@@ -35,6 +36,10 @@ class MergeHeads(nn.Module):
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
         o, kernel, bias = nn.dtypes.promote_dtype(o, kernel, bias, dtype=self.dtype)
-        y = jnp.dot(o.reshape(*o.shape[:-2], heads * head_dim),
-                    kernel.reshape(heads * head_dim, self.features))
+        matrix = kernel.reshape(heads * head_dim, self.features)
+        if o.shape[-3] == 1:
+            # One token per sequence (a decoding step): XLA's simplifier would fold the reshape back
+            # into a two-axis contraction and strength-reduce that; the barrier keeps one GEMM.
+            matrix = lax.optimization_barrier(matrix)
+        y = jnp.dot(o.reshape(*o.shape[:-2], heads * head_dim), matrix)
         return y if bias is None else y + bias
