@@ -40,11 +40,13 @@ def test_prefill_then_decode_steps_match_one_forward_pass(params, impl):
     assert_prefill_then_decode_matches_forward(params, cfg, PROMPTS, CHUNK)
 
 
-def test_greedy_tokens_and_logprobs_are_those_of_a_forward_pass(params):
-    out = generate(params, CFG, PROMPTS, max_new_tokens=NEW, return_logprobs=True, prefill_chunk=CHUNK)
-    assert out.tokens.shape == out.logprobs.shape == (len(PROMPTS), NEW)
-    assert out.lengths.tolist() == [NEW] * len(PROMPTS)
-    for row, prompt in enumerate(PROMPTS):
+@pytest.mark.parametrize("prompts", [PROMPTS, PROMPTS[:1]], ids=["batch3", "batch1"])
+def test_greedy_tokens_and_logprobs_are_those_of_a_forward_pass(params, prompts):
+    """Also at batch 1, which decodes as two copies of the row (tnllm.generate.decode)."""
+    out = generate(params, CFG, prompts, max_new_tokens=NEW, return_logprobs=True, prefill_chunk=CHUNK)
+    assert out.tokens.shape == out.logprobs.shape == (len(prompts), NEW)
+    assert out.lengths.tolist() == [NEW] * len(prompts)
+    for row, prompt in enumerate(prompts):
         n = len(prompt)
         logits = forward(params, jnp.asarray([prompt + out.tokens[row].tolist()]))[0]
         logprobs = jax.nn.log_softmax(logits[n - 1:-1])

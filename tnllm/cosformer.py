@@ -32,8 +32,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tnllm.projection import MergeHeads
-
 Array = jax.Array
 
 IMPLS = ("reference", "linear")
@@ -313,9 +311,9 @@ class CosformerAttention(nn.Module):
             k_positions=kv_positions, initial_state=initial_state, impl=self.impl,
             chunk_size=self.chunk_size, eps=self.eps)
         o = nn.with_logical_constraint(o, ("batch", "length", "heads", "head_dim"))
-        out = MergeHeads(
-            self.out_features or inputs_q.shape[-1], use_bias=True, dtype=self.dtype,
-            param_dtype=self.param_dtype,
+        out = nn.Einsum(
+            (self.num_heads, self.head_dim, self.out_features or inputs_q.shape[-1]), "bthk,hkd->btd",
+            dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(self.kernel_init, names[1:] + names[:1]),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[:1]),
             name="out_proj")(o)

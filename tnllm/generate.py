@@ -159,13 +159,22 @@ def decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sample
         i, _, _, _, out = carry
         return (i < max_new_tokens) & ~jnp.all(out[-1])
 
+    # A single row makes every product of a step vector x matrix, and XLA's GPU simplifier turns
+    # those with weights under 10M elements into an elementwise product and a reduction through an
+    # HBM temporary (gpu_algebraic_simplifier.cc), where matrix products stream the weight once
+    # (bench/NOTES.md, 2026-11-27). So one row runs as two, the copy's outputs discarded. Recurrent
+    # states only: a second KV cache would double what a softmax step reads.
+    copies = 2 if batch == 1 and cfg.token_mixer != "softmax" else 1
+    widen = lambda x: jnp.concatenate([x] * copies)  # noqa: E731
+
     def step(carry):
         i, token, positions, states, out = carry
-        logits, states = decode_step(params, token, positions, states, cfg=cfg)
-        token, out = emit(i, logits, out)
+        logits, states = decode_step(params, widen(token), widen(positions), states, cfg=cfg)
+        token, out = emit(i, logits[:batch], out)
         return i + 1, token, positions + 1, states, out
 
-    carry = (jnp.int32(1), token, prefilled.positions, tuple(prefilled.states), out)
+    states = jax.tree.map(widen, tuple(prefilled.states))
+    carry = (jnp.int32(1), token, prefilled.positions, states, out)
     *_, (tokens, lengths, logprobs, _) = lax.while_loop(unfinished, step, carry)
     return Generation(tokens, lengths, logprobs)
 

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 from tnllm import cosformer, softmax
 from tnllm.attention import layer_slopes, lightning_attention
 from tnllm.config import ModelConfig
-from tnllm.projection import MergeHeads
 
 Array = jax.Array
 
@@ -146,8 +145,10 @@ class GatedLinearAttention(nn.Module):
         o = nn.with_logical_constraint(o, ("batch", "length", "heads", "head_dim"))
         # The norm spans all heads together (the released code), not each head.
         o = srms_norm(o, cfg.norm_eps, axes=(-2, -1)) * u
-        out = MergeHeads(cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                         kernel_init=_init(cfg, ("heads", "head_dim", "embed")), name="out_proj")(o)
+        out = nn.Einsum(
+            (h, hd, cfg.d_model), "bthk,hkd->btd", use_bias=False, dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype, kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
+            name="out_proj")(o)
         return out, state
 
 

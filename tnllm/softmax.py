@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 
 from tnllm.config import ModelConfig
-from tnllm.projection import MergeHeads
 
 Array = jax.Array
 
@@ -146,6 +145,8 @@ class SoftmaxAttention(nn.Module):
             cache = write_cache(cache, k, v, positions, mask)
             o = cached_attention(q, cache, positions)
         o = nn.with_logical_constraint(o, ("batch", "length", "heads", "head_dim"))
-        out = MergeHeads(cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                         kernel_init=init(("heads", "head_dim", "embed")), name="out_proj")(o)
+        out = nn.Einsum(
+            (h, hd, cfg.d_model), "bthk,hkd->btd", use_bias=False, dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype, kernel_init=init(("heads", "head_dim", "embed")),
+            name="out_proj")(o)
         return out, cache
