@@ -8,7 +8,7 @@ all GPUs when there are more than 2. After the FSDP case at the first length, it
 on the multi-GPU mesh) is restored on one GPU by `python -m tnllm.generate`, which generates from it.
 
     python3 bench/multi_gpu.py                          # every case, then the report
-    python3 bench/multi_gpu.py --cases=1gpu             # a subset (1gpu, 1gpu_accum2, fsdpN, tensorN, tensor2_f32)
+    python3 bench/multi_gpu.py --cases=1gpu             # a subset (1gpu, 1gpu_accum2, fsdpN, tensorN)
     python3 bench/multi_gpu.py --report --results=a.jsonl,b.jsonl   # the report of earlier runs
 
 Writes one JSON line per case to --results (default $OUT/multi_gpu.jsonl) as each ends: per-step
@@ -42,7 +42,7 @@ flags.DEFINE_string("config", "configs/1b.py", "Model config file.")
 flags.DEFINE_list("lengths", ["2048", "8192"], "Sequence lengths.")
 flags.DEFINE_integer("tokens", 16384, "Tokens per optimizer step at every length (global batch).")
 flags.DEFINE_list("steps", ["20", "10"], "Steps per length (the first length's runs compare losses).")
-flags.DEFINE_list("cases", [], "Cases to run (1gpu, 1gpu_accum2, fsdpN, tensorN, tensor2_f32); default all.")
+flags.DEFINE_list("cases", [], "Cases to run (1gpu, 1gpu_accum2, fsdpN, tensorN); default all.")
 flags.DEFINE_integer("gpus", 0, "GPUs on this host; 0 = count them with nvidia-smi.")
 flags.DEFINE_string("results", None, "JSON lines file(s); default $OUT/multi_gpu.jsonl.")
 flags.DEFINE_bool("report", False, "Only print the report of --results (comma-separated files).")
@@ -56,23 +56,18 @@ def gpu_count() -> int:
 
 
 def all_cases(gpus: int) -> dict:
-    """name -> (config.mesh overrides, GPUs used, micro-batches per step, other config overrides).
+    """name -> (config.mesh overrides, GPUs used, micro-batches per step).
 
     "1gpu_accum2" is the bf16 noise reference: one GPU, the same global batch in two micro-batches,
-    an update equal to 1gpu's in exact arithmetic but summed in another order, as a mesh sums it.
-    "tensor2_f32" all-reduces the row-parallel products' partial sums in float32
-    (config.model.float32_partial_sums)."""
-    f32 = {"model.float32_partial_sums": True}
-    cases = {"1gpu": ({}, 1, 1, {}), "1gpu_accum2": ({}, 1, 2, {}),
-             f"fsdp{gpus}": ({"fsdp": gpus}, gpus, 1, {}), "tensor2": ({"tensor": 2}, 2, 1, {}),
-             "tensor2_f32": ({"tensor": 2}, 2, 1, f32)}
+    an update equal to 1gpu's in exact arithmetic but summed in another order, as a mesh sums it."""
+    cases = {"1gpu": ({}, 1, 1), "1gpu_accum2": ({}, 1, 2), f"fsdp{gpus}": ({"fsdp": gpus}, gpus, 1),
+             "tensor2": ({"tensor": 2}, 2, 1)}
     if gpus > 2:
-        cases[f"tensor{gpus}"] = ({"tensor": gpus}, gpus, 1, {})
+        cases[f"tensor{gpus}"] = ({"tensor": gpus}, gpus, 1)
     return cases
 
 
-def train(name: str, mesh: dict, devices: list, accum: int, length: int, steps: int,
-          overrides: dict) -> dict:
+def train(name: str, mesh: dict, devices: list, accum: int, length: int, steps: int) -> dict:
     workdir = f"/tmp/multi_gpu/{name}-{length}"
     shutil.rmtree(workdir, ignore_errors=True)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={FLAGS.config}",
@@ -84,7 +79,6 @@ def train(name: str, mesh: dict, devices: list, accum: int, length: int, steps: 
            "--config.train.eval_batches=1", f"--config.checkpoint.every={steps}",
            "--config.train.sample_tokens=0", "--config.model.attention_impl=pallas"]
     cmd += [f"--config.mesh.{axis}={size}" for axis, size in mesh.items()]
-    cmd += [f"--config.{field}={value}" for field, value in overrides.items()]
     env = dict(os.environ, **NO_MULTICAST, CUDA_VISIBLE_DEVICES=",".join(map(str, devices)))
     used = len(devices)
     start = time.perf_counter()
@@ -185,16 +179,15 @@ def main(argv):
     single = [n for n in chosen if cases[n][1] == 1]
     if single:  # the one-GPU runs of all lengths at once, each on its own GPU
         with concurrent.futures.ThreadPoolExecutor(gpus) as pool:
-            runs = [pool.submit(train, name, {}, [i % gpus], cases[name][2], length, steps,
-                                cases[name][3])
+            runs = [pool.submit(train, name, {}, [i % gpus], cases[name][2], length, steps)
                     for i, (name, (length, steps)) in enumerate(
                         (n, ls) for ls in lengths for n in single)]
             for run in runs:
                 done(run.result())
     for length, steps in lengths:
         for name in (n for n in chosen if cases[n][1] > 1):
-            mesh, used, accum, overrides = cases[name]
-            record = train(name, mesh, list(range(used)), accum, length, steps, overrides)
+            mesh, used, accum = cases[name]
+            record = train(name, mesh, list(range(used)), accum, length, steps)
             done(record)
             if name == f"fsdp{gpus}" and length == lengths[0][0] and record["rc"] == 0:
                 emit(restore_and_generate(record["workdir"]))

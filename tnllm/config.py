@@ -37,10 +37,6 @@ class ModelConfig:
     evaluation loss that many tokens at a time (tnllm.loss) instead of materialising all logits;
     train_segment > 0 runs training and evaluation that many positions at a time, carrying the
     recurrent states (GLA and cosFormer), so activation memory does not grow with seq_len.
-    float32_partial_sums makes the row-parallel products (the attention output projection and the
-    channel mixer's l3, whose contracted axis tensor parallelism splits) return float32 before the
-    cast to dtype, so that their partial sums are all-reduced in float32 rather than bf16: one
-    rounding fewer than the default, at twice those all-reduces' bytes (docs/benchmarks.md, issue 11).
     """
 
     vocab_size: int = 256
@@ -60,15 +56,9 @@ class ModelConfig:
     remat_policy: str = "none"
     loss_chunk: int = 0
     train_segment: int = 0
-    float32_partial_sums: bool = False
     token_mixer: str = "gla"
     cosformer_max_len: int = 2048
     max_cache_len: int = 2048
-
-    @property
-    def partial_sums_dtype(self) -> str:
-        """The output dtype of the row-parallel products (see float32_partial_sums)."""
-        return "float32" if self.float32_partial_sums else self.dtype
 
     def __post_init__(self):
         object.__setattr__(self, "lrpe_layers", tuple(int(i) for i in self.lrpe_layers))

@@ -59,12 +59,6 @@ def lrpe(x: Array, theta: Array, positions: Array) -> Array:
     return jnp.concatenate([xf * jnp.cos(phase), xf * jnp.sin(phase)], axis=-1).astype(x.dtype)
 
 
-def row_parallel_dot(cfg: ModelConfig):
-    """lax.dot_general returning cfg.partial_sums_dtype, for nn.DenseGeneral's dot_general: float32
-    with config.model.float32_partial_sums, so that tensor parallelism all-reduces in float32."""
-    return functools.partial(jax.lax.dot_general, preferred_element_type=cfg.partial_sums_dtype)
-
-
 def _init(cfg: ModelConfig, names: Tuple[Optional[str], ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.init_std), names)
 
@@ -108,10 +102,7 @@ class SGLU(nn.Module):
         x1 = nn.with_logical_constraint(x1, ("batch", "length", "mlp"))
         if self.swish:
             x1 = nn.silu(x1)
-        l3 = nn.DenseGeneral(cfg.d_model, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                             kernel_init=_init(cfg, ("mlp", "embed")), name="l3",
-                             dot_general=row_parallel_dot(cfg))
-        return l3(x1 * x2).astype(cfg.dtype)
+        return dense(cfg.d_model, ("mlp", "embed"), "l3")(x1 * x2)
 
 
 class GatedLinearAttention(nn.Module):
@@ -157,8 +148,8 @@ class GatedLinearAttention(nn.Module):
         out = nn.Einsum(
             (h, hd, cfg.d_model), "bthk,hkd->btd", use_bias=False, dtype=cfg.dtype,
             param_dtype=cfg.param_dtype, kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
-            preferred_element_type=cfg.partial_sums_dtype, name="out_proj")(o)
-        return out.astype(cfg.dtype), state
+            name="out_proj")(o)
+        return out, state
 
 
 def token_mixer(cfg: ModelConfig, layer: int) -> nn.Module:

@@ -148,6 +148,5 @@ class SoftmaxAttention(nn.Module):
         out = nn.Einsum(
             (h, hd, cfg.d_model), "bthk,hkd->btd", use_bias=False, dtype=cfg.dtype,
             param_dtype=cfg.param_dtype, kernel_init=init(("heads", "head_dim", "embed")),
-            preferred_element_type=cfg.partial_sums_dtype,
             name="out_proj")(o)
-        return out.astype(cfg.dtype), cache
+        return out, cache
