@@ -7,14 +7,24 @@ seed and data: one GPU (CUDA_VISIBLE_DEVICES=0), FSDP over all GPUs, tensor para
 all GPUs when there are more than 2. After the FSDP case at the first length, its checkpoint (written
 on the multi-GPU mesh) is restored on one GPU by `python -m tnllm.generate`, which generates from it.
 
+Two one-GPU cases measure the bf16 noise the mesh cases are judged against, each an update equal to
+1gpu's in exact arithmetic: 1gpu_accum2 (the global batch in two micro-batches: the sums in another
+order) and 1gpu_f32 (activations and products in float32 at the highest matmul precision: how far
+bf16 rounding itself takes the run). A mesh case's losses are within bf16 noise when its largest
+difference from 1gpu is at most the largest of the references'.
+
     python3 bench/multi_gpu.py                          # every case, then the report
-    python3 bench/multi_gpu.py --cases=1gpu             # a subset (1gpu, 1gpu_accum2, fsdpN, tensorN)
+    python3 bench/multi_gpu.py --cases=1gpu,1gpu_f32    # a subset (1gpu, 1gpu_accum2, 1gpu_f32, fsdpN, tensorN)
     python3 bench/multi_gpu.py --report --results=a.jsonl,b.jsonl   # the report of earlier runs
+    python3 bench/multi_gpu.py --platform=cpu --gpus=2 --config=configs/tiny.py \
+        --set=model.vocab_size=260 --set=model.dtype=bfloat16 --attention_impl=blockwise ...
+                                                        # the same cases on fake CPU devices
 
 Writes one JSON line per case to --results (default $OUT/multi_gpu.jsonl) as each ends: per-step
-losses, tokens/s (median over steps), MFU, the peak memory of the busiest GPU and the log's tail.
-The report prints tokens/s per GPU, MFU, peak GiB per GPU, the scaling efficiency (tokens/s over
-N × the one-GPU tokens/s at the same length) and the largest loss difference from the one-GPU run.
+losses and gradient norms, tokens/s (median over steps), MFU, the peak memory of the busiest GPU and
+the log's tail. The report prints tokens/s per GPU, MFU, peak GiB per GPU, the scaling efficiency
+(tokens/s over N × the one-GPU tokens/s at the same length), the largest loss difference from the
+one-GPU run and, per length, the noise and whether each mesh case stays within it.
 NVLink multicast stays off (NCCL_NVLS_ENABLE=0): on shared hosts it can take the GPUs down.
 """
 import concurrent.futures
@@ -42,8 +52,14 @@ flags.DEFINE_string("config", "configs/1b.py", "Model config file.")
 flags.DEFINE_list("lengths", ["2048", "8192"], "Sequence lengths.")
 flags.DEFINE_integer("tokens", 16384, "Tokens per optimizer step at every length (global batch).")
 flags.DEFINE_list("steps", ["20", "10"], "Steps per length (the first length's runs compare losses).")
-flags.DEFINE_list("cases", [], "Cases to run (1gpu, 1gpu_accum2, fsdpN, tensorN); default all.")
+flags.DEFINE_list("cases", [], "Cases to run (1gpu, 1gpu_accum2, 1gpu_f32, fsdpN, tensorN); "
+                  "default all.")
 flags.DEFINE_integer("gpus", 0, "GPUs on this host; 0 = count them with nvidia-smi.")
+flags.DEFINE_enum("platform", "gpu", ["gpu", "cpu"],
+                  "cpu: --gpus fake CPU devices (XLA_FLAGS), for studying the numerics without a GPU.")
+flags.DEFINE_string("attention_impl", "pallas", "config.model.attention_impl of every case.")
+flags.DEFINE_integer("warmup_steps", 5, "config.optim.warmup_steps (short, so that 20 steps move).")
+flags.DEFINE_multi_string("set", [], "More config overrides for every case, e.g. model.dtype=bfloat16.")
 flags.DEFINE_string("results", None, "JSON lines file(s); default $OUT/multi_gpu.jsonl.")
 flags.DEFINE_bool("report", False, "Only print the report of --results (comma-separated files).")
 flags.DEFINE_integer("timeout", 300, "Seconds allowed to each train.py run.")
@@ -55,31 +71,46 @@ def gpu_count() -> int:
     return sum(line.startswith("GPU ") for line in out.splitlines())
 
 
-def all_cases(gpus: int) -> dict:
-    """name -> (config.mesh overrides, GPUs used, micro-batches per step).
+# The config overrides and environment of a one-GPU run in float32: activations, products and
+# their accumulation (JAX's default matmul precision would let GPUs round float32 operands to TF32).
+F32 = (["--config.model.dtype=float32"], {"JAX_DEFAULT_MATMUL_PRECISION": "highest"})
+NOISE_REFERENCES = ("1gpu_accum2", "1gpu_f32")
 
-    "1gpu_accum2" is the bf16 noise reference: one GPU, the same global batch in two micro-batches,
-    an update equal to 1gpu's in exact arithmetic but summed in another order, as a mesh sums it."""
-    cases = {"1gpu": ({}, 1, 1), "1gpu_accum2": ({}, 1, 2), f"fsdp{gpus}": ({"fsdp": gpus}, gpus, 1),
-             "tensor2": ({"tensor": 2}, 2, 1)}
+
+def all_cases(gpus: int) -> dict:
+    """name -> (config.mesh overrides, GPUs used, micro-batches per step, (overrides, environment))."""
+    plain = ([], {})
+    cases = {"1gpu": ({}, 1, 1, plain), "1gpu_accum2": ({}, 1, 2, plain), "1gpu_f32": ({}, 1, 1, F32),
+             f"fsdp{gpus}": ({"fsdp": gpus}, gpus, 1, plain), "tensor2": ({"tensor": 2}, 2, 1, plain)}
     if gpus > 2:
-        cases[f"tensor{gpus}"] = ({"tensor": gpus}, gpus, 1)
+        cases[f"tensor{gpus}"] = ({"tensor": gpus}, gpus, 1, plain)
     return cases
 
 
-def train(name: str, mesh: dict, devices: list, accum: int, length: int, steps: int) -> dict:
+def device_env(devices: list) -> dict:
+    """The environment that gives a run these GPUs (or, with --platform=cpu, as many CPU devices)."""
+    if FLAGS.platform == "cpu":
+        return {"JAX_PLATFORMS": "cpu",
+                "XLA_FLAGS": f"--xla_force_host_platform_device_count={len(devices)}"}
+    return {**NO_MULTICAST, "CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}
+
+
+def train(name: str, mesh: dict, devices: list, accum: int, extra: tuple, length: int,
+          steps: int) -> dict:
     workdir = f"/tmp/multi_gpu/{name}-{length}"
     shutil.rmtree(workdir, ignore_errors=True)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={FLAGS.config}",
            f"--workdir={workdir}", f"--config.data.seq_len={length}",
            f"--config.train.batch_size={FLAGS.tokens // length}",
            f"--config.train.grad_accum_steps={accum}",
-           f"--config.train.steps={steps}", f"--config.optim.warmup_steps={min(5, steps - 1)}",
+           f"--config.train.steps={steps}",
+           f"--config.optim.warmup_steps={min(FLAGS.warmup_steps, steps - 1)}",
            "--config.train.log_every=1", f"--config.train.eval_every={steps}",
            "--config.train.eval_batches=1", f"--config.checkpoint.every={steps}",
-           "--config.train.sample_tokens=0", "--config.model.attention_impl=pallas"]
+           "--config.train.sample_tokens=0", f"--config.model.attention_impl={FLAGS.attention_impl}"]
+    cmd += [f"--config.{override}" for override in FLAGS.set] + extra[0]
     cmd += [f"--config.mesh.{axis}={size}" for axis, size in mesh.items()]
-    env = dict(os.environ, **NO_MULTICAST, CUDA_VISIBLE_DEVICES=",".join(map(str, devices)))
+    env = dict(os.environ, **device_env(devices), **extra[1])
     used = len(devices)
     start = time.perf_counter()
     try:
@@ -97,6 +128,7 @@ def train(name: str, mesh: dict, devices: list, accum: int, length: int, steps: 
         rows = [json.loads(line) for line in open(metrics)]
         train_rows = [r for r in rows if "loss" in r]
         record["losses"] = [r["loss"] for r in train_rows]
+        record["grad_norms"] = [r["grad_norm"] for r in train_rows]
         # The first step's interval holds no compile (train.py compiles before the loop), but skip
         # it anyway: it also pays for first-touch allocations.
         speeds = [r["tokens_per_s"] for r in train_rows[1:]] or [r["tokens_per_s"] for r in train_rows]
@@ -112,10 +144,16 @@ def restore_and_generate(workdir: str) -> dict:
     """The multi-GPU checkpoint, restored on one GPU, generates (greedy, 32 tokens)."""
     cmd = [sys.executable, "-m", "tnllm.generate", f"--checkpoint={workdir}", "--prompt=def main(",
            "--max_new_tokens=32", "--temperature=0"]
-    env = dict(os.environ, **NO_MULTICAST, CUDA_VISIBLE_DEVICES="0")
+    env = dict(os.environ, **device_env([0]))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=FLAGS.timeout)
     return {"case": "restore_1gpu_generate", "from": workdir, "rc": proc.returncode,
             "output": proc.stdout.strip()[-400:], "stderr_tail": proc.stderr.strip()[-400:]}
+
+
+def loss_diffs(run: dict, ref: dict) -> tuple:
+    """(largest, mean) absolute difference of two runs' losses over the steps both logged."""
+    diffs = [abs(a - b) for a, b in zip(run["losses"], ref["losses"])]
+    return max(diffs), statistics.mean(diffs)
 
 
 def report(records: list) -> None:
@@ -132,13 +170,27 @@ def report(records: list) -> None:
         ref = one.get(r["seq_len"])
         eff = diff = ""
         if ref is not None and r is not ref:
-            eff = f"{r['tokens_per_s'] / (r['gpus'] * ref['tokens_per_s']):.1%}"
-            n = min(len(ref["losses"]), len(r["losses"]))
-            diff = f"{max(abs(a - b) for a, b in zip(ref['losses'][:n], r['losses'][:n])):.2e} ({n} steps)"
+            if r["gpus"] > 1:
+                eff = f"{r['tokens_per_s'] / (r['gpus'] * ref['tokens_per_s']):.1%}"
+            diff = f"{loss_diffs(r, ref)[0]:.2e} ({min(len(r['losses']), len(ref['losses']))} steps)"
         mfu = "" if r.get("mfu") is None else f"{r['mfu']:.1%}"
         peak = "" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
         print(f"| {r['case']} | {r['gpus']} | {r['seq_len']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
               f"{r['tokens_per_s'] / r['gpus']:,.0f} | {mfu} | {peak} | {eff} | {diff} |")
+    for length, ref in one.items():
+        done = [r for r in runs if r["seq_len"] == length and "losses" in r]
+        print(f"\nLosses at {length}:")
+        for r in done:
+            print(f"  {r['case']:12s} " + " ".join(f"{x:.3f}" for x in r["losses"]))
+        noise = {r["case"]: loss_diffs(r, ref) for r in done if r["case"] in NOISE_REFERENCES}
+        if noise:  # a mesh case is within the noise if its largest difference is no larger
+            bound = max(largest for largest, _ in noise.values())
+            print(f"bf16 noise at {length} (largest / mean difference from 1gpu): " +
+                  ", ".join(f"{k} {v[0]:.2e} / {v[1]:.2e}" for k, v in noise.items()))
+            for r in (r for r in done if r["gpus"] > 1):
+                largest, mean = loss_diffs(r, ref)
+                verdict = "within" if largest <= bound else "OUTSIDE"
+                print(f"  {r['case']}: {largest:.2e} / {mean:.2e}, {verdict} the noise ({bound:.2e})")
     for r in records:
         if r["case"] == "restore_1gpu_generate":
             print(f"\nRestored {r['from']} on one GPU: rc {r['rc']}; output: {r['output']!r}")
@@ -152,14 +204,14 @@ def main(argv):
         report([json.loads(line) for p in paths for line in open(p) if line.strip()])
         return
     os.makedirs(os.path.dirname(os.path.abspath(paths[0])), exist_ok=True)
-    gpus = FLAGS.gpus or gpu_count()
+    gpus = FLAGS.gpus or (2 if FLAGS.platform == "cpu" else gpu_count())
     cases = all_cases(gpus)
     chosen = FLAGS.cases or list(cases)
     unknown = sorted(set(chosen) - set(cases))
     if unknown:
         raise SystemExit(f"Unknown --cases {', '.join(unknown)} for {gpus} GPUs; choose from "
                          f"{', '.join(cases)}.")
-    print(f"{gpus} GPUs; cases {', '.join(chosen)}; config {FLAGS.config}", flush=True)
+    print(f"{gpus} {FLAGS.platform.upper()}s; cases {', '.join(chosen)}; config {FLAGS.config}", flush=True)
     records = []
 
     def emit(record: dict) -> None:  # appended as it comes: a run cut short keeps what it measured
@@ -177,17 +229,18 @@ def main(argv):
     cfg = config_lib.load(FLAGS.config)
     data.TokenStore(cfg.data, load_tokenizer(cfg.data.tokenizer))
     single = [n for n in chosen if cases[n][1] == 1]
-    if single:  # the one-GPU runs of all lengths at once, each on its own GPU
-        with concurrent.futures.ThreadPoolExecutor(gpus) as pool:
-            runs = [pool.submit(train, name, {}, [i % gpus], cases[name][2], length, steps)
+    if single:  # the one-GPU runs of all lengths at once, each on its own GPU (CPU: one by one)
+        with concurrent.futures.ThreadPoolExecutor(gpus if FLAGS.platform == "gpu" else 1) as pool:
+            runs = [pool.submit(train, name, {}, [i % gpus], cases[name][2], cases[name][3], length,
+                                steps)
                     for i, (name, (length, steps)) in enumerate(
                         (n, ls) for ls in lengths for n in single)]
             for run in runs:
                 done(run.result())
     for length, steps in lengths:
         for name in (n for n in chosen if cases[n][1] > 1):
-            mesh, used, accum = cases[name]
-            record = train(name, mesh, list(range(used)), accum, length, steps)
+            mesh, used, accum, extra = cases[name]
+            record = train(name, mesh, list(range(used)), accum, extra, length, steps)
             done(record)
             if name == f"fsdp{gpus}" and length == lengths[0][0] and record["rc"] == 0:
                 emit(restore_and_generate(record["workdir"]))
