@@ -14,6 +14,8 @@ logits). Parameters are random bf16 (speed does not depend on their values).
   python bench/generate.py --configs=1b --batches=1 --contexts=1024 --profile --dump_hlo
                                                  # where a decode step's time goes (GPU trace, and
                                                  # the compiled program's HLO in $OUT)
+  python bench/generate.py --configs=1b --batches=1 --contexts=1024 \
+      --decode_xla_options=xla_gpu_exhaustive_tiling_search=true   # decode compiled with options
 
 Prints a table; writes $OUT/generate.json (rewritten after every case, so a cut-off run keeps what it
 measured) and $OUT/generate.png. OUT defaults to ./bench_out. A case that fails (e.g. out of memory)
@@ -56,6 +58,9 @@ flags.DEFINE_list("impls", ["blockwise"], "Parallel forms of TNL's prefill (bloc
 flags.DEFINE_bool("profile", False, "Trace one more decode run per case: GPU busy time, span and "
                   "kernel count per token, by kernel kind (bench/profiling.py).")
 flags.DEFINE_bool("dump_hlo", False, "Write each decode program's optimized HLO to $OUT.")
+flags.DEFINE_list("decode_xla_options", [], "XLA options for compiling the decode program only, "
+                  "NAME=VALUE, e.g. xla_gpu_exhaustive_tiling_search=true (autotunes its GEMMs "
+                  "over every tiling without doing so for the rest of the run).")
 flags.DEFINE_bool("smoke", False, "Tiny config and contexts, few tokens: a quick check of this script.")
 FLAGS = flags.FLAGS
 
@@ -82,13 +87,16 @@ def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk, out
     prefilled, prefill_s = timed(prefill_exe, params, tokens, mask)
 
     # The decode program does not depend on the context length: it compiles once per batch size.
-    run_decode = lambda: decode(params, prefilled, jax.random.key(0), cfg=cfg,  # noqa: E731
-                                sampler=Greedy(), max_new_tokens=new_tokens)
+    lowered = decode.lower(params, prefilled, jax.random.key(0), cfg=cfg, sampler=Greedy(),
+                           max_new_tokens=new_tokens)
+    start = time.perf_counter()
+    decode_exe = lowered.compile(compiler_options=xla_options(FLAGS.decode_xla_options))
+    decode_compile_s = time.perf_counter() - start
+    run_decode = lambda: decode_exe(params, prefilled, jax.random.key(0))  # noqa: E731
     out, first_s = timed(run_decode)
     if FLAGS.dump_hlo:
-        hlo = decode.lower(params, prefilled, jax.random.key(0), cfg=cfg, sampler=Greedy(),
-                           max_new_tokens=new_tokens).compile().as_text()
-        (out_dir / f"decode_{cfg.token_mixer}_{cfg.attention_impl}_b{batch}.hlo.txt").write_text(hlo)
+        (out_dir / f"decode_{cfg.token_mixer}_{cfg.attention_impl}_b{batch}.hlo.txt").write_text(
+            decode_exe.as_text())
     if int(out.lengths.min()) != new_tokens:
         raise RuntimeError(f"decode stopped early: lengths {out.lengths}")
     times = [timed(run_decode)[1] for _ in range(repeats)]
@@ -101,9 +109,29 @@ def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk, out
             trace, busy_ms_per_token=trace["gpu_ms"] / steps, span_ms_per_token=trace["span_ms"] / steps,
             kernels_per_token=trace["kernels"] / steps)}
     return dict(**profile, prefill_compile_s=prefill_compile_s, prefill_s=prefill_s,
-                prefill_tokens_per_s=batch * context / prefill_s, decode_first_call_s=first_s,
+                prefill_tokens_per_s=batch * context / prefill_s, decode_compile_s=decode_compile_s,
+                decode_first_call_s=first_s,
                 decode_ms_per_token=step_ms, decode_ms_per_token_min=1e3 * min(times) / steps,
                 decode_tokens_per_s=batch * 1e3 / step_ms)
+
+
+def xla_options(pairs):
+    """["name=value", ...] -> {name: bool, int, float or str} for `Lowered.compile`."""
+    options = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--decode_xla_options takes NAME=VALUE pairs, got {pair!r}.")
+        if value.lower() in ("true", "false"):
+            options[name] = value.lower() == "true"
+        else:
+            for kind in (int, float, str):
+                try:
+                    options[name] = kind(value)
+                    break
+                except ValueError:
+                    continue
+    return options
 
 
 def state_mb_per_sequence(cfg):
@@ -174,7 +202,7 @@ def main(argv):
     meta = dict(date=time.strftime("%Y-%m-%d"), device=jax.devices()[0].device_kind,
                 backend=jax.default_backend(), jax_version=jax.__version__, command=" ".join(sys.argv),
                 new_tokens=new_tokens, repeats=repeats, prefill_chunk=prefill_chunk,
-                dtype="bfloat16")
+                dtype="bfloat16", decode_xla_options=xla_options(FLAGS.decode_xla_options))
     print(json.dumps(meta))
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     rows = []
