@@ -77,7 +77,8 @@ def timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk, out_dir):
+def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk, decode_options,
+            out_dir):
     """One case: prefill `context` random tokens per row, then time decoding `new_tokens` tokens."""
     tokens = jax.random.randint(jax.random.key(context), (batch, context), 0, cfg.vocab_size, jnp.int32)
     mask = jnp.ones((batch, context), bool)
@@ -86,11 +87,11 @@ def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk, out
     prefill_compile_s = time.perf_counter() - start
     prefilled, prefill_s = timed(prefill_exe, params, tokens, mask)
 
-    # The decode program does not depend on the context length: it compiles once per batch size.
+    # Compiled here, not by a first call, so that --decode_xla_options apply to it alone.
     lowered = decode.lower(params, prefilled, jax.random.key(0), cfg=cfg, sampler=Greedy(),
                            max_new_tokens=new_tokens)
     start = time.perf_counter()
-    decode_exe = lowered.compile(compiler_options=xla_options(FLAGS.decode_xla_options))
+    decode_exe = lowered.compile(compiler_options=decode_options)
     decode_compile_s = time.perf_counter() - start
     run_decode = lambda: decode_exe(params, prefilled, jax.random.key(0))  # noqa: E731
     out, first_s = timed(run_decode)
@@ -116,21 +117,17 @@ def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk, out
 
 
 def xla_options(pairs):
-    """["name=value", ...] -> {name: bool, int, float or str} for `Lowered.compile`."""
+    """["name=value", ...] -> {name: value} for `Lowered.compile`, which wants typed values: JSON
+    literals (true, 4, 0.5) become bool, int or float, anything else stays a string."""
     options = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep:
             raise ValueError(f"--decode_xla_options takes NAME=VALUE pairs, got {pair!r}.")
-        if value.lower() in ("true", "false"):
-            options[name] = value.lower() == "true"
-        else:
-            for kind in (int, float, str):
-                try:
-                    options[name] = kind(value)
-                    break
-                except ValueError:
-                    continue
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name] = value
     return options
 
 
@@ -199,10 +196,11 @@ def main(argv):
         raise ValueError("--new_tokens must be at least 2: the first token comes from the prefill.")
     out_dir = Path(os.environ.get("OUT", "bench_out"))
     out_dir.mkdir(parents=True, exist_ok=True)
+    decode_options = xla_options(FLAGS.decode_xla_options)
     meta = dict(date=time.strftime("%Y-%m-%d"), device=jax.devices()[0].device_kind,
                 backend=jax.default_backend(), jax_version=jax.__version__, command=" ".join(sys.argv),
                 new_tokens=new_tokens, repeats=repeats, prefill_chunk=prefill_chunk,
-                dtype="bfloat16", decode_xla_options=xla_options(FLAGS.decode_xla_options))
+                dtype="bfloat16", decode_xla_options=decode_options)
     print(json.dumps(meta))
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     rows = []
@@ -225,7 +223,7 @@ def main(argv):
                             raise MemoryError(f"the decoding state needs {batch * state_mb / 1e3:.0f} GB, "
                                               f"more than the device's {limit / 1e9:.0f} GB")
                         row.update(measure(case_cfg, params, batch, context, new_tokens, repeats,
-                                           prefill_chunk, out_dir))
+                                           prefill_chunk, decode_options, out_dir))
                     except Exception as e:  # noqa: BLE001 - keep measuring the other cases
                         traceback.print_exc()
                         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"

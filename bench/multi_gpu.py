@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 from absl import app, flags
 
@@ -71,19 +72,26 @@ def gpu_count() -> int:
     return sum(line.startswith("GPU ") for line in out.splitlines())
 
 
-# The config overrides and environment of a one-GPU run in float32: activations, products and
-# their accumulation (JAX's default matmul precision would let GPUs round float32 operands to TF32).
-F32 = (["--config.model.dtype=float32"], {"JAX_DEFAULT_MATMUL_PRECISION": "highest"})
+class Case(NamedTuple):
+    mesh: dict  # config.mesh overrides
+    gpus: int  # GPUs used
+    accum: int = 1  # micro-batches per step
+    overrides: tuple = ()  # more train.py flags
+    env: dict = {}  # more environment variables
+
+
 NOISE_REFERENCES = ("1gpu_accum2", "1gpu_f32")
 
 
 def all_cases(gpus: int) -> dict:
-    """name -> (config.mesh overrides, GPUs used, micro-batches per step, (overrides, environment))."""
-    plain = ([], {})
-    cases = {"1gpu": ({}, 1, 1, plain), "1gpu_accum2": ({}, 1, 2, plain), "1gpu_f32": ({}, 1, 1, F32),
-             f"fsdp{gpus}": ({"fsdp": gpus}, gpus, 1, plain), "tensor2": ({"tensor": 2}, 2, 1, plain)}
+    """name -> Case. 1gpu_f32 computes in float32 at the highest matmul precision (JAX's default
+    would let GPUs round float32 operands to TF32)."""
+    cases = {"1gpu": Case({}, 1), "1gpu_accum2": Case({}, 1, accum=2),
+             "1gpu_f32": Case({}, 1, overrides=("--config.model.dtype=float32",),
+                              env={"JAX_DEFAULT_MATMUL_PRECISION": "highest"}),
+             f"fsdp{gpus}": Case({"fsdp": gpus}, gpus), "tensor2": Case({"tensor": 2}, 2)}
     if gpus > 2:
-        cases[f"tensor{gpus}"] = ({"tensor": gpus}, gpus, 1, plain)
+        cases[f"tensor{gpus}"] = Case({"tensor": gpus}, gpus)
     return cases
 
 
@@ -95,22 +103,21 @@ def device_env(devices: list) -> dict:
     return {**NO_MULTICAST, "CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}
 
 
-def train(name: str, mesh: dict, devices: list, accum: int, extra: tuple, length: int,
-          steps: int) -> dict:
+def train(name: str, case: Case, devices: list, length: int, steps: int) -> dict:
     workdir = f"/tmp/multi_gpu/{name}-{length}"
     shutil.rmtree(workdir, ignore_errors=True)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={FLAGS.config}",
            f"--workdir={workdir}", f"--config.data.seq_len={length}",
            f"--config.train.batch_size={FLAGS.tokens // length}",
-           f"--config.train.grad_accum_steps={accum}",
+           f"--config.train.grad_accum_steps={case.accum}",
            f"--config.train.steps={steps}",
            f"--config.optim.warmup_steps={min(FLAGS.warmup_steps, steps - 1)}",
            "--config.train.log_every=1", f"--config.train.eval_every={steps}",
            "--config.train.eval_batches=1", f"--config.checkpoint.every={steps}",
            "--config.train.sample_tokens=0", f"--config.model.attention_impl={FLAGS.attention_impl}"]
-    cmd += [f"--config.{override}" for override in FLAGS.set] + extra[0]
-    cmd += [f"--config.mesh.{axis}={size}" for axis, size in mesh.items()]
-    env = dict(os.environ, **device_env(devices), **extra[1])
+    cmd += [f"--config.{override}" for override in FLAGS.set] + list(case.overrides)
+    cmd += [f"--config.mesh.{axis}={size}" for axis, size in case.mesh.items()]
+    env = dict(os.environ, **device_env(devices), **case.env)
     used = len(devices)
     start = time.perf_counter()
     try:
@@ -118,7 +125,7 @@ def train(name: str, mesh: dict, devices: list, accum: int, extra: tuple, length
         log, rc = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
         log, rc = (e.stdout or b"").decode() + (e.stderr or b"").decode(), "timeout"
-    record = {"case": name, "gpus": used, "mesh": mesh, "seq_len": length,
+    record = {"case": name, "gpus": used, "mesh": case.mesh, "seq_len": length,
               "batch": FLAGS.tokens // length, "steps": steps, "rc": rc,
               "wall_s": time.perf_counter() - start, "workdir": workdir,
               "log_tail": [line for line in log.replace("\r", "\n").splitlines()
@@ -228,19 +235,17 @@ def main(argv):
     # The corpus is tokenized here once, not by runs racing to build the same token store.
     cfg = config_lib.load(FLAGS.config)
     data.TokenStore(cfg.data, load_tokenizer(cfg.data.tokenizer))
-    single = [n for n in chosen if cases[n][1] == 1]
+    single = [n for n in chosen if cases[n].gpus == 1]
     if single:  # the one-GPU runs of all lengths at once, each on its own GPU (CPU: one by one)
         with concurrent.futures.ThreadPoolExecutor(gpus if FLAGS.platform == "gpu" else 1) as pool:
-            runs = [pool.submit(train, name, {}, [i % gpus], cases[name][2], cases[name][3], length,
-                                steps)
+            runs = [pool.submit(train, name, cases[name], [i % gpus], length, steps)
                     for i, (name, (length, steps)) in enumerate(
                         (n, ls) for ls in lengths for n in single)]
             for run in runs:
                 done(run.result())
     for length, steps in lengths:
-        for name in (n for n in chosen if cases[n][1] > 1):
-            mesh, used, accum, extra = cases[name]
-            record = train(name, mesh, list(range(used)), accum, extra, length, steps)
+        for name in (n for n in chosen if cases[n].gpus > 1):
+            record = train(name, cases[name], list(range(cases[name].gpus)), length, steps)
             done(record)
             if name == f"fsdp{gpus}" and length == lengths[0][0] and record["rc"] == 0:
                 emit(restore_and_generate(record["workdir"]))
