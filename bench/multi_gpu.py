@@ -30,6 +30,7 @@ NVLink multicast stays off (NCCL_NVLS_ENABLE=0): on shared hosts it can take the
 import concurrent.futures
 import json
 import os
+import queue
 import re
 import shutil
 import statistics
@@ -236,11 +237,22 @@ def main(argv):
     cfg = config_lib.load(FLAGS.config)
     data.TokenStore(cfg.data, load_tokenizer(cfg.data.tokenizer))
     single = [n for n in chosen if cases[n].gpus == 1]
-    if single:  # the one-GPU runs of all lengths at once, each on its own GPU (CPU: one by one)
-        with concurrent.futures.ThreadPoolExecutor(gpus if FLAGS.platform == "gpu" else 1) as pool:
-            runs = [pool.submit(train, name, cases[name], [i % gpus], length, steps)
-                    for i, (name, (length, steps)) in enumerate(
-                        (n, ls) for ls in lengths for n in single)]
+    if single:  # the one-GPU runs of all lengths at once, each on a GPU of its own (CPU: one by one)
+        workers = gpus if FLAGS.platform == "gpu" else 1
+        free = queue.Queue()  # a run takes the GPU a finished run gave back, never a busy one
+        for gpu in range(workers):
+            free.put(gpu)
+
+        def train_on_free_gpu(name: str, length: int, steps: int) -> dict:
+            gpu = free.get()
+            try:
+                return train(name, cases[name], [gpu], length, steps)
+            finally:
+                free.put(gpu)
+
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            runs = [pool.submit(train_on_free_gpu, name, length, steps)
+                    for length, steps in lengths for name in single]
             for run in runs:
                 done(run.result())
     for length, steps in lengths:
