@@ -61,6 +61,7 @@ flags.DEFINE_bool("dump_hlo", False, "Write each decode program's optimized HLO 
 flags.DEFINE_list("decode_xla_options", [], "XLA options for compiling the decode program only, "
                   "NAME=VALUE, e.g. xla_gpu_exhaustive_tiling_search=true (autotunes its GEMMs "
                   "over every tiling without doing so for the rest of the run).")
+flags.DEFINE_integer("steps_per_iteration", 4, "Decoding steps per iteration of the decode loop.")
 flags.DEFINE_bool("smoke", False, "Tiny config and contexts, few tokens: a quick check of this script.")
 FLAGS = flags.FLAGS
 
@@ -89,7 +90,7 @@ def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk, dec
 
     # Compiled here, not by a first call, so that --decode_xla_options apply to it alone.
     lowered = decode.lower(params, prefilled, jax.random.key(0), cfg=cfg, sampler=Greedy(),
-                           max_new_tokens=new_tokens)
+                           max_new_tokens=new_tokens, steps_per_iteration=FLAGS.steps_per_iteration)
     start = time.perf_counter()
     decode_exe = lowered.compile(compiler_options=decode_options)
     decode_compile_s = time.perf_counter() - start
@@ -200,7 +201,8 @@ def main(argv):
     meta = dict(date=time.strftime("%Y-%m-%d"), device=jax.devices()[0].device_kind,
                 backend=jax.default_backend(), jax_version=jax.__version__, command=" ".join(sys.argv),
                 new_tokens=new_tokens, repeats=repeats, prefill_chunk=prefill_chunk,
-                dtype="bfloat16", decode_xla_options=decode_options)
+                dtype="bfloat16", decode_xla_options=decode_options,
+                steps_per_iteration=FLAGS.steps_per_iteration)
     print(json.dumps(meta))
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     rows = []

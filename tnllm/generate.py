@@ -121,10 +121,10 @@ def prefill(params, tokens: Array, mask: Array, *, cfg: ModelConfig,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampler", "max_new_tokens", "eos_id", "pad_id",
-                                             "return_logprobs"))
+                                             "return_logprobs", "steps_per_iteration"))
 def decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sampler: Sampler,
            max_new_tokens: int, eos_id: Optional[int] = None, pad_id: int = 0,
-           return_logprobs: bool = False) -> Generation:
+           return_logprobs: bool = False, steps_per_iteration: int = 4) -> Generation:
     """Samples up to `max_new_tokens` tokens per row after `prefilled`.
 
     Args:
@@ -135,6 +135,8 @@ def decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sample
       pad_id: written after a row's end.
       return_logprobs: also return log softmax(logits) of each chosen token (the model's
         distribution, before the sampler's filters).
+      steps_per_iteration: decoding steps per iteration of the loop: fewer of the host round
+        trips a GPU loop makes per iteration, a larger program to compile (1: a plain loop).
     """
     batch = prefilled.logits.shape[0]
 
@@ -155,10 +157,6 @@ def decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sample
            jnp.zeros((batch,), bool))
     token, out = emit(0, prefilled.logits, out)
 
-    def unfinished(carry):
-        i, _, _, _, out = carry
-        return (i < max_new_tokens) & ~jnp.all(out[-1])
-
     # A single row makes every product of a step vector x matrix, and XLA's GPU simplifier turns
     # those with weights under 10M elements into an elementwise product and a reduction through an
     # HBM temporary (gpu_algebraic_simplifier.cc), where matrix products stream the weight once
@@ -167,15 +165,26 @@ def decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sample
     copies = 2 if batch == 1 and cfg.token_mixer != "softmax" else 1
     widen = lambda x: jnp.concatenate([x] * copies)  # noqa: E731
 
-    def step(carry):
-        i, token, positions, states, out = carry
-        logits, states = decode_step(params, widen(token), widen(positions), states, cfg=cfg)
-        token, out = emit(i, logits[:batch], out)
-        return i + 1, token, positions + 1, states, out
+    def steps(n):
+        def body(carry):
+            for _ in range(n):
+                i, token, positions, states, out = carry
+                logits, states = decode_step(params, widen(token), widen(positions), states, cfg=cfg)
+                token, out = emit(i, logits[:batch], out)
+                carry = i + 1, token, positions + 1, states, out
+            return carry
+        return body
 
+    def room_for(n):  # n more steps fit, and some row is still going
+        return lambda carry: (carry[0] + n <= max_new_tokens) & ~jnp.all(carry[-1][-1])
+
+    # A GPU while loop copies its predicate to the host and waits for it after every iteration, so
+    # the loop body runs `steps_per_iteration` steps, then single steps up to max_new_tokens.
     states = jax.tree.map(widen, tuple(prefilled.states))
     carry = (jnp.int32(1), token, prefilled.positions, states, out)
-    *_, (tokens, lengths, logprobs, _) = lax.while_loop(unfinished, step, carry)
+    if steps_per_iteration > 1:
+        carry = lax.while_loop(room_for(steps_per_iteration), steps(steps_per_iteration), carry)
+    *_, (tokens, lengths, logprobs, _) = lax.while_loop(room_for(1), steps(1), carry)
     return Generation(tokens, lengths, logprobs)
 
 
