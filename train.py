@@ -78,11 +78,11 @@ def main(argv):
         sys.exit(128 + result.interrupted_by)
     if not distributed.is_main_process():
         return
-    below = 1 - result.val_nats_per_byte / result.unigram_nats_per_byte
+    gap = 1 - result.val_nats_per_byte / result.unigram_nats_per_byte  # early runs can be above it
     print(f"Validation loss after {result.step} steps: {result.val_nats_per_byte:.4f} nats/byte "
           f"(perplexity {math.exp(result.val_loss):.3f} per token).")
     print(f"Unigram entropy of the corpus: {result.unigram_nats_per_byte:.4f} nats/byte; the "
-          f"validation loss is {100 * below:.1f}% below it.")
+          f"validation loss is {100 * abs(gap):.1f}% {'below' if gap >= 0 else 'above'} it.")
     if not math.isnan(result.tokens_per_s):
         mfu = ("unknown (no peak FLOP/s for this device; set --config.train.peak_tflops)"
                if result.mfu is None else f"{result.mfu:.1%}")

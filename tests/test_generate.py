@@ -104,6 +104,23 @@ def test_eos_stops_its_row_while_the_others_continue(params):
     np.testing.assert_array_equal(out.tokens[1], free[1])
 
 
+@pytest.mark.parametrize("steps_per_iteration", [1, 3])
+def test_steps_per_loop_iteration_do_not_change_the_generation(params, steps_per_iteration):
+    """Several steps per loop iteration (default 4) with the single-step remainder after them: the
+    same tokens, lengths and log-probabilities as other splits, also when rows stop at EOS mid-way."""
+    tokens, mask = left_pad(PROMPTS, prompt_bucket(13, CHUNK))
+    prefilled = prefill(params, tokens, mask, cfg=CFG, prefill_chunk=CHUNK)
+    run = lambda **kw: jax.device_get(decode(  # noqa: E731
+        params, prefilled, jax.random.key(5), cfg=CFG, sampler=Temperature(1.0), max_new_tokens=NEW,
+        eos_id=int(free[0, 2]), pad_id=255, return_logprobs=True, **kw))
+    free = jax.device_get(decode(params, prefilled, jax.random.key(5), cfg=CFG,
+                                 sampler=Temperature(1.0), max_new_tokens=NEW).tokens)
+    default, split = run(), run(steps_per_iteration=steps_per_iteration)
+    assert min(default.lengths) < NEW  # an EOS stopped a row early
+    for a, b in zip(default, split):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_decode_state_shape_does_not_depend_on_context_length(params):
     shapes = []
     for length in (16, 1024):

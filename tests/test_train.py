@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -161,7 +162,13 @@ def test_cli_trains_logs_plots_and_samples(corpus, tmp_path):
         env=dict(os.environ, PYTHONPATH=REPO))
     out = run()
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "Validation loss after 6 steps" in out.stdout and "Unigram entropy" in out.stdout
+    summary = re.search(r"Validation loss after 6 steps: ([\d.]+) nats/byte.*Unigram entropy of the "
+                        r"corpus: ([\d.]+) nats/byte; the validation loss is ([\d.]+)% (below|above) it",
+                        out.stdout, re.S)
+    assert summary, out.stdout[-2000:]
+    val, unigram, percent = map(float, summary.groups()[:3])
+    assert summary.group(4) == ("below" if val <= unigram else "above")
+    assert abs(percent - 100 * abs(1 - val / unigram)) < 0.2
     assert "Sample" in out.stdout
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
