@@ -77,7 +77,7 @@ class Case(NamedTuple):
     mesh: dict  # config.mesh overrides
     gpus: int  # GPUs used
     accum: int = 1  # micro-batches per step
-    overrides: tuple = ()  # more train.py flags
+    overrides: tuple = ()  # more config overrides, as in --set
     env: dict = {}  # more environment variables
 
 
@@ -88,7 +88,7 @@ def all_cases(gpus: int) -> dict:
     """name -> Case. 1gpu_f32 computes in float32 at the highest matmul precision (JAX's default
     would let GPUs round float32 operands to TF32)."""
     cases = {"1gpu": Case({}, 1), "1gpu_accum2": Case({}, 1, accum=2),
-             "1gpu_f32": Case({}, 1, overrides=("--config.model.dtype=float32",),
+             "1gpu_f32": Case({}, 1, overrides=("model.dtype=float32",),
                               env={"JAX_DEFAULT_MATMUL_PRECISION": "highest"}),
              f"fsdp{gpus}": Case({"fsdp": gpus}, gpus), "tensor2": Case({"tensor": 2}, 2)}
     if gpus > 2:
@@ -116,7 +116,7 @@ def train(name: str, case: Case, devices: list, length: int, steps: int) -> dict
            "--config.train.log_every=1", f"--config.train.eval_every={steps}",
            "--config.train.eval_batches=1", f"--config.checkpoint.every={steps}",
            "--config.train.sample_tokens=0", f"--config.model.attention_impl={FLAGS.attention_impl}"]
-    cmd += [f"--config.{override}" for override in FLAGS.set] + list(case.overrides)
+    cmd += [f"--config.{override}" for override in (*FLAGS.set, *case.overrides)]
     cmd += [f"--config.mesh.{axis}={size}" for axis, size in case.mesh.items()]
     env = dict(os.environ, **device_env(devices), **case.env)
     used = len(devices)
