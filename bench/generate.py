@@ -17,6 +17,9 @@ logits). Parameters are random bf16 (speed does not depend on their values).
   python bench/generate.py --configs=1b --batches=1 --contexts=1024 \
       --decode_xla_options=xla_gpu_exhaustive_tiling_search=true   # decode compiled with options
 
+Each config's decode times are also given as multiples of the time to read its parameters once
+(`weight_read_ms`: a one-pass sum over as many contiguous bf16 elements, in the same run).
+
 Prints a table; writes $OUT/generate.json (rewritten after every case, so a cut-off run keeps what it
 measured) and $OUT/generate.png. OUT defaults to ./bench_out. A case that fails (e.g. out of memory)
 is recorded with its error and the run goes on. The softmax baseline's KV cache is sized to the context
@@ -117,6 +120,18 @@ def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk, dec
                 decode_tokens_per_s=batch * 1e3 / step_ms)
 
 
+def weight_read_ms(params, repeats):
+    """The time to read the parameters' bytes once from HBM: a sum over one contiguous array of as
+    many bf16 elements (one pass, no per-array launches), median of `repeats` runs after a warm-up.
+    Issue 10's decode aim is a step within 1.5x of this. Returns (GB read, ms)."""
+    elements = sum(x.size for x in jax.tree.leaves(params))
+    flat = jnp.ones((elements,), jnp.bfloat16)
+    read = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    timed(read, flat)
+    ms = 1e3 * statistics.median(timed(read, flat)[1] for _ in range(max(repeats, 10)))
+    return flat.nbytes / 1e9, ms
+
+
 def xla_options(pairs):
     """["name=value", ...] -> {name: value} for `Lowered.compile`, which wants typed values: JSON
     literals (true, 4, 0.5) become bool, int or float, anything else stays a string."""
@@ -139,7 +154,7 @@ def state_mb_per_sequence(cfg):
 
 def print_table(rows):
     head = (f"{'config':>12} {'impl':>9} {'batch':>5} {'context':>8} {'prefill s':>10} {'prefill tok/s':>14} "
-            f"{'ms/token':>9} {'decode tok/s':>13}")
+            f"{'ms/token':>9} {'decode tok/s':>13} {'x weight read':>13}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -148,7 +163,7 @@ def print_table(rows):
             continue
         print(f"{r['config']:>12} {r['impl']:>9} {r['batch']:>5} {r['context']:>8} {r['prefill_s']:>10.3f} "
               f"{r['prefill_tokens_per_s']:>14,.0f} {r['decode_ms_per_token']:>9.3f} "
-              f"{r['decode_tokens_per_s']:>13,.0f}")
+              f"{r['decode_tokens_per_s']:>13,.0f} {r['decode_per_weight_read']:>13.3f}")
 
 
 def plot(rows, path):
@@ -210,6 +225,9 @@ def main(argv):
         cfg = config_lib.model_config(config_lib.load(str(REPO / "configs" / f"{name}.py")))
         cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
         params = random_params(cfg)
+        weights_gb, read_ms = weight_read_ms(params, repeats)
+        print(f"{name}: {weights_gb:.3f} GB of bf16 parameters, read once in {read_ms:.3f} ms "
+              f"({weights_gb / read_ms:.2f} TB/s)", flush=True)
         # The impl picks the parallel form of TNL's prefill.
         for impl in impls if cfg.token_mixer == "gla" else [cfg.attention_impl]:
             for batch in batches:
@@ -219,13 +237,15 @@ def main(argv):
                     case_cfg = cfg.replace(max_cache_len=context + new_tokens, attention_impl=impl)
                     state_mb = state_mb_per_sequence(case_cfg)
                     row = dict(config=name, impl=impl, batch=batch, context=context,
-                               state_mb_per_sequence=state_mb)
+                               state_mb_per_sequence=state_mb, weights_gb=weights_gb,
+                               weight_read_ms=read_ms)
                     try:
                         if limit is not None and batch * state_mb * 1e6 > limit:
                             raise MemoryError(f"the decoding state needs {batch * state_mb / 1e3:.0f} GB, "
                                               f"more than the device's {limit / 1e9:.0f} GB")
                         row.update(measure(case_cfg, params, batch, context, new_tokens, repeats,
                                            prefill_chunk, decode_options, out_dir))
+                        row["decode_per_weight_read"] = row["decode_ms_per_token"] / read_ms
                     except Exception as e:  # noqa: BLE001 - keep measuring the other cases
                         traceback.print_exc()
                         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"

@@ -161,7 +161,8 @@ def decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sample
     # those with weights under 10M elements into an elementwise product and a reduction through an
     # HBM temporary (gpu_algebraic_simplifier.cc), where matrix products stream the weight once
     # (bench/NOTES.md, 2026-11-27). So one row runs as two, the copy's outputs discarded. Recurrent
-    # states only: a second KV cache would double what a softmax step reads.
+    # states only: a second KV cache would double what a softmax step reads. TNL's token mixer keeps
+    # one state row and runs the recurrence once (GatedLinearAttention); cosFormer's gets two.
     copies = 2 if batch == 1 and cfg.token_mixer != "softmax" else 1
     widen = lambda x: jnp.concatenate([x] * copies)  # noqa: E731
 
@@ -180,7 +181,8 @@ def decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sample
 
     # A GPU while loop copies its predicate to the host and waits for it after every iteration, so
     # the loop body runs `steps_per_iteration` steps, then single steps up to max_new_tokens.
-    states = jax.tree.map(widen, tuple(prefilled.states))
+    states = prefilled.states if cfg.token_mixer == "gla" else jax.tree.map(widen, prefilled.states)
+    states = tuple(states)
     carry = (jnp.int32(1), token, prefilled.positions, states, out)
     if steps_per_iteration > 1:
         carry = lax.while_loop(room_for(steps_per_iteration), steps(steps_per_iteration), carry)

@@ -140,8 +140,12 @@ class GatedLinearAttention(nn.Module):
         if mask is not None:
             k = jnp.where(mask[:, :, None, None], k, jnp.zeros_like(k))
         slopes = layer_slopes(h, self.layer, cfg.num_layers)
-        o, state = lightning_attention(q, k, v, slopes, impl=cfg.attention_impl,
+        # A state of fewer rows than x: x's rows repeat it (tnllm.generate.decode runs a batch-1 row
+        # twice so that its products stay matrix products); the recurrence reads and writes one copy.
+        rows = x.shape[0] if initial_state is None else initial_state.shape[0]
+        o, state = lightning_attention(q[:rows], k[:rows], v[:rows], slopes, impl=cfg.attention_impl,
                                        chunk_size=cfg.chunk_size, initial_state=initial_state)
+        o = jnp.tile(o, (x.shape[0] // rows, 1, 1, 1))
         o = nn.with_logical_constraint(o, ("batch", "length", "heads", "head_dim"))
         # The norm spans all heads together (the released code), not each head.
         o = srms_norm(o, cfg.norm_eps, axes=(-2, -1)) * u
