@@ -17,8 +17,8 @@ logits). Parameters are random bf16 (speed does not depend on their values).
   python bench/generate.py --configs=1b --batches=1 --contexts=1024 \
       --decode_xla_options=xla_gpu_exhaustive_tiling_search=true   # decode compiled with options
 
-Each config's decode times are also given as multiples of the time to read its parameters once
-(`weight_read_ms`: a one-pass sum over as many contiguous bf16 elements, in the same run).
+Each config's decode times are also given as multiples of the time XLA takes to read its parameters'
+bytes once in the same run (`weight_read_ms`: row sums over as many contiguous bf16 elements).
 
 Prints a table; writes $OUT/generate.json (rewritten after every case, so a cut-off run keeps what it
 measured) and $OUT/generate.png. OUT defaults to ./bench_out. A case that fails (e.g. out of memory)
@@ -121,12 +121,15 @@ def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk, dec
 
 
 def weight_read_ms(params, repeats):
-    """The time to read the parameters' bytes once from HBM: a sum over one contiguous array of as
-    many bf16 elements (one pass, no per-array launches), median of `repeats` runs after a warm-up.
-    Issue 10's decode aim is a step within 1.5x of this. Returns (GB read, ms)."""
+    """The time XLA takes to read the parameters' bytes once from HBM: row sums over one contiguous
+    [rows, 4096] bf16 array of as many elements (one pass, no per-array launches; on the H100 no
+    other sum tried was faster, 2026-11-28), median of `repeats` (at least 10) runs after a warm-up.
+    Returns (GB read, ms). XLA's sums read at ~2.1-2.5 TB/s where its GEMMs reach ~3.0, so a step's
+    multiple of this time is a lenient measure; docs/benchmarks.md also gives the strict one."""
+    width = 4096
     elements = sum(x.size for x in jax.tree.leaves(params))
-    flat = jnp.ones((elements,), jnp.bfloat16)
-    read = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    flat = jnp.ones((-(-elements // width), width), jnp.bfloat16)
+    read = jax.jit(lambda x: jnp.sum(x, axis=1, dtype=jnp.float32))
     timed(read, flat)
     ms = 1e3 * statistics.median(timed(read, flat)[1] for _ in range(max(repeats, 10)))
     return flat.nbytes / 1e9, ms
@@ -154,7 +157,7 @@ def state_mb_per_sequence(cfg):
 
 def print_table(rows):
     head = (f"{'config':>12} {'impl':>9} {'batch':>5} {'context':>8} {'prefill s':>10} {'prefill tok/s':>14} "
-            f"{'ms/token':>9} {'decode tok/s':>13} {'x weight read':>13}")
+            f"{'ms/token':>9} {'decode tok/s':>13} {'x sum read':>11}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -163,7 +166,7 @@ def print_table(rows):
             continue
         print(f"{r['config']:>12} {r['impl']:>9} {r['batch']:>5} {r['context']:>8} {r['prefill_s']:>10.3f} "
               f"{r['prefill_tokens_per_s']:>14,.0f} {r['decode_ms_per_token']:>9.3f} "
-              f"{r['decode_tokens_per_s']:>13,.0f} {r['decode_per_weight_read']:>13.3f}")
+              f"{r['decode_tokens_per_s']:>13,.0f} {r['decode_per_weight_read']:>11.3f}")
 
 
 def plot(rows, path):

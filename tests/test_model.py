@@ -15,9 +15,10 @@ IMPLS = ("reference", "blockwise", "recurrent", "pallas")  # pallas: interpret m
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def forward(params, tokens, positions=None, mask=None, *, cfg):
+def forward(params, tokens, positions=None, mask=None, *, cfg, initial_states=None):
     """The model compiled once per config (op-by-op dispatch is several times slower)."""
-    return TransNormerLLM(cfg).apply({"params": params}, tokens, positions=positions, mask=mask)
+    return TransNormerLLM(cfg).apply({"params": params}, tokens, positions=positions, mask=mask,
+                                     initial_states=initial_states)
 
 
 def _model(path):
@@ -57,6 +58,25 @@ def test_logit_shapes_and_states(tiny):
     assert logits.shape == (2, 21, cfg.vocab_size) and logits.dtype == jnp.float32
     assert [(s.shape, s.dtype) for s in states] == [(s.shape, s.dtype) for s in state_specs(cfg, 2)]
     assert states[0].shape[2] == 2 * cfg.head_dim  # LRPE doubles dk in layer 0
+
+
+def test_a_state_of_one_row_serves_repeated_rows(tiny):
+    """tnllm.generate.decode runs a batch-1 step as two copies of its row with one state row: each
+    copy's logits and the one new state equal those of the row alone."""
+    cfg, params = tiny
+    cfg = cfg.replace(attention_impl="recurrent")
+    prompt = _tokens(jax.random.PRNGKey(7), 1, 9, cfg.vocab_size)
+    _, states = forward(params, prompt, cfg=cfg)
+    token, position = prompt[:, :1], jnp.full((1, 1), 9)
+    alone, alone_states = forward(params, token, positions=position, cfg=cfg, initial_states=states)
+    twice, twice_states = forward(params, jnp.concatenate([token] * 2),
+                                  positions=jnp.concatenate([position] * 2), cfg=cfg,
+                                  initial_states=states)
+    assert [s.shape for s in twice_states] == [s.shape for s in states]
+    for copy in twice:
+        np.testing.assert_allclose(copy, alone[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(twice_states, alone_states):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
