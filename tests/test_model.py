@@ -77,6 +77,12 @@ def test_a_state_of_one_row_serves_repeated_rows(tiny):
         np.testing.assert_allclose(copy, alone[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(twice_states, alone_states):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="one state row per input row"):
+        forward(params, jnp.concatenate([token] * 3), positions=jnp.concatenate([position] * 3),
+                cfg=cfg, initial_states=tuple(jnp.concatenate([s] * 2) for s in states))
+    with pytest.raises(ValueError, match="one state row per input row"):  # 2 rows for 4
+        forward(params, jnp.concatenate([token] * 4), positions=jnp.concatenate([position] * 4),
+                cfg=cfg, initial_states=tuple(jnp.concatenate([s] * 2) for s in states))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -116,7 +116,7 @@ class GatedLinearAttention(nn.Module):
                  initial_state: Optional[Array]) -> Tuple[Array, Array]:
         """x: [batch, seq, d_model]; positions: [batch, seq] int; mask: [batch, seq] bool or None
         (False = padding: its key is zeroed so it contributes nothing); initial_state:
-        [batch, heads, dk, head_dim] f32 or None.
+        [batch, heads, dk, head_dim] f32, or [1, heads, dk, head_dim] when x's rows repeat one row, or None.
 
         Returns the output [batch, seq, d_model] and the final state [batch, heads, dk, head_dim] f32,
         where dk = 2*head_dim in LRPE layers and head_dim elsewhere.
@@ -140,9 +140,12 @@ class GatedLinearAttention(nn.Module):
         if mask is not None:
             k = jnp.where(mask[:, :, None, None], k, jnp.zeros_like(k))
         slopes = layer_slopes(h, self.layer, cfg.num_layers)
-        # A state of fewer rows than x: x's rows repeat it (tnllm.generate.decode runs a batch-1 row
-        # twice so that its products stay matrix products); the recurrence reads and writes one copy.
+        # A state of one row for several rows of x: they repeat one row (tnllm.generate.decode runs a
+        # batch-1 row twice so that its products stay matrix products); the recurrence runs it once.
         rows = x.shape[0] if initial_state is None else initial_state.shape[0]
+        if rows not in (1, x.shape[0]):
+            raise ValueError(f"initial_state has {rows} rows for an input of {x.shape[0]}; pass one "
+                             f"state row per input row (tnllm.model.state_specs(cfg, batch)).")
         o, state = lightning_attention(q[:rows], k[:rows], v[:rows], slopes, impl=cfg.attention_impl,
                                        chunk_size=cfg.chunk_size, initial_state=initial_state)
         o = jnp.tile(o, (x.shape[0] // rows, 1, 1, 1))
