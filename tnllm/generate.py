@@ -181,8 +181,7 @@ def decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sample
 
     # A GPU while loop copies its predicate to the host and waits for it after every iteration, so
     # the loop body runs `steps_per_iteration` steps, then single steps up to max_new_tokens.
-    states = prefilled.states if cfg.token_mixer == "gla" else jax.tree.map(widen, prefilled.states)
-    states = tuple(states)
+    states = tuple(prefilled.states if cfg.token_mixer == "gla" else jax.tree.map(widen, prefilled.states))
     carry = (jnp.int32(1), token, prefilled.positions, states, out)
     if steps_per_iteration > 1:
         carry = lax.while_loop(room_for(steps_per_iteration), steps(steps_per_iteration), carry)
