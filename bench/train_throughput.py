@@ -10,7 +10,8 @@ median step time reported. Memory is the compiled executable's (arguments + outp
 donated aliases), the per-case number; a case that fails is recorded with its error. --remat and
 --loss_chunk take lists: every case runs with each value (rematerialisation policy; the loss over
 the vocabulary all at once or in slices, tnllm.loss). --profile traces one more step of each case
-and records its GPU time by kernel kind (matrix products, attention kernels, XLA fusions).
+and records its GPU time by kernel kind (matrix products, attention kernels, XLA fusions);
+--dump_hlo writes each timed case's optimized HLO.
 
 The longest trainable sequence at batch 1 is probed by compiling only (no run) at --probe_lengths:
 a length fits when the compiled memory is within the device's limit.
@@ -26,6 +27,7 @@ Writes $OUT/train_throughput.json (rewritten after every case) and $OUT/train_th
 """
 import concurrent.futures
 import datetime
+import gzip
 import json
 import os
 import statistics
@@ -61,6 +63,8 @@ flags.DEFINE_list("loss_chunk", [], "config.model.loss_chunk values (0: all logi
 flags.DEFINE_integer("train_segment", None, "config.model.train_segment of TNL's cases (positions "
                      "per segment, carrying the states); default the config's.")
 flags.DEFINE_bool("profile", False, "Profile one more step of every case: GPU time by kernel kind.")
+flags.DEFINE_bool("dump_hlo", False, "Write each timed case's optimized HLO to $OUT, gzipped: what "
+                  "a kernel of the profile computes, and where in the model it comes from.")
 flags.DEFINE_list("probe_configs", ["385m", "softmax_385m"], "Configs of the batch-1 length probe.")
 flags.DEFINE_list("probe_lengths", ["65536", "131072", "262144"], "Lengths the probe compiles at batch 1.")
 flags.DEFINE_integer("probe_loss_chunk", None, "config.model.loss_chunk of the probe; default the "
@@ -275,6 +279,9 @@ def main(argv):
             if isinstance(job, Exception):
                 raise job
             compiled = job.result()
+            if FLAGS.dump_hlo:
+                name = f"train_{case['config']}_{case['impl']}_{case['remat']}_{case['seq_len']}.hlo.txt.gz"
+                (out / name).write_bytes(gzip.compress(compiled.as_text().encode()))
             case["memory_gib"] = (memory_bytes(compiled) or 0) / 2**30 or None
             step_s, loss = run_case(compiled, init.result(), cfg, case)
             tokens_per_s = cfg.train.batch_size * cfg.data.seq_len / step_s
