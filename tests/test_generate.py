@@ -167,6 +167,14 @@ def test_bad_requests_are_refused_with_the_fix(params, prompts, kwargs, match):
         generate(params, CFG, prompts, **{"max_new_tokens": 2, **kwargs})
 
 
+def test_the_full_config_is_refused_with_the_fix(params):
+    full = config.load("configs/tiny.py")  # what load_model returns beside the params
+    with pytest.raises(TypeError, match=r"pass tnllm.config.model_config\(config\)"):
+        generate(params, full, [[1, 2]], max_new_tokens=2)
+    with pytest.raises(TypeError, match="not a ModelConfig"):
+        complete(params, full, ByteStub(), ["a"], max_new_tokens=1)
+
+
 class ByteStub:
     """The tokenizer interface of `tnllm.tokenizer` over ASCII bytes, for the tiny 256-id model."""
 

@@ -209,7 +209,17 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int,
     return tokens, mask
 
 
+def _require_model_config(cfg) -> None:
+    # load_model returns the full ConfigDict; passing it on is the easy mistake, and it would
+    # otherwise surface as an AttributeError deep inside.
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(
+            f"cfg is a {type(cfg).__name__}, not a ModelConfig; pass tnllm.config.model_config(config) "
+            "for the full config that load_model returns.")
+
+
 def _check_request(cfg: ModelConfig, prompts, max_new_tokens, eos_id, pad_id, prefill_chunk) -> None:
+    _require_model_config(cfg)
     if isinstance(prompts, (str, bytes)) or not len(prompts):
         raise ValueError("prompts must be a non-empty list of token-id lists; tokenize text first.")
     for row, prompt in enumerate(prompts):
@@ -303,6 +313,7 @@ def complete(params, cfg: ModelConfig, tokenizer, texts: Sequence[str], *, max_n
     """
     from tqdm import tqdm
 
+    _require_model_config(cfg)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}; load "
