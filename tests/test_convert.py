@@ -321,6 +321,8 @@ def test_models_the_released_code_cannot_run_are_not_exported(changes, message):
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         convert.load_hf(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="has no config.json"):  # not its tokenizer first
+        convert.import_hf(str(tmp_path / "absent"), str(tmp_path / "out"))
     write_checkpoint(tmp_path, hf_config(), {}, "safetensors")
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="No weights in"):

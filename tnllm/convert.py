@@ -266,6 +266,14 @@ def read_state_dict(hf_dir: str) -> Dict[str, np.ndarray]:
     return state_dict
 
 
+def _hf_config_path(hf_dir: str) -> str:
+    config_path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{hf_dir} has no config.json; pass the directory of a Hugging Face "
+                                "TransNormerLLM checkpoint.")
+    return config_path
+
+
 def load_hf(hf_dir: str, dtype: str = "float32") -> Tuple[ml_collections.ConfigDict, Dict[str, Any]]:
     """Reads a Hugging Face TransNormerLLM checkpoint directory.
 
@@ -274,11 +282,7 @@ def load_hf(hf_dir: str, dtype: str = "float32") -> Tuple[ml_collections.ConfigD
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype is {dtype!r}; choose one of {', '.join(DTYPES)}.")
-    config_path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{hf_dir} has no config.json; pass the directory of a Hugging Face "
-                                "TransNormerLLM checkpoint.")
-    with open(config_path) as f:
+    with open(_hf_config_path(hf_dir)) as f:
         model = model_config_from_hf(json.load(f)).replace(dtype=dtype, param_dtype=dtype)
     params = params_from_state_dict(read_state_dict(hf_dir), model, dtype)
     config = base_config()
@@ -290,6 +294,7 @@ def import_hf(hf_dir: str, out_dir: str, *, dtype: str = "float32",
               tokenizer_path: Optional[str] = None) -> None:
     """Converts the checkpoint in `hf_dir` into a tnllm export at `out_dir` (`tnllm.generate` loads it);
     the tokenizer is `tokenizer_path`, by default the checkpoint's `tokenizer.model`."""
+    _hf_config_path(hf_dir)  # a wrong directory is named as such, before its tokenizer
     tokenizer_path = tokenizer_path or os.path.join(hf_dir, "tokenizer.model")
     if not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(f"Tokenizer {tokenizer_path} does not exist; download the release's "
