@@ -1,5 +1,8 @@
 """Generation: prefill + recurrent decode equals one forward pass; batching, EOS, compile-once."""
 import functools
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -215,3 +218,15 @@ def test_prompts_come_from_flags_and_a_file(tmp_path):
         _read_prompts([], str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="--prompt TEXT"):
         _read_prompts([], None)
+
+
+def test_the_cli_names_bad_input_in_one_line(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "tnllm.generate", f"--checkpoint={tmp_path / 'absent'}",
+                          "--prompt=x"], cwd=repo, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=repo))
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'absent'} is neither an export (no config.json) nor a training work "
+        "directory (no checkpoints/); pass one of those.")

@@ -378,6 +378,13 @@ def _read_prompts(prompts: Sequence[str], prompt_file: Optional[str]) -> List[st
 
 def main(argv):
     del argv
+    try:
+        _run()
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line naming the fix, no traceback
+        raise SystemExit(f"error: {e}") from None
+
+
+def _run():
     from absl import flags, logging
 
     from tnllm import config as config_lib
