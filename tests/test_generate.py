@@ -110,7 +110,8 @@ def test_eos_stops_its_row_while_the_others_continue(params):
 @pytest.mark.parametrize("steps_per_iteration", [1, 3])
 def test_steps_per_loop_iteration_do_not_change_the_generation(params, steps_per_iteration):
     """Several steps per loop iteration (default 4) with the single-step remainder after them: the
-    same tokens, lengths and log-probabilities as other splits, also when rows stop at EOS mid-way."""
+    same tokens and lengths as other splits, and log-probabilities to float32 rounding, also when
+    rows stop at EOS mid-way."""
     tokens, mask = left_pad(PROMPTS, prompt_bucket(13, CHUNK))
     prefilled = prefill(params, tokens, mask, cfg=CFG, prefill_chunk=CHUNK)
     run = lambda **kw: jax.device_get(decode(  # noqa: E731
@@ -120,8 +121,11 @@ def test_steps_per_loop_iteration_do_not_change_the_generation(params, steps_per
                                  sampler=Temperature(1.0), max_new_tokens=NEW).tokens)
     default, split = run(), run(steps_per_iteration=steps_per_iteration)
     assert min(default.lengths) < NEW  # an EOS stopped a row early
-    for a, b in zip(default, split):
-        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(default.tokens, split.tokens)
+    np.testing.assert_array_equal(default.lengths, split.lengths)
+    # Another loop split is another compiled program: on a GPU its fusions may round the float32
+    # log-probabilities differently in the last place (seen on an H200: 1 ulp).
+    np.testing.assert_allclose(default.logprobs, split.logprobs, rtol=1e-6, atol=1e-6)
 
 
 def test_decode_state_shape_does_not_depend_on_context_length(params):
@@ -224,7 +228,8 @@ def test_the_cli_names_bad_input_in_one_line(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-m", "tnllm.generate", f"--checkpoint={tmp_path / 'absent'}",
                           "--prompt=x"], cwd=repo, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=repo))
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                             [repo, os.environ.get("PYTHONPATH", "")])))
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == (
