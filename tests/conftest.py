@@ -1,4 +1,6 @@
 """Shared test helpers."""
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,15 @@ from tnllm.generate import decode_step, left_pad, prefill, prompt_bucket
 from tnllm.model import TransNormerLLM, state_specs
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment of a test's child Python: this repository first on PYTHONPATH, the caller's
+    entries kept (on the GPU machine they hold carried packages), then `extra`."""
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
 
 
 def rel_err(a, b) -> float:

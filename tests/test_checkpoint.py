@@ -12,11 +12,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from conftest import REPO, subprocess_env
 
 from tnllm import checkpoint, config
 from tnllm.model import TransNormerLLM
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cfg():
@@ -57,12 +57,13 @@ def test_export_reloads_identically_in_a_fresh_process(tmp_path):
     params = _params(cfg)
     checkpoint.save_export(str(out), cfg, params)
     script = ("import sys, numpy as np\n"
+              "sys.path.insert(0, 'tests')  # test modules import conftest, as under pytest\n"
               "from tnllm import checkpoint\n"
               "from tests.test_checkpoint import _flat\n"
               "cfg, params = checkpoint.load_model(sys.argv[1])\n"
               "np.savez(sys.argv[2], **_flat(params))\n")
     subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "p.npz")], check=True,
-                   cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+                   cwd=REPO, env=subprocess_env())
     loaded = np.load(tmp_path / "p.npz")
     want = _flat(params)
     assert sorted(loaded.files) == sorted(want)
@@ -110,7 +111,7 @@ def test_workdir_loads_and_exports_through_the_cli(tmp_path):
     assert loaded_cfg.train.steps == cfg.train.steps
     subprocess.run([sys.executable, "-m", "tnllm.checkpoint", "export", "--workdir", str(tmp_path / "work"),
                     "--out", str(tmp_path / "export"), "--dtype", "bfloat16"],
-                   check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True)
+                   check=True, cwd=REPO, env=subprocess_env(), capture_output=True)
     _, exported = checkpoint.load_model(str(tmp_path / "export"))
     _assert_same(exported, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
 

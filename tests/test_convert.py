@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from conftest import rel_err
+from conftest import REPO, rel_err, subprocess_env
 
 from tnllm import config, convert
 from tnllm.model import TransNormerLLM
@@ -353,9 +353,8 @@ def _sentencepiece_model(path):
 
 
 def _run(*args):
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", *args], cwd=repo, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=repo))
+    out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                         env=subprocess_env())
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 

@@ -12,10 +12,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, subprocess_env
 
 from tnllm import checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Four heads and a vocabulary of 260 (the byte tokenizer needs 259) divide every mesh used here.
 MODEL_FLAGS = ["--config.model.d_model=64", "--config.model.num_heads=4", "--config.model.glu_dim=128",
                "--config.model.vocab_size=260", "--config.model.num_layers=2",
@@ -32,8 +32,8 @@ def corpus(tmp_path_factory):
 
 
 def _env(devices):
-    return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess_env(JAX_PLATFORMS="cpu",
+                          XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
 def _train_flags(corpus, workdir, steps=4, *extra):

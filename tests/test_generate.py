@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_prefill_then_decode_matches_forward
+from conftest import REPO, assert_prefill_then_decode_matches_forward, subprocess_env
 
 from tnllm import config
 from tnllm.generate import (_read_prompts, complete, decode, generate, left_pad, prefill, prompt_bucket,
@@ -225,11 +225,8 @@ def test_prompts_come_from_flags_and_a_file(tmp_path):
 
 
 def test_the_cli_names_bad_input_in_one_line(tmp_path):
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-m", "tnllm.generate", f"--checkpoint={tmp_path / 'absent'}",
-                          "--prompt=x"], cwd=repo, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                             [repo, os.environ.get("PYTHONPATH", "")])))
+                          "--prompt=x"], cwd=REPO, capture_output=True, text=True, env=subprocess_env())
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == (

@@ -21,12 +21,12 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from conftest import REPO, subprocess_env
 
 from tnllm import sharding, train_lib
 from tnllm.config import ModelConfig
 from tnllm.model import TransNormerLLM
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ((8, 1, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8))  # (data, fsdp, tensor)
 # Eight heads so that every mesh above can split them; 20 tokens: not a multiple of the chunk.
 CFG = ModelConfig(vocab_size=256, d_model=64, num_layers=2, num_heads=8, glu_dim=128,
@@ -149,7 +149,7 @@ def _run_on_8_devices(case, *args):
     flags = "--xla_force_host_platform_device_count=8"
     if case == "collectives":
         flags += " --xla_disable_hlo_passes=cpu-all-reduce-combiner"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    env = subprocess_env(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), case, *map(str, args)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"case {case}{args} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"

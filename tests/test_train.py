@@ -15,11 +15,11 @@ import numpy as np
 import optax
 import pytest
 from flax.training.train_state import TrainState
+from conftest import REPO, subprocess_env
 
 from tnllm import checkpoint, config, data, train_lib
 from tnllm.model import TransNormerLLM
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 
 
@@ -159,7 +159,7 @@ def test_cli_trains_logs_plots_and_samples(corpus, tmp_path):
              "--config.train.sample_tokens=8"]
     run = lambda *extra: subprocess.run(  # noqa: E731
         [sys.executable, "train.py", *flags, *extra], cwd=REPO, capture_output=True, text=True,
-        env=dict(os.environ, PYTHONPATH=REPO))
+        env=subprocess_env())
     out = run()
     assert out.returncode == 0, out.stderr[-2000:]
     summary = re.search(r"Validation loss after 6 steps: ([\d.]+) nats/byte.*Unigram entropy of the "
@@ -197,7 +197,7 @@ def test_cli_trains_the_language_model_with_other_token_mixers(corpus, tmp_path,
              "--config.optim.lr=1e-2", "--config.train.log_every=1", "--config.train.eval_every=12",
              "--config.checkpoint.every=12"]
     run = lambda *args: subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True,  # noqa: E731
-                                       text=True, env=dict(os.environ, PYTHONPATH=REPO))
+                                       text=True, env=subprocess_env())
     out = run("train.py", *flags)
     assert out.returncode == 0, out.stderr[-2000:]
     losses = [r["loss"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if "loss" in r]
