@@ -432,6 +432,16 @@ def _check(q: Array, k: Array, v: Array, chunk_size: int, plan: Optional[Plan]) 
                              f"{plan.segments}.")
 
 
+def supports(q: Array, k: Array, v: Array, chunk_size: int) -> bool:
+    """Whether `lightning_attention` takes these inputs with its default plan (`tnllm.attention`'s
+    impl="auto" asks before choosing the kernels)."""
+    try:
+        _check(q, k, v, chunk_size, None)
+    except ValueError:
+        return False
+    return True
+
+
 def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
                         initial_state: Optional[Array] = None, chunk_size: int = 64,
                         plan: Optional[Plan] = None,

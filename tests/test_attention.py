@@ -1,6 +1,7 @@
 """The three XLA forms of Lightning Attention agree (SPEC.md §2, §4)."""
 import functools
 import itertools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import random_qkv, rel_err
 
-from tnllm.attention import (alibi_slopes, layer_slopes, lightning_attention,
+from tnllm.attention import (alibi_slopes, auto_impl, layer_slopes, lightning_attention,
                              lightning_attention_step)
 
 FORMS = ("reference", "blockwise", "recurrent")
@@ -126,6 +127,29 @@ def test_bf16_inputs_keep_dtype_and_accuracy():
         o, s = attend(cast(q), cast(k), cast(v), slopes, None, impl=impl, chunk_size=32)
         assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
         assert rel_err(o.astype(jnp.float32), o_ref) <= 5e-3, impl
+
+
+def test_auto_is_blockwise_without_a_gpu():
+    q, k, v, slopes, s0 = _inputs(2, 50, 2, 16, 16, True)
+    assert jax.default_backend() == "cpu" and auto_impl(q, k, v, 16) == "blockwise"
+    for got, want in zip(attend(q, k, v, slopes, s0, impl="auto", chunk_size=16),
+                         attend(q, k, v, slopes, s0, impl="blockwise", chunk_size=16)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_auto_takes_the_kernels_on_an_nvidia_gpu_where_they_fit(monkeypatch):
+    bf16 = lambda dk, dv: (jnp.zeros((1, 8, 2, dk), jnp.bfloat16),) * 2 + (  # noqa: E731
+        jnp.zeros((1, 8, 2, dv), jnp.bfloat16),)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(compute_capability="9.0")])
+    assert auto_impl(*bf16(128, 128), 64) == "pallas"
+    assert auto_impl(*bf16(256, 128), 64) == "pallas"  # layer 0 of the releases (LRPE doubles dk)
+    assert auto_impl(*bf16(96, 96), 64) == "blockwise"  # a head dim the kernels do not take
+    assert auto_impl(*bf16(128, 128), 48) == "blockwise"  # nor this chunk size
+    half = [x.astype(jnp.float16) for x in bf16(128, 128)]
+    assert auto_impl(*half, 64) == "blockwise"  # nor float16
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace()])  # a GPU without CUDA
+    assert auto_impl(*bf16(128, 128), 64) == "blockwise"
 
 
 def test_bad_inputs_are_refused():

@@ -11,6 +11,8 @@ Forms (all exact, all agree; `impl` selects one):
   recurrent  `lax.scan` over tokens with `lightning_attention_step`: only multiplications by
              lambda <= 1, so it stays finite at any length (the paper's robust inference form).
   pallas     the GPU kernels of `pallas_kernels/` (interpret mode on machines without a GPU).
+  auto       (the default) pallas on an NVIDIA GPU where the kernels take the inputs' dtypes,
+             head dims and chunk size, blockwise everywhere else; chosen when traced.
 
 All decay arithmetic and every state is float32; causal masks come from token indices.
 """
@@ -26,7 +28,7 @@ from jax import lax
 
 Array = jax.Array
 
-IMPLS = ("reference", "blockwise", "recurrent", "pallas")
+IMPLS = ("auto", "reference", "blockwise", "recurrent", "pallas")
 
 
 def alibi_slopes(num_heads: int) -> Array:
@@ -231,12 +233,23 @@ _FORMS: Dict[str, Callable] = {
 
 def check_impl(impl: str) -> None:
     """Raises a one-sentence error when `impl` names no attention implementation."""
-    if impl not in _FORMS:
+    if impl not in IMPLS:
         raise ValueError(f"Unknown attention impl {impl!r}: choose one of {', '.join(IMPLS)}.")
 
 
+def auto_impl(q: Array, k: Array, v: Array, chunk_size: int) -> str:
+    """The form `impl="auto"` runs for these inputs on the default backend: "pallas" where the
+    kernels run compiled (an NVIDIA GPU, which reports a compute capability) and take the inputs,
+    else "blockwise", the fastest XLA form."""
+    if jax.default_backend() != "gpu" or not getattr(jax.devices()[0], "compute_capability", None):
+        return "blockwise"
+    from pallas_kernels import lightning
+
+    return "pallas" if lightning.supports(q, k, v, chunk_size) else "blockwise"
+
+
 @functools.partial(jax.named_call, name="lightning_attention")
-def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *, impl: str = "blockwise",
+def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *, impl: str = "auto",
                         chunk_size: int = 64,
                         initial_state: Optional[Array] = None) -> Tuple[Array, Array]:
     """Causal linear attention with per-head decay lambda = exp(-slopes).
@@ -244,7 +257,7 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *, impl: st
     Args:
       q, k: [batch, seq, heads, dk]; v: [batch, seq, heads, dv] (any float dtype; bf16 on GPU).
       slopes: [heads] float32 decay rates s (not lambda).
-      impl: "reference", "blockwise", "recurrent" or "pallas".
+      impl: "auto" (`auto_impl`), "reference", "blockwise", "recurrent" or "pallas".
       chunk_size: chunk length of the blockwise and Pallas forms (any seq length is allowed).
       initial_state: optional [batch, heads, dk, dv] float32 state of earlier tokens.
     Returns:
@@ -255,4 +268,6 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *, impl: st
     _check_inputs(q, k, v, slopes, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    if impl == "auto":
+        impl = auto_impl(q, k, v, chunk_size)
     return _FORMS[impl](q, k, v, slopes, initial_state, chunk_size)

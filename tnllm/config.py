@@ -49,7 +49,7 @@ class ModelConfig:
     lrpe_layers: Tuple[int, ...] = (0,)
     init_std: float = 0.02
     norm_eps: float = 1e-6
-    attention_impl: str = "blockwise"
+    attention_impl: str = "auto"
     chunk_size: int = 64
     dtype: str = "float32"
     param_dtype: str = "float32"

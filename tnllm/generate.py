@@ -353,8 +353,8 @@ def _define_flags():
     flags.DEFINE_bool("add_bos", True, "Start every prompt with the tokenizer's BOS token.")
     flags.DEFINE_bool("logprobs", False, "Also print each completion's mean token log-probability.")
     flags.DEFINE_string("attention_impl", None,
-                        "Parallel form of the prefill (reference, blockwise, pallas); default: the "
-                        "checkpoint's config.")
+                        "Parallel form of the prefill (auto, reference, blockwise, pallas); default: "
+                        "the checkpoint's config.")
     flags.DEFINE_integer("prefill_chunk", 2048, "Prompt tokens per prefill segment (bounds memory).")
     flags.DEFINE_integer("max_cache_len", None,
                          "KV cache length of a softmax model (prompt + new tokens); default: the "
