@@ -18,7 +18,6 @@ from tnllm import checkpoint, config
 from tnllm.model import TransNormerLLM
 
 
-
 def _cfg():
     cfg = config.load(os.path.join(REPO, "configs", "tiny.py"))
     cfg.model.update(d_model=32, glu_dim=64)

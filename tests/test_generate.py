@@ -1,6 +1,5 @@
 """Generation: prefill + recurrent decode equals one forward pass; batching, EOS, compile-once."""
 import functools
-import os
 import subprocess
 import sys
 

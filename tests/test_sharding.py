@@ -376,8 +376,5 @@ def _case_pallas_per_shard():
         assert rel_err(a, b) <= 1e-5
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import conftest  # noqa: F401  (float32 matmuls at full precision, as in the suite)
-
+if __name__ == "__main__":  # conftest, imported above, sets float32 matmuls to full precision here too
     globals()[f"_case_{sys.argv[1]}"](*sys.argv[2:])
