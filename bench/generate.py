@@ -14,6 +14,8 @@ logits). Parameters are random bf16 (speed does not depend on their values).
   python bench/generate.py --configs=1b --batches=1 --contexts=1024 --profile --dump_hlo
                                                  # where a decode step's time goes (GPU trace, and
                                                  # the compiled program's HLO in $OUT)
+  python bench/generate.py --configs=1b --batches=1 --contexts=1024 --fold_norms=true,false
+                                                 # the norms folded into the products, and not
   python bench/generate.py --configs=1b --batches=1 --contexts=1024 \
       --decode_xla_options=xla_gpu_exhaustive_tiling_search=true   # decode compiled with options
 
@@ -26,6 +28,7 @@ is recorded with its error and the run goes on. The softmax baseline's KV cache 
 plus the new tokens; a case whose decoding state exceeds the device's memory is recorded as such
 without being run.
 """
+import itertools
 import json
 import math
 import os
@@ -65,6 +68,8 @@ flags.DEFINE_list("decode_xla_options", [], "XLA options for compiling the decod
                   "NAME=VALUE, e.g. xla_gpu_exhaustive_tiling_search=true (autotunes its GEMMs "
                   "over every tiling without doing so for the rest of the run).")
 flags.DEFINE_integer("steps_per_iteration", 4, "Decoding steps per iteration of the decode loop.")
+flags.DEFINE_list("fold_norms", ["true"], "TNL's decoding step with the SRMSNorm scales folded "
+                  "into the products (true), in the released order (false), or both: true,false.")
 flags.DEFINE_bool("smoke", False, "Tiny config and contexts, few tokens: a quick check of this script.")
 FLAGS = flags.FLAGS
 
@@ -82,7 +87,7 @@ def timed(fn, *args):
 
 
 def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk, decode_options,
-            out_dir):
+            fold_norms, out_dir):
     """One case: prefill `context` random tokens per row, then time decoding `new_tokens` tokens."""
     tokens = jax.random.randint(jax.random.key(context), (batch, context), 0, cfg.vocab_size, jnp.int32)
     mask = jnp.ones((batch, context), bool)
@@ -93,14 +98,16 @@ def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk, dec
 
     # Compiled here, not by a first call, so that --decode_xla_options apply to it alone.
     lowered = decode.lower(params, prefilled, jax.random.key(0), cfg=cfg, sampler=Greedy(),
-                           max_new_tokens=new_tokens, steps_per_iteration=FLAGS.steps_per_iteration)
+                           max_new_tokens=new_tokens, steps_per_iteration=FLAGS.steps_per_iteration,
+                           fold_norms=fold_norms)
     start = time.perf_counter()
     decode_exe = lowered.compile(compiler_options=decode_options)
     decode_compile_s = time.perf_counter() - start
     run_decode = lambda: decode_exe(params, prefilled, jax.random.key(0))  # noqa: E731
     out, first_s = timed(run_decode)
     if FLAGS.dump_hlo:
-        (out_dir / f"decode_{cfg.token_mixer}_{cfg.attention_impl}_b{batch}.hlo.txt").write_text(
+        fold = "_fold" if fold_norms else ""
+        (out_dir / f"decode_{cfg.token_mixer}_{cfg.attention_impl}_b{batch}{fold}.hlo.txt").write_text(
             decode_exe.as_text())
     if int(out.lengths.min()) != new_tokens:
         raise RuntimeError(f"decode stopped early: lengths {out.lengths}")
@@ -150,21 +157,28 @@ def xla_options(pairs):
     return options
 
 
+def parse_bool(text):
+    if text.lower() not in ("true", "false"):
+        raise ValueError(f"--fold_norms takes true and/or false, got {text!r}.")
+    return text.lower() == "true"
+
+
 def state_mb_per_sequence(cfg):
     leaves = jax.tree.leaves(state_specs(cfg, 1))
     return sum(math.prod(s.shape) * s.dtype.itemsize for s in leaves) / 1e6
 
 
 def print_table(rows):
-    head = (f"{'config':>12} {'impl':>9} {'batch':>5} {'context':>8} {'prefill s':>10} {'prefill tok/s':>14} "
-            f"{'ms/token':>9} {'decode tok/s':>13} {'x sum read':>11}")
+    head = (f"{'config':>12} {'impl':>9} {'fold':>5} {'batch':>5} {'context':>8} {'prefill s':>10} "
+            f"{'prefill tok/s':>14} {'ms/token':>9} {'decode tok/s':>13} {'x sum read':>11}")
     print(head)
     print("-" * len(head))
     for r in rows:
+        case = f"{r['config']:>12} {r['impl']:>9} {str(r['fold_norms']):>5} {r['batch']:>5} {r['context']:>8}"
         if "error" in r:
-            print(f"{r['config']:>12} {r['impl']:>9} {r['batch']:>5} {r['context']:>8}  failed: {r['error']}")
+            print(f"{case}  failed: {r['error']}")
             continue
-        print(f"{r['config']:>12} {r['impl']:>9} {r['batch']:>5} {r['context']:>8} {r['prefill_s']:>10.3f} "
+        print(f"{case} {r['prefill_s']:>10.3f} "
               f"{r['prefill_tokens_per_s']:>14,.0f} {r['decode_ms_per_token']:>9.3f} "
               f"{r['decode_tokens_per_s']:>13,.0f} {r['decode_per_weight_read']:>11.3f}")
 
@@ -176,13 +190,12 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, (ax_decode, ax_prefill) = plt.subplots(1, 2, figsize=(11, 4.2))
-    series = sorted({(r["config"], r["impl"], r["batch"]) for r in rows if "error" not in r})
-    for name, impl, batch in series:
-        ok = sorted((r for r in rows if (r["config"], r["impl"], r["batch"]) == (name, impl, batch)
-                     and "error" not in r),
+    key = lambda r: (r["config"], r["impl"], r["batch"], str(r["fold_norms"]))  # noqa: E731
+    for name, impl, batch, fold in sorted({key(r) for r in rows if "error" not in r}):
+        ok = sorted((r for r in rows if key(r) == (name, impl, batch, fold) and "error" not in r),
                     key=lambda r: r["context"])
         contexts = [r["context"] for r in ok]
-        label = f"{name} ({impl}), batch {batch}"
+        label = f"{name} ({impl}{', norms unfolded' if fold == 'False' else ''}), batch {batch}"
         ax_decode.plot(contexts, [r["decode_ms_per_token"] for r in ok], "o-", label=label)
         ax_prefill.plot(contexts, [r["prefill_tokens_per_s"] for r in ok], "o-", label=label)
     for ax, title, ylabel in ((ax_decode, "Decode: time per generated token", "ms per step"),
@@ -231,15 +244,17 @@ def main(argv):
         weights_gb, read_ms = weight_read_ms(params, repeats)
         print(f"{name}: {weights_gb:.3f} GB of bf16 parameters, read once in {read_ms:.3f} ms "
               f"({weights_gb / read_ms:.2f} TB/s)", flush=True)
+        folds = [parse_bool(f) for f in FLAGS.fold_norms] if cfg.token_mixer == "gla" else [False]
         # The impl picks the parallel form of TNL's prefill.
         for impl in impls if cfg.token_mixer == "gla" else [cfg.attention_impl]:
             for batch in batches:
-                for context in contexts:
+                for context, fold in itertools.product(contexts, folds):
                     # The softmax baseline's state is a KV cache as long as the whole context; the
                     # linear mixers' states do not depend on it.
                     case_cfg = cfg.replace(max_cache_len=context + new_tokens, attention_impl=impl)
                     state_mb = state_mb_per_sequence(case_cfg)
                     row = dict(config=name, impl=impl, batch=batch, context=context,
+                               fold_norms=fold if cfg.token_mixer == "gla" else None,
                                state_mb_per_sequence=state_mb, weights_gb=weights_gb,
                                weight_read_ms=read_ms)
                     try:
@@ -247,7 +262,7 @@ def main(argv):
                             raise MemoryError(f"the decoding state needs {batch * state_mb / 1e3:.0f} GB, "
                                               f"more than the device's {limit / 1e9:.0f} GB")
                         row.update(measure(case_cfg, params, batch, context, new_tokens, repeats,
-                                           prefill_chunk, decode_options, out_dir))
+                                           prefill_chunk, decode_options, fold, out_dir))
                         row["decode_per_weight_read"] = row["decode_ms_per_token"] / read_ms
                     except Exception as e:  # noqa: BLE001 - keep measuring the other cases
                         traceback.print_exc()

@@ -56,9 +56,9 @@ class Generation(NamedTuple):
     logprobs: Optional[Array]  # [batch, max_new_tokens] f32 model log-probabilities, 0 after the end
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(jax.jit, static_argnames=("cfg", "fold_norms"))
 def decode_step(params, tokens: Array, positions: Array, states: Sequence[Any], *,
-                cfg: ModelConfig) -> Tuple[Array, Tuple[Any, ...]]:
+                cfg: ModelConfig, fold_norms: bool = True) -> Tuple[Array, Tuple[Any, ...]]:
     """One token per row through the recurrence S <- lambda S + k^T v, o = q S (softmax: one cache
     slot written, attention over the cache up to the token's position).
 
@@ -66,10 +66,14 @@ def decode_step(params, tokens: Array, positions: Array, states: Sequence[Any], 
       params: the model's `params` collection (plain arrays).
       tokens: [batch] int token ids; positions: [batch] int their positions (real tokens before them).
       states: per layer, as `tnllm.model.state_specs`.
+      fold_norms: TNL's SRMSNorm scales applied after the products that follow the norms
+        (`TransNormerLLM.fold_norms`): the same step in fewer kernels; False keeps the released
+        order. The other mixers have no such norms and ignore it.
     Returns:
       logits [batch, vocab] f32 for the token after `tokens`, and the new states.
     """
-    model = TransNormerLLM(cfg.replace(attention_impl="recurrent"))
+    model = TransNormerLLM(cfg.replace(attention_impl="recurrent"),
+                           fold_norms=fold_norms and cfg.token_mixer == "gla")
     logits, states = model.apply({"params": params}, tokens[:, None], positions=positions[:, None],
                                  initial_states=tuple(states))
     return logits[:, 0], states
@@ -121,10 +125,12 @@ def prefill(params, tokens: Array, mask: Array, *, cfg: ModelConfig,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampler", "max_new_tokens", "eos_id", "pad_id",
-                                             "return_logprobs", "steps_per_iteration"))
+                                             "return_logprobs", "steps_per_iteration",
+                                             "fold_norms"))
 def decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sampler: Sampler,
            max_new_tokens: int, eos_id: Optional[int] = None, pad_id: int = 0,
-           return_logprobs: bool = False, steps_per_iteration: int = 4) -> Generation:
+           return_logprobs: bool = False, steps_per_iteration: int = 4,
+           fold_norms: bool = True) -> Generation:
     """Samples up to `max_new_tokens` tokens per row after `prefilled`.
 
     Args:
@@ -137,6 +143,7 @@ def decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sample
         distribution, before the sampler's filters).
       steps_per_iteration: decoding steps per iteration of the loop: fewer of the host round
         trips a GPU loop makes per iteration, a larger program to compile (1: a plain loop).
+      fold_norms: see `decode_step`.
     """
     batch = prefilled.logits.shape[0]
 
@@ -170,7 +177,8 @@ def decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sample
         def body(carry):
             for _ in range(n):
                 i, token, positions, states, out = carry
-                logits, states = decode_step(params, widen(token), widen(positions), states, cfg=cfg)
+                logits, states = decode_step(params, widen(token), widen(positions), states, cfg=cfg,
+                                             fold_norms=fold_norms)
                 token, out = emit(i, logits[:batch], out)
                 carry = i + 1, token, positions + 1, states, out
             return carry

@@ -29,11 +29,21 @@ _REMAT = {
 }
 
 
+def srms_scale(x: Array, eps: float = 1e-6, axes: Sequence[int] = (-1,)) -> Array:
+    """SRMSNorm's row scale rsqrt(mean(x^2) + eps) over `axes`, float32, the axes kept as size 1."""
+    return jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axis=tuple(axes),
+                                  keepdims=True) + eps)
+
+
 def srms_norm(x: Array, eps: float = 1e-6, axes: Sequence[int] = (-1,)) -> Array:
     """SRMSNorm: x * rsqrt(mean(x^2) + eps) over `axes`, computed in float32, returned in x's dtype."""
-    xf = x.astype(jnp.float32)
-    ms = jnp.mean(jnp.square(xf), axis=tuple(axes), keepdims=True)
-    return (xf * jax.lax.rsqrt(ms + eps)).astype(x.dtype)
+    return (x.astype(jnp.float32) * srms_scale(x, eps, axes)).astype(x.dtype)
+
+
+def scaled(x: Array, scale: Array) -> Array:
+    """x * scale computed in float32, returned in x's dtype: a folded norm's scale applied after the
+    product it was folded through (`TransNormerLLM.fold_norms`)."""
+    return (x.astype(jnp.float32) * scale).astype(x.dtype)
 
 
 def lrpe_theta_init(num_heads: int, head_dim: int):
@@ -91,9 +101,16 @@ class SGLU(nn.Module):
     swish: bool = False
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """x: [batch, seq, d_model] -> [batch, seq, d_model]."""
+    def __call__(self, x: Array, row_scale: Optional[Array] = None) -> Array:
+        """x: [batch, seq, d_model] -> [batch, seq, d_model].
+
+        row_scale: [batch, seq, 1] f32 or None: x is unnormalised and its SRMSNorm scale is applied
+        to the product instead, (x r W1) * (x r W2) = (x W1) * (x W2) * r^2 (SGLU only: silu does
+        not commute with the scale).
+        """
         cfg = self.cfg
+        if row_scale is not None and self.swish:
+            raise ValueError("SwiGLU cannot take a folded norm scale: silu(x r W) != silu(x W) r.")
         dense = lambda feats, names, name: nn.DenseGeneral(  # noqa: E731
             feats, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             kernel_init=_init(cfg, names), name=name)
@@ -102,7 +119,8 @@ class SGLU(nn.Module):
         x1 = nn.with_logical_constraint(x1, ("batch", "length", "mlp"))
         if self.swish:
             x1 = nn.silu(x1)
-        return dense(cfg.d_model, ("mlp", "embed"), "l3")(x1 * x2)
+        hidden = x1 * x2 if row_scale is None else scaled(x1 * x2, jnp.square(row_scale))
+        return dense(cfg.d_model, ("mlp", "embed"), "l3")(hidden)
 
 
 class GatedLinearAttention(nn.Module):
@@ -113,10 +131,14 @@ class GatedLinearAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Optional[Array],
-                 initial_state: Optional[Array]) -> Tuple[Array, Array]:
+                 initial_state: Optional[Array], row_scale: Optional[Array] = None
+                 ) -> Tuple[Array, Array]:
         """x: [batch, seq, d_model]; positions: [batch, seq] int; mask: [batch, seq] bool or None
         (False = padding: its key is zeroed so it contributes nothing); initial_state:
         [batch, heads, dk, head_dim] f32, or [1, heads, dk, head_dim] when x's rows repeat one row, or None.
+        row_scale: [batch, seq, 1] f32 or None: x is unnormalised and its SRMSNorm scale is applied
+        to the projection's output, and the output norm's scale after out_proj
+        (`TransNormerLLM.fold_norms`).
 
         Returns the output [batch, seq, d_model] and the final state [batch, heads, dk, head_dim] f32,
         where dk = 2*head_dim in LRPE layers and head_dim elsewhere.
@@ -129,6 +151,8 @@ class GatedLinearAttention(nn.Module):
             (cfg.d_model, 4, h, hd), "btd,dqhk->btqhk", use_bias=False, dtype=cfg.dtype,
             param_dtype=cfg.param_dtype, kernel_init=_init(cfg, ("embed", "qkvu", "heads", "head_dim")),
             name="qkvu_proj")(x)
+        if row_scale is not None:
+            qkvu = scaled(qkvu, row_scale[..., None, None])
         qkvu = nn.with_logical_constraint(qkvu, ("batch", "length", "qkvu", "heads", "head_dim"))
         q, k, v, u = (qkvu[:, :, i] for i in range(4))
         q, k = nn.silu(q), nn.silu(k)
@@ -150,13 +174,14 @@ class GatedLinearAttention(nn.Module):
                                        chunk_size=cfg.chunk_size, initial_state=initial_state)
         o = jnp.tile(o, (x.shape[0] // rows, 1, 1, 1))
         o = nn.with_logical_constraint(o, ("batch", "length", "heads", "head_dim"))
-        # The norm spans all heads together (the released code), not each head.
-        o = srms_norm(o, cfg.norm_eps, axes=(-2, -1)) * u
-        out = nn.Einsum(
+        out_proj = nn.Einsum(
             (h, hd, cfg.d_model), "bthk,hkd->btd", use_bias=False, dtype=cfg.dtype,
             param_dtype=cfg.param_dtype, kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
-            name="out_proj")(o)
-        return out, state
+            name="out_proj")
+        # The norm spans all heads together (the released code), not each head.
+        if row_scale is None:
+            return out_proj(srms_norm(o, cfg.norm_eps, axes=(-2, -1)) * u), state
+        return scaled(out_proj(o * u), srms_scale(o, cfg.norm_eps, axes=(-2, -1))[..., 0]), state
 
 
 def token_mixer(cfg: ModelConfig, layer: int) -> nn.Module:
@@ -186,14 +211,21 @@ class DecoderLayer(nn.Module):
 
     cfg: ModelConfig
     layer: int
+    fold_norms: bool = False  # see TransNormerLLM
 
     @nn.compact
     def __call__(self, x, positions, mask, initial_state):
         cfg = self.cfg
-        y, state = token_mixer(cfg, self.layer)(norm(cfg, "token_mixer_norm")(x), positions, mask,
-                                                initial_state)
-        x = x + y
-        x = x + channel_mixer(cfg)(norm(cfg, "channel_mixer_norm")(x))
+        if self.fold_norms:  # the mixers take x unnormalised and apply its scale after their products
+            y, state = token_mixer(cfg, self.layer)(x, positions, mask, initial_state,
+                                                    row_scale=srms_scale(x, cfg.norm_eps))
+            x = x + y
+            x = x + channel_mixer(cfg)(x, row_scale=srms_scale(x, cfg.norm_eps))
+        else:
+            y, state = token_mixer(cfg, self.layer)(norm(cfg, "token_mixer_norm")(x), positions,
+                                                    mask, initial_state)
+            x = x + y
+            x = x + channel_mixer(cfg)(norm(cfg, "channel_mixer_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, state
 
@@ -201,9 +233,17 @@ class DecoderLayer(nn.Module):
 class TransNormerLLM(nn.Module):
     """The language model: scaled tied embedding, `num_layers` decoder layers, norm, tied head.
 
-    With token_mixer "softmax" it is the softmax baseline; the name stays for every mixer."""
+    With token_mixer "softmax" it is the softmax baseline; the name stays for every mixer.
+
+    fold_norms (TNL's "gla" mixer only): every SRMSNorm's row scale r is applied after the product
+    that follows the norm, (x r) W = (x W) r, so the same function runs without the norms' own
+    kernels: XLA fuses the scales into the kernels that consume the products. What a decoding step
+    costs beyond reading the weights is mostly such small kernels (tnllm.generate.decode_step).
+    Rounding differs from the released order by bf16 rounding only.
+    """
 
     cfg: ModelConfig
+    fold_norms: bool = False
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Optional[Array] = None,
@@ -224,6 +264,9 @@ class TransNormerLLM(nn.Module):
           tuple of num_layers; None for softmax layers run without a cache).
         """
         cfg = self.cfg
+        if self.fold_norms and cfg.token_mixer != "gla":
+            raise ValueError(f"fold_norms needs TNL's token mixer 'gla' (SRMSNorm without a weight); "
+                             f"config.model.token_mixer is {cfg.token_mixer!r}.")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         embed = nn.Embed(
@@ -242,8 +285,10 @@ class TransNormerLLM(nn.Module):
         states = []
         for i in range(cfg.num_layers):
             s0 = None if initial_states is None else initial_states[i]
-            x, s = layer_cls(cfg, i, name=f"layers_{i}")(x, positions, mask, s0)
+            x, s = layer_cls(cfg, i, self.fold_norms, name=f"layers_{i}")(x, positions, mask, s0)
             states.append(s)
+        if self.fold_norms and not return_hidden:
+            return embed.attend(x).astype(jnp.float32) * srms_scale(x, cfg.norm_eps), tuple(states)
         x = norm(cfg, "final_norm")(x)
         if return_hidden:
             return x, tuple(states)
