@@ -28,7 +28,6 @@ is recorded with its error and the run goes on. The softmax baseline's KV cache 
 plus the new tokens; a case whose decoding state exceeds the device's memory is recorded as such
 without being run.
 """
-import itertools
 import json
 import math
 import os
@@ -86,16 +85,21 @@ def timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk, decode_options,
-            fold_norms, out_dir):
-    """One case: prefill `context` random tokens per row, then time decoding `new_tokens` tokens."""
+def measure_prefill(cfg, params, batch, context, prefill_chunk):
+    """Prefills `context` random tokens per row: (the Prefilled state, its timings)."""
     tokens = jax.random.randint(jax.random.key(context), (batch, context), 0, cfg.vocab_size, jnp.int32)
     mask = jnp.ones((batch, context), bool)
     start = time.perf_counter()
     prefill_exe = prefill.lower(params, tokens, mask, cfg=cfg, prefill_chunk=prefill_chunk).compile()
     prefill_compile_s = time.perf_counter() - start
     prefilled, prefill_s = timed(prefill_exe, params, tokens, mask)
+    return prefilled, dict(prefill_compile_s=prefill_compile_s, prefill_s=prefill_s,
+                           prefill_tokens_per_s=batch * context / prefill_s)
 
+
+def measure_decode(cfg, params, prefilled, new_tokens, repeats, decode_options, fold_norms, out_dir):
+    """Times decoding `new_tokens` tokens after `prefilled`."""
+    batch = prefilled.logits.shape[0]
     # Compiled here, not by a first call, so that --decode_xla_options apply to it alone.
     lowered = decode.lower(params, prefilled, jax.random.key(0), cfg=cfg, sampler=Greedy(),
                            max_new_tokens=new_tokens, steps_per_iteration=FLAGS.steps_per_iteration,
@@ -120,9 +124,7 @@ def measure(cfg, params, batch, context, new_tokens, repeats, prefill_chunk, dec
         profile = {"profile": trace} if "error" in trace else {"profile": dict(
             trace, busy_ms_per_token=trace["gpu_ms"] / steps, span_ms_per_token=trace["span_ms"] / steps,
             kernels_per_token=trace["kernels"] / steps)}
-    return dict(**profile, prefill_compile_s=prefill_compile_s, prefill_s=prefill_s,
-                prefill_tokens_per_s=batch * context / prefill_s, decode_compile_s=decode_compile_s,
-                decode_first_call_s=first_s,
+    return dict(**profile, decode_compile_s=decode_compile_s, decode_first_call_s=first_s,
                 decode_ms_per_token=step_ms, decode_ms_per_token_min=1e3 * min(times) / steps,
                 decode_tokens_per_s=batch * 1e3 / step_ms)
 
@@ -248,28 +250,36 @@ def main(argv):
         # The impl picks the parallel form of TNL's prefill.
         for impl in impls if cfg.token_mixer == "gla" else [cfg.attention_impl]:
             for batch in batches:
-                for context, fold in itertools.product(contexts, folds):
+                for context in contexts:
                     # The softmax baseline's state is a KV cache as long as the whole context; the
                     # linear mixers' states do not depend on it.
                     case_cfg = cfg.replace(max_cache_len=context + new_tokens, attention_impl=impl)
                     state_mb = state_mb_per_sequence(case_cfg)
-                    row = dict(config=name, impl=impl, batch=batch, context=context,
-                               fold_norms=fold if cfg.token_mixer == "gla" else None,
-                               state_mb_per_sequence=state_mb, weights_gb=weights_gb,
-                               weight_read_ms=read_ms)
-                    try:
-                        if limit is not None and batch * state_mb * 1e6 > limit:
-                            raise MemoryError(f"the decoding state needs {batch * state_mb / 1e3:.0f} GB, "
-                                              f"more than the device's {limit / 1e9:.0f} GB")
-                        row.update(measure(case_cfg, params, batch, context, new_tokens, repeats,
-                                           prefill_chunk, decode_options, fold, out_dir))
-                        row["decode_per_weight_read"] = row["decode_ms_per_token"] / read_ms
-                    except Exception as e:  # noqa: BLE001 - keep measuring the other cases
-                        traceback.print_exc()
-                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    (out_dir / "generate.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
+                    case = dict(config=name, impl=impl, batch=batch, context=context,
+                                state_mb_per_sequence=state_mb, weights_gb=weights_gb,
+                                weight_read_ms=read_ms)
+                    prefilled = None
+                    for fold in folds:  # one prefill for every variant of the decoding step
+                        row = dict(case, fold_norms=fold if cfg.token_mixer == "gla" else None)
+                        try:
+                            if limit is not None and batch * state_mb * 1e6 > limit:
+                                raise MemoryError(f"the decoding state needs {batch * state_mb / 1e3:.0f} "
+                                                  f"GB, more than the device's {limit / 1e9:.0f} GB")
+                            if prefilled is None:
+                                prefilled, prefill_stats = measure_prefill(case_cfg, params, batch,
+                                                                           context, prefill_chunk)
+                            row.update(prefill_stats)
+                            row.update(measure_decode(case_cfg, params, prefilled, new_tokens, repeats,
+                                                      decode_options, fold, out_dir))
+                            row["decode_per_weight_read"] = row["decode_ms_per_token"] / read_ms
+                        except Exception as e:  # noqa: BLE001 - keep measuring the other cases
+                            traceback.print_exc()
+                            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+                        (out_dir / "generate.json").write_text(json.dumps(dict(meta, results=rows),
+                                                                          indent=1))
+                    del prefilled
         del params
     print()
     print_table(rows)

@@ -151,10 +151,12 @@ class GatedLinearAttention(nn.Module):
             (cfg.d_model, 4, h, hd), "btd,dqhk->btqhk", use_bias=False, dtype=cfg.dtype,
             param_dtype=cfg.param_dtype, kernel_init=_init(cfg, ("embed", "qkvu", "heads", "head_dim")),
             name="qkvu_proj")(x)
-        if row_scale is not None:
-            qkvu = scaled(qkvu, row_scale[..., None, None])
         qkvu = nn.with_logical_constraint(qkvu, ("batch", "length", "qkvu", "heads", "head_dim"))
         q, k, v, u = (qkvu[:, :, i] for i in range(4))
+        if row_scale is not None:
+            # Scaled one by one, each where it is used: the scaled [.., 4, heads, head_dim] output
+            # as a whole was written to HBM by its own kernel at batch 1 (H200, 2026-11-28).
+            q, k, v, u = (scaled(x, row_scale[..., None]) for x in (q, k, v, u))
         q, k = nn.silu(q), nn.silu(k)
         if self.layer in cfg.lrpe_layers:
             theta = self.param(
