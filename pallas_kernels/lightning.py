@@ -90,8 +90,8 @@ class Plan:
     the number of sequence segments each (batch, head) is split into, and whether dK and dV come
     from one fused reverse sweep.
 
-    dkdv: None, dK and dV are two reverse sweeps (blocks dk and dv); or the Blocks of the fused
-    sweep (`decay_attention_dkdv`), whose block_v must be dv and which takes dk x dv up to
+    dkdv: None for two reverse sweeps (blocks dk and dv), or the Blocks of the fused sweep
+    (`decay_attention_dkdv`), whose block_v must be dv and which takes dk x dv up to
     FUSED_STATE_ELEMS. The segments' states pass of the backward uses the dv blocks either way.
     """
 
@@ -221,8 +221,8 @@ def _dot(a: Array, b: Array, contract: Tuple[int, int]) -> Array:
 
 def _chunk_output(q: Array, k: Array, v: Array, state: Array, intra_decay: Array,
                   q_decay: Array, *, state_transposed: bool = False) -> Array:
-    """o [C, dv] f32 of one chunk: ((Q K^T) * D) V + q_decay * (Q S), with S = state, or
-    state^T when state_transposed (state [dv', dqk] instead of [dqk, dv']).
+    """o [C, dv'] f32 of one chunk, q and k [C, dqk], v [C, dv']: ((Q K^T) * D) V + q_decay * (Q S),
+    where S [dqk, dv'] f32 is `state`, or its transpose when state_transposed.
 
     Row scaling commutes with the product: (lambda^e * Q) S = lambda^e * (Q S), so q stays exact
     and only the state is rounded to the operand dtype.
@@ -311,7 +311,8 @@ def _dkdv_kernel(slope_ref, q_ref, k_ref, v_ref, do_ref, ds_ref, dk_ref, dv_ref,
 
     ds = lax.fori_loop(0, seg_chunks, body, ds_ref[...])
     if store_state:
-        refs[0][...] = ds
+        (ds_out_ref,) = refs
+        ds_out_ref[...] = ds
 
 
 def _compiler_params(blocks: Blocks) -> pl_triton.CompilerParams:
@@ -388,10 +389,12 @@ def decay_attention_dkdv(q: Array, k: Array, v: Array, do: Array, slopes: Array,
                          interpret: bool) -> Tuple[Array, Array, Optional[Array]]:
     """dK and dV in one reverse sweep, one program per (segment, head, batch) (`_dkdv_kernel`).
 
-    The same as the two reverse calls decay_attention(v, do, q; dS^T) and
-    decay_attention(k, q, do; dS), reading each chunk of q, k, v and dO once instead of twice.
-    The whole state dS is one program's: dK contracts over the value dim, so value tiles would
-    need a reduction across programs.
+    The two reverse calls decay_attention(v, do, q; dS^T) and decay_attention(k, q, do; dS) in
+    one, reading each chunk of q, k, v and dO once instead of twice. The whole state dS is one
+    program's: dK contracts over the value dim, so value tiles would need a reduction across
+    programs. dV is the dV call's computation; dK differs from the dK call's only in the
+    rounding of the state update to the operand dtype, which rounds Q * lambda^r where that
+    call's rounds dO * lambda^r (the same for float32 inputs).
 
     Args:
       q, k: [batch, seq_pad, heads, dk]; v, do: [batch, seq_pad, heads, dv], one dtype, seq_pad a
@@ -596,15 +599,15 @@ def _check(q: Array, k: Array, v: Array, chunk_size: int, plan: Optional[Plan]) 
                 raise ValueError(f"plan.{name} = {blocks} does not fit: its chunk must be one of "
                                  f"{CHUNK_SIZES} and its block_v divide {value_dim}.")
         dk, dv = q.shape[-1], v.shape[-1]
-        if plan.dkdv is not None and (plan.dkdv.chunk not in CHUNK_SIZES
-                                      or plan.dkdv.block_v != dv):
-            raise ValueError(f"plan.dkdv = {plan.dkdv} does not fit: its chunk must be one of "
-                             f"{CHUNK_SIZES} and its block_v equal dv ({dv}), as the fused dK, dV "
-                             "sweep has no value tiles.")
-        if plan.dkdv is not None and dk * dv > FUSED_STATE_ELEMS:
-            raise ValueError(f"plan.dkdv fuses the dK and dV sweeps only for dk x dv <= "
-                             f"{FUSED_STATE_ELEMS} (one program holds the whole state), got dk = "
-                             f"{dk}, dv = {dv}: set plan.dkdv = None for these head dims.")
+        if plan.dkdv is not None:
+            if plan.dkdv.chunk not in CHUNK_SIZES or plan.dkdv.block_v != dv:
+                raise ValueError(f"plan.dkdv = {plan.dkdv} does not fit: its chunk must be one of "
+                                 f"{CHUNK_SIZES} and its block_v equal dv ({dv}), as the fused "
+                                 "dK, dV sweep has no value tiles.")
+            if dk * dv > FUSED_STATE_ELEMS:
+                raise ValueError(f"plan.dkdv fuses the dK and dV sweeps only for dk x dv <= "
+                                 f"{FUSED_STATE_ELEMS} (one program holds the whole state), got "
+                                 f"dk = {dk}, dv = {dv}: set plan.dkdv = None for these head dims.")
         if plan.segments is not None and plan.segments < 1:
             raise ValueError(f"plan.segments must be at least 1 (or None to choose), got "
                              f"{plan.segments}.")
