@@ -275,15 +275,16 @@ def stage_segments(results, shapes):
     results["segments"] = rows
 
 
-def stage_fused(results, shapes, configs, segment_factors):
+def stage_fused(results, shapes, configs, segment_factors, save):
     """Forward+backward of ours with dK and dV from the two reverse sweeps (the default plan) and
     from one fused sweep (plan.dkdv): the default plan's fused blocks and `configs` (chunk, warps,
     stages), each at the default segments times each of `segment_factors` (the fused sweep has
     one program where the two sweeps have a value tile each). Every variant's gradients are
-    checked against the float32 blockwise form on the timed inputs before it is timed."""
+    checked against the float32 blockwise form on the timed inputs before it is timed. Results
+    are saved after each shape, so that a run cut short keeps what it measured."""
     log("== fused dK, dV sweep against two sweeps: forward+backward (ms)")
     multiprocessors, shared_memory = lightning._gpu()
-    rows = []
+    rows = results["fused"] = []
     for shape in shapes:
         batch, seq, heads, dim = shape
         sets = [make_inputs(s, batch, seq, heads, dim, jnp.bfloat16) for s in (14, 15)]
@@ -331,7 +332,7 @@ def stage_fused(results, shapes, configs, segment_factors):
             log(f"{str(shape):24s} {name:30s} fwd_bwd {fmt(result.get('fwd_bwd'))} ms{ratio}, "
                 f"errors {errors} {result.get('error', '')}")
         rows.append(row)
-    results["fused"] = rows
+        save()
 
 
 def stage_table(results, bandwidth):
@@ -617,7 +618,7 @@ def main():
         elif stage == "fused":
             configs = [tuple(map(int, c.split(":"))) for c in args.fused_blocks.split(",") if c]
             stage_fused(results, SHAPES + SEGMENT_SHAPES, configs,
-                        [int(f) for f in args.fused_segments.split(",")])
+                        [int(f) for f in args.fused_segments.split(",")], save)
         elif stage == "table":
             stage_table(results, results["bandwidth"])
         elif stage == "fla":
