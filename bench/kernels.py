@@ -10,12 +10,8 @@ table.md, speed_vs_length.png, memory_vs_length.png.
     python bench/kernels.py --out /tmp/bench --stages check,table  # a part
 
 Stages: tests (tests/test_pallas.py on this device), check, sweep (one Blocks for all four kernel
-calls, --sweep), segments (sequence split), fused (dK and dV from one fused reverse sweep against
-the two sweeps, --fused_blocks, --fused_segments), table, fla, memory, speed (against length),
-plots. Timings are medians over groups of back-to-back calls (async dispatch keeps the GPU busy),
-inputs alternate between two random sets.
-
-    python bench/kernels.py --out /tmp/bench --stages fused --fused_blocks 64:8:3,64:4:2
+calls, --sweep), segments (sequence split), table, fla, memory, speed (against length), plots. Timings are medians over groups of
+back-to-back calls (async dispatch keeps the GPU busy), inputs alternate between two random sets.
 """
 from __future__ import annotations
 
@@ -275,66 +271,6 @@ def stage_segments(results, shapes):
     results["segments"] = rows
 
 
-def stage_fused(results, shapes, configs, segment_factors, save):
-    """Forward+backward of ours with dK and dV from the two reverse sweeps (the default plan) and
-    from one fused sweep (plan.dkdv): the default plan's fused blocks and `configs` (chunk, warps,
-    stages), each at the default segments times each of `segment_factors` (the fused sweep has
-    one program where the two sweeps have a value tile each). Every variant's gradients are
-    checked against the float32 blockwise form on the timed inputs before it is timed. Results
-    are saved after each shape, so that a run cut short keeps what it measured."""
-    log("== fused dK, dV sweep against two sweeps: forward+backward (ms)")
-    multiprocessors, shared_memory = lightning._gpu()
-    rows = results["fused"] = []
-    for shape in shapes:
-        batch, seq, heads, dim = shape
-        sets = [make_inputs(s, batch, seq, heads, dim, jnp.bfloat16) for s in (14, 15)]
-        slopes = attention.alibi_slopes(heads)
-
-        def blockwise(q, k, v):
-            return attention.lightning_attention(q, k, v, slopes, impl="blockwise")[0]
-
-        want = fwd_and_fwd_bwd(blockwise)[1](*(x.astype(jnp.float32) for x in sets[0]))[1]
-        base = lightning.default_plan(dim, dim, itemsize=2, batch_heads=batch * heads, seq_len=seq,
-                                      multiprocessors=multiprocessors, shared_memory=shared_memory,
-                                      fused_dkdv=True)
-        variants = {"two sweeps": dataclasses.replace(base, dkdv=None)}
-        for factor in segment_factors:
-            for chunk, warps, stages in [(base.dkdv.chunk, base.dkdv.num_warps,
-                                          base.dkdv.num_stages)] + configs:
-                variants[f"fused {chunk}:{warps}:{stages}, {base.segments * factor} segments"] = (
-                    dataclasses.replace(base, segments=base.segments * factor,
-                                        dkdv=lightning.Blocks(chunk, dim, warps, stages)))
-        row = {"shape": shape, "segments": base.segments, "default_dkdv": base.dkdv.__dict__}
-        # The forward of every variant at the default segments: fwd_bwd - fwd is their backward.
-        row["fwd"] = time_ms(jax.jit(lambda q, k, v: lightning.lightning_attention(
-            q, k, v, slopes, plan=base)[0]), [s[:3] for s in sets])
-        log(f"{str(shape):24s} forward {row['fwd']:.3f} ms, {base.segments} segments")
-        for name, plan in variants.items():
-            fwd_bwd = fwd_and_fwd_bwd(lambda q, k, v, plan=plan: lightning.lightning_attention(
-                q, k, v, slopes, plan=plan)[0])[1]
-            result = {}
-            try:  # a config that does not compile is a result too
-                grads = fwd_bwd(*sets[0])[1]
-                result["errors"] = {n: rel_rms(g, w) for n, g, w in zip(("dq", "dk", "dv"), grads,
-                                                                        want)}
-                result["passed"] = all(e <= BF16_TOL for e in result["errors"].values())
-                if result["passed"]:
-                    result["fwd_bwd"] = time_ms(fwd_bwd, sets)
-            except Exception as e:
-                result["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            row[name] = result
-            two = row["two sweeps"].get("fwd_bwd")
-            if name != "two sweeps" and result.get("fwd_bwd") and two:
-                result["vs_two_sweeps"] = result["fwd_bwd"] / two
-            ratio = (f" ({result['vs_two_sweeps']:.2f} of two sweeps)" if "vs_two_sweeps" in result
-                     else "")
-            errors = " ".join(f"{n} {e:.1e}" for n, e in result.get("errors", {}).items())
-            log(f"{str(shape):24s} {name:30s} fwd_bwd {fmt(result.get('fwd_bwd'))} ms{ratio}, "
-                f"errors {errors} {result.get('error', '')}")
-        rows.append(row)
-        save()
-
-
 def stage_table(results, bandwidth):
     log("== forward and forward+backward, ms")
     rows = []
@@ -567,12 +503,6 @@ def main():
     parser.add_argument("--sweep", default="", help="block configs C:bv:warps:stages,... for 'sweep'")
     parser.add_argument("--sweep_shapes", default="0,1,2",
                         help="indices into SHAPES of the shapes 'sweep' runs")
-    parser.add_argument("--fused_blocks", default="",
-                        help="fused dK, dV blocks C:warps:stages,... that 'fused' times besides "
-                             "the default plan's")
-    parser.add_argument("--fused_segments", default="1",
-                        help="factors of the default segments at which 'fused' times each fused "
-                             "variant")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, to check this script end to end on a CPU")
     parser.add_argument("--fla-worker", action="store_true", help=argparse.SUPPRESS)
@@ -615,10 +545,6 @@ def main():
                                           if int(i) < len(SHAPES)])
         elif stage == "segments":
             stage_segments(results, SHAPES + SEGMENT_SHAPES)
-        elif stage == "fused":
-            configs = [tuple(map(int, c.split(":"))) for c in args.fused_blocks.split(",") if c]
-            stage_fused(results, SHAPES + SEGMENT_SHAPES, configs,
-                        [int(f) for f in args.fused_segments.split(",")], save)
         elif stage == "table":
             stage_table(results, results["bandwidth"])
         elif stage == "fla":

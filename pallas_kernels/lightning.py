@@ -8,31 +8,18 @@ chunk by chunk (Lightning Attention-2): an intra-chunk masked product plus an in
 with a float32 state S [dk, dv] that stays in registers for the whole sequence, so only q, k, v
 and o cross HBM. With `reverse=True` it runs the mirror image (anti-causal sums, chunks walked
 from the end), which is what the backward pass needs. The backward pass is three more calls of
-the same kernel with the roles of the tensors exchanged (KERNELS.md §1), the last two of which
-`Plan.dkdv` can fuse:
+the same kernel with the roles of the tensors exchanged (KERNELS.md §1):
 
     dQ = op(dO, V, K; state S^T)             forward sweep
     dK = op_rev(V, dO, Q; state dS^T)        reverse sweep, from the final-state cotangent
     dV = op_rev(K, Q, dO; state dS)          reverse sweep; its final state is d(initial state)
 
 Each program owns one (batch, head) and one `block_v`-wide tile of the value dimension: the rows
-of the state are independent, so value tiles split the work without any reduction.
-
-The dK and dV sweeps read the same chunks of q, k, v and dO and carry the same state (dS and its
-transpose), so `Plan.dkdv` can fuse them into one reverse sweep (`decay_attention_dkdv`) that
-loads each chunk once and writes both outputs: the two sweeps' six reads of a tensor become four
-(more than six with value tiles, each of which reads the whole q and k roles and recomputes the
-intra-chunk scores). Its program owns one (batch, head) and the whole [dk, dv] state, since dK
-contracts over the value dimension (V dS^T, dO V^T) and value tiles would need a reduction across
-programs; for dk = dv = 128 that state takes 64 registers a thread at 8 warps, so the fused sweep
-takes dk x dv <= FUSED_STATE_ELEMS. `default_plan` fuses only when asked (until it is measured)
-and keeps the two sweeps for larger heads (the LRPE layers' dk = 256).
-
-When batch x heads x tiles is too small to fill the GPU, the sequence is also cut into segments
-swept in parallel: a first pass (the same kernel without outputs) gives each segment's own
-state, a small product over segments (`entering_states`) gives the state entering each one, and
-the sweeps then start from those states. The forward states are kept for dQ; dK and dV share one
-reverse pass.
+of the state are independent, so value tiles split the work without any reduction. When batch x
+heads x tiles is too small to fill the GPU, the sequence is also cut into segments swept in
+parallel: a first pass (the same kernel without outputs) gives each segment's own state, a small
+product over segments (`entering_states`) gives the state entering each one, and the sweeps then
+start from those states. The forward states are kept for dQ; dK and dV share one reverse pass.
 
 Matmul operands are the input dtype (bf16 on the fast path) with float32 accumulation; the state,
 the decay factors and every sum are float32. float32 inputs use IEEE float32 dots (no TF32).
@@ -60,9 +47,6 @@ _MAX_GRID_YZ = 65535  # CUDA limit on the grid's y and z extents (heads, batch)
 MIN_SEGMENT_CHUNKS = 4  # shortest sequence segment a program sweeps alone (default_segments)
 STATES_PASS_COST = 0.4  # the segments' states pass, as a fraction of a sweep (measured on H100)
 _STATE_ELEMS = 128 * 64  # float32 state elements per program: 64 registers a thread at 4 warps
-# The fused dK, dV sweep keeps the whole [dk, dv] float32 state: 64 registers a thread at 8 warps.
-FUSED_STATE_ELEMS = 128 * 128
-FUSED_WARPS = 8
 MAX_STAGES = 4  # deepest software pipeline of the default plan (measured best on H100)
 # Shared memory one program may use, by compute capability (CUDA's opt-in limit per block); the
 # pipeline keeps num_stages chunks of q, k and v there.
@@ -86,27 +70,19 @@ class Blocks:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Blocks of the four kernel calls (forward, and the dQ, dK, dV calls of the backward pass),
-    the number of sequence segments each (batch, head) is split into, and whether dK and dV come
-    from one fused reverse sweep.
-
-    dkdv: None for two reverse sweeps (blocks dk and dv), or the Blocks of the fused sweep
-    (`decay_attention_dkdv`), whose block_v must be dv and which takes dk x dv up to
-    FUSED_STATE_ELEMS. The segments' states pass of the backward uses the dv blocks either way.
-    """
+    """Blocks of the four kernel calls (forward, and the dQ, dK, dV calls of the backward pass)
+    and the number of sequence segments each (batch, head) is split into."""
 
     fwd: Blocks
     dq: Blocks
     dk: Blocks
     dv: Blocks
     segments: Optional[int] = None  # sequence segments per (batch, head); None: default_segments
-    dkdv: Optional[Blocks] = None
 
 
 def default_plan(dk: int, dv: int, chunk_size: int = 64, *, itemsize: int = 2,
                  batch_heads: Optional[int] = None, seq_len: Optional[int] = None,
-                 multiprocessors: int = 1, shared_memory: int = _SHARED_MEMORY["9.0"],
-                 fused_dkdv: bool = False) -> Plan:
+                 multiprocessors: int = 1, shared_memory: int = _SHARED_MEMORY["9.0"]) -> Plan:
     """Blocks for head dims dk (of q, k) and dv (of v), measured on the H100 (bench/NOTES.md).
 
     Each program keeps its [key dim, block_v] float32 state in registers: value tiles hold at
@@ -115,17 +91,11 @@ def default_plan(dk: int, dv: int, chunk_size: int = 64, *, itemsize: int = 2,
     except where a second program per multiprocessor pays more: when one program each would
     leave a last wave less than half full, 2 stages let two share a multiprocessor in one wave.
 
-    The fused dK, dV sweep (not yet measured) holds its whole [dk, dv] state at FUSED_WARPS
-    warps; its pipeline is as deep as shared memory allows for chunks of q, k, v and dO once two
-    bf16 copies of the state (the operands of K dS and V dS^T) have their room.
-
     Args:
       dk, dv: head dims; chunk_size: tokens per chunk; itemsize: bytes of an input element.
       batch_heads, seq_len: batch x heads and the sequence length of the call; with them the
         plan's segments come from `default_segments` and the pipeline depth from the waves.
       multiprocessors, shared_memory: of the GPU (bytes per program).
-      fused_dkdv: give the plan fused dK, dV blocks where dk x dv <= FUSED_STATE_ELEMS; larger
-        head dims keep the two sweeps (plan.dkdv None).
     """
     segments = None
     if batch_heads is not None and seq_len is not None:
@@ -143,15 +113,9 @@ def default_plan(dk: int, dv: int, chunk_size: int = 64, *, itemsize: int = 2,
                 stages = 2
         return Blocks(chunk=chunk_size, block_v=block_v, num_warps=4, num_stages=stages)
 
-    dkdv = None
-    if fused_dkdv and dk * dv <= FUSED_STATE_ELEMS:
-        stage_bytes = chunk_size * 2 * (dk + dv) * itemsize  # q, k, v and dO of one chunk
-        stages = (shared_memory - 2 * dk * dv * itemsize) // stage_bytes
-        dkdv = Blocks(chunk=chunk_size, block_v=dv, num_warps=FUSED_WARPS,
-                      num_stages=max(1, min(MAX_STAGES, stages)))
     # dQ = op(dO, V, K): key dim dv, value dim dk; dK = op(V, dO, Q) likewise; dV = op(K, Q, dO).
     return Plan(fwd=blocks(dk, dv), dq=blocks(dv, dk), dk=blocks(dv, dk), dv=blocks(dk, dv),
-                segments=segments, dkdv=dkdv)
+                segments=segments)
 
 
 def default_segments(programs: int, num_chunks: int, multiprocessors: int) -> int:
@@ -182,62 +146,6 @@ def default_segments(programs: int, num_chunks: int, multiprocessors: int) -> in
 # ----------------------------------------------------------------------------------------------
 # the kernel
 # ----------------------------------------------------------------------------------------------
-def _intra_decay(neg_s: Array, r: Array, reverse: bool) -> Array:
-    """D [C, C]: D[t, j] = lambda^|t-j| on the causal side (j <= t; t <= j in reverse), else 0."""
-    causal = (r[None, :] <= r[:, None]) if not reverse else (r[None, :] >= r[:, None])
-    dist = jnp.abs(r[:, None] - r[None, :]).astype(jnp.float32)
-    return jnp.where(causal, jnp.exp(neg_s * dist), 0.0)
-
-
-def _chunk_decays(neg_s: Array, r: Array, start: Array, *, seq_len: int, chunk: int,
-                  reverse: bool) -> Tuple[Array, Array, Array]:
-    """Decay factors of the chunk whose first token is `start`, computed once per chunk.
-
-    Chunks past the true length are padding (zeros); exponents use each chunk's true length so
-    that padding rows neither decay the state nor receive it.
-
-    Returns:
-      q_decay [C] f32: how row t sees the state entering the chunk (zero on padding rows);
-      k_decay [C] f32: how row t reaches the state leaving the chunk (zero on padding rows);
-      chunk_decay f32: lambda^(the chunk's true length), the state's decay across the chunk.
-    """
-    length = jnp.clip(seq_len - start, 0, chunk)
-    valid = r < length
-    if reverse:  # row t sees the state of tokens after the chunk through lambda^(len-1-t)
-        q_exp, k_exp = length - 1 - r, r + 1
-    else:  # row t sees the state of tokens before the chunk through lambda^(t+1)
-        q_exp, k_exp = r + 1, length - 1 - r
-    q_decay = jnp.where(valid, jnp.exp(neg_s * q_exp.astype(jnp.float32)), 0.0)
-    k_decay = jnp.where(valid, jnp.exp(neg_s * k_exp.astype(jnp.float32)), 0.0)
-    return q_decay, k_decay, jnp.exp(neg_s * length.astype(jnp.float32))
-
-
-def _dot(a: Array, b: Array, contract: Tuple[int, int]) -> Array:
-    """2-D product contracting a's axis contract[0] with b's axis contract[1], float32 sums
-    (IEEE float32 for float32 operands: HIGHEST keeps Triton off TF32)."""
-    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                           precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-
-
-def _chunk_output(q: Array, k: Array, v: Array, state: Array, intra_decay: Array,
-                  q_decay: Array, *, state_transposed: bool = False) -> Array:
-    """o [C, dv'] f32 of one chunk, q and k [C, dqk], v [C, dv']: ((Q K^T) * D) V + q_decay * (Q S),
-    where S [dqk, dv'] f32 is `state`, or its transpose when state_transposed.
-
-    Row scaling commutes with the product: (lambda^e * Q) S = lambda^e * (Q S), so q stays exact
-    and only the state is rounded to the operand dtype.
-    """
-    scores = _dot(q, k, (1, 1))  # [C, C]
-    o = _dot((scores * intra_decay).astype(v.dtype), v, (1, 0))
-    return o + q_decay[:, None] * _dot(q, state.astype(q.dtype), (1, 1 if state_transposed else 0))
-
-
-def _next_state(state: Array, chunk_decay: Array, k: Array, k_decay: Array, v: Array) -> Array:
-    """lambda^len S + (k_decay * K)^T V: the state [dqk, dv] f32 after one chunk."""
-    k_scaled = (k * k_decay[:, None]).astype(k.dtype)
-    return chunk_decay * state + _dot(k_scaled, v, (0, 0))
-
-
 def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int, chunk: int,
                             seg_chunks: int, tiles: int, reverse: bool, has_initial: bool,
                             output: bool, store_state: bool):
@@ -254,10 +162,18 @@ def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int,
     s_out_ref = refs.pop(0) if store_state else None
     dqk, block_v = k_ref.shape[1], v_ref.shape[1]
     first_chunk = (pl.program_id(0) // tiles) * seg_chunks
+    f32 = jnp.float32
+    dot = functools.partial(lax.dot_general, precision=lax.Precision.HIGHEST,
+                            preferred_element_type=f32)
+
     neg_s = -slope_ref[0]
     r = jnp.arange(chunk, dtype=jnp.int32)
     if output:
-        intra_decay = _intra_decay(neg_s, r, reverse)  # built once per program
+        # Intra-chunk decay D[t, j] = lambda^|t-j| on the causal side (j <= t; t <= j in
+        # reverse), built from token indices once per program.
+        causal = (r[None, :] <= r[:, None]) if not reverse else (r[None, :] >= r[:, None])
+        dist = jnp.abs(r[:, None] - r[None, :]).astype(f32)
+        intra_decay = jnp.where(causal, jnp.exp(neg_s * dist), 0.0)
 
     def body(i, state):
         c = first_chunk + (seg_chunks - 1 - i if reverse else i)
@@ -265,59 +181,32 @@ def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int,
         rows = pl.ds(start, chunk)
         k = k_ref[rows, :]
         v = v_ref[rows, :]
-        q_decay, k_decay, chunk_decay = _chunk_decays(neg_s, r, start, seq_len=seq_len,
-                                                      chunk=chunk, reverse=reverse)
+        # Chunks past the true length are padding (zeros); exponents use each chunk's true length
+        # so that padding rows neither decay the state nor receive it.
+        length = jnp.clip(seq_len - start, 0, chunk)
+        valid = r < length
+        if reverse:  # row t sees the state of tokens after the chunk through lambda^(len-1-t)
+            q_exp, k_exp = length - 1 - r, r + 1
+        else:  # row t sees the state of tokens before the chunk through lambda^(t+1)
+            q_exp, k_exp = r + 1, length - 1 - r
+        k_decay = jnp.where(valid, jnp.exp(neg_s * k_exp.astype(f32)), 0.0)
+        chunk_decay = jnp.exp(neg_s * length.astype(f32))
         if output:
-            o = _chunk_output(q_ref[rows, :], k, v, state, intra_decay, q_decay)
+            q = q_ref[rows, :]
+            q_decay = jnp.where(valid, jnp.exp(neg_s * q_exp.astype(f32)), 0.0)
+            scores = dot(q, k, (((1,), (1,)), ((), ())))  # [C, C]
+            o = dot((scores * intra_decay).astype(v.dtype), v, (((1,), (0,)), ((), ())))
+            # Row scaling commutes with the product: (lambda^e * Q) S = lambda^e * (Q S), so q
+            # stays exact and only the state is rounded to the operand dtype.
+            o += q_decay[:, None] * dot(q, state.astype(q.dtype), (((1,), (0,)), ((), ())))
             o_ref[rows, :] = o.astype(o_ref.dtype)
-        return _next_state(state, chunk_decay, k, k_decay, v)  # [dqk, block_v]
+        k_scaled = (k * k_decay[:, None]).astype(k.dtype)
+        return chunk_decay * state + dot(k_scaled, v, (((0,), (0,)), ((), ())))  # [dqk, block_v]
 
-    state = s0_ref[...] if has_initial else jnp.zeros((dqk, block_v), jnp.float32)
+    state = s0_ref[...] if has_initial else jnp.zeros((dqk, block_v), f32)
     state = lax.fori_loop(0, seg_chunks, body, state)
     if store_state:
         s_out_ref[...] = state
-
-
-def _dkdv_kernel(slope_ref, q_ref, k_ref, v_ref, do_ref, ds_ref, dk_ref, dv_ref, *refs,
-                 seq_len: int, chunk: int, seg_chunks: int, store_state: bool):
-    """One (segment, head, batch) program of the fused backward: the chunks of one segment in
-    reverse, each read once for both dK and dV, with the whole state dS in registers.
-
-    Refs: slope [1] f32; q, k [seq_pad, dk]; v, do [seq_pad, dv]; the cotangent state entering
-    the segment from its end, dS [dk, dv] f32; the outputs dk [seq_pad, dk], dv [seq_pad, dv];
-    then, when `store_state`, the state leaving the segment at its start [dk, dv] f32. Per chunk
-    (KERNELS.md §1), with the decay factors of the reverse sweep:
-
-        dK = ((dO V^T) * D)^T Q + q_decay * (V dS^T)     (the dK call's op_rev(V, dO, Q; dS^T))
-        dV = ((Q K^T) * D)^T dO + q_decay * (K dS)       (the dV call's op_rev(K, Q, dO; dS))
-        dS <- lambda^len dS + (k_decay * Q)^T dO
-    """
-    first_chunk = pl.program_id(0) * seg_chunks
-    neg_s = -slope_ref[0]
-    r = jnp.arange(chunk, dtype=jnp.int32)
-    intra_decay = _intra_decay(neg_s, r, reverse=True)
-
-    def body(i, ds):
-        start = pl.multiple_of((first_chunk + seg_chunks - 1 - i) * chunk, chunk)
-        rows = pl.ds(start, chunk)
-        q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
-        q_decay, k_decay, chunk_decay = _chunk_decays(neg_s, r, start, seq_len=seq_len,
-                                                      chunk=chunk, reverse=True)
-        dk = _chunk_output(v, do, q, ds, intra_decay, q_decay, state_transposed=True)
-        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-        dv = _chunk_output(k, q, do, ds, intra_decay, q_decay)
-        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-        return _next_state(ds, chunk_decay, q, k_decay, do)
-
-    ds = lax.fori_loop(0, seg_chunks, body, ds_ref[...])
-    if store_state:
-        (ds_out_ref,) = refs
-        ds_out_ref[...] = ds
-
-
-def _compiler_params(blocks: Blocks) -> pl_triton.CompilerParams:
-    # Since jax 0.9 the default GPU lowering is Mosaic GPU: Triton's params select the Triton one.
-    return pl_triton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
 def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states: Optional[Array],
@@ -375,66 +264,14 @@ def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states:
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(blocks),
+        compiler_params=pl_triton.CompilerParams(num_warps=blocks.num_warps,
+                                                 num_stages=blocks.num_stages),
         interpret=interpret,
         name=name if output else name + "_states",
     )(*args)
     outs = list(outs)
     o = outs.pop(0) if output else None
     return o, (outs.pop(0) if store_states else None)
-
-
-def decay_attention_dkdv(q: Array, k: Array, v: Array, do: Array, slopes: Array, ds: Array, *,
-                         seq_len: int, store_states: bool, segments: int, blocks: Blocks,
-                         interpret: bool) -> Tuple[Array, Array, Optional[Array]]:
-    """dK and dV in one reverse sweep, one program per (segment, head, batch) (`_dkdv_kernel`).
-
-    The two reverse calls decay_attention(v, do, q; dS^T) and decay_attention(k, q, do; dS) in
-    one, reading each chunk of q, k, v and dO once instead of twice. The whole state dS is one
-    program's: dK contracts over the value dim, so value tiles would need a reduction across
-    programs. dV is the dV call's computation; dK differs from the dK call's only in the
-    rounding of the state update to the operand dtype, which rounds Q * lambda^r where that
-    call's rounds dO * lambda^r (the same for float32 inputs).
-
-    Args:
-      q, k: [batch, seq_pad, heads, dk]; v, do: [batch, seq_pad, heads, dv], one dtype, seq_pad a
-        multiple of blocks.chunk and rows from seq_len on zero.
-      slopes: [heads] f32.
-      ds: [batch, heads, segments, dk, dv] f32, the cotangent state entering each segment from
-        its end.
-      seq_len: true sequence length; store_states: also return the state leaving each segment
-        at its start; segments: sequence segments, dividing seq_pad / blocks.chunk.
-      blocks: blocks.block_v must be dv (no value tiles).
-    Returns:
-      dk: [batch, seq_pad, heads, dk] in k's dtype; dv: [batch, seq_pad, heads, dv] in v's dtype
-      (rows from seq_len on are not meaningful); the states leaving the segments,
-      [batch, heads, segments, dk, dv] f32, or None.
-    """
-    batch, seq_pad, heads, dqk = q.shape
-    dv = v.shape[-1]
-    num_chunks = seq_pad // blocks.chunk
-    qk_spec = pl.BlockSpec((None, seq_pad, None, dqk), lambda j, h, b: (b, 0, h, 0))
-    v_spec = pl.BlockSpec((None, seq_pad, None, dv), lambda j, h, b: (b, 0, h, 0))
-    state_spec = pl.BlockSpec((None, None, None, dqk, dv), lambda j, h, b: (b, h, j, 0, 0))
-    out_specs = [qk_spec, v_spec]
-    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-    if store_states:
-        out_specs.append(state_spec)
-        out_shape.append(jax.ShapeDtypeStruct(ds.shape, jnp.float32))
-    kernel = functools.partial(_dkdv_kernel, seq_len=seq_len, chunk=blocks.chunk,
-                               seg_chunks=num_chunks // segments, store_state=store_states)
-    outs = pl.pallas_call(
-        kernel,
-        grid=(segments, heads, batch),
-        in_specs=[pl.BlockSpec((1,), lambda j, h, b: (h,)), qk_spec, qk_spec, v_spec, v_spec,
-                  state_spec],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=_compiler_params(blocks),
-        interpret=interpret,
-        name="lightning_attention_dkdv",
-    )(slopes, q, k, v, do, ds)
-    return outs[0], outs[1], (outs[2] if store_states else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,8 +354,7 @@ def _lightning_bwd(seq_len, plan, segments, interpret, residuals, cotangents):
                              interpret=interpret)
     t = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
     # dQ sweeps forward with the transposed forward states; dK and dV sweep in reverse with dS
-    # (and its transpose), which enters from the end as the final state's cotangent: two sweeps,
-    # or one fused sweep with plan.dkdv.
+    # (and its transpose), which enters from the end as the final state's cotangent.
     if segments == 1:
         s_fwd = None if initial_state is None else t(initial_state)[:, :, None]
         ds = d_final[:, :, None]
@@ -529,18 +365,11 @@ def _lightning_bwd(seq_len, plan, segments, interpret, residuals, cotangents):
         ds_all = entering_states(local, d_final, slopes, seq_len=seq_len,
                                  seg_len=q.shape[1] // segments, reverse=True)
         ds = ds_all[:, :, :-1]
-    dq, _ = call(do, v, k, initial_states=s_fwd, reverse=False, output=True, store_states=False,
-                 blocks=plan.dq)
+    dq, _ = call(do, v, k, initial_states=s_fwd, reverse=False, output=True, store_states=False, blocks=plan.dq)
+    dk, _ = call(v, do, q, initial_states=t(ds), reverse=True, output=True, store_states=False, blocks=plan.dk)
     store = segments == 1 and initial_state is not None
-    if plan.dkdv is None:
-        dk, _ = call(v, do, q, initial_states=t(ds), reverse=True, output=True, store_states=False,
-                     blocks=plan.dk)
-        dv, d_initial = call(k, q, do, initial_states=ds, reverse=True, output=True,
-                             store_states=store, blocks=plan.dv)
-    else:
-        dk, dv, d_initial = decay_attention_dkdv(q, k, v, do, slopes, ds, seq_len=seq_len,
-                                                 store_states=store, segments=segments,
-                                                 blocks=plan.dkdv, interpret=interpret)
+    dv, d_initial = call(k, q, do, initial_states=ds, reverse=True, output=True, store_states=store,
+                         blocks=plan.dv)
     if initial_state is None:
         d_initial = None
     elif segments == 1:
@@ -598,16 +427,6 @@ def _check(q: Array, k: Array, v: Array, chunk_size: int, plan: Optional[Plan]) 
             if blocks.chunk not in CHUNK_SIZES or value_dim % blocks.block_v:
                 raise ValueError(f"plan.{name} = {blocks} does not fit: its chunk must be one of "
                                  f"{CHUNK_SIZES} and its block_v divide {value_dim}.")
-        dk, dv = q.shape[-1], v.shape[-1]
-        if plan.dkdv is not None:
-            if plan.dkdv.chunk not in CHUNK_SIZES or plan.dkdv.block_v != dv:
-                raise ValueError(f"plan.dkdv = {plan.dkdv} does not fit: its chunk must be one of "
-                                 f"{CHUNK_SIZES} and its block_v equal dv ({dv}), as the fused "
-                                 "dK, dV sweep has no value tiles.")
-            if dk * dv > FUSED_STATE_ELEMS:
-                raise ValueError(f"plan.dkdv fuses the dK and dV sweeps only for dk x dv <= "
-                                 f"{FUSED_STATE_ELEMS} (one program holds the whole state), got "
-                                 f"dk = {dk}, dv = {dv}: set plan.dkdv = None for these head dims.")
         if plan.segments is not None and plan.segments < 1:
             raise ValueError(f"plan.segments must be at least 1 (or None to choose), got "
                              f"{plan.segments}.")
@@ -652,7 +471,7 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
         plan = default_plan(q.shape[-1], v.shape[-1], chunk_size, itemsize=q.dtype.itemsize,
                             batch_heads=batch * heads, seq_len=seq_len,
                             multiprocessors=multiprocessors, shared_memory=shared_memory)
-    chunk_size = max(b.chunk for b in (plan.fwd, plan.dq, plan.dk, plan.dv, plan.dkdv) if b)
+    chunk_size = max(b.chunk for b in (plan.fwd, plan.dq, plan.dk, plan.dv))
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
         if interpret:

@@ -60,12 +60,6 @@ def impl_attention(impl, slopes, chunk_size):
     return attn
 
 
-def pallas_attention(slopes, plan):
-    def attn(q, k, v, s0):
-        return lightning.lightning_attention(q, k, v, slopes, initial_state=s0, plan=plan)
-    return attn
-
-
 def assert_matches_reference(outs, grads, q, k, v, slopes, s0, do, d_final):
     """Outputs and gradients against the float32 reference form on the same (upcast) inputs."""
     up = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -111,57 +105,12 @@ def test_sequence_segments_match_reference(batch, seq, heads, dk, dv, dtype, wit
     the same outputs, final state and gradients as one sweep, also with padding segments."""
     q, k, v, slopes, s0, do, d_final = random_inputs(5, batch, seq, heads, dk, dv, dtype, with_state)
     plan = dataclasses.replace(lightning.default_plan(dk, dv, 16), segments=segments)
-    outs, grads = value_and_grads(pallas_attention(slopes, plan), q, k, v, s0, do, d_final)
-    assert_matches_reference(outs, grads, q, k, v, slopes, s0, do, d_final)
 
+    def attn(q, k, v, s0):
+        return lightning.lightning_attention(q, k, v, slopes, initial_state=s0, plan=plan)
 
-@pytest.mark.parametrize("batch,seq,heads,dk,dv,dtype,with_state,segments", [
-    pytest.param(2, 50, 2, 32, 16, jnp.float32, True, 1, id="f32-dk32-dv16-ragged-state"),
-    pytest.param(1, 45, 2, 64, 64, jnp.bfloat16, True, 1, id="bf16-d64-ragged-state"),
-    pytest.param(1, 77, 2, 16, 32, jnp.float32, False, 3, id="f32-dk16-dv32-ragged-3-segments"),
-    pytest.param(1, 100, 2, 64, 32, jnp.bfloat16, True, 4, id="bf16-dk64-dv32-state-4-segments"),
-])
-def test_fused_dkdv_matches_reference_and_two_sweeps(batch, seq, heads, dk, dv, dtype, with_state,
-                                                     segments):
-    """dK and dV from one fused reverse sweep (Plan.dkdv) against the float32 reference and the two
-    sweeps: equal for float32 inputs; for bf16 the fused sweep's state update rounds Q * lambda^r
-    where the dK sweep's rounds dO * lambda^r, so they agree within the bf16 tolerance."""
-    q, k, v, slopes, s0, do, d_final = random_inputs(6, batch, seq, heads, dk, dv, dtype, with_state)
-    two_sweeps = dataclasses.replace(lightning.default_plan(dk, dv, 16), segments=segments)
-    fused = dataclasses.replace(two_sweeps,
-                                dkdv=lightning.default_plan(dk, dv, 16, fused_dkdv=True).dkdv)
-    attn = pallas_attention(slopes, fused)
-
-    def o_sum(q, k, v):
-        return jnp.sum(attn(q, k, v, s0)[0].astype(jnp.float32))
-
-    assert "lightning_attention_dkdv" in str(jax.make_jaxpr(jax.grad(o_sum, (0, 1, 2)))(q, k, v))
     outs, grads = value_and_grads(attn, q, k, v, s0, do, d_final)
     assert_matches_reference(outs, grads, q, k, v, slopes, s0, do, d_final)
-    _, grads_two = value_and_grads(pallas_attention(slopes, two_sweeps), q, k, v, s0, do, d_final)
-    tol = F32_TOL if dtype == jnp.float32 else BF16_TOL
-    for name, g, g_two in zip(("dq", "dk", "dv", "d_initial_state"), grads, grads_two):
-        assert rel_rms(g, g_two) <= tol, (name, rel_rms(g, g_two))
-
-
-def test_fused_dkdv_lowers_to_triton():
-    """The fused backward at the benchmark's head dims lowers to Triton for a GPU (2-D dots,
-    power-of-two blocks), checked without one: with an initial state (its cotangent stored) on
-    one segment, and on two."""
-    spec = jax.ShapeDtypeStruct((1, 200, 2, 128), jnp.bfloat16)
-    s0 = jax.ShapeDtypeStruct((1, 2, 128, 128), jnp.float32)
-    for segments in (1, 2):
-        plan = dataclasses.replace(lightning.default_plan(128, 128, fused_dkdv=True),
-                                   segments=segments)
-
-        def loss(q, k, v, s0):
-            o, final = lightning.lightning_attention(q, k, v, attention.alibi_slopes(2),
-                                                     initial_state=s0, plan=plan, interpret=False)
-            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
-
-        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-        hlo = grad.trace(spec, spec, spec, s0).lower(lowering_platforms=("cuda",)).as_text()
-        assert '"lightning_attention_dkdv"' in hlo
 
 
 def test_default_segments_follow_the_cost_model():
@@ -197,12 +146,6 @@ def test_default_plan_fits_shared_memory_and_fills_waves():
             stage_bytes = blocks.chunk * (2 * key_dim + blocks.block_v) * itemsize
             assert 1 <= blocks.num_stages and blocks.num_stages * stage_bytes <= 232448
     assert lightning.default_plan(256, 128, **h100).fwd.num_stages == 3
-    # The fused dK, dV sweep only when asked, and only where its whole state fits: 8 warps, and
-    # 64 KiB chunks of q, k, v and dO beside two 32 KiB copies of the state.
-    assert lightning.default_plan(128, 128, **h100).dkdv is None
-    assert lightning.default_plan(128, 128, fused_dkdv=True, **h100).dkdv == lightning.Blocks(
-        chunk=64, block_v=128, num_warps=8, num_stages=2)
-    assert lightning.default_plan(256, 128, fused_dkdv=True, **h100).dkdv is None
 
 
 def test_single_token_and_many_heads():
@@ -264,9 +207,7 @@ def test_interpret_mode_warns_once_without_gpu():
     (dict(dv=512), "dv"),
     (dict(chunk=48), "chunk_size"),
     (dict(seq=0), "at least one token"),
-    (dict(plan=dict(segments=0)), "segments"),
-    (dict(plan=dict(dkdv=lightning.Blocks(chunk=16, block_v=8))), "block_v equal dv"),
-    (dict(dk=256, dv=128, plan=dict(dkdv=lightning.Blocks(chunk=16, block_v=128))), "dk x dv"),
+    (dict(segments=0), "segments"),
 ])
 def test_unsupported_inputs_fail_with_a_clear_error(change, match):
     shape = dict(seq=8, dk=16, dv=16, chunk=16, dtype=jnp.bfloat16)
@@ -274,9 +215,8 @@ def test_unsupported_inputs_fail_with_a_clear_error(change, match):
     q = jnp.ones((1, shape["seq"], 2, shape["dk"]), shape["dtype"])
     v = jnp.ones((1, shape["seq"], 2, shape["dv"]), change.get("v_dtype", shape["dtype"]))
     plan = None
-    if "plan" in change:
-        plan = dataclasses.replace(lightning.default_plan(shape["dk"], shape["dv"], 16),
-                                   **change["plan"])
+    if "segments" in change:
+        plan = dataclasses.replace(lightning.default_plan(16, 16, 16), segments=change["segments"])
     with pytest.raises(ValueError, match=match):
         lightning.lightning_attention(q, q, v, attention.alibi_slopes(2), chunk_size=shape["chunk"],
                                       plan=plan)
