@@ -67,8 +67,9 @@ flags.DEFINE_list("decode_xla_options", [], "XLA options for compiling the decod
                   "NAME=VALUE, e.g. xla_gpu_exhaustive_tiling_search=true (autotunes its GEMMs "
                   "over every tiling without doing so for the rest of the run).")
 flags.DEFINE_integer("steps_per_iteration", 4, "Decoding steps per iteration of the decode loop.")
-flags.DEFINE_list("fold_norms", ["true"], "TNL's decoding step with the SRMSNorm scales folded "
-                  "into the products (true), in the released order (false), or both: true,false.")
+flags.DEFINE_list("fold_norms", ["auto"], "TNL's decoding step with the SRMSNorm scales folded "
+                  "into the products (true), in the released order (false), as tnllm.generate "
+                  "chooses (auto: folded when batch > 1), or several: true,false.")
 flags.DEFINE_bool("smoke", False, "Tiny config and contexts, few tokens: a quick check of this script.")
 FLAGS = flags.FLAGS
 
@@ -159,10 +160,12 @@ def xla_options(pairs):
     return options
 
 
-def parse_bool(text):
-    if text.lower() not in ("true", "false"):
-        raise ValueError(f"--fold_norms takes true and/or false, got {text!r}.")
-    return text.lower() == "true"
+def parse_fold(text):
+    """--fold_norms value -> decode's fold_norms: True, False or None (its default)."""
+    choices = {"true": True, "false": False, "auto": None}
+    if text.lower() not in choices:
+        raise ValueError(f"--fold_norms takes auto, true and/or false, got {text!r}.")
+    return choices[text.lower()]
 
 
 def state_mb_per_sequence(cfg):
@@ -246,7 +249,7 @@ def main(argv):
         weights_gb, read_ms = weight_read_ms(params, repeats)
         print(f"{name}: {weights_gb:.3f} GB of bf16 parameters, read once in {read_ms:.3f} ms "
               f"({weights_gb / read_ms:.2f} TB/s)", flush=True)
-        folds = [parse_bool(f) for f in FLAGS.fold_norms] if cfg.token_mixer == "gla" else [False]
+        folds = [parse_fold(f) for f in FLAGS.fold_norms] if cfg.token_mixer == "gla" else [False]
         # The impl picks the parallel form of TNL's prefill.
         for impl in impls if cfg.token_mixer == "gla" else [cfg.attention_impl]:
             for batch in batches:
@@ -260,7 +263,9 @@ def main(argv):
                                 weight_read_ms=read_ms)
                     prefilled = None
                     for fold in folds:  # one prefill for every variant of the decoding step
-                        row = dict(case, fold_norms=fold if cfg.token_mixer == "gla" else None)
+                        # The step as decode compiles it: auto resolves by the batch.
+                        folded = batch > 1 if fold is None else fold
+                        row = dict(case, fold_norms=folded if cfg.token_mixer == "gla" else None)
                         try:
                             if limit is not None and batch * state_mb * 1e6 > limit:
                                 raise MemoryError(f"the decoding state needs {batch * state_mb / 1e3:.0f} "
@@ -270,7 +275,7 @@ def main(argv):
                                                                            context, prefill_chunk)
                             row.update(prefill_stats)
                             row.update(measure_decode(case_cfg, params, prefilled, new_tokens, repeats,
-                                                      decode_options, fold, out_dir))
+                                                      decode_options, folded, out_dir))
                             row["decode_per_weight_read"] = row["decode_ms_per_token"] / read_ms
                         except Exception as e:  # noqa: BLE001 - keep measuring the other cases
                             traceback.print_exc()

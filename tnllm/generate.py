@@ -58,7 +58,7 @@ class Generation(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "fold_norms"))
 def decode_step(params, tokens: Array, positions: Array, states: Sequence[Any], *,
-                cfg: ModelConfig, fold_norms: bool = True) -> Tuple[Array, Tuple[Any, ...]]:
+                cfg: ModelConfig, fold_norms: bool = False) -> Tuple[Array, Tuple[Any, ...]]:
     """One token per row through the recurrence S <- lambda S + k^T v, o = q S (softmax: one cache
     slot written, attention over the cache up to the token's position).
 
@@ -67,8 +67,8 @@ def decode_step(params, tokens: Array, positions: Array, states: Sequence[Any], 
       tokens: [batch] int token ids; positions: [batch] int their positions (real tokens before them).
       states: per layer, as `tnllm.model.state_specs`.
       fold_norms: TNL's SRMSNorm scales applied after the products that follow the norms
-        (`TransNormerLLM.fold_norms`): the same step in fewer kernels; False keeps the released
-        order. The other mixers have no such norms and ignore it.
+        (`TransNormerLLM.fold_norms`): the same step, which XLA may compile into fewer kernels;
+        False keeps the released order. The other mixers have no such norms and ignore it.
     Returns:
       logits [batch, vocab] f32 for the token after `tokens`, and the new states.
     """
@@ -130,7 +130,7 @@ def prefill(params, tokens: Array, mask: Array, *, cfg: ModelConfig,
 def decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sampler: Sampler,
            max_new_tokens: int, eos_id: Optional[int] = None, pad_id: int = 0,
            return_logprobs: bool = False, steps_per_iteration: int = 4,
-           fold_norms: bool = True) -> Generation:
+           fold_norms: Optional[bool] = None) -> Generation:
     """Samples up to `max_new_tokens` tokens per row after `prefilled`.
 
     Args:
@@ -143,9 +143,14 @@ def decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sample
         distribution, before the sampler's filters).
       steps_per_iteration: decoding steps per iteration of the loop: fewer of the host round
         trips a GPU loop makes per iteration, a larger program to compile (1: a plain loop).
-      fold_norms: see `decode_step`.
+      fold_norms: see `decode_step`; None folds when the batch has more than one row. Measured on
+        an H200 (docs/benchmarks.md): folded steps are 1.6-3.6 % faster at batch 64, where XLA
+        fuses the scales away (12 kernels a layer instead of 14), and 0-3 % slower at batch 1
+        (run as two rows, below), where it compiles them into more kernels.
     """
     batch = prefilled.logits.shape[0]
+    if fold_norms is None:
+        fold_norms = batch > 1
 
     def emit(i, logits, out):
         tokens, lengths, logprobs, done = out
