@@ -124,9 +124,11 @@ def test_loop_splits_and_folded_norms_do_not_change_the_generation(params, varia
     assert min(default.lengths) < NEW  # an EOS stopped a row early
     np.testing.assert_array_equal(default.tokens, split.tokens)
     np.testing.assert_array_equal(default.lengths, split.lengths)
-    # Another compiled program: its fusions may round the float32 log-probabilities differently in
-    # the last place (seen on an H200: 1 ulp for another loop split).
-    np.testing.assert_allclose(default.logprobs, split.logprobs, rtol=1e-6, atol=1e-6)
+    # Another compiled program rounds the float32 log-probabilities differently: in the last place
+    # for another loop split, by a few ulps for the released order's arithmetic (H200: 1 ulp and
+    # 1.7e-6 relative).
+    tol = 1e-5 if "fold_norms" in variant else 1e-6
+    np.testing.assert_allclose(default.logprobs, split.logprobs, rtol=tol, atol=tol)
 
 
 def test_decode_state_shape_does_not_depend_on_context_length(params):
