@@ -156,7 +156,7 @@ class GatedLinearAttention(nn.Module):
         if row_scale is not None:
             # Scaled one by one, each where it is used: the scaled [.., 4, heads, head_dim] output
             # as a whole was written to HBM by its own kernel at batch 1 (H200, 2026-11-28).
-            q, k, v, u = (scaled(x, row_scale[..., None]) for x in (q, k, v, u))
+            q, k, v, u = (scaled(t, row_scale[..., None]) for t in (q, k, v, u))
         q, k = nn.silu(q), nn.silu(k)
         if self.layer in cfg.lrpe_layers:
             theta = self.param(
@@ -238,10 +238,10 @@ class TransNormerLLM(nn.Module):
     With token_mixer "softmax" it is the softmax baseline; the name stays for every mixer.
 
     fold_norms (TNL's "gla" mixer only): every SRMSNorm's row scale r is applied after the product
-    that follows the norm, (x r) W = (x W) r, so the same function runs without the norms' own
-    kernels: XLA fuses the scales into the kernels that consume the products. What a decoding step
-    costs beyond reading the weights is mostly such small kernels (tnllm.generate.decode_step).
-    Rounding differs from the released order by bf16 rounding only.
+    that follows the norm, (x r) W = (x W) r: the same function, which XLA can compile with the
+    scales fused into the kernels that consume the products instead of the norms as kernels of
+    their own. It pays where a step's small kernels weigh: decoding at batch 64 (tnllm.generate.decode;
+    not at batch 1, docs/benchmarks.md). Rounding differs from the released order by bf16 rounding.
     """
 
     cfg: ModelConfig
@@ -267,8 +267,8 @@ class TransNormerLLM(nn.Module):
         """
         cfg = self.cfg
         if self.fold_norms and cfg.token_mixer != "gla":
-            raise ValueError(f"fold_norms needs TNL's token mixer 'gla' (SRMSNorm without a weight); "
-                             f"config.model.token_mixer is {cfg.token_mixer!r}.")
+            raise ValueError(f"fold_norms needs TNL's token mixer 'gla' (SRMSNorm without a weight), "
+                             f"but config.model.token_mixer is {cfg.token_mixer!r}: leave it False.")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         embed = nn.Embed(
