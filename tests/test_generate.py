@@ -11,8 +11,8 @@ import pytest
 from conftest import REPO, assert_prefill_then_decode_matches_forward, subprocess_env
 
 from tnllm import config
-from tnllm.generate import (_read_prompts, complete, decode, generate, left_pad, prefill, prompt_bucket,
-                            serving_params)
+from tnllm.generate import (_read_prompts, complete, decode, decode_autotuned, generate, left_pad,
+                            prefill, prompt_bucket, serving_params)
 from tnllm.model import TransNormerLLM, state_specs
 from tnllm.sampling import Temperature, TopK
 
@@ -153,6 +153,20 @@ def test_compiles_once_per_batch_bucket_and_max_new_tokens(params):
     assert sizes() == (before[0] + 1, before[1] + 1)
     run([[5] * 17, [6] * 30])  # a new bucket (32) re-traces the prefill only: the state is the same
     assert sizes() == (before[0] + 2, before[1] + 1)
+
+
+def test_autotuned_decoding_generates_the_same(params):
+    """autotune compiles the decoding loop with XLA's GEMM tiling search (GPU only) as a program of
+    its own; the tokens are the same."""
+    prompts = [[1] * 5, [2] * 9]
+    plain = generate(params, CFG, prompts, max_new_tokens=NEW, return_logprobs=True)
+    before = (decode._cache_size(), decode_autotuned._cache_size())
+    tuned = generate(params, CFG, prompts, max_new_tokens=NEW, return_logprobs=True, autotune=True)
+    assert (decode._cache_size(), decode_autotuned._cache_size()) == (before[0], before[1] + 1)
+    np.testing.assert_array_equal(tuned.tokens, plain.tokens)
+    np.testing.assert_array_equal(tuned.lengths, plain.lengths)
+    # Other GEMM tilings sum in another order: float32 rounding apart.
+    np.testing.assert_allclose(tuned.logprobs, plain.logprobs, rtol=1e-5, atol=1e-5)
 
 
 def test_prompt_bucket_and_left_pad():
