@@ -204,7 +204,7 @@ _DECODE_STATIC = ("cfg", "sampler", "max_new_tokens", "eos_id", "pad_id", "retur
                   "steps_per_iteration", "fold_norms")
 decode = jax.jit(_decode, static_argnames=_DECODE_STATIC)
 # XLA's exhaustive search over GEMM tilings (GPU; other backends ignore it): measured 3.4 % (H100)
-# and 7.5 % (H200) faster decoding of the 1B at batch 1 for ~30-40 s more compilation
+# and ~6 % (H200) faster decoding of the 1B at batch 1 for ~30-40 s more compilation
 # (docs/benchmarks.md), once per compiled (batch, max_new_tokens).
 AUTOTUNE_OPTIONS = {"xla_gpu_exhaustive_tiling_search": True}
 decode_autotuned = jax.jit(_decode, static_argnames=_DECODE_STATIC, compiler_options=AUTOTUNE_OPTIONS)
