@@ -44,7 +44,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench import profiling  # noqa: E402
+from bench import profiling, timing  # noqa: E402
 from tnllm import config as config_lib  # noqa: E402
 from tnllm.generate import decode, prefill  # noqa: E402
 from tnllm.model import TransNormerLLM, state_specs  # noqa: E402
@@ -133,16 +133,16 @@ def measure_decode(cfg, params, prefilled, new_tokens, repeats, decode_options, 
 def weight_read_ms(params, repeats):
     """The time XLA takes to read the parameters' bytes once from HBM: row sums over one contiguous
     [rows, 4096] bf16 array of as many elements (one pass, no per-array launches; on the H100 no
-    other sum tried was faster, 2026-11-28), median of `repeats` (at least 10) runs after a warm-up.
-    Returns (GB read, ms). XLA's sums read at ~2.1-2.5 TB/s where its GEMMs reach ~3.0, so a step's
-    multiple of this time is a lenient measure; docs/benchmarks.md also gives the strict one."""
+    other sum tried was faster, 2026-11-28), timed as bench/kernels.py times (`timing.time_ms`:
+    back-to-back calls, median of `repeats` groups, at least 7). Single timed calls, used until
+    2026-11-28, gave 0.605-0.996 ms for the 1B on H200s. Returns (GB read, ms). XLA's sums read
+    slower than its GEMMs (H100: ~2.1-2.5 TB/s against ~3.0), so a step's multiple of this time is
+    a lenient measure; docs/benchmarks.md also gives the strict one."""
     width = 4096
     elements = sum(x.size for x in jax.tree.leaves(params))
     flat = jnp.ones((-(-elements // width), width), jnp.bfloat16)
     read = jax.jit(lambda x: jnp.sum(x, axis=1, dtype=jnp.float32))
-    timed(read, flat)
-    ms = 1e3 * statistics.median(timed(read, flat)[1] for _ in range(max(repeats, 10)))
-    return flat.nbytes / 1e9, ms
+    return flat.nbytes / 1e9, timing.time_ms(read, [(flat,)], group_ms=50.0, groups=max(repeats, 7))
 
 
 def xla_options(pairs):

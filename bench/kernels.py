@@ -65,10 +65,12 @@ def log(*args):
 # JAX side
 # ----------------------------------------------------------------------------------------------
 def jax_setup():
-    global jax, jnp, attention, lightning
+    # Imported here: the FLA worker process of this script runs torch without JAX.
+    global jax, jnp, attention, lightning, time_ms
     import jax  # noqa: F811
     import jax.numpy as jnp  # noqa: F811
 
+    from bench.timing import time_ms  # noqa: F811
     from pallas_kernels import lightning  # noqa: F811
     from tnllm import attention  # noqa: F811
 
@@ -112,23 +114,6 @@ def fwd_and_fwd_bwd(f):
         return o, pullback(do)
 
     return jax.jit(f), jax.jit(fwd_bwd)
-
-
-def time_ms(f, arg_sets, group_ms=30.0, groups=7):
-    """Median over `groups` of the mean time of back-to-back calls, alternating input sets."""
-    jax.block_until_ready(f(*arg_sets[0]))  # compile and warm up
-    jax.block_until_ready(f(*arg_sets[-1]))
-    t = time.perf_counter()
-    jax.block_until_ready(f(*arg_sets[0]))
-    n = max(2, int(group_ms / max((time.perf_counter() - t) * 1e3, 1e-3)))
-    means = []
-    for _ in range(groups):
-        t = time.perf_counter()
-        for i in range(n):  # one stream: the last result is ready when all are
-            out = f(*arg_sets[i % len(arg_sets)])
-        jax.block_until_ready(out)
-        means.append((time.perf_counter() - t) * 1e3 / n)
-    return statistics.median(means)
 
 
 def floor_ms(batch, seq, heads, dim, elems, bandwidth):

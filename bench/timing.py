@@ -1,0 +1,27 @@
+"""Wall-clock time of a jitted call on the device: the method every benchmark here times with.
+
+`time_ms(f, arg_sets)` warms f up, sizes groups of back-to-back calls to about `group_ms` (async
+dispatch keeps the device busy, so the host's per-call overhead and the clocks' ramp-up stay out of
+the result), and returns the median over `groups` of each group's mean time per call.
+"""
+import statistics
+import time
+
+import jax
+
+
+def time_ms(f, arg_sets, group_ms=30.0, groups=7):
+    """Median over `groups` of the mean time of back-to-back calls, alternating input sets."""
+    jax.block_until_ready(f(*arg_sets[0]))  # compile and warm up
+    jax.block_until_ready(f(*arg_sets[-1]))
+    t = time.perf_counter()
+    jax.block_until_ready(f(*arg_sets[0]))
+    n = max(2, int(group_ms / max((time.perf_counter() - t) * 1e3, 1e-3)))
+    means = []
+    for _ in range(groups):
+        t = time.perf_counter()
+        for i in range(n):  # one stream: the last result is ready when all are
+            out = f(*arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(out)
+        means.append((time.perf_counter() - t) * 1e3 / n)
+    return statistics.median(means)
