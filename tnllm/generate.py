@@ -69,7 +69,8 @@ def decode_step(params, tokens: Array, positions: Array, states: Sequence[Any], 
       states: per layer, as `tnllm.model.state_specs`.
       fold_norms: TNL's SRMSNorm scales applied after the products that follow the norms
         (`TransNormerLLM.fold_norms`): the same step, which XLA may compile into fewer kernels;
-        False keeps the released order. The other mixers have no such norms and ignore it.
+        False keeps the released order. Other token mixers ignore it (TransNormerLLM folds the
+        norms of TNL's layers only).
     Returns:
       logits [batch, vocab] f32 for the token after `tokens`, and the new states.
     """
