@@ -16,14 +16,16 @@ step's attention part, from the projection's merged output qkvu [batch, 4, heads
           `jax_triton.triton_call`, also in place.
 
 Every variant is first checked against a float64 NumPy step on the inputs it is timed with (o to
-SPEC.md §4's bf16 tolerance, the state too, since the model's SiLUs round q and k to bf16). Then one decoding step of all layers is
-timed: the 15 layers of the 1B without LRPE (16 heads of 128, layer i's decay), each layer's qkvu
-made opaque to the next layer's kernel by an optimization barrier with the previous layer's o, so
-that, as in the model, no kernel of one layer is fused with another's. Reported per layer: GPU
-busy µs and kernels from a profiler trace of back-to-back steps, and the wall time of a step
-(states donated and fed back), at each batch size and for each block_v and warp count.
+SPEC.md §4's bf16 tolerance, the state too, since the model's SiLUs round q and k to bf16). Then
+one decoding step of all layers is timed: the 15 layers of the 1B without LRPE (16 heads of 128,
+each layer's decay), each layer's qkvu made opaque to the next layer's kernel by an optimization
+barrier with the previous layer's o, so that, as in the model, no kernel of one layer is fused
+with another's. Reported per layer: GPU busy µs and kernels from a profiler trace of back-to-back
+steps, and the wall time of a step (states donated and fed back), at each batch size and for each
+block_v and warp count.
 
-    python3 bench/decode_step.py            # on the GPU machine (jax-triton carried: KERNELS.md §4)
+    pip install jax-triton==0.3.1           # once, on a GPU machine (not in requirements.txt)
+    python3 bench/decode_step.py            # the GPU run (2026-11-28: docs/benchmarks.md)
     python3 bench/decode_step.py --smoke    # tiny shapes on a CPU: xla and pallas (interpret mode)
 
 Prints a line per variant and a table of the best of each kind last; writes $OUT/decode_step.json
