@@ -35,9 +35,7 @@ import functools
 import itertools
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -50,7 +48,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench import profiling  # noqa: E402
+from bench import profiling, timing  # noqa: E402
 from tnllm.attention import layer_slopes, lightning_attention_step  # noqa: E402
 
 flags.DEFINE_list("batches", ["1", "8", "64"], "Batch sizes.")
@@ -211,7 +209,8 @@ def decoding_step(updates):
 
 
 def measure(step, qkvus, states, steps):
-    """(GPU trace of `steps` back-to-back decoding steps, median wall ms per step)."""
+    """(GPU trace of `steps` back-to-back decoding steps, wall ms per step as `timing.time_ms`
+    times: the states are donated, so each call feeds the last one's states back)."""
     box = [states]
 
     def run(n):
@@ -220,14 +219,8 @@ def measure(step, qkvus, states, steps):
             o, box[0] = step(qkvus, box[0])
         return o
 
-    jax.block_until_ready(run(3))  # compile and warm up
-    trace = profiling.gpu_time(lambda: run(steps))
-    walls = []
-    for _ in range(5):
-        t = time.perf_counter()
-        jax.block_until_ready(run(steps))
-        walls.append((time.perf_counter() - t) * 1e3 / steps)
-    return trace, statistics.median(walls)
+    wall_ms = timing.time_ms(lambda: run(1), [()])  # compiles and warms up first
+    return profiling.gpu_time(lambda: run(steps)), wall_ms
 
 
 def variants(smoke):
