@@ -1,0 +1,228 @@
+"""A one-row decoding step of TNL's layers: XLA's compilation of the model against fused Pallas GEMVs.
+
+At batch 1 the 1B's step runs ~12 kernels a layer: four GEMMs (q/k/v/u, the output projection, the
+merged l1/l2, l3) and ~8 small kernels between them (norms, gate, GLU product, residual adds), each
+paying a launch and a ramp (docs/benchmarks.md). `pallas_kernels.decode.gemv` fuses those small
+operations into the products' prologues and epilogues, leaving five kernels a layer:
+
+    qkvu = gemv(x, W_qkvu, norm)                        SRMSNorm fused in
+    o, S = XLA's state update fusion (SiLUs, S <- lambda S + k^T v, o = q S)
+    x    = gemv(o, W_out, norm, gate u, residual x)     output norm, gate and residual add fused in
+    g    = gemv(x, W1, W2, norm)                        SRMSNorm and the GLU product fused in
+    x    = gemv(g, W3, residual x)                      residual add fused in
+
+This measures a step through the 1B's 15 layers without LRPE, with random weights (each layer its
+own), as XLA compiles the model's layer (`tnllm.model.DecoderLayer`, the row run twice as
+`tnllm.generate.decode` runs it at batch 1; with and without XLA's exhaustive GEMM tiling search)
+and as the Pallas path with several tilings. Each is checked first: the stack's output and states
+against a float32 run of the model's layer on the same bf16 weights, with the Pallas path asked to
+be within 1.5x of XLA's bf16 error. Reported: wall µs per layer (`bench/timing.py`, back-to-back
+steps), GPU busy µs per layer and kernels per layer from a profiler trace, and GPU µs per layer of
+each Pallas kernel.
+
+    python3 bench/decode_layer.py           # the GPU run
+    python3 bench/decode_layer.py --smoke   # a tiny config on a CPU (interpret mode)
+
+Prints a line per variant and a table last; writes $OUT/decode_layer.json (OUT defaults to
+./bench_out).
+"""
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench import profiling, timing  # noqa: E402
+from pallas_kernels.decode import Tiling, gemv, kernel_name  # noqa: E402
+from tnllm import config as config_lib  # noqa: E402
+from tnllm.attention import layer_slopes, lightning_attention_step  # noqa: E402
+from tnllm.model import DecoderLayer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# The four products of a layer and the fusions of each (norm, gate, GLU, residual).
+KINDS = {"qkvu": kernel_name(True, False, False, False), "out": kernel_name(True, True, False, True),
+         "glu": kernel_name(True, False, True, False), "l3": kernel_name(False, False, False, True)}
+
+flags.DEFINE_string("config", "1b", "Config file (configs/NAME.py).")
+flags.DEFINE_integer("budget_s", 300, "Stop trying new tilings after this many seconds.")
+flags.DEFINE_bool("smoke", False, "A tiny config, two tilings, interpret mode.")
+FLAGS = flags.FLAGS
+
+
+def random_layers(cfg, layers, key):
+    """Each layer's params in the model's layout, bf16, weights ~ N(0, 1/fan_in)."""
+    d, h, hd, g = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.glu_dim
+    shapes = {("token_mixer", "qkvu_proj"): (d, 4, h, hd), ("token_mixer", "out_proj"): (h, hd, d),
+              ("channel_mixer", "l1"): (d, g), ("channel_mixer", "l2"): (d, g),
+              ("channel_mixer", "l3"): (g, d)}
+    out = []
+    for key in jax.random.split(key, len(layers)):
+        p = {"token_mixer": {}, "channel_mixer": {}}
+        for (mod, name), shape in shapes.items():
+            key, sub = jax.random.split(key)
+            fan_in = shape[0] * (shape[1] if name == "out_proj" else 1)
+            p[mod][name] = {"kernel": (jax.random.normal(sub, shape, jnp.float32)
+                                       / np.sqrt(fan_in)).astype(jnp.bfloat16)}
+        out.append(p)
+    return out
+
+
+def xla_stack(cfg, layers):
+    """The model's layers on the row run twice; x [1, d] bf16, states [1, h, hd, hd] f32."""
+    rcfg = cfg.replace(attention_impl="recurrent")
+
+    def step(params, x, states):
+        x2 = jnp.concatenate([x, x])[:, None]
+        pos = jnp.zeros((2, 1), jnp.int32)
+        new = []
+        for p, i, s in zip(params, layers, states):
+            x2, s = DecoderLayer(rcfg, i).apply({"params": p}, x2, pos, None, s)
+            new.append(s)
+        return x2[:1, 0], tuple(new)
+
+    return step
+
+
+def pallas_stack(cfg, layers, tilings):
+    """The same step with `gemv`'s fused kernels; tilings: {kind: Tiling}."""
+    h, hd, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
+
+    def layer(p, i, x, state):
+        # x, the residual stream, and every product's output stay float32: a few KB a step.
+        tm, cm = p["token_mixer"], p["channel_mixer"]
+        w_qkvu = tm["qkvu_proj"]["kernel"]
+        qkvu = gemv(x, w_qkvu.reshape(w_qkvu.shape[0], -1), norm=True, eps=eps, tiling=tilings["qkvu"])
+        q, k, v, u = (t[:, 0] for t in jnp.split(qkvu.reshape(1, 4, h, hd), 4, axis=1))
+        o, state = lightning_attention_step(jax.nn.silu(q), jax.nn.silu(k), v,
+                                            layer_slopes(h, i, cfg.num_layers), state)
+        w_out = tm["out_proj"]["kernel"]
+        x = gemv(o.reshape(1, -1), w_out.reshape(-1, w_out.shape[-1]), u=u.reshape(1, -1), residual=x,
+                 norm=True, eps=eps, tiling=tilings["out"])
+        g = gemv(x, cm["l1"]["kernel"], w2=cm["l2"]["kernel"], norm=True, eps=eps, tiling=tilings["glu"])
+        return gemv(g, cm["l3"]["kernel"], residual=x, tiling=tilings["l3"]), state
+
+    def step(params, x, states):
+        new, x = [], x.astype(jnp.float32)
+        for p, i, s in zip(params, layers, states):
+            x, s = layer(p, i, x, s)
+            new.append(s)
+        return x.astype(jnp.bfloat16), tuple(new)
+
+    return step
+
+
+def f32_reference(cfg, layers, params, x, states):
+    f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)  # noqa: E731
+    step = xla_stack(cfg.replace(dtype="float32"), layers)
+    with jax.default_matmul_precision("highest"):
+        return jax.jit(step)(f32(params), f32(x), states)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def tilings_to_try(smoke):
+    if smoke:
+        return [Tiling(16, 64, 4, 1), Tiling(32, 128, 4, 1)]
+    return [Tiling(n, k, w, s) for n, k, w, s in
+            itertools.product((16, 32, 64), (256, 512), (4, 8), (1, 3))]
+
+
+def main(argv):
+    del argv
+    out_dir = Path(os.environ.get("OUT", "bench_out"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "tiny" if FLAGS.smoke else FLAGS.config
+    cfg = config_lib.model_config(config_lib.load(str(REPO / "configs" / f"{name}.py")))
+    if FLAGS.smoke:
+        cfg = cfg.replace(d_model=256, hidden_dim=256, num_heads=2, glu_dim=512, num_layers=3, lrpe_layers=())
+    layers = [i for i in range(cfg.num_layers) if i not in cfg.lrpe_layers]
+    meta = dict(date=time.strftime("%Y-%m-%d"), device=jax.devices()[0].device_kind,
+                jax_version=jax.__version__, config=name, layers=len(layers), command=" ".join(sys.argv))
+    print(json.dumps(meta), flush=True)
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = random_layers(cfg, layers, keys[0])
+    x = jax.random.normal(keys[1], (1, cfg.d_model), jnp.float32).astype(jnp.bfloat16)
+    states = tuple(0.1 * jax.random.normal(k, (1, cfg.num_heads, cfg.head_dim, cfg.head_dim), jnp.float32)
+                   for k in jax.random.split(keys[2], len(layers)))
+    want_x, want_s = f32_reference(cfg, layers, params, x, states)
+
+    def check(fn):
+        got_x, got_s = fn(params, x, states)
+        return rel_err(got_x, want_x), max(rel_err(a, b) for a, b in zip(got_s, want_s))
+
+    per_layer = 1e3 / len(layers)
+    variants = [("xla", jax.jit(xla_stack(cfg, layers)))]
+    if not FLAGS.smoke:
+        tuned = jax.jit(xla_stack(cfg, layers)).lower(params, x, states).compile(
+            compiler_options={"xla_gpu_exhaustive_tiling_search": True})
+        variants.append(("xla autotuned", tuned))
+    variants += [(f"pallas {t}", jax.jit(pallas_stack(cfg, layers, {kind: t for kind in KINDS})))
+                 for t in tilings_to_try(FLAGS.smoke)]
+    rows, start, xla_err = [], time.perf_counter(), None
+    for label, fn in variants:
+        if time.perf_counter() - start > FLAGS.budget_s and not label.startswith("xla"):
+            continue
+        row = dict(variant=label)
+        try:
+            err_x, err_s = check(fn)
+            row.update(err_x=err_x, err_state=err_s)
+            if label == "xla":
+                xla_err = max(err_x, 1e-4)
+            elif err_x > 1.5 * xla_err:
+                raise ValueError(f"output error {err_x:.2e} is over 1.5x XLA's {xla_err:.2e}")
+            row["wall_us_per_layer"] = per_layer * timing.time_ms(fn, [(params, x, states)])
+            trace = profiling.gpu_time(lambda: [fn(params, x, states) for _ in range(20)])
+            if "error" not in trace:
+                row.update(gpu_us_per_layer=per_layer * trace["gpu_ms"] / 20,
+                           kernels_per_layer=trace["kernels"] / 20 / len(layers),
+                           kernel_us_per_layer={n: per_layer * ms / 20 for n, ms in trace["top_kernels_ms"]
+                                                if "gemv" in n or "gemm" in n})
+        except Exception as e:  # noqa: BLE001 - a tiling that fails to compile or check is a result
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        (out_dir / "decode_layer.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
+
+    # The best tiling of each kernel (GPU µs from the traces), combined into one step.
+    best = {kind: tilings_to_try(FLAGS.smoke)[0] for kind in KINDS}
+    for kind, kernel in KINDS.items():
+        timed = [(us, r["variant"]) for r in rows for n, us in r.get("kernel_us_per_layer", {}).items()
+                 if n == kernel or (n.startswith(kernel) and not n[len(kernel)].isalnum())]
+        if timed:
+            t = next(t for t in tilings_to_try(FLAGS.smoke) if f"pallas {t}" == min(timed)[1])
+            best[kind] = t
+    fn = jax.jit(pallas_stack(cfg, layers, best))
+    row = dict(variant="pallas best per kernel", tilings={k: str(t) for k, t in best.items()})
+    err_x, err_s = check(fn)
+    row.update(err_x=err_x, err_state=err_s,
+               wall_us_per_layer=per_layer * timing.time_ms(fn, [(params, x, states)]))
+    trace = profiling.gpu_time(lambda: [fn(params, x, states) for _ in range(20)])
+    if "error" not in trace:
+        row.update(gpu_us_per_layer=per_layer * trace["gpu_ms"] / 20,
+                   kernels_per_layer=trace["kernels"] / 20 / len(layers))
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    (out_dir / "decode_layer.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
+
+    print(f"\n{'variant':>48} {'err x':>8} {'wall µs/layer':>14} {'GPU µs/layer':>13} {'kernels/layer':>14}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:>48}  {r['error'][:80]}")
+            continue
+        print(f"{r['variant']:>48} {r['err_x']:>8.1e} {r['wall_us_per_layer']:>14.2f} "
+              f"{r.get('gpu_us_per_layer', float('nan')):>13.2f} {r.get('kernels_per_layer', float('nan')):>14.1f}")
+
+
+if __name__ == "__main__":
+    app.run(main)

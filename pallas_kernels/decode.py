@@ -1,0 +1,130 @@
+"""The matrix products of a one-row decoding step as Pallas GPU kernels (Triton lowering), each with
+the small operations around it fused in.
+
+At batch 1 a decoding step reads every weight once; XLA runs each product as a GEMM and the norms,
+the gate, the GLU product and the residual adds between them as ~8 small kernels a layer
+(docs/benchmarks.md, 2026-11-27), each of which pays a launch and a ramp. `gemv` computes
+
+    y = epilogue(prologue(x) @ W)
+
+for one row x [1, K] and a bf16 weight W [K, N] (two weights W1, W2 for the GLU), where the
+prologue is TNL's SRMSNorm of x (`norm`) and/or a gate u multiplied in (`gate`), and the epilogue
+the GLU product (xW1 * xW2) and/or a residual add (`residual`). Each program owns `block_n`
+output columns: it computes the row's norm itself (K elements, a few KB from L2: cheaper than a
+kernel of its own) and walks K in `block_k` steps, multiplying and summing in float32 (no tensor
+cores: with one row the product is a stream over the weight). Everything between the inputs and
+the output stays float32: the normalised and gated row, the products, the GLU product and the
+residual sum are rounded once, to x's dtype, at the end, where the model's bf16 code rounds each
+(XLA may keep some of those in float32 as well: its excess precision).
+
+On a machine without a GPU the same kernels run in Pallas interpret mode.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """block_n: output columns per program; block_k: rows of W per loop step (divides K);
+    num_warps, num_stages: Triton launch parameters."""
+
+    block_n: int = 32
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def _kernel(*refs, norm: bool, gate: bool, glu: bool, residual: bool, block_k: int, steps: int,
+            eps: float):
+    """x [1, K] (u [1, K]) W [K, block_n] (W2) (res [1, block_n]) -> o [1, block_n]."""
+    refs = list(refs)
+    o_ref = refs.pop()
+    x_ref = refs.pop(0)
+    u_ref = refs.pop(0) if gate else None
+    w_refs = [refs.pop(0) for _ in range(2 if glu else 1)]
+    res_ref = refs.pop(0) if residual else None
+    f32 = jnp.float32
+    if norm:  # SRMSNorm's scale rsqrt(mean(x^2) + eps) over the whole row
+        x = x_ref[...].astype(f32)
+        scale = lax.rsqrt(jnp.sum(x * x) / x.size + eps)
+
+    def body(i, accs):
+        ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+        row = x_ref[0, ks].astype(f32)
+        if norm:
+            row = row * scale
+        if gate:
+            row = row * u_ref[0, ks].astype(f32)
+        return tuple(acc + jnp.sum(row[:, None] * w[ks, :].astype(f32), axis=0)
+                     for acc, w in zip(accs, w_refs))
+
+    block_n = o_ref.shape[-1]
+    accs = lax.fori_loop(0, steps, body, tuple(jnp.zeros((block_n,), f32) for _ in w_refs))
+    y = accs[0] * accs[1] if glu else accs[0]
+    if residual:
+        y = res_ref[0, :].astype(f32) + y
+    o_ref[0, :] = y.astype(o_ref.dtype)
+
+
+def kernel_name(norm: bool, gate: bool, glu: bool, residual: bool) -> str:
+    """The kernel's name in profiles: decode_gemv_ and a letter per fused operation (n: norm, g: gate,
+    2: GLU, r: residual), e.g. decode_gemv_ngr for the output projection."""
+    return "decode_gemv_" + "".join(c for c, on in zip("ng2r", (norm, gate, glu, residual)) if on)
+
+
+@functools.partial(jax.jit, static_argnames=("norm", "eps", "out_dtype", "tiling", "interpret"))
+def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] = None,
+         residual: Optional[Array] = None, norm: bool = False, eps: float = 1e-6,
+         out_dtype=None, tiling: Tiling = Tiling(), interpret: Optional[bool] = None) -> Array:
+    """epilogue(prologue(x) @ w) for one row.
+
+    Args:
+      x: [1, K], any float dtype; w, w2: [K, N] (bf16 in the model).
+      u: [1, K] or None: the row is multiplied by u after the norm (TNL's output gate).
+      residual: [1, N] or None: added to the product (the layer's residual stream).
+      norm: apply SRMSNorm (no weight) to x first, with `eps`.
+      w2: None, or the GLU's second weight: the result is (x' w) * (x' w2).
+      out_dtype: the result's dtype; None: x's. At one row the result is a few KB, so float32
+        costs nothing and saves a rounding.
+    Returns:
+      [1, N] in out_dtype.
+    """
+    (m, k), n = x.shape, w.shape[1]
+    if m != 1 or w.shape[0] != k:
+        raise ValueError(f"gemv takes one row x [1, K] and w [K, N], got x {x.shape} and w {w.shape}.")
+    if n % tiling.block_n or k % tiling.block_k:
+        raise ValueError(f"Tiling {tiling} does not divide w {w.shape}: block_n must divide N and "
+                         f"block_k must divide K.")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    row = pl.BlockSpec((1, k), lambda j: (0, 0))
+    cols = pl.BlockSpec((k, tiling.block_n), lambda j: (0, j))
+    out = pl.BlockSpec((1, tiling.block_n), lambda j: (0, j))
+    operands = [(x, row)]
+    if u is not None:
+        operands.append((u, row))
+    operands += [(w, cols)] + ([(w2, cols)] if w2 is not None else [])
+    if residual is not None:
+        operands.append((residual, out))
+    kernel = functools.partial(_kernel, norm=norm, gate=u is not None, glu=w2 is not None,
+                               residual=residual is not None, block_k=tiling.block_k,
+                               steps=k // tiling.block_k, eps=eps)
+    return pl.pallas_call(
+        kernel, grid=(n // tiling.block_n,),
+        in_specs=[spec for _, spec in operands], out_specs=out,
+        out_shape=jax.ShapeDtypeStruct((1, n), out_dtype or x.dtype),
+        compiler_params=pl_triton.CompilerParams(num_warps=tiling.num_warps,
+                                                 num_stages=tiling.num_stages),
+        interpret=interpret, name=kernel_name(norm, u is not None, w2 is not None, residual is not None),
+    )(*[a for a, _ in operands])
