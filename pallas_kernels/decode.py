@@ -11,11 +11,12 @@ for one row x [1, K] and a bf16 weight W [K, N] (two weights W1, W2 for the GLU)
 prologue is TNL's SRMSNorm of x (`norm`) and/or a gate u multiplied in (`gate`), and the epilogue
 the GLU product (xW1 * xW2) and/or a residual add (`residual`). Each program owns `block_n`
 output columns: it computes the row's norm itself (K elements, a few KB from L2: cheaper than a
-kernel of its own) and walks K in `block_k` steps, multiplying and summing in float32 (no tensor
-cores: with one row the product is a stream over the weight). Everything between the inputs and
-the output stays float32: the normalised and gated row, the products, the GLU product and the
-residual sum are rounded once, to x's dtype, at the end, where the model's bf16 code rounds each
-(XLA may keep some of those in float32 as well: its excess precision).
+kernel of its own) and walks K in `block_k` steps, the row repeated as the 16 rows of a
+tensor-core product (Triton's smallest) so that Triton's software pipeline overlaps each step's
+weight loads with the steps before: a float32 multiply-and-sum form streamed the weights at half
+the rate (bench/decode_layer.py, H200, 2026-11-28). The normalised and gated row enters the
+product in W's dtype, as in the model; the products, the GLU product and the residual sum stay
+float32 and are rounded once, to `out_dtype`, at the end.
 
 On a machine without a GPU the same kernels run in Pallas interpret mode.
 """
@@ -32,6 +33,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 Array = jax.Array
+
+_ROWS = 16  # the smallest M of Triton's dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +69,15 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, residual: bool, block_k: i
             row = row * scale
         if gate:
             row = row * u_ref[0, ks].astype(f32)
-        return tuple(acc + jnp.sum(row[:, None] * w[ks, :].astype(f32), axis=0)
+        # The row repeated as the _ROWS rows of a matrix product: tensor-core dots are what
+        # Triton's software pipeline overlaps with the next steps' weight loads.
+        rows = jnp.broadcast_to(row.astype(w_refs[0].dtype)[None, :], (_ROWS, block_k))
+        return tuple(acc + jnp.dot(rows, w[ks, :], preferred_element_type=f32)
                      for acc, w in zip(accs, w_refs))
 
     block_n = o_ref.shape[-1]
-    accs = lax.fori_loop(0, steps, body, tuple(jnp.zeros((block_n,), f32) for _ in w_refs))
+    accs = lax.fori_loop(0, steps, body, tuple(jnp.zeros((_ROWS, block_n), f32) for _ in w_refs))
+    accs = [acc[0] for acc in accs]
     y = accs[0] * accs[1] if glu else accs[0]
     if residual:
         y = res_ref[0, :].astype(f32) + y
