@@ -131,10 +131,30 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+# Tilings (block_n, block_k, split, num_warps, num_stages) tried for each product, one product at a
+# time, the others at BASE: the best of each from call 35 (H200), the dot form without split.
+BASE = {"qkvu": Tiling(64, 128, 1, 4, 5), "out": Tiling(16, 256, 1, 4, 5), "glu": Tiling(64, 256, 1, 4, 3),
+        "l3": Tiling(32, 256, 1, 4, 5)}
+CANDIDATES = {
+    "qkvu": [(32, 256, 1, 4, 3), (32, 128, 2, 4, 4), (64, 128, 2, 4, 4), (64, 256, 2, 4, 3),
+             (32, 256, 2, 4, 4), (64, 128, 4, 4, 4)],
+    "out": [(32, 128, 4, 4, 4), (32, 256, 2, 4, 4), (64, 128, 4, 4, 4), (16, 128, 4, 4, 4),
+            (32, 128, 8, 4, 3), (64, 256, 2, 4, 3)],
+    "glu": [(64, 128, 1, 4, 4), (32, 256, 1, 4, 4), (32, 512, 1, 4, 3), (64, 128, 1, 4, 6),
+            (32, 128, 1, 4, 6), (64, 256, 1, 8, 3)],
+    "l3": [(32, 128, 4, 4, 4), (64, 128, 4, 4, 4), (32, 256, 2, 4, 4), (64, 256, 2, 4, 4),
+           (64, 128, 11, 4, 3), (32, 256, 11, 4, 3)],
+}
+
+
 def tilings_to_try(smoke):
+    """[(kind, tilings of the four products)]: BASE, then each product's candidates in turn."""
     if smoke:
-        return [Tiling(16, 64, 4, 1), Tiling(32, 128, 4, 1)]
-    return [Tiling(n, k, 4, s) for n, k, s in itertools.product((16, 32, 64, 128), (128, 256), (3, 5))]
+        base = {kind: Tiling(16, 64, 1, 4, 1) for kind in KINDS}
+        return [(None, base)] + [(kind, dict(base, **{kind: Tiling(32, 64, 1 if kind == "glu" else 2)}))
+                                 for kind in KINDS]
+    return [(None, BASE)] + [(kind, dict(BASE, **{kind: Tiling(*c)})) for kind in KINDS
+                             for c in CANDIDATES[kind]]
 
 
 def main(argv):
@@ -166,13 +186,15 @@ def main(argv):
         tuned = jax.jit(xla_stack(cfg, layers)).lower(params, x, states).compile(
             compiler_options={"xla_gpu_exhaustive_tiling_search": True})
         variants.append(("xla autotuned", tuned))
-    variants += [(f"pallas {t}", jax.jit(pallas_stack(cfg, layers, {kind: t for kind in KINDS})))
-                 for t in tilings_to_try(FLAGS.smoke)]
+    tried = tilings_to_try(FLAGS.smoke)
+    variants += [(f"pallas {kind or 'base'} {tilings[kind] if kind else ''}",
+                  jax.jit(pallas_stack(cfg, layers, tilings))) for kind, tilings in tried]
     rows, start, xla_err = [], time.perf_counter(), None
     for label, fn in variants:
-        if time.perf_counter() - start > FLAGS.budget_s and not label.startswith("xla"):
-            continue
         row = dict(variant=label)
+        if time.perf_counter() - start > FLAGS.budget_s and not label.startswith("xla"):
+            rows.append(dict(row, error="skipped: --budget_s spent"))
+            continue
         try:
             err_x, err_s = check(fn)
             row.update(err_x=err_x, err_state=err_s)
@@ -194,13 +216,13 @@ def main(argv):
         (out_dir / "decode_layer.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
 
     # The best tiling of each kernel (GPU µs from the traces), combined into one step.
-    best = {kind: tilings_to_try(FLAGS.smoke)[0] for kind in KINDS}
+    best = dict(tried[0][1])
     for kind, kernel in KINDS.items():
-        timed = [(us, r["variant"]) for r in rows for n, us in r.get("kernel_us_per_layer", {}).items()
+        timed = [(us, tilings[kind]) for (_, tilings), r in zip(tried, rows[-len(tried):])
+                 for n, us in r.get("kernel_us_per_layer", {}).items()
                  if n == kernel or (n.startswith(kernel) and not n[len(kernel)].isalnum())]
         if timed:
-            t = next(t for t in tilings_to_try(FLAGS.smoke) if f"pallas {t}" == min(timed)[1])
-            best[kind] = t
+            best[kind] = min(timed, key=lambda t: t[0])[1]
     fn = jax.jit(pallas_stack(cfg, layers, best))
     row = dict(variant="pallas best per kernel", tilings={k: str(t) for k, t in best.items()})
     err_x, err_s = check(fn)

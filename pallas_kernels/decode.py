@@ -39,18 +39,22 @@ _ROWS = 16  # the smallest M of Triton's dot
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
-    """block_n: output columns per program; block_k: rows of W per loop step (divides K);
-    num_warps, num_stages: Triton launch parameters."""
+    """block_n: output columns per program; block_k: rows of W per loop step (divides K / split);
+    split: programs per output column block, each summing K / split rows of W and adding its
+    partial sum to the float32 output atomically (not with the GLU, whose product needs both sums
+    whole); num_warps, num_stages: Triton launch parameters."""
 
     block_n: int = 32
     block_k: int = 256
+    split: int = 1
     num_warps: int = 4
-    num_stages: int = 1
+    num_stages: int = 3
 
 
 def _kernel(*refs, norm: bool, gate: bool, glu: bool, residual: bool, block_k: int, steps: int,
-            eps: float):
-    """x [1, K] (u [1, K]) W [K, block_n] (W2) (res [1, block_n]) -> o [1, block_n]."""
+            split: bool, eps: float):
+    """x [1, K] (u [1, K]) W [K / split, block_n] (W2) (res [1, block_n]) -> o [1, block_n]; with
+    split, o is res (aliased) and this program adds its part of the product to it atomically."""
     refs = list(refs)
     o_ref = refs.pop()
     x_ref = refs.pop(0)
@@ -62,13 +66,16 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, residual: bool, block_k: i
         x = x_ref[...].astype(f32)
         scale = lax.rsqrt(jnp.sum(x * x) / x.size + eps)
 
+    first = pl.program_id(1) * steps * block_k  # this program's first row of W
+
     def body(i, accs):
         ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-        row = x_ref[0, ks].astype(f32)
+        xs = pl.ds(pl.multiple_of(first + i * block_k, block_k), block_k)
+        row = x_ref[0, xs].astype(f32)
         if norm:
             row = row * scale
         if gate:
-            row = row * u_ref[0, ks].astype(f32)
+            row = row * u_ref[0, xs].astype(f32)
         # The row repeated as the _ROWS rows of a matrix product: tensor-core dots are what
         # Triton's software pipeline overlaps with the next steps' weight loads.
         rows = jnp.broadcast_to(row.astype(w_refs[0].dtype)[None, :], (_ROWS, block_k))
@@ -79,6 +86,9 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, residual: bool, block_k: i
     accs = lax.fori_loop(0, steps, body, tuple(jnp.zeros((_ROWS, block_n), f32) for _ in w_refs))
     accs = [jnp.max(acc, axis=0) for acc in accs]  # the rows are equal; Triton cannot slice one
     y = accs[0] * accs[1] if glu else accs[0]
+    if split:
+        pl_triton.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(0, block_n)), y[None, :])
+        return
     if residual:
         y = res_ref[0, :].astype(f32) + y
     o_ref[0, :] = y.astype(o_ref.dtype)
@@ -103,34 +113,42 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
       norm: apply SRMSNorm (no weight) to x first, with `eps`.
       w2: None, or the GLU's second weight: the result is (x' w) * (x' w2).
       out_dtype: the result's dtype; None: x's. At one row the result is a few KB, so float32
-        costs nothing and saves a rounding.
+        costs nothing and saves a rounding. float32 when tiling.split > 1 (atomic adds).
     Returns:
       [1, N] in out_dtype.
     """
     (m, k), n = x.shape, w.shape[1]
+    split = tiling.split
     if m != 1 or w.shape[0] != k:
         raise ValueError(f"gemv takes one row x [1, K] and w [K, N], got x {x.shape} and w {w.shape}.")
-    if n % tiling.block_n or k % tiling.block_k:
-        raise ValueError(f"Tiling {tiling} does not divide w {w.shape}: block_n must divide N and "
-                         f"block_k must divide K.")
+    if n % tiling.block_n or k % (split * tiling.block_k):
+        raise ValueError(f"{tiling} does not divide w {w.shape}: block_n must divide N and "
+                         f"split * block_k must divide K.")
+    if split > 1 and w2 is not None:
+        raise ValueError(f"{tiling} splits K, which the GLU's product of two sums cannot take: "
+                         f"use split=1.")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    row = pl.BlockSpec((1, k), lambda j: (0, 0))
-    cols = pl.BlockSpec((k, tiling.block_n), lambda j: (0, j))
-    out = pl.BlockSpec((1, tiling.block_n), lambda j: (0, j))
+    row = pl.BlockSpec((1, k), lambda j, s: (0, 0))
+    cols = pl.BlockSpec((k // split, tiling.block_n), lambda j, s: (s, j))
+    out = pl.BlockSpec((1, tiling.block_n), lambda j, s: (0, j))
     operands = [(x, row)]
     if u is not None:
         operands.append((u, row))
     operands += [(w, cols)] + ([(w2, cols)] if w2 is not None else [])
+    out_dtype = jnp.float32 if split > 1 else (out_dtype or x.dtype)
+    if split > 1:  # the output starts as the residual (or zeros) and the programs add to it
+        residual = (jnp.zeros((1, n), jnp.float32) if residual is None else residual.astype(jnp.float32))
     if residual is not None:
         operands.append((residual, out))
     kernel = functools.partial(_kernel, norm=norm, gate=u is not None, glu=w2 is not None,
                                residual=residual is not None, block_k=tiling.block_k,
-                               steps=k // tiling.block_k, eps=eps)
+                               steps=k // (split * tiling.block_k), split=split > 1, eps=eps)
     return pl.pallas_call(
-        kernel, grid=(n // tiling.block_n,),
+        kernel, grid=(n // tiling.block_n, split),
         in_specs=[spec for _, spec in operands], out_specs=out,
-        out_shape=jax.ShapeDtypeStruct((1, n), out_dtype or x.dtype),
+        out_shape=jax.ShapeDtypeStruct((1, n), out_dtype),
+        input_output_aliases={len(operands) - 1: 0} if split > 1 else {},
         compiler_params=pl_triton.CompilerParams(num_warps=tiling.num_warps,
                                                  num_stages=tiling.num_stages),
         interpret=interpret, name=kernel_name(norm, u is not None, w2 is not None, residual is not None),
