@@ -3,22 +3,17 @@
 At batch 1 the 1B's step runs ~12 kernels a layer: four GEMMs (q/k/v/u, the output projection, the
 merged l1/l2, l3) and ~8 small kernels between them (norms, gate, GLU product, residual adds), each
 paying a launch and a ramp (docs/benchmarks.md). `pallas_kernels.decode.gemv` fuses those small
-operations into the products' prologues and epilogues, leaving five kernels a layer:
-
-    qkvu = gemv(x, W_qkvu, norm)                        SRMSNorm fused in
-    o, S = XLA's state update fusion (SiLUs, S <- lambda S + k^T v, o = q S)
-    x    = gemv(o, W_out, norm, gate u, residual x)     output norm, gate and residual add fused in
-    g    = gemv(x, W1, W2, norm)                        SRMSNorm and the GLU product fused in
-    x    = gemv(g, W3, residual x)                      residual add fused in
+operations into the products' prologues and epilogues, leaving five kernels a layer
+(`tnllm.fused_decode`).
 
 This measures a step through the 1B's 15 layers without LRPE, with random weights (each layer its
 own), as XLA compiles the model's layer (`tnllm.model.DecoderLayer`, the row run twice as
 `tnllm.generate.decode` runs it at batch 1; with and without XLA's exhaustive GEMM tiling search)
 and as the Pallas path with several tilings. Each is checked first: the stack's output and states
 against a float32 run of the model's layer on the same bf16 weights, with the Pallas path asked to
-be within 1.5x of XLA's bf16 error or 1e-2 (on a CPU XLA keeps bf16 intermediates in float32). Reported: wall µs per layer (`bench/timing.py`, back-to-back
-steps), GPU busy µs per layer and kernels per layer from a profiler trace, and GPU µs per layer of
-each Pallas kernel.
+be within 1.5x of XLA's bf16 error or 1e-2 (on a CPU XLA keeps bf16 intermediates in float32).
+Reported: wall µs per layer (`bench/timing.py`, back-to-back steps), GPU busy µs per layer and
+kernels per layer from a profiler trace, and GPU µs per layer of each Pallas kernel.
 
     python3 bench/decode_layer.py           # the GPU run
     python3 bench/decode_layer.py --smoke   # a tiny config on a CPU (interpret mode)
@@ -26,7 +21,6 @@ each Pallas kernel.
 Prints a line per variant and a table last; writes $OUT/decode_layer.json (OUT defaults to
 ./bench_out).
 """
-import itertools
 import json
 import os
 import sys
@@ -41,15 +35,13 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import profiling, timing  # noqa: E402
-from pallas_kernels.decode import Tiling, gemv, kernel_name  # noqa: E402
-from tnllm import config as config_lib  # noqa: E402
-from tnllm.attention import layer_slopes, lightning_attention_step  # noqa: E402
+from pallas_kernels.decode import Tiling  # noqa: E402
+from tnllm import config as config_lib, fused_decode  # noqa: E402
 from tnllm.model import DecoderLayer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# The four products of a layer and the fusions of each (norm, gate, GLU, residual).
-KINDS = {"qkvu": kernel_name(True, False, False, False), "out": kernel_name(True, True, False, True),
-         "glu": kernel_name(True, False, True, False), "l3": kernel_name(False, False, False, True)}
+# The four products of a layer and the fusions of each (`pallas_kernels.decode.fusions`).
+KINDS = {"qkvu": "n", "out": "ngr", "glu": "n2", "l3": "r"}
 
 flags.DEFINE_string("config", "1b", "Config file (configs/NAME.py).")
 flags.DEFINE_integer("budget_s", 300, "Stop trying new tilings after this many seconds.")
@@ -92,27 +84,14 @@ def xla_stack(cfg, layers):
 
 
 def pallas_stack(cfg, layers, tilings):
-    """The same step with `gemv`'s fused kernels; tilings: {kind: Tiling}."""
-    h, hd, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
-
-    def layer(p, i, x, state):
-        # x, the residual stream, and every product's output stay float32: a few KB a step.
-        tm, cm = p["token_mixer"], p["channel_mixer"]
-        w_qkvu = tm["qkvu_proj"]["kernel"]
-        qkvu = gemv(x, w_qkvu.reshape(w_qkvu.shape[0], -1), norm=True, eps=eps, tiling=tilings["qkvu"])
-        q, k, v, u = (t[:, 0] for t in jnp.split(qkvu.reshape(1, 4, h, hd), 4, axis=1))
-        o, state = lightning_attention_step(jax.nn.silu(q), jax.nn.silu(k), v,
-                                            layer_slopes(h, i, cfg.num_layers), state)
-        w_out = tm["out_proj"]["kernel"]
-        x = gemv(o.reshape(1, -1), w_out.reshape(-1, w_out.shape[-1]), u=u.reshape(1, -1), residual=x,
-                 norm=True, eps=eps, tiling=tilings["out"])
-        g = gemv(x, cm["l1"]["kernel"], w2=cm["l2"]["kernel"], norm=True, eps=eps, tiling=tilings["glu"])
-        return gemv(g, cm["l3"]["kernel"], residual=x, tiling=tilings["l3"]), state
+    """The same step as `tnllm.fused_decode` runs it; tilings: {kind: Tiling}."""
+    by_fusion = {KINDS[kind]: t for kind, t in tilings.items()}
 
     def step(params, x, states):
         new, x = [], x.astype(jnp.float32)
+        pos = jnp.zeros((1,), jnp.int32)
         for p, i, s in zip(params, layers, states):
-            x, s = layer(p, i, x, s)
+            x, s = fused_decode.layer_step(p, x, pos, s, cfg=cfg, layer=i, tilings=by_fusion)
             new.append(s)
         return x.astype(jnp.bfloat16), tuple(new)
 
@@ -164,7 +143,7 @@ def main(argv):
     name = "tiny" if FLAGS.smoke else FLAGS.config
     cfg = config_lib.model_config(config_lib.load(str(REPO / "configs" / f"{name}.py")))
     if FLAGS.smoke:
-        cfg = cfg.replace(d_model=256, hidden_dim=256, num_heads=2, glu_dim=512, num_layers=3, lrpe_layers=())
+        cfg = cfg.replace(dtype="bfloat16", d_model=256, hidden_dim=256, num_heads=2, glu_dim=512, num_layers=3, lrpe_layers=())
     layers = [i for i in range(cfg.num_layers) if i not in cfg.lrpe_layers]
     meta = dict(date=time.strftime("%Y-%m-%d"), device=jax.devices()[0].device_kind,
                 jax_version=jax.__version__, config=name, layers=len(layers), command=" ".join(sys.argv))
@@ -217,7 +196,8 @@ def main(argv):
 
     # The best tiling of each kernel (GPU µs from the traces), combined into one step.
     best = dict(tried[0][1])
-    for kind, kernel in KINDS.items():
+    for kind, fusion in KINDS.items():
+        kernel = "decode_gemv_" + fusion
         timed = [(us, tilings[kind]) for (_, tilings), r in zip(tried, rows[-len(tried):])
                  for n, us in r.get("kernel_us_per_layer", {}).items()
                  if n == kernel or (n.startswith(kernel) and not n[len(kernel)].isalnum())]
@@ -236,13 +216,15 @@ def main(argv):
     print(json.dumps(row), flush=True)
     (out_dir / "decode_layer.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
 
-    print(f"\n{'variant':>48} {'err x':>8} {'wall µs/layer':>14} {'GPU µs/layer':>13} {'kernels/layer':>14}")
+    print(f"\n{'variant':>48} {'err x':>8} {'wall µs/layer':>14} {'GPU µs/layer':>13} "
+          f"{'kernels/layer':>14}")
     for r in rows:
         if "error" in r:
             print(f"{r['variant']:>48}  {r['error'][:80]}")
             continue
         print(f"{r['variant']:>48} {r['err_x']:>8.1e} {r['wall_us_per_layer']:>14.2f} "
-              f"{r.get('gpu_us_per_layer', float('nan')):>13.2f} {r.get('kernels_per_layer', float('nan')):>14.1f}")
+              f"{r.get('gpu_us_per_layer', float('nan')):>13.2f} "
+              f"{r.get('kernels_per_layer', float('nan')):>14.1f}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ logits). Parameters are random bf16 (speed does not depend on their values).
                                                  # the compiled program's HLO in $OUT)
   python bench/generate.py --configs=1b --batches=1 --contexts=1024 --fold_norms=true,false
                                                  # the norms folded into the products, and not
+  python bench/generate.py --configs=1b --batches=1 --contexts=1024 --fused=true,false
+                                                 # the fused one-row step, and the model's layers
   python bench/generate.py --configs=1b --batches=1 --contexts=1024 \
       --decode_xla_options=xla_gpu_exhaustive_tiling_search=true   # decode compiled with options
 
@@ -45,7 +47,8 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import profiling, timing  # noqa: E402
-from tnllm import config as config_lib  # noqa: E402
+from tnllm import config as config_lib, fused_decode  # noqa: E402
+from tnllm.attention import pallas_compiles  # noqa: E402
 from tnllm.generate import decode, prefill  # noqa: E402
 from tnllm.model import TransNormerLLM, state_specs  # noqa: E402
 from tnllm.sampling import Greedy  # noqa: E402
@@ -70,6 +73,9 @@ flags.DEFINE_integer("steps_per_iteration", 4, "Decoding steps per iteration of 
 flags.DEFINE_list("fold_norms", ["auto"], "TNL's decoding step with the SRMSNorm scales folded "
                   "into the products (true), in the released order (false), as tnllm.generate "
                   "chooses (auto: folded when batch > 1), or several: true,false.")
+flags.DEFINE_list("fused", ["auto"], "At batch 1, TNL's decoding step on fused Pallas GEMVs "
+                  "(tnllm.fused_decode: true), through the model's layers (false), as tnllm.generate "
+                  "chooses (auto: fused on a GPU), or several: true,false.")
 flags.DEFINE_bool("smoke", False, "Tiny config and contexts, few tokens: a quick check of this script.")
 FLAGS = flags.FLAGS
 
@@ -98,13 +104,14 @@ def measure_prefill(cfg, params, batch, context, prefill_chunk):
                            prefill_tokens_per_s=batch * context / prefill_s)
 
 
-def measure_decode(cfg, params, prefilled, new_tokens, repeats, decode_options, fold_norms, out_dir):
+def measure_decode(cfg, params, prefilled, new_tokens, repeats, decode_options, fold_norms, fused,
+                   out_dir):
     """Times decoding `new_tokens` tokens after `prefilled`."""
     batch = prefilled.logits.shape[0]
     # Compiled here, not by a first call, so that --decode_xla_options apply to it alone.
     lowered = decode.lower(params, prefilled, jax.random.key(0), cfg=cfg, sampler=Greedy(),
                            max_new_tokens=new_tokens, steps_per_iteration=FLAGS.steps_per_iteration,
-                           fold_norms=fold_norms)
+                           fold_norms=fold_norms, fused=fused)
     start = time.perf_counter()
     decode_exe = lowered.compile(compiler_options=decode_options)
     decode_compile_s = time.perf_counter() - start
@@ -112,6 +119,7 @@ def measure_decode(cfg, params, prefilled, new_tokens, repeats, decode_options, 
     out, first_s = timed(run_decode)
     if FLAGS.dump_hlo:
         fold = "_fold" if fold_norms else ""
+        fold += "_fused" if fused else ""
         (out_dir / f"decode_{cfg.token_mixer}_{cfg.attention_impl}_b{batch}{fold}.hlo.txt").write_text(
             decode_exe.as_text())
     if int(out.lengths.min()) != new_tokens:
@@ -160,11 +168,11 @@ def xla_options(pairs):
     return options
 
 
-def parse_fold(text):
-    """--fold_norms value -> decode's fold_norms: True, False or None (its default)."""
+def parse_choice(flag, text):
+    """--fold_norms or --fused value -> decode's argument: True, False or None (its default)."""
     choices = {"true": True, "false": False, "auto": None}
     if text.lower() not in choices:
-        raise ValueError(f"--fold_norms takes auto, true and/or false, got {text!r}.")
+        raise ValueError(f"--{flag} takes auto, true and/or false, got {text!r}.")
     return choices[text.lower()]
 
 
@@ -174,12 +182,14 @@ def state_mb_per_sequence(cfg):
 
 
 def print_table(rows):
-    head = (f"{'config':>12} {'impl':>9} {'fold':>5} {'batch':>5} {'context':>8} {'prefill s':>10} "
-            f"{'prefill tok/s':>14} {'ms/token':>9} {'decode tok/s':>13} {'x sum read':>11}")
+    head = (f"{'config':>12} {'impl':>9} {'fold':>5} {'fused':>5} {'batch':>5} {'context':>8} "
+            f"{'prefill s':>10} {'prefill tok/s':>14} {'ms/token':>9} {'decode tok/s':>13} "
+            f"{'x sum read':>11}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        case = f"{r['config']:>12} {r['impl']:>9} {str(r['fold_norms']):>5} {r['batch']:>5} {r['context']:>8}"
+        case = (f"{r['config']:>12} {r['impl']:>9} {str(r['fold_norms']):>5} {str(r['fused']):>5} "
+                f"{r['batch']:>5} {r['context']:>8}")
         if "error" in r:
             print(f"{case}  failed: {r['error']}")
             continue
@@ -195,12 +205,14 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, (ax_decode, ax_prefill) = plt.subplots(1, 2, figsize=(11, 4.2))
-    key = lambda r: (r["config"], r["impl"], r["batch"], str(r["fold_norms"]))  # noqa: E731
-    for name, impl, batch, fold in sorted({key(r) for r in rows if "error" not in r}):
-        ok = sorted((r for r in rows if key(r) == (name, impl, batch, fold) and "error" not in r),
+    key = lambda r: (r["config"], r["impl"], r["batch"], str(r["fold_norms"]),  # noqa: E731
+                     str(r["fused"]))
+    for name, impl, batch, fold, fused in sorted({key(r) for r in rows if "error" not in r}):
+        ok = sorted((r for r in rows if key(r) == (name, impl, batch, fold, fused) and "error" not in r),
                     key=lambda r: r["context"])
         contexts = [r["context"] for r in ok]
-        label = f"{name} ({impl}{', norms unfolded' if fold == 'False' else ''}), batch {batch}"
+        label = (f"{name} ({impl}{', norms unfolded' if fold == 'False' else ''}"
+                 f"{', fused step' if fused == 'True' else ''}), batch {batch}")
         ax_decode.plot(contexts, [r["decode_ms_per_token"] for r in ok], "o-", label=label)
         ax_prefill.plot(contexts, [r["prefill_tokens_per_s"] for r in ok], "o-", label=label)
     for ax, title, ylabel in ((ax_decode, "Decode: time per generated token", "ms per step"),
@@ -249,7 +261,9 @@ def main(argv):
         weights_gb, read_ms = weight_read_ms(params, repeats)
         print(f"{name}: {weights_gb:.3f} GB of bf16 parameters, read once in {read_ms:.3f} ms "
               f"({weights_gb / read_ms:.2f} TB/s)", flush=True)
-        folds = [parse_fold(f) for f in FLAGS.fold_norms] if cfg.token_mixer == "gla" else [False]
+        folds = ([parse_choice("fold_norms", f) for f in FLAGS.fold_norms] if cfg.token_mixer == "gla"
+                 else [False])
+        fuseds = [parse_choice("fused", f) for f in FLAGS.fused]
         # The impl picks the parallel form of TNL's prefill.
         for impl in impls if cfg.token_mixer == "gla" else [cfg.attention_impl]:
             for batch in batches:
@@ -262,10 +276,16 @@ def main(argv):
                                 state_mb_per_sequence=state_mb, weights_gb=weights_gb,
                                 weight_read_ms=read_ms)
                     prefilled = None
-                    for fold in folds:  # one prefill for every variant of the decoding step
-                        # The step as decode compiles it: auto resolves by the batch.
-                        folded = batch > 1 if fold is None else fold
-                        row = dict(case, fold_norms=folded if cfg.token_mixer == "gla" else None)
+                    # One prefill for every variant of the decoding step, each resolved as decode
+                    # resolves it (auto: by the batch and the device); the norms are not folded
+                    # in the fused step.
+                    can_fuse = batch == 1 and not fused_decode.unsupported(case_cfg)
+                    variants = {(False if fused else batch > 1 if fold is None else fold, fused)
+                                for fold in folds for f in fuseds
+                                for fused in [can_fuse and (pallas_compiles() if f is None else f)]}
+                    for folded, fused in sorted(variants):
+                        row = dict(case, fold_norms=folded if cfg.token_mixer == "gla" else None,
+                                   fused=fused)
                         try:
                             if limit is not None and batch * state_mb * 1e6 > limit:
                                 raise MemoryError(f"the decoding state needs {batch * state_mb / 1e3:.0f} "
@@ -275,7 +295,7 @@ def main(argv):
                                                                            context, prefill_chunk)
                             row.update(prefill_stats)
                             row.update(measure_decode(case_cfg, params, prefilled, new_tokens, repeats,
-                                                      decode_options, folded, out_dir))
+                                                      decode_options, folded, fused, out_dir))
                             row["decode_per_weight_read"] = row["decode_ms_per_token"] / read_ms
                         except Exception as e:  # noqa: BLE001 - keep measuring the other cases
                             traceback.print_exc()

@@ -94,16 +94,21 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, residual: bool, block_k: i
     o_ref[0, :] = y.astype(o_ref.dtype)
 
 
+def fusions(norm: bool, gate: bool, glu: bool, residual: bool) -> str:
+    """A letter per operation fused into the product (n: norm, g: gate, 2: GLU, r: residual), e.g.
+    "ngr" for TNL's output projection: the key of its tiling and the end of its kernel's name."""
+    return "".join(c for c, on in zip("ng2r", (norm, gate, glu, residual)) if on)
+
+
 def kernel_name(norm: bool, gate: bool, glu: bool, residual: bool) -> str:
-    """The kernel's name in profiles: decode_gemv_ and a letter per fused operation (n: norm, g: gate,
-    2: GLU, r: residual), e.g. decode_gemv_ngr for the output projection."""
-    return "decode_gemv_" + "".join(c for c, on in zip("ng2r", (norm, gate, glu, residual)) if on)
+    """The kernel's name in profiles, e.g. decode_gemv_ngr."""
+    return "decode_gemv_" + fusions(norm, gate, glu, residual)
 
 
 @functools.partial(jax.jit, static_argnames=("norm", "eps", "out_dtype", "tiling", "interpret"))
 def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] = None,
          residual: Optional[Array] = None, norm: bool = False, eps: float = 1e-6,
-         out_dtype=None, tiling: Tiling = Tiling(), interpret: Optional[bool] = None) -> Array:
+         out_dtype=None, tiling: Optional[Tiling] = None, interpret: Optional[bool] = None) -> Array:
     """epilogue(prologue(x) @ w) for one row.
 
     Args:
@@ -114,10 +119,13 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
       w2: None, or the GLU's second weight: the result is (x' w) * (x' w2).
       out_dtype: the result's dtype; None: x's. At one row the result is a few KB, so float32
         costs nothing and saves a rounding. float32 when tiling.split > 1 (atomic adds).
+      tiling: None: `tiling_for` these fusions and shapes.
     Returns:
       [1, N] in out_dtype.
     """
     (m, k), n = x.shape, w.shape[1]
+    if tiling is None:
+        tiling = tiling_for(fusions(norm, u is not None, w2 is not None, residual is not None), k, n)
     split = tiling.split
     if m != 1 or w.shape[0] != k:
         raise ValueError(f"gemv takes one row x [1, K] and w [K, N], got x {x.shape} and w {w.shape}.")
@@ -136,6 +144,7 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
     if u is not None:
         operands.append((u, row))
     operands += [(w, cols)] + ([(w2, cols)] if w2 is not None else [])
+    name = kernel_name(norm, u is not None, w2 is not None, residual is not None)
     out_dtype = jnp.float32 if split > 1 else (out_dtype or x.dtype)
     if split > 1:  # the output starts as the residual (or zeros) and the programs add to it
         residual = (jnp.zeros((1, n), jnp.float32) if residual is None else residual.astype(jnp.float32))
@@ -151,5 +160,32 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
         input_output_aliases={len(operands) - 1: 0} if split > 1 else {},
         compiler_params=pl_triton.CompilerParams(num_warps=tiling.num_warps,
                                                  num_stages=tiling.num_stages),
-        interpret=interpret, name=kernel_name(norm, u is not None, w2 is not None, residual is not None),
+        interpret=interpret, name=name,
     )(*[a for a, _ in operands])
+
+
+# The best tiling of each of a layer's four products for the 1B at one row on an H200
+# (bench/decode_layer.py, call 36, 2026-11-28), by the operations fused into it (`fusions`).
+_MEASURED = {
+    "n": Tiling(64, 128, 1, 4, 5),  # q/k/v/u: 2048 -> 8192
+    "ngr": Tiling(64, 128, 4, 4, 4),  # the output projection: 2048 -> 2048
+    "n2": Tiling(64, 256, 1, 4, 3),  # l1 and l2: 2048 -> 2 x 5632
+    "r": Tiling(64, 128, 4, 4, 4),  # l3: 5632 -> 2048
+}
+
+
+def tiling_for(fusion: str, k: int, n: int) -> Tiling:
+    """The measured tiling for a product with `fusion` (`fusions`; the q/k/v/u one for others),
+    narrowed until it divides w [k, n]: fewer splits of K first, then shorter K steps, then fewer
+    columns a program."""
+    t = _MEASURED.get(fusion, _MEASURED["n"])
+    while k % (t.split * t.block_k) and t.split > 1:
+        t = dataclasses.replace(t, split=t.split // 2)
+    while k % t.block_k and t.block_k > 16:
+        t = dataclasses.replace(t, block_k=t.block_k // 2)
+    while n % t.block_n and t.block_n > 16:
+        t = dataclasses.replace(t, block_n=t.block_n // 2)
+    if k % t.block_k or n % t.block_n:
+        raise ValueError(f"No tiling of 16-multiples divides a [{k}, {n}] weight: the fused decoding "
+                         f"step needs d_model, glu_dim and heads x head_dim that are multiples of 16.")
+    return t

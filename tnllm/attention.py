@@ -237,11 +237,17 @@ def check_impl(impl: str) -> None:
         raise ValueError(f"Unknown attention impl {impl!r}: choose one of {', '.join(IMPLS)}.")
 
 
+def pallas_compiles() -> bool:
+    """Whether Pallas's Triton kernels run compiled on the default backend: an NVIDIA GPU, which
+    reports a compute capability (elsewhere they run in interpret mode, far slower than XLA)."""
+    return jax.default_backend() == "gpu" and bool(getattr(jax.devices()[0], "compute_capability", None))
+
+
 def auto_impl(q: Array, k: Array, v: Array, chunk_size: int) -> str:
     """The form `impl="auto"` runs for these inputs on the default backend: "pallas" where the
-    kernels run compiled (an NVIDIA GPU, which reports a compute capability) and take the inputs,
-    else "blockwise", the fastest XLA form."""
-    if jax.default_backend() != "gpu" or not getattr(jax.devices()[0], "compute_capability", None):
+    kernels run compiled (`pallas_compiles`) and take the inputs, else "blockwise", the fastest XLA
+    form."""
+    if not pallas_compiles():
         return "blockwise"
     from pallas_kernels import lightning
 

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from tnllm import fused_decode
+from tnllm.attention import pallas_compiles
 from tnllm.config import ModelConfig
 from tnllm.model import TransNormerLLM, zero_states
 from tnllm.sampling import Greedy, Sampler, make_sampler
@@ -129,7 +131,7 @@ def prefill(params, tokens: Array, mask: Array, *, cfg: ModelConfig,
 def _decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sampler: Sampler,
            max_new_tokens: int, eos_id: Optional[int] = None, pad_id: int = 0,
            return_logprobs: bool = False, steps_per_iteration: int = 4,
-           fold_norms: Optional[bool] = None) -> Generation:
+           fold_norms: Optional[bool] = None, fused: Optional[bool] = None) -> Generation:
     """Samples up to `max_new_tokens` tokens per row after `prefilled`.
 
     Args:
@@ -146,10 +148,20 @@ def _decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sampl
         an H200 (docs/benchmarks.md): folded steps are 1.6-3.6 % faster at batch 64, where XLA
         fuses the scales away (12 kernels a layer instead of 14), and 0-3 % slower at batch 1
         (run as two rows, below), where it compiles them into more kernels.
+      fused: at batch 1, step with `tnllm.fused_decode` (Pallas GEMVs with the norms, gate, GLU
+        product and residual adds fused in; interpret mode without a GPU) instead of the model's
+        layers compiled by XLA; None: where it runs compiled (a GPU) and takes the model (TNL,
+        bf16). Measured on an H200 (docs/benchmarks.md): 5 kernels a layer instead of 13.
     """
     batch = prefilled.logits.shape[0]
     if fold_norms is None:
         fold_norms = batch > 1
+    if fused is None:
+        fused = batch == 1 and not fused_decode.unsupported(cfg) and pallas_compiles()
+    elif fused and (batch != 1 or fused_decode.unsupported(cfg)):
+        raise ValueError(f"fused=True decodes one row of TNL in bf16, but "
+                         f"{fused_decode.unsupported(cfg) or f'the batch has {batch} rows'}: "
+                         f"leave fused=None.")
 
     def emit(i, logits, out):
         tokens, lengths, logprobs, done = out
@@ -174,15 +186,19 @@ def _decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sampl
     # (bench/NOTES.md, 2026-11-27). So one row runs as two, the copy's outputs discarded. Recurrent
     # states only: a second KV cache would double what a softmax step reads. TNL's token mixer keeps
     # one state row and runs the recurrence once (GatedLinearAttention); cosFormer's gets two.
-    copies = 2 if batch == 1 and cfg.token_mixer != "softmax" else 1
+    copies = 2 if batch == 1 and cfg.token_mixer != "softmax" and not fused else 1
     widen = lambda x: jnp.concatenate([x] * copies)  # noqa: E731
+
+    def model_step(token, positions, states):
+        if fused:
+            return fused_decode.step(params, token, positions, states, cfg=cfg)
+        return decode_step(params, widen(token), widen(positions), states, cfg=cfg, fold_norms=fold_norms)
 
     def steps(n):
         def body(carry):
             for _ in range(n):
                 i, token, positions, states, out = carry
-                logits, states = decode_step(params, widen(token), widen(positions), states, cfg=cfg,
-                                             fold_norms=fold_norms)
+                logits, states = model_step(token, positions, states)
                 token, out = emit(i, logits[:batch], out)
                 carry = i + 1, token, positions + 1, states, out
             return carry
@@ -202,7 +218,7 @@ def _decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sampl
 
 
 _DECODE_STATIC = ("cfg", "sampler", "max_new_tokens", "eos_id", "pad_id", "return_logprobs",
-                  "steps_per_iteration", "fold_norms")
+                  "steps_per_iteration", "fold_norms", "fused")
 decode = jax.jit(_decode, static_argnames=_DECODE_STATIC)
 # XLA's exhaustive search over GEMM tilings (GPU; other backends ignore it): measured 3.4 % (H100)
 # and ~6 % (H200) faster decoding of the 1B at batch 1 for ~30-40 s more compilation

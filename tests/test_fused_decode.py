@@ -1,0 +1,120 @@
+"""The fused one-row decoding step: its GEMV kernels against plain products, and the step and the
+decoding loop against the float32 model (interpret mode on a CPU, compiled on a GPU)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+
+from pallas_kernels.decode import Tiling, gemv, tiling_for
+from tnllm import config, fused_decode
+from tnllm.generate import decode, decode_step, left_pad, prefill, prompt_bucket
+from tnllm.model import TransNormerLLM, srms_norm
+from tnllm.sampling import Greedy
+
+# tiny with LRPE in layer 0 and head_dim 32; bf16 as served; init_std as in test_generate.
+CFG = config.model_config(config.load("configs/tiny.py")).replace(chunk_size=8, init_std=0.3,
+                                                                   dtype="bfloat16")
+F32 = CFG.replace(dtype="float32")
+PROMPT = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+
+
+def _row(shape, key):
+    return jax.random.normal(key, shape, jnp.float32)
+
+
+# The GLU's product of two sums cannot split K (test_gemv_refuses_what_it_cannot_tile).
+@pytest.mark.parametrize("fusion, split", [("n", 1), ("n", 2), ("ngr", 1), ("ngr", 2), ("n2", 1),
+                                           ("r", 1), ("r", 2)])
+def test_gemv_fusions_equal_their_plain_products(fusion, split):
+    k, n = 256, 128
+    keys = jax.random.split(jax.random.key(split), 5)
+    x, u, res = _row((1, k), keys[0]), _row((1, k), keys[1]), _row((1, n), keys[2])
+    w, w2 = ((_row((k, n), key) / 16).astype(jnp.bfloat16) for key in keys[3:])
+    kwargs = dict(norm="n" in fusion, u=u if "g" in fusion else None, w2=w2 if "2" in fusion else None,
+                  residual=res if "r" in fusion else None, tiling=Tiling(32, 64, split, 4, 2))
+    got = gemv(x, w, **kwargs)
+
+    row = srms_norm(x) if "n" in fusion else x
+    row = (row * u if "g" in fusion else row).astype(jnp.bfloat16).astype(jnp.float32)
+    dot = lambda w: jnp.dot(row, w.astype(jnp.float32), precision="highest")  # noqa: E731
+    want = dot(w) * dot(w2) if "2" in fusion else dot(w)
+    want = want + res if "r" in fusion else want
+    assert got.shape == (1, n) and got.dtype == jnp.float32
+    assert rel_err(got, want) < 1e-5
+
+
+def test_gemv_refuses_what_it_cannot_tile():
+    x, w = jnp.ones((1, 256)), jnp.ones((256, 96), jnp.bfloat16)
+    with pytest.raises(ValueError, match="block_n must divide N"):
+        gemv(x, w, tiling=Tiling(64, 64))
+    with pytest.raises(ValueError, match="use split=1"):
+        gemv(x, w, w2=w, tiling=Tiling(32, 64, 2))
+    with pytest.raises(ValueError, match="one row"):
+        gemv(jnp.ones((2, 256)), w)
+
+
+@pytest.mark.parametrize("name", ["385m", "1b", "3b", "7b"])
+def test_every_released_product_has_a_tiling(name):
+    cfg = config.model_config(config.load(f"configs/{name}.py"))
+    hidden = cfg.num_heads * cfg.head_dim
+    for fusion, k, n in (("n", cfg.d_model, 4 * hidden), ("ngr", hidden, cfg.d_model),
+                         ("n2", cfg.d_model, cfg.glu_dim), ("r", cfg.glu_dim, cfg.d_model)):
+        t = tiling_for(fusion, k, n)
+        assert n % t.block_n == 0 and k % (t.split * t.block_k) == 0 and t.block_k >= 16
+        assert fusion != "n2" or t.split == 1
+
+
+@pytest.fixture(scope="module")
+def params():
+    variables = jax.jit(TransNormerLLM(CFG).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    return jax.tree.map(lambda x: x.astype(jnp.bfloat16), nn.unbox(variables)["params"])
+
+
+@pytest.fixture(scope="module")
+def prefilled(params):
+    tokens, mask = left_pad(PROMPT, prompt_bucket(len(PROMPT[0]), 8))
+    return prefill(params, tokens, mask, cfg=CFG, prefill_chunk=8)
+
+
+def test_fused_step_is_closer_to_the_float32_model_than_the_bf16_model(params, prefilled):
+    """One step after an 11-token prompt (LRPE layer included): logits and every layer's state."""
+    token, pos = jnp.asarray([17]), prefilled.positions
+    f32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    want, want_states = decode_step(f32, token, pos, prefilled.states, cfg=F32)
+    bf16, bf16_states = decode_step(params, jnp.tile(token, 2), jnp.tile(pos, 2), prefilled.states, cfg=CFG)
+    got, got_states = jax.jit(fused_decode.step, static_argnames="cfg")(params, token, pos,
+                                                                       prefilled.states, cfg=CFG)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    assert rel_err(got, want) < min(1e-2, rel_err(bf16[:1], want))
+    for g, b, w in zip(got_states, bf16_states, want_states):
+        assert g.shape == w.shape
+        assert rel_err(g, w) < max(rel_err(b, w), 1e-5) + 1e-5
+
+
+def test_fused_decoding_is_as_close_to_the_float32_model_as_the_bf16_model(params, prefilled):
+    """Eight greedy tokens through the decoding loop (positions and states carried between steps),
+    fused and through the model's bf16 layers: the log-probabilities of the chosen tokens against
+    the float32 model's on the generated sequence."""
+    f32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    errors = []
+    for fused in (True, False):
+        out = jax.device_get(decode(params, prefilled, jax.random.key(0), cfg=CFG, sampler=Greedy(),
+                                    max_new_tokens=8, return_logprobs=True, fused=fused))
+        sequence = jnp.asarray([PROMPT[0] + out.tokens[0].tolist()])
+        logits = TransNormerLLM(F32).apply({"params": f32}, sequence)[0][0, len(PROMPT[0]) - 1:-1]
+        logprobs = np.asarray(jax.nn.log_softmax(logits))
+        chosen = np.take_along_axis(logprobs, out.tokens[0][:, None], -1)[:, 0]
+        errors.append(np.abs(out.logprobs[0] - chosen).max())
+        assert len(np.unique(out.tokens)) > 3
+    assert errors[0] < max(1.5 * errors[1], 1e-2), errors
+
+
+@pytest.mark.parametrize("cfg, rows, match", [(CFG, 2, "the batch has 2 rows"),
+                                              (F32, 1, "config.model.dtype is 'float32'")])
+def test_fused_decoding_refuses_what_it_cannot_run(params, cfg, rows, match):
+    tokens, mask = left_pad(PROMPT * rows, 16)
+    pre = prefill(params, tokens, mask, cfg=cfg, prefill_chunk=8)
+    with pytest.raises(ValueError, match=match):
+        decode(params, pre, jax.random.key(0), cfg=cfg, sampler=Greedy(), max_new_tokens=2, fused=True)

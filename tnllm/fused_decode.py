@@ -1,0 +1,92 @@
+"""TNL's decoding step for one row on fused GEMV kernels: `tnllm.generate.decode`'s GPU path at batch 1.
+
+At batch 1 a step reads every weight once, and XLA runs TNL's layer as ~13 kernels: four GEMMs
+and the norms, gate, GLU product and residual adds between them, each paying a launch and a ramp
+(docs/benchmarks.md). Here each product is one `pallas_kernels.decode.gemv` with those operations
+fused in, and a layer is five kernels:
+
+    qkvu  = gemv(x, W_qkvu, norm)                       SRMSNorm(x) W
+    o, S  = SiLUs, LRPE, S <- lambda S + k^T v, o = q S  (XLA's one fusion, as in the model)
+    x     = gemv(o, W_out, norm, gate u, residual x)    x + (SRMSNorm(o) * u) W_out
+    g     = gemv(x, W1, W2, norm)                       (SRMSNorm(x) W1) * (SRMSNorm(x) W2)
+    x     = gemv(g, W3, residual x)                     x + g W3
+
+It is the model's function (`tnllm.model`, TNL's "gla" mixer) for one token, written over the
+`params` collection instead of through the Linen modules, because the fusions cross the modules'
+boundaries. The residual stream and every product's output stay float32 (a few KB a step), where the
+model's bf16 code rounds each to bf16; only the normalised rows enter the products in bf16. So it is
+closer to the float32 model than the bf16 model is (tests/test_fused_decode.py).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.decode import Tiling, gemv
+from tnllm.attention import layer_slopes, lightning_attention_step
+from tnllm.config import ModelConfig
+from tnllm.model import lrpe, srms_norm
+
+Array = jax.Array
+
+
+def unsupported(cfg: ModelConfig) -> str:
+    """Why `step` cannot run `cfg`, or "" when it can."""
+    if cfg.token_mixer != "gla":
+        return (f"config.model.token_mixer is {cfg.token_mixer!r}; the fused step runs TNL's "
+                f"'gla' layers only")
+    if jnp.dtype(cfg.dtype) != jnp.bfloat16:
+        return (f"config.model.dtype is {cfg.dtype!r}; the fused step streams bfloat16 weights, "
+                f"set it to 'bfloat16'")
+    return ""
+
+
+def layer_step(p, x: Array, positions: Array, state: Array, *, cfg: ModelConfig, layer: int,
+               tilings: Optional[Mapping[str, Tiling]] = None) -> Tuple[Array, Array]:
+    """Decoder layer `layer` (params p) for one token: x [1, d_model] f32 -> the same; positions [1]
+    int; state [1, heads, dk, head_dim] f32 -> the new state. tilings: by the products' fusions
+    ("n", "ngr", "n2", "r": `pallas_kernels.decode.fusions`), each absent one `tiling_for` its
+    shape (bench/decode_layer.py measures others)."""
+    tm, cm = p["token_mixer"], p["channel_mixer"]
+    h, hd, eps, dtype = cfg.num_heads, cfg.head_dim, cfg.norm_eps, cfg.dtype
+    tiling = (tilings or {}).get
+    w = tm["qkvu_proj"]["kernel"].astype(dtype)
+    qkvu = gemv(x, w.reshape(w.shape[0], -1), norm=True, eps=eps, tiling=tiling("n"))
+    qkvu = qkvu.reshape(1, 1, 4, h, hd)
+    q, k, v, u = (qkvu[:, :, i] for i in range(4))  # [1, 1, heads, head_dim]
+    q, k = jax.nn.silu(q), jax.nn.silu(k)
+    if layer in cfg.lrpe_layers:
+        q, k = (lrpe(t, tm["theta"], positions[:, None]) for t in (q, k))
+    o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], layer_slopes(h, layer, cfg.num_layers),
+                                        state)
+    w = tm["out_proj"]["kernel"].astype(dtype)
+    x = gemv(o.reshape(1, -1), w.reshape(-1, w.shape[-1]), u=u.reshape(1, -1), residual=x, norm=True,
+             eps=eps, tiling=tiling("ngr"))
+    g = gemv(x, cm["l1"]["kernel"].astype(dtype), w2=cm["l2"]["kernel"].astype(dtype), norm=True, eps=eps,
+             tiling=tiling("n2"))
+    return gemv(g, cm["l3"]["kernel"].astype(dtype), residual=x, tiling=tiling("r")), state
+
+
+def step(params, tokens: Array, positions: Array, states: Sequence[Any], *,
+         cfg: ModelConfig) -> Tuple[Array, Tuple[Any, ...]]:
+    """`tnllm.generate.decode_step` for one row: tokens [1] int, positions [1] int, states as
+    `tnllm.model.state_specs(cfg, 1)`. Returns logits [1, vocab] f32 and the new states."""
+    if tokens.shape != (1,):
+        raise ValueError(f"The fused decoding step takes one row, got tokens of shape {tokens.shape}.")
+    reason = unsupported(cfg)
+    if reason:
+        raise ValueError(f"The fused decoding step cannot run this model: {reason}.")
+    table = params["embed_tokens"]["embedding"].astype(cfg.dtype)
+    x = jnp.take(table, tokens, axis=0)  # [1, d_model], rounded as the model rounds it
+    if cfg.scale_embedding:
+        x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
+    x = x.astype(jnp.float32)
+    new = []
+    for i, state in enumerate(states):
+        x, state = layer_step(params[f"layers_{i}"], x, positions, state, cfg=cfg, layer=i)
+        new.append(state)
+    logits = jnp.dot(srms_norm(x, cfg.norm_eps).astype(cfg.dtype), table.T,
+                     preferred_element_type=jnp.float32)
+    return logits, tuple(new)
