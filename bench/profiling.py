@@ -14,10 +14,11 @@ from pathlib import Path
 import jax
 
 # Kernel kinds by name fragment, first match wins: cuBLAS/cuDNN matrix products (nvjet, cutlass,
-# xmma, gemm), cuDNN attention, the Pallas Triton kernels, then XLA's fusions by their kind prefix.
+# xmma, gemm), cuDNN attention, the Pallas Triton kernels (named after their functions, or
+# decode_gemv_*), then XLA's fusions by their kind prefix.
 _KINDS = (("matmul", ("nvjet", "cutlass", "xmma", "gemm", "cublas")),
           ("cudnn attention", ("cudnn", "fmha", "flash")),
-          ("pallas", ("lightning", "pallas", "_kernel")))
+          ("pallas", ("lightning", "pallas", "_kernel", "decode_gemv")))
 
 
 def kernel_kind(name: str) -> str:
