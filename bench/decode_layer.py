@@ -143,7 +143,8 @@ def main(argv):
     name = "tiny" if FLAGS.smoke else FLAGS.config
     cfg = config_lib.model_config(config_lib.load(str(REPO / "configs" / f"{name}.py")))
     if FLAGS.smoke:
-        cfg = cfg.replace(dtype="bfloat16", d_model=256, hidden_dim=256, num_heads=2, glu_dim=512, num_layers=3, lrpe_layers=())
+        cfg = cfg.replace(dtype="bfloat16", d_model=256, hidden_dim=256, num_heads=2, glu_dim=512,
+                          num_layers=3, lrpe_layers=())
     layers = [i for i in range(cfg.num_layers) if i not in cfg.lrpe_layers]
     meta = dict(date=time.strftime("%Y-%m-%d"), device=jax.devices()[0].device_kind,
                 jax_version=jax.__version__, config=name, layers=len(layers), command=" ".join(sys.argv))

@@ -9,7 +9,8 @@ whatever the context length, so everything below serves every mixer.
                `cfg.attention_impl` (blockwise or Pallas) in segments of `prefill_chunk` tokens, so
                activation memory is bounded at any prompt length. Compiled per (batch, bucket).
   decode       samples `max_new_tokens` tokens in a `lax.while_loop` of one-token recurrent steps,
-               stopping each row at EOS and the loop when every row has stopped. Its carry has the
+               stopping each row at EOS and the loop when every row has stopped; at batch 1 on a
+               GPU the step is `tnllm.fused_decode`'s (fused Pallas GEMVs). Its carry has the
                same shapes at any context length, so it compiles once per (batch, max_new_tokens)
                and costs the same per token at 1K or 128K tokens of context. `decode_autotuned`
                is the same compiled with XLA's exhaustive GEMM tiling search (GPU).
@@ -221,8 +222,9 @@ _DECODE_STATIC = ("cfg", "sampler", "max_new_tokens", "eos_id", "pad_id", "retur
                   "steps_per_iteration", "fold_norms", "fused")
 decode = jax.jit(_decode, static_argnames=_DECODE_STATIC)
 # XLA's exhaustive search over GEMM tilings (GPU; other backends ignore it): measured 3.4 % (H100)
-# and ~6 % (H200) faster decoding of the 1B at batch 1 for ~30-40 s more compilation
-# (docs/benchmarks.md), once per compiled (batch, max_new_tokens).
+# and ~6 % (H200) faster decoding of the 1B at batch 1 through the model's layers, for ~30-40 s
+# more compilation (docs/benchmarks.md), once per compiled (batch, max_new_tokens); nothing for the
+# fused one-row step, whose products are Pallas kernels.
 AUTOTUNE_OPTIONS = {"xla_gpu_exhaustive_tiling_search": True}
 decode_autotuned = jax.jit(_decode, static_argnames=_DECODE_STATIC, compiler_options=AUTOTUNE_OPTIONS)
 
@@ -322,7 +324,8 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
       prefill_chunk: see `prefill`.
       autotune: compile the decoding loop with XLA's exhaustive GEMM tiling search
         (`decode_autotuned`): faster tokens on a GPU for a longer first compilation; worth it
-        when one compiled program serves many requests.
+        when one compiled program serves many requests at batch > 1 (at batch 1 the fused step's
+        products are Pallas kernels that it does not tune).
     Returns:
       a Generation of numpy arrays.
     """
