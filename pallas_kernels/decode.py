@@ -16,7 +16,9 @@ tensor-core product (Triton's smallest) so that Triton's software pipeline overl
 weight loads with the steps before: a float32 multiply-and-sum form streamed the weights at half
 the rate (bench/decode_layer.py, H200, 2026-11-28). The normalised and gated row enters the
 product in W's dtype, as in the model; the products, the GLU product and the residual sum stay
-float32 and are rounded once, to `out_dtype`, at the end.
+float32 and are rounded once, to `out_dtype`, at the end. For the narrow products (N = d_model)
+`Tiling.split` also splits K over programs, which add their partial sums atomically to the float32
+output that starts as the residual: more programs in flight, no kernel to sum the parts.
 
 On a machine without a GPU the same kernels run in Pallas interpret mode.
 """

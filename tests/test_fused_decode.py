@@ -9,7 +9,7 @@ from conftest import rel_err
 
 from pallas_kernels.decode import Tiling, gemv, tiling_for
 from tnllm import config, fused_decode
-from tnllm.generate import decode, decode_step, left_pad, prefill, prompt_bucket
+from tnllm.generate import decode, decode_step, left_pad, prefill, prompt_bucket, serving_params
 from tnllm.model import TransNormerLLM, srms_norm
 from tnllm.sampling import Greedy
 
@@ -69,7 +69,7 @@ def test_every_released_product_has_a_tiling(name):
 @pytest.fixture(scope="module")
 def params():
     variables = jax.jit(TransNormerLLM(CFG).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-    return jax.tree.map(lambda x: x.astype(jnp.bfloat16), nn.unbox(variables)["params"])
+    return serving_params(nn.unbox(variables)["params"], CFG)  # bf16 weights, float32 LRPE angles
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,11 @@ def layer_step(p, x: Array, positions: Array, state: Array, *, cfg: ModelConfig,
 def step(params, tokens: Array, positions: Array, states: Sequence[Any], *,
          cfg: ModelConfig) -> Tuple[Array, Tuple[Any, ...]]:
     """`tnllm.generate.decode_step` for one row: tokens [1] int, positions [1] int, states as
-    `tnllm.model.state_specs(cfg, 1)`. Returns logits [1, vocab] f32 and the new states."""
+    `tnllm.model.state_specs(cfg, 1)`. Returns logits [1, vocab] f32 and the new states.
+
+    params: the model's `params` collection with its matmul weights in cfg.dtype
+    (`tnllm.generate.serving_params`, as `generate` passes them); weights in another dtype are
+    converted at every step, which costs a pass over them."""
     if tokens.shape != (1,):
         raise ValueError(f"The fused decoding step takes one row, got tokens of shape {tokens.shape}.")
     reason = unsupported(cfg)
