@@ -9,7 +9,7 @@ step's attention part, from the projection's merged output qkvu [batch, 4, heads
 
   xla     the model's code (`tnllm.attention.lightning_attention_step`), which XLA compiles to one
           fusion per layer;
-  pallas  one Pallas kernel (Triton lowering) per layer: one program per (batch, head, value tile)
+  pallas  `pallas_kernels.decode.state_step` (Triton lowering): one program per (batch, head, value tile)
           reads q, k and its slice of v straight from qkvu, applies the SiLUs and updates its
           [head_dim, block_v] tile of the state in place (input_output_aliases);
   triton  the same program written in the Triton language and called through
@@ -43,12 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from jax import lax
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import profiling, timing  # noqa: E402
+from pallas_kernels.decode import state_step  # noqa: E402
 from tnllm.attention import layer_slopes, lightning_attention_step  # noqa: E402
 
 flags.DEFINE_list("batches", ["1", "8", "64"], "Batch sizes.")
@@ -74,37 +73,9 @@ def xla_update(slopes):
     return update
 
 
-def _pallas_kernel(decrement_ref, q_ref, k_ref, v_ref, state_ref, o_ref, new_state_ref):
-    """Refs: decrement [1] f32; q, k [d]; v [block_v]; state, new_state [d, block_v] f32 (one
-    buffer); o [block_v]."""
-    f32 = jnp.float32
-    q, k = jax.nn.silu(q_ref[...].astype(f32)), jax.nn.silu(k_ref[...].astype(f32))
-    state = state_ref[...]
-    state = state + (decrement_ref[0] * state + k[:, None] * v_ref[...].astype(f32)[None, :])
-    new_state_ref[...] = state
-    o_ref[...] = jnp.sum(q[:, None] * state, axis=0).astype(o_ref.dtype)
-
-
 def pallas_update(slopes, block_v, num_warps, interpret=False):
-    def update(qkvu, state):
-        batch, _, heads, d = qkvu.shape
-        row = lambda i: pl.BlockSpec((None, None, None, d), lambda j, h, b: (b, i, h, 0))  # noqa: E731
-        v_spec = pl.BlockSpec((None, None, None, block_v), lambda j, h, b: (b, 2, h, j))
-        state_spec = pl.BlockSpec((None, None, d, block_v), lambda j, h, b: (b, h, 0, j))
-        return pl.pallas_call(
-            _pallas_kernel,
-            grid=(d // block_v, heads, batch),  # value tiles fastest: they share q and k
-            in_specs=[pl.BlockSpec((1,), lambda j, h, b: (h,)), row(0), row(1), v_spec, state_spec],
-            out_specs=[pl.BlockSpec((None, None, block_v), lambda j, h, b: (b, h, j)), state_spec],
-            out_shape=[jax.ShapeDtypeStruct((batch, heads, d), qkvu.dtype),
-                       jax.ShapeDtypeStruct(state.shape, jnp.float32)],
-            input_output_aliases={4: 1},
-            compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=1),
-            interpret=interpret,
-            name="decode_step_pallas",
-        )(jnp.expm1(-slopes), qkvu, qkvu, qkvu, state)
-
-    return update
+    return functools.partial(state_step, slopes=slopes, block_v=block_v, num_warps=num_warps,
+                             interpret=interpret)
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -107,15 +107,18 @@ def kernel_name(norm: bool, gate: bool, glu: bool, residual: bool) -> str:
     return "decode_gemv_" + fusions(norm, gate, glu, residual)
 
 
-@functools.partial(jax.jit, static_argnames=("norm", "eps", "out_dtype", "tiling", "interpret"))
+@functools.partial(jax.jit,
+                   static_argnames=("norm", "eps", "u_block", "out_dtype", "tiling", "interpret"))
 def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] = None,
-         residual: Optional[Array] = None, norm: bool = False, eps: float = 1e-6,
+         u_block: int = 0, residual: Optional[Array] = None, norm: bool = False, eps: float = 1e-6,
          out_dtype=None, tiling: Optional[Tiling] = None, interpret: Optional[bool] = None) -> Array:
     """epilogue(prologue(x) @ w) for one row.
 
     Args:
       x: [1, K], any float dtype; w, w2: [K, N] (bf16 in the model).
-      u: [1, K] or None: the row is multiplied by u after the norm (TNL's output gate).
+      u: [1, K] or None: the row is multiplied by u after the norm (TNL's output gate); or
+        [1, m K], of which the kernel reads columns u_block K to (u_block + 1) K (the gate inside
+        the merged q/k/v/u projection's output, without a slice kernel before this one).
       residual: [1, N] or None: added to the product (the layer's residual stream).
       norm: apply SRMSNorm (no weight) to x first, with `eps`.
       w2: None, or the GLU's second weight: the result is (x' w) * (x' w2).
@@ -131,6 +134,8 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
     split = tiling.split
     if m != 1 or w.shape[0] != k:
         raise ValueError(f"gemv takes one row x [1, K] and w [K, N], got x {x.shape} and w {w.shape}.")
+    if u is not None and u.shape[-1] < (u_block + 1) * k:
+        raise ValueError(f"u {u.shape} has no block {u_block} of K = {k} columns.")
     if n % tiling.block_n or k % (split * tiling.block_k):
         raise ValueError(f"{tiling} does not divide w {w.shape}: block_n must divide N and "
                          f"split * block_k must divide K.")
@@ -144,7 +149,7 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
     out = pl.BlockSpec((1, tiling.block_n), lambda j, s: (0, j))
     operands = [(x, row)]
     if u is not None:
-        operands.append((u, row))
+        operands.append((u, pl.BlockSpec((1, k), lambda j, s: (0, u_block))))
     operands += [(w, cols)] + ([(w2, cols)] if w2 is not None else [])
     name = kernel_name(norm, u is not None, w2 is not None, residual is not None)
     out_dtype = jnp.float32 if split > 1 else (out_dtype or x.dtype)
@@ -191,3 +196,54 @@ def tiling_for(fusion: str, k: int, n: int) -> Tiling:
         raise ValueError(f"No tiling of 16-multiples divides a [{k}, {n}] weight: the fused decoding "
                          f"step needs d_model, glu_dim and heads x head_dim that are multiples of 16.")
     return t
+
+
+def _state_kernel(decrement_ref, q_ref, k_ref, v_ref, state_ref, o_ref, new_state_ref):
+    """decrement [1] f32; q, k [d]; v [block_v]; state, new_state [d, block_v] f32 (one buffer);
+    o [block_v]."""
+    f32 = jnp.float32
+    q, k = jax.nn.silu(q_ref[...].astype(f32)), jax.nn.silu(k_ref[...].astype(f32))
+    state = state_ref[...]
+    # The decrement form of tnllm.attention.lightning_attention_step (exact for tiny slopes).
+    state = state + (decrement_ref[0] * state + k[:, None] * v_ref[...].astype(f32)[None, :])
+    new_state_ref[...] = state
+    o_ref[...] = jnp.sum(q[:, None] * state, axis=0).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "interpret"))
+def state_step(qkvu: Array, state: Array, slopes: Array, *, block_v: int = 16, num_warps: int = 2,
+               interpret: Optional[bool] = None) -> Tuple[Array, Array]:
+    """TNL's token-mixer recurrence for one token, read straight from the merged projection's output:
+    q, k = silu(q), silu(k); S <- lambda S + k^T v; o = q S (`lightning_attention_step`).
+
+    One program per (value tile of `block_v` columns, head, row) reads its head's q and k, its tile
+    of v and of the state, and writes the tile back in place (the state is aliased: donate it).
+    Default tiling: the fastest at batch 1 on an H200 (bench/decode_step.py, 2026-11-28).
+
+    Args:
+      qkvu: [batch, 4, heads, d], any float dtype (q, k, v, u); state: [batch, heads, d, d] f32;
+      slopes: [heads] f32.
+    Returns:
+      o [batch, heads, d] in qkvu's dtype and the new state.
+    """
+    batch, _, heads, d = qkvu.shape
+    if state.shape != (batch, heads, d, d) or d % block_v:
+        raise ValueError(f"state_step takes qkvu [batch, 4, heads, d] and a state [batch, heads, d, d] "
+                         f"with block_v dividing d, got {qkvu.shape}, {state.shape} and block_v "
+                         f"{block_v}.")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    row = lambda i: pl.BlockSpec((None, None, None, d), lambda j, h, b: (b, i, h, 0))  # noqa: E731
+    tile = pl.BlockSpec((None, None, d, block_v), lambda j, h, b: (b, h, 0, j))
+    return pl.pallas_call(
+        _state_kernel,
+        grid=(d // block_v, heads, batch),  # value tiles fastest: they share q and k
+        in_specs=[pl.BlockSpec((1,), lambda j, h, b: (h,)), row(0), row(1),
+                  pl.BlockSpec((None, None, None, block_v), lambda j, h, b: (b, 2, h, j)), tile],
+        out_specs=[pl.BlockSpec((None, None, block_v), lambda j, h, b: (b, h, j)), tile],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, d), qkvu.dtype),
+                   jax.ShapeDtypeStruct(state.shape, jnp.float32)],
+        input_output_aliases={4: 1},
+        compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret, name="decode_state_step",
+    )(jnp.expm1(-slopes.astype(jnp.float32)), qkvu, qkvu, qkvu, state)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from pallas_kernels.decode import Tiling, gemv, tiling_for
+from pallas_kernels.decode import Tiling, gemv, state_step, tiling_for
 from tnllm import config, fused_decode
+from tnllm.attention import lightning_attention_step
 from tnllm.generate import decode, decode_step, left_pad, prefill, prompt_bucket, serving_params
 from tnllm.model import TransNormerLLM, srms_norm
 from tnllm.sampling import Greedy
@@ -118,3 +119,29 @@ def test_fused_decoding_refuses_what_it_cannot_run(params, cfg, rows, match):
     pre = prefill(params, tokens, mask, cfg=cfg, prefill_chunk=8)
     with pytest.raises(ValueError, match=match):
         decode(params, pre, jax.random.key(0), cfg=cfg, sampler=Greedy(), max_new_tokens=2, fused=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_state_step_is_the_recurrence_step(dtype):
+    batch, heads, d = 2, 3, 32
+    keys = jax.random.split(jax.random.key(7), 2)
+    qkvu = (_row((batch, 4, heads, d), keys[0]) / 4).astype(dtype)
+    state = _row((batch, heads, d, d), keys[1])
+    slopes = jnp.asarray([0.5, 1e-3, 4e-8], jnp.float32)  # the last below half an ulp of 1
+    want_o, want_s = lightning_attention_step(jax.nn.silu(qkvu[:, 0].astype(jnp.float32)),
+                                              jax.nn.silu(qkvu[:, 1].astype(jnp.float32)),
+                                              qkvu[:, 2].astype(jnp.float32), slopes, state)
+    o, s = state_step(qkvu, state, slopes, block_v=16)
+    assert o.dtype == dtype and o.shape == (batch, heads, d)
+    assert rel_err(s, want_s) < 1e-6 and rel_err(o, want_o) < (1e-6 if dtype == jnp.float32 else 4e-3)
+
+
+def test_gemv_reads_the_gate_from_a_block_of_a_wider_row():
+    k, n = 128, 64
+    keys = jax.random.split(jax.random.key(3), 3)
+    x, wide = _row((1, k), keys[0]), _row((1, 4 * k), keys[1])
+    w = (_row((k, n), keys[2]) / 16).astype(jnp.bfloat16)
+    got = gemv(x, w, u=wide, u_block=3, norm=True)
+    np.testing.assert_array_equal(got, gemv(x, w, u=wide[:, 3 * k:], norm=True))
+    with pytest.raises(ValueError, match="no block 4"):
+        gemv(x, w, u=wide, u_block=4)

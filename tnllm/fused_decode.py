@@ -3,11 +3,11 @@
 At batch 1 a step reads every weight once, and XLA runs TNL's layer as ~13 kernels: four GEMMs
 and the norms, gate, GLU product and residual adds between them, each paying a launch and a ramp
 (docs/benchmarks.md). Here each product is one `pallas_kernels.decode.gemv` with those operations
-fused in, and a layer is five kernels:
+fused in, and a layer is five kernels (the LRPE layer runs its recurrence through XLA):
 
     qkvu  = gemv(x, W_qkvu, norm)                       SRMSNorm(x) W
-    o, S  = SiLUs, LRPE, S <- lambda S + k^T v, o = q S  (XLA's one fusion, as in the model)
-    x     = gemv(o, W_out, norm, gate u, residual x)    x + (SRMSNorm(o) * u) W_out
+    o, S  = state_step(qkvu, S)                          SiLUs, S <- lambda S + k^T v in place, o = q S
+    x     = gemv(o, W_out, norm, gate u, residual x)    x + (SRMSNorm(o) * u) W_out, u read in qkvu
     g     = gemv(x, W1, W2, norm)                       (SRMSNorm(x) W1) * (SRMSNorm(x) W2)
     x     = gemv(g, W3, residual x)                     x + g W3
 
@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.decode import Tiling, gemv
+from pallas_kernels.decode import Tiling, gemv, state_step
 from tnllm.attention import layer_slopes, lightning_attention_step
 from tnllm.config import ModelConfig
 from tnllm.model import lrpe, srms_norm
@@ -54,15 +54,15 @@ def layer_step(p, x: Array, positions: Array, state: Array, *, cfg: ModelConfig,
     tiling = (tilings or {}).get
     w = tm["qkvu_proj"]["kernel"].astype(dtype)
     qkvu = gemv(x, w.reshape(w.shape[0], -1), norm=True, eps=eps, tiling=tiling("n"))
-    qkvu = qkvu.reshape(1, 1, 4, h, hd)
-    q, k, v, u = (qkvu[:, :, i] for i in range(4))  # [1, 1, heads, head_dim]
-    q, k = jax.nn.silu(q), jax.nn.silu(k)
-    if layer in cfg.lrpe_layers:
-        q, k = (lrpe(t, tm["theta"], positions[:, None]) for t in (q, k))
-    o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], layer_slopes(h, layer, cfg.num_layers),
-                                        state)
+    slopes = layer_slopes(h, layer, cfg.num_layers)
+    if layer in cfg.lrpe_layers:  # LRPE doubles q and k between the projection and the recurrence
+        q, k, v = (qkvu.reshape(1, 1, 4, h, hd)[:, :, i] for i in range(3))  # [1, 1, heads, head_dim]
+        q, k = (lrpe(jax.nn.silu(t), tm["theta"], positions[:, None]) for t in (q, k))
+        o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slopes, state)
+    else:
+        o, state = state_step(qkvu.reshape(1, 4, h, hd), state, slopes)
     w = tm["out_proj"]["kernel"].astype(dtype)
-    x = gemv(o.reshape(1, -1), w.reshape(-1, w.shape[-1]), u=u.reshape(1, -1), residual=x, norm=True,
+    x = gemv(o.reshape(1, -1), w.reshape(-1, w.shape[-1]), u=qkvu, u_block=3, residual=x, norm=True,
              eps=eps, tiling=tiling("ngr"))
     g = gemv(x, cm["l1"]["kernel"].astype(dtype), w2=cm["l2"]["kernel"].astype(dtype), norm=True, eps=eps,
              tiling=tiling("n2"))
