@@ -15,10 +15,10 @@ import jax
 
 # Kernel kinds by name fragment, first match wins: cuBLAS/cuDNN matrix products (nvjet, cutlass,
 # xmma, gemm), cuDNN attention, the Pallas Triton kernels (named after their functions, or
-# decode_gemv_*), then XLA's fusions by their kind prefix.
+# decode_*), then XLA's fusions by their kind prefix.
 _KINDS = (("matmul", ("nvjet", "cutlass", "xmma", "gemm", "cublas")),
           ("cudnn attention", ("cudnn", "fmha", "flash")),
-          ("pallas", ("lightning", "pallas", "_kernel", "decode_gemv")))
+          ("pallas", ("lightning", "pallas", "_kernel", "decode_gemv", "decode_state_step")))
 
 
 def kernel_kind(name: str) -> str:
