@@ -35,7 +35,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import profiling, timing  # noqa: E402
-from pallas_kernels.decode import Tiling  # noqa: E402
+from pallas_kernels.decode import Tiling, tiling_for  # noqa: E402
 from tnllm import config as config_lib, fused_decode  # noqa: E402
 from tnllm.model import DecoderLayer  # noqa: E402
 
@@ -111,9 +111,7 @@ def rel_err(a, b):
 
 
 # Tilings (block_n, block_k, split, num_warps, num_stages) tried for each product, one product at a
-# time, the others at BASE: the best of each from call 35 (H200), the dot form without split.
-BASE = {"qkvu": Tiling(64, 128, 1, 4, 5), "out": Tiling(16, 256, 1, 4, 5), "glu": Tiling(64, 256, 1, 4, 3),
-        "l3": Tiling(32, 256, 1, 4, 5)}
+# time, the others at the library's choice (`tiling_for`, from call 36 on an H200).
 CANDIDATES = {
     "qkvu": [(32, 256, 1, 4, 3), (32, 128, 2, 4, 4), (64, 128, 2, 4, 4), (64, 256, 2, 4, 3),
              (32, 256, 2, 4, 4), (64, 128, 4, 4, 4)],
@@ -126,14 +124,16 @@ CANDIDATES = {
 }
 
 
-def tilings_to_try(smoke):
-    """[(kind, tilings of the four products)]: BASE, then each product's candidates in turn."""
-    if smoke:
-        base = {kind: Tiling(16, 64, 1, 4, 1) for kind in KINDS}
-        return [(None, base)] + [(kind, dict(base, **{kind: Tiling(32, 64, 1 if kind == "glu" else 2)}))
-                                 for kind in KINDS]
-    return [(None, BASE)] + [(kind, dict(BASE, **{kind: Tiling(*c)})) for kind in KINDS
-                             for c in CANDIDATES[kind]]
+def tilings_to_try(cfg, smoke):
+    """[(kind, tilings of the four products)]: the library's, then each product's candidates in turn."""
+    hidden = cfg.num_heads * cfg.head_dim
+    shapes = {"qkvu": (cfg.d_model, 4 * hidden), "out": (hidden, cfg.d_model),
+              "glu": (cfg.d_model, cfg.glu_dim), "l3": (cfg.glu_dim, cfg.d_model)}
+    base = {kind: tiling_for(KINDS[kind], *shapes[kind]) for kind in KINDS}
+    candidates = ({kind: [(32, 64, 1 if kind == "glu" else 2, 4, 3)] for kind in KINDS} if smoke
+                  else CANDIDATES)
+    return [(None, base)] + [(kind, dict(base, **{kind: Tiling(*c)})) for kind in KINDS
+                             for c in candidates[kind]]
 
 
 def main(argv):
@@ -166,7 +166,7 @@ def main(argv):
         tuned = jax.jit(xla_stack(cfg, layers)).lower(params, x, states).compile(
             compiler_options={"xla_gpu_exhaustive_tiling_search": True})
         variants.append(("xla autotuned", tuned))
-    tried = tilings_to_try(FLAGS.smoke)
+    tried = tilings_to_try(cfg, FLAGS.smoke)
     variants += [(f"pallas {kind or 'base'} {tilings[kind] if kind else ''}",
                   jax.jit(pallas_stack(cfg, layers, tilings))) for kind, tilings in tried]
     rows, start, xla_err = [], time.perf_counter(), None

@@ -48,7 +48,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from bench import profiling, timing  # noqa: E402
 from tnllm import config as config_lib, fused_decode  # noqa: E402
-from tnllm.attention import pallas_compiles  # noqa: E402
 from tnllm.generate import decode, prefill  # noqa: E402
 from tnllm.model import TransNormerLLM, state_specs  # noqa: E402
 from tnllm.sampling import Greedy  # noqa: E402
@@ -279,10 +278,11 @@ def main(argv):
                     # One prefill for every variant of the decoding step, each resolved as decode
                     # resolves it (auto: by the batch and the device); the norms are not folded
                     # in the fused step.
-                    can_fuse = batch == 1 and not fused_decode.unsupported(case_cfg)
+                    fused_ok = not fused_decode.unsupported(case_cfg, batch)
                     variants = {(False if fused else batch > 1 if fold is None else fold, fused)
                                 for fold in folds for f in fuseds
-                                for fused in [can_fuse and (pallas_compiles() if f is None else f)]}
+                                for fused in [fused_decode.by_default(case_cfg, batch) if f is None
+                                              else f and fused_ok]}
                     for folded, fused in sorted(variants):
                         row = dict(case, fold_norms=folded if cfg.token_mixer == "gla" else None,
                                    fused=fused)

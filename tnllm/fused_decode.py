@@ -25,15 +25,17 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.decode import Tiling, gemv, state_step
-from tnllm.attention import layer_slopes, lightning_attention_step
+from tnllm.attention import layer_slopes, lightning_attention_step, pallas_compiles
 from tnllm.config import ModelConfig
 from tnllm.model import lrpe, srms_norm
 
 Array = jax.Array
 
 
-def unsupported(cfg: ModelConfig) -> str:
-    """Why `step` cannot run `cfg`, or "" when it can."""
+def unsupported(cfg: ModelConfig, batch: int = 1) -> str:
+    """Why `step` cannot decode `batch` rows of `cfg`, or "" when it can."""
+    if batch != 1:
+        return f"the batch has {batch} rows; the fused step decodes one"
     if cfg.token_mixer != "gla":
         return (f"config.model.token_mixer is {cfg.token_mixer!r}; the fused step runs TNL's "
                 f"'gla' layers only")
@@ -41,6 +43,12 @@ def unsupported(cfg: ModelConfig) -> str:
         return (f"config.model.dtype is {cfg.dtype!r}; the fused step streams bfloat16 weights, "
                 f"set it to 'bfloat16'")
     return ""
+
+
+def by_default(cfg: ModelConfig, batch: int) -> bool:
+    """Whether `tnllm.generate.decode` steps with `step` when not told (fused=None): where it can
+    decode the batch and the kernels run compiled (a GPU; interpret mode is far slower than XLA)."""
+    return not unsupported(cfg, batch) and pallas_compiles()
 
 
 def layer_step(p, x: Array, positions: Array, state: Array, *, cfg: ModelConfig, layer: int,

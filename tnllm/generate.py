@@ -34,7 +34,6 @@ import numpy as np
 from jax import lax
 
 from tnllm import fused_decode
-from tnllm.attention import pallas_compiles
 from tnllm.config import ModelConfig
 from tnllm.model import TransNormerLLM, zero_states
 from tnllm.sampling import Greedy, Sampler, make_sampler
@@ -158,10 +157,9 @@ def _decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sampl
     if fold_norms is None:
         fold_norms = batch > 1
     if fused is None:
-        fused = batch == 1 and not fused_decode.unsupported(cfg) and pallas_compiles()
-    elif fused and (batch != 1 or fused_decode.unsupported(cfg)):
-        raise ValueError(f"fused=True decodes one row of TNL in bf16, but "
-                         f"{fused_decode.unsupported(cfg) or f'the batch has {batch} rows'}: "
+        fused = fused_decode.by_default(cfg, batch)
+    elif fused and fused_decode.unsupported(cfg, batch):
+        raise ValueError(f"fused=True cannot decode this: {fused_decode.unsupported(cfg, batch)}; "
                          f"leave fused=None.")
 
     def emit(i, logits, out):
