@@ -54,9 +54,10 @@ class Tiling:
 
 
 def _kernel(*refs, norm: bool, gate: bool, glu: bool, residual: bool, block_k: int, steps: int,
-            split: bool, eps: float):
-    """x [1, K] (u [1, K]) W [K / split, block_n] (W2) (res [1, block_n]) -> o [1, block_n]; with
-    split, o is res (aliased) and this program adds its part of the product to it atomically."""
+            split: bool, transposed: bool, eps: float):
+    """x [1, K] (u [1, K]) W [K / split, block_n] or, transposed, [block_n, K / split] (W2)
+    (res [1, block_n]) -> o [1, block_n]; with split, o is res (aliased) and this program adds its
+    part of the product to it atomically."""
     refs = list(refs)
     o_ref = refs.pop()
     x_ref = refs.pop(0)
@@ -81,6 +82,10 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, residual: bool, block_k: i
         # The row repeated as the _ROWS rows of a matrix product: tensor-core dots are what
         # Triton's software pipeline overlaps with the next steps' weight loads.
         rows = jnp.broadcast_to(row.astype(w_refs[0].dtype)[None, :], (_ROWS, block_k))
+        if transposed:
+            return tuple(acc + lax.dot_general(rows, w[:, ks], (((1,), (1,)), ((), ())),
+                                               preferred_element_type=f32)
+                         for acc, w in zip(accs, w_refs))
         return tuple(acc + jnp.dot(rows, w[ks, :], preferred_element_type=f32)
                      for acc, w in zip(accs, w_refs))
 
@@ -108,10 +113,12 @@ def kernel_name(norm: bool, gate: bool, glu: bool, residual: bool) -> str:
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("norm", "eps", "u_block", "out_dtype", "tiling", "interpret"))
+                   static_argnames=("norm", "eps", "u_block", "out_dtype", "tiling", "transposed",
+                                    "interpret"))
 def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] = None,
          u_block: int = 0, residual: Optional[Array] = None, norm: bool = False, eps: float = 1e-6,
-         out_dtype=None, tiling: Optional[Tiling] = None, interpret: Optional[bool] = None) -> Array:
+         out_dtype=None, tiling: Optional[Tiling] = None, transposed: bool = False,
+         interpret: Optional[bool] = None) -> Array:
     """epilogue(prologue(x) @ w) for one row.
 
     Args:
@@ -125,15 +132,17 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
       out_dtype: the result's dtype; None: x's. At one row the result is a few KB, so float32
         costs nothing and saves a rounding. float32 when tiling.split > 1 (atomic adds).
       tiling: None: `tiling_for` these fusions and shapes.
+      transposed: w and w2 are stored [N, K] (each output column's weights contiguous).
     Returns:
       [1, N] in out_dtype.
     """
-    (m, k), n = x.shape, w.shape[1]
+    (m, k), n = x.shape, w.shape[0 if transposed else 1]
     if tiling is None:
         tiling = tiling_for(fusions(norm, u is not None, w2 is not None, residual is not None), k, n)
     split = tiling.split
-    if m != 1 or w.shape[0] != k:
-        raise ValueError(f"gemv takes one row x [1, K] and w [K, N], got x {x.shape} and w {w.shape}.")
+    if m != 1 or w.shape[1 if transposed else 0] != k:
+        raise ValueError(f"gemv takes one row x [1, K] and w [{'N, K' if transposed else 'K, N'}], got "
+                         f"x {x.shape} and w {w.shape}.")
     if u is not None and u.shape[-1] < (u_block + 1) * k:
         raise ValueError(f"u {u.shape} has no block {u_block} of K = {k} columns.")
     if n % tiling.block_n or k % (split * tiling.block_k):
@@ -145,7 +154,8 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     row = pl.BlockSpec((1, k), lambda j, s: (0, 0))
-    cols = pl.BlockSpec((k // split, tiling.block_n), lambda j, s: (s, j))
+    cols = (pl.BlockSpec((tiling.block_n, k // split), lambda j, s: (j, s)) if transposed else
+            pl.BlockSpec((k // split, tiling.block_n), lambda j, s: (s, j)))
     out = pl.BlockSpec((1, tiling.block_n), lambda j, s: (0, j))
     operands = [(x, row)]
     if u is not None:
@@ -159,7 +169,8 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
         operands.append((residual, out))
     kernel = functools.partial(_kernel, norm=norm, gate=u is not None, glu=w2 is not None,
                                residual=residual is not None, block_k=tiling.block_k,
-                               steps=k // (split * tiling.block_k), split=split > 1, eps=eps)
+                               steps=k // (split * tiling.block_k), split=split > 1,
+                               transposed=transposed, eps=eps)
     return pl.pallas_call(
         kernel, grid=(n // tiling.block_n, split),
         in_specs=[spec for _, spec in operands], out_specs=out,
