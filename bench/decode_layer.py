@@ -21,7 +21,6 @@ kernels per layer from a profiler trace, and GPU µs per layer of each Pallas ke
 Prints a line per variant and a table last; writes $OUT/decode_layer.json (OUT defaults to
 ./bench_out).
 """
-import dataclasses
 import json
 import os
 import sys
@@ -47,10 +46,6 @@ KINDS = {"qkvu": "n", "out": "ngr", "glu": "n2", "l3": "r"}
 flags.DEFINE_string("config", "1b", "Config file (configs/NAME.py).")
 flags.DEFINE_integer("budget_s", 300, "Stop trying new tilings after this many seconds.")
 flags.DEFINE_bool("smoke", False, "A tiny config, two tilings, interpret mode.")
-flags.DEFINE_enum("sweep", "tilings", ["tilings", "prefetch"],
-                  "tilings: each product's candidate tilings in turn; prefetch: the library's tilings "
-                  "with every product prefetching PREFETCH_KB of the next one's weights, after or "
-                  "before its own product.")
 FLAGS = flags.FLAGS
 
 
@@ -95,9 +90,8 @@ def pallas_stack(cfg, layers, tilings):
     def step(params, x, states):
         new, x = [], x.astype(jnp.float32)
         pos = jnp.zeros((1,), jnp.int32)
-        for j, (p, i, s) in enumerate(zip(params, layers, states)):
-            x, s = fused_decode.layer_step(p, x, pos, s, cfg=cfg, layer=i, tilings=by_fusion,
-                                           next_p=params[j + 1] if j + 1 < len(params) else None)
+        for p, i, s in zip(params, layers, states):
+            x, s = fused_decode.layer_step(p, x, pos, s, cfg=cfg, layer=i, tilings=by_fusion)
             new.append(s)
         return x.astype(jnp.bfloat16), tuple(new)
 
@@ -130,22 +124,12 @@ CANDIDATES = {
 }
 
 
-PREFETCH_KB = (16, 32, 64)
-
-
-def tilings_to_try(cfg, smoke, sweep="tilings"):
-    """[(kind, tilings of the four products)]: the library's, then each product's candidates in turn
-    (or, sweep="prefetch", all four products with each prefetch amount and order; kind "all")."""
+def tilings_to_try(cfg, smoke):
+    """[(kind, tilings of the four products)]: the library's, then each product's candidates in turn."""
     hidden = cfg.num_heads * cfg.head_dim
     shapes = {"qkvu": (cfg.d_model, 4 * hidden), "out": (hidden, cfg.d_model),
               "glu": (cfg.d_model, cfg.glu_dim), "l3": (cfg.glu_dim, cfg.d_model)}
     base = {kind: tiling_for(KINDS[kind], *shapes[kind]) for kind in KINDS}
-    if sweep == "prefetch":
-        amounts = (4,) if smoke else PREFETCH_KB
-        return [(None, base)] + [
-            ("all", {kind: dataclasses.replace(t, prefetch_kb=kb, prefetch_first=first)
-                     for kind, t in base.items()})
-            for kb in amounts for first in (False, True)]
     candidates = ({kind: [(32, 64, 1 if kind == "glu" else 2, 4, 3)] for kind in KINDS} if smoke
                   else CANDIDATES)
     return [(None, base)] + [(kind, dict(base, **{kind: Tiling(*c)})) for kind in KINDS
@@ -182,11 +166,8 @@ def main(argv):
         tuned = jax.jit(xla_stack(cfg, layers)).lower(params, x, states).compile(
             compiler_options={"xla_gpu_exhaustive_tiling_search": True})
         variants.append(("xla autotuned", tuned))
-    tried = tilings_to_try(cfg, FLAGS.smoke, FLAGS.sweep)
-    name_of = lambda kind, t: (f"pallas prefetch {t['qkvu'].prefetch_kb} KB "  # noqa: E731
-                               f"{'first' if t['qkvu'].prefetch_first else 'after'}" if kind == "all"
-                               else f"pallas {kind or 'base'} {t[kind] if kind else ''}")
-    variants += [(name_of(kind, tilings),
+    tried = tilings_to_try(cfg, FLAGS.smoke)
+    variants += [(f"pallas {kind or 'base'} {tilings[kind] if kind else ''}",
                   jax.jit(pallas_stack(cfg, layers, tilings))) for kind, tilings in tried]
     rows, start, xla_err = [], time.perf_counter(), None
     for label, fn in variants:
@@ -214,16 +195,7 @@ def main(argv):
         print(json.dumps(row), flush=True)
         (out_dir / "decode_layer.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
 
-    if FLAGS.sweep == "tilings":
-        rows.append(best_per_kernel(cfg, layers, tried, rows, check, params, x, states))
-        print(json.dumps(rows[-1]), flush=True)
-        (out_dir / "decode_layer.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
-    table(rows)
-
-
-def best_per_kernel(cfg, layers, tried, rows, check, params, x, states):
-    """The best tiling of each kernel (GPU µs from the traces), combined into one step: its row."""
-    per_layer = 1e3 / len(layers)
+    # The best tiling of each kernel (GPU µs from the traces), combined into one step.
     best = dict(tried[0][1])
     for kind, fusion in KINDS.items():
         kernel = "decode_gemv_" + fusion
@@ -241,10 +213,10 @@ def best_per_kernel(cfg, layers, tried, rows, check, params, x, states):
     if "error" not in trace:
         row.update(gpu_us_per_layer=per_layer * trace["gpu_ms"] / 20,
                    kernels_per_layer=trace["kernels"] / 20 / len(layers))
-    return row
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    (out_dir / "decode_layer.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
 
-
-def table(rows):
     print(f"\n{'variant':>48} {'err x':>8} {'wall µs/layer':>14} {'GPU µs/layer':>13} "
           f"{'kernels/layer':>14}")
     for r in rows:

@@ -1,5 +1,5 @@
-"""The one-row products of the fused decoding step, one at a time: `pallas_kernels.decode.gemv` in
-both weight layouts and several tilings, against XLA's product and XLA reading the same bytes.
+"""The one-row products of the fused decoding step, one at a time: `pallas_kernels.decode.gemv` with
+several tilings, against XLA's product and XLA reading the same bytes.
 
 At batch 1 a decoding step reads every weight once, so its products run at the speed at which they
 stream their weights from HBM. This measures the four products of a 1B layer with the operations
@@ -8,9 +8,9 @@ the gate and the residual; l1 and l2 with the norm and the GLU product; l3 with 
 
 - `xla read`: a row sum over the weight(s), the time to stream those bytes once in one kernel;
 - `xla dot`: XLA's product of the row with the weight(s), nothing fused;
-- `pallas kn ...`: the kernel on the model's layout, W [K, N]: a program reads block_n columns,
-  block_n * 2 contiguous bytes out of every row of W;
-- `pallas nk ...`: the kernel on W stored [N, K]: a program's weights are one contiguous region.
+- `pallas ...`: the kernel: a program reads block_n columns of W [K, N], block_n * 2 contiguous
+  bytes out of every row (call 40 also tried W stored [N, K], each program's weights one
+  contiguous region: no faster, bench/NOTES.md).
 
 Eight copies of each weight are cycled so that no product finds its weight in L2 (50 MB). GPU time
 per product from a profiler trace. Each variant is checked against a float32 product first.
@@ -21,6 +21,7 @@ per product from a profiler trace. Each variant is checked against a float32 pro
 Prints a line per variant and a table of the best per product and layout last; writes
 $OUT/gemv.json (OUT defaults to ./bench_out).
 """
+import functools
 import itertools
 import json
 import os
@@ -33,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -68,12 +71,11 @@ def reference(fusion, x, u, r, w, w2):
         return y + r if "r" in fusion else y
 
 
-def pallas_fn(fusion, tiling, transposed, interpret):
+def pallas_fn(fusion, tiling, interpret):
     def fn(x, u, r, w, w2):
         return gemv(x, w, w2=w2 if "2" in fusion else None, u=u if "g" in fusion else None,
                     residual=r if "r" in fusion else None, norm="n" in fusion, eps=EPS,
-                    out_dtype=jnp.float32, tiling=tiling, transposed=transposed,
-                    interpret=interpret)
+                    out_dtype=jnp.float32, tiling=tiling, interpret=interpret)
     return fn
 
 
@@ -91,19 +93,74 @@ def xla_read(fusion):
     return fn
 
 
-def tilings(k, n, fusion, transposed, smoke):
-    """Candidate tilings for w [k, n] in one layout: the library's, wide column blocks with K split
-    over programs (kn, where the GLU's product allows a split), and narrow ones (nk)."""
+# How the row enters the q/k/v/u product (fusion "n"), to find where the kernel loses to a read of
+# the same bytes: "lib" as `gemv` (the norm's scale from the whole row first, then each step's
+# slice of the row scaled, rounded and repeated as 16 rows); "late" the scale applied to the sums
+# at the end, the sum of squares gathered from the same slices in the loop; "rows16" the normalised
+# row prepared by XLA as 16 bf16 rows and loaded as the dot's operand; "ones" no row at all (the
+# kernel's weight stream alone).
+PROBES = ("lib", "late", "rows16", "ones")
+# Other tilings of the weight stream alone ("ones").
+STREAM_TILINGS = (Tiling(64, 64, 1, 4, 8), Tiling(128, 64, 1, 4, 6), Tiling(32, 256, 1, 4, 4),
+                  Tiling(64, 128, 1, 8, 5), Tiling(128, 128, 1, 8, 4), Tiling(64, 256, 1, 4, 3))
+
+
+def _probe_kernel(x_ref, w_ref, o_ref, *, form, block_k, steps):
+    f32 = jnp.float32
+    scale = None
+    if form == "lib":
+        x = x_ref[...].astype(f32)
+        scale = lax.rsqrt(jnp.sum(x * x) / x.size + EPS)
+
+    def body(i, carry):
+        acc, sq = carry
+        ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+        if form == "rows16":
+            a = x_ref[:, ks]
+        elif form == "ones":
+            a = jnp.ones((16, block_k), w_ref.dtype)
+        else:
+            row = x_ref[0, ks].astype(f32)
+            if form == "late":
+                sq = sq + jnp.sum(row * row)
+            else:
+                row = row * scale
+            a = jnp.broadcast_to(row.astype(w_ref.dtype)[None, :], (16, block_k))
+        return acc + jnp.dot(a, w_ref[ks, :], preferred_element_type=f32), sq
+
+    acc, sq = lax.fori_loop(0, steps, body, (jnp.zeros((16, o_ref.shape[-1]), f32), jnp.float32(0)))
+    y = jnp.max(acc, axis=0)
+    if form == "late":
+        y = y * lax.rsqrt(sq / (steps * block_k) + EPS)
+    o_ref[0, :] = y
+
+
+def probe_fn(form, tiling, interpret):
+    def fn(x, u, r, w, w2):
+        k, n = w.shape
+        if form == "rows16":
+            x = jnp.broadcast_to((x * lax.rsqrt(jnp.mean(x * x) + EPS)).astype(w.dtype), (16, k))
+        return pl.pallas_call(
+            functools.partial(_probe_kernel, form=form, block_k=tiling.block_k, steps=k // tiling.block_k),
+            grid=(n // tiling.block_n,),
+            in_specs=[pl.BlockSpec(x.shape, lambda j: (0, 0)), pl.BlockSpec((k, tiling.block_n), lambda j: (0, j))],
+            out_specs=pl.BlockSpec((1, tiling.block_n), lambda j: (0, j)),
+            out_shape=jax.ShapeDtypeStruct((1, n), jnp.float32),
+            compiler_params=pl_triton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+            interpret=interpret, name="probe_" + form)(x, w)
+    return fn
+
+
+def tilings(k, n, fusion, smoke):
+    """Candidate tilings for w [k, n]: the library's, then wide column blocks with K split over
+    programs (where the GLU's product allows a split)."""
     if smoke:
-        out = [Tiling(32, 64, 1, 4, 3)] + ([Tiling(16, 64, 2, 4, 3)] if "2" not in fusion else [])
-        return out if transposed else [tiling_for(fusion, k, n)] + out
+        return [tiling_for(fusion, k, n), Tiling(32, 64, 1, 4, 3)] + (
+            [Tiling(16, 64, 2, 4, 3)] if "2" not in fusion else [])
     splits = (1,) if "2" in fusion else (1, 2, 4, 8, 11, 16, 22)
-    if transposed:
-        grid = itertools.product((16, 32, 64), ((256, 4), (512, 3)), splits, (4,))
-    else:
-        grid = itertools.product((256, 512), ((32, 4), (64, 3)), splits, (4, 8))
-    out = [] if transposed else [tiling_for(fusion, k, n)]
-    for block_n, (block_k, stages), split, warps in grid:
+    out = [tiling_for(fusion, k, n)]
+    for block_n, (block_k, stages), split, warps in itertools.product(
+            (256, 512), ((32, 4), (64, 3)), splits, (4, 8)):
         programs = n // block_n * split
         if n % block_n or k % (split * block_k) or not 100 <= programs <= 600:
             continue
@@ -127,51 +184,58 @@ def main(argv):
         r = jax.random.normal(keys[2], (1, n), jnp.float32)
         kn = [(jax.random.normal(key, (k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
               for key in keys[3:]]
-        nk = [w.T.copy() for w in kn]
-        copies = {False: list(zip(kn[::2], kn[1::2])), True: list(zip(nk[::2], nk[1::2]))}
-        want = np.asarray(reference(fusion, x, u, r, *copies[False][0]))
-        variants = [("xla read", xla_read(fusion), False), ("xla dot", xla_dot(fusion), False)]
-        variants += [(f"pallas {'nk' if t else 'kn'} {tiling}", pallas_fn(fusion, tiling, t, FLAGS.smoke), t)
-                     for t in (False, True) for tiling in tilings(k, n, fusion, t, FLAGS.smoke)]
+        copies = list(zip(kn[::2], kn[1::2]))
+        want = np.asarray(reference(fusion, x, u, r, *copies[0]))
+        variants = [("xla read", xla_read(fusion), None), ("xla dot", xla_dot(fusion), reference("2" if "2" in fusion else "", x, u, r, *copies[0]))]
+        variants += [(f"pallas {tiling}", pallas_fn(fusion, tiling, FLAGS.smoke), want)
+                     for tiling in tilings(k, n, fusion, FLAGS.smoke)]
+        if fusion == "n":
+            t = tiling_for(fusion, k, n)
+            ones = np.asarray(reference("", jnp.ones_like(x), u, r, *copies[0]))
+            variants += [(f"probe {form} {t}", probe_fn(form, t, FLAGS.smoke), ones if form == "ones" else want)
+                         for form in PROBES]
+            variants += [(f"probe ones {t}", probe_fn("ones", t, FLAGS.smoke), ones)
+                         for t in ([] if FLAGS.smoke else STREAM_TILINGS)]
         weight_mb = k * n * 2 * (2 if "2" in fusion else 1) / 1e6
-        for name, fn, transposed in variants:
+        for name, fn, expect in variants:
             if time.perf_counter() - start > FLAGS.budget_s and not name.startswith("xla"):
                 continue
             row = dict(product=product, k=k, n=n, fusion=fusion, weight_mb=weight_mb, variant=name)
             try:
                 f = jax.jit(fn)
-                if name != "xla read":
-                    got = np.asarray(f(x, u, r, *copies[transposed][0]))
-                    row["rel_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+                if expect is not None:
+                    got = np.asarray(f(x, u, r, *copies[0]))
+                    row["rel_err"] = float(np.linalg.norm(got - expect) / np.linalg.norm(expect))
                     if row["rel_err"] > 1e-2:
                         raise ValueError(f"wrong result: relative error {row['rel_err']:.2e}")
-                for w, w2 in copies[transposed]:  # warm-up
+                for w, w2 in copies:  # warm-up
                     f(x, u, r, w, w2).block_until_ready()
-                trace = profiling.gpu_time(
-                    lambda: [f(x, u, r, w, w2) for _ in range(repeats) for w, w2 in copies[transposed]])
+                trace = profiling.gpu_time(lambda: [f(x, u, r, w, w2) for _ in range(repeats) for w, w2 in copies])
                 if "error" in trace:
                     raise RuntimeError(trace["error"])
-                calls = repeats * len(copies[transposed])
+                calls = repeats * len(copies)
                 us = 1e3 * trace["gpu_ms"] / calls
-                row.update(us=us, tb_per_s=weight_mb / us,
-                           kernels_per_product=trace["kernels"] / calls)
+                kernel_us = 1e3 * sum(ms for kname, ms in trace["top_kernels_ms"]
+                                      if "gemv" in kname or "probe" in kname) / calls
+                row.update(us=us, tb_per_s=weight_mb / us, kernels_per_product=trace["kernels"] / calls,
+                           pallas_kernel_us=kernel_us)
             except Exception as e:  # noqa: BLE001 - a tiling that does not compile is a result too
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
             (out_dir / "gemv.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
 
-    print(f"\n{'product':>8} {'MB':>6} {'read µs':>8} {'xla dot µs':>10} {'best kn':>40} {'µs':>6} "
-          f"{'best nk':>40} {'µs':>6}")
+    print(f"\n{'product':>8} {'MB':>6} {'read µs':>8} {'xla dot µs':>10} {'best pallas':>72} {'µs':>6}")
     for product, k, n, fusion in products:
         ok = [r for r in rows if r["product"] == product and "us" in r]
         us = {r["variant"]: r["us"] for r in ok}
-        best = {lay: min((r for r in ok if r["variant"].startswith(f"pallas {lay}")),
-                         key=lambda r: r["us"], default=None) for lay in ("kn", "nk")}
-        cells = [f"{best[lay]['variant'][10:]:>40} {best[lay]['us']:>6.2f}" if best[lay] else
-                 f"{'-':>40} {'-':>6}" for lay in ("kn", "nk")]
+        best = min((r for r in ok if r["variant"].startswith("pallas")), key=lambda r: r["us"], default=None)
+        cell = f"{best['variant'][7:]:>72} {best['us']:>6.2f}" if best else f"{'-':>72} {'-':>6}"
         print(f"{product:>8} {ok[0]['weight_mb'] if ok else 0:>6.1f} {us.get('xla read', float('nan')):>8.2f} "
-              f"{us.get('xla dot', float('nan')):>10.2f} {cells[0]} {cells[1]}")
+              f"{us.get('xla dot', float('nan')):>10.2f} {cell}")
+    for r in rows:
+        if r["variant"].startswith("probe") and "us" in r:
+            print(f"{r['variant'][:60]:>60}: {r['us']:.2f} µs ({r['pallas_kernel_us']:.2f} in the kernel)")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,6 @@ from jax.experimental.pallas import triton as pl_triton
 Array = jax.Array
 
 _ROWS = 16  # the smallest M of Triton's dot
-_PREFETCH_COLS = 512  # the row length of the prefetched weights' view: 1 KB of bf16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,50 +44,21 @@ class Tiling:
     """block_n: output columns per program; block_k: rows of W per loop step (divides K / split);
     split: programs per output column block, each summing K / split rows of W and adding its
     partial sum to the float32 output atomically (not with the GLU, whose product needs both sums
-    whole); num_warps, num_stages: Triton launch parameters; prefetch_kb: KB of the next product's
-    weights each program reads into L2 (`gemv`'s `prefetch`), after its own product
-    (prefetch_first=False) or before it."""
+    whole); num_warps, num_stages: Triton launch parameters."""
 
     block_n: int = 32
     block_k: int = 256
     split: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    prefetch_kb: int = 0
-    prefetch_first: bool = False
-
-
-def _prefetch(refs, sums_ref, regions: int, rows: int):
-    """Reads this program's chunk of the next product's weights (refs: [R_i, _PREFETCH_COLS] views,
-    each in `regions` equal parts whose starts the next product's programs read first), so that
-    they are in L2 when that product starts; stores the chunk's sum in sums_ref [1, programs] so
-    that the read is not optimised away."""
-    p = pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)
-    n_regions = regions * len(refs)
-    region, chunk = p % n_regions, p // n_regions
-    for i, ref in enumerate(refs):
-        @pl.when(region // regions == i)
-        def _():
-            size = ref.shape[0] // regions
-            start = (region % regions) * size + jnp.minimum(chunk * rows, size - rows)
-            block = ref[pl.ds(start, rows), :].astype(jnp.float32)
-            sums_ref[0, pl.ds(p, 1)] = jnp.sum(block, keepdims=True)[0]
 
 
 def _kernel(*refs, norm: bool, gate: bool, glu: bool, residual: bool, block_k: int, steps: int,
-            split: bool, transposed: bool, prefetch: int, prefetch_regions: int,
-            prefetch_rows: int, prefetch_first: bool, eps: float):
-    """x [1, K] (u [1, K]) W [K / split, block_n] or, transposed, [block_n, K / split] (W2)
-    (res [1, block_n]) (`prefetch` weight views) -> o [1, block_n] (prefetch sums [1, programs]);
-    with split, o is res (aliased) and this program adds its part of the product to it
-    atomically."""
+            split: bool, eps: float):
+    """x [1, K] (u [1, K]) W [K / split, block_n] (W2) (res [1, block_n]) -> o [1, block_n]; with
+    split, o is res (aliased) and this program adds its part of the product to it atomically."""
     refs = list(refs)
-    sums_ref = refs.pop() if prefetch else None
     o_ref = refs.pop()
-    pf_refs = [refs.pop() for _ in range(prefetch)][::-1]
-    warm = functools.partial(_prefetch, pf_refs, sums_ref, prefetch_regions, prefetch_rows)
-    if prefetch and prefetch_first:
-        warm()
     x_ref = refs.pop(0)
     u_ref = refs.pop(0) if gate else None
     w_refs = [refs.pop(0) for _ in range(2 if glu else 1)]
@@ -111,10 +81,6 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, residual: bool, block_k: i
         # The row repeated as the _ROWS rows of a matrix product: tensor-core dots are what
         # Triton's software pipeline overlaps with the next steps' weight loads.
         rows = jnp.broadcast_to(row.astype(w_refs[0].dtype)[None, :], (_ROWS, block_k))
-        if transposed:
-            return tuple(acc + lax.dot_general(rows, w[:, ks], (((1,), (1,)), ((), ())),
-                                               preferred_element_type=f32)
-                         for acc, w in zip(accs, w_refs))
         return tuple(acc + jnp.dot(rows, w[ks, :], preferred_element_type=f32)
                      for acc, w in zip(accs, w_refs))
 
@@ -124,12 +90,10 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, residual: bool, block_k: i
     y = accs[0] * accs[1] if glu else accs[0]
     if split:
         pl_triton.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(0, block_n)), y[None, :])
-    else:
-        if residual:
-            y = res_ref[0, :].astype(f32) + y
-        o_ref[0, :] = y.astype(o_ref.dtype)
-    if prefetch and not prefetch_first:
-        warm()
+        return
+    if residual:
+        y = res_ref[0, :].astype(f32) + y
+    o_ref[0, :] = y.astype(o_ref.dtype)
 
 
 def fusions(norm: bool, gate: bool, glu: bool, residual: bool) -> str:
@@ -144,13 +108,10 @@ def kernel_name(norm: bool, gate: bool, glu: bool, residual: bool) -> str:
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("norm", "eps", "u_block", "out_dtype", "tiling", "transposed",
-                                    "prefetch_splits", "interpret"))
+                   static_argnames=("norm", "eps", "u_block", "out_dtype", "tiling", "interpret"))
 def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] = None,
          u_block: int = 0, residual: Optional[Array] = None, norm: bool = False, eps: float = 1e-6,
-         out_dtype=None, tiling: Optional[Tiling] = None, transposed: bool = False,
-         prefetch: Sequence[Array] = (), prefetch_splits: int = 1,
-         interpret: Optional[bool] = None) -> Array:
+         out_dtype=None, tiling: Optional[Tiling] = None, interpret: Optional[bool] = None) -> Array:
     """epilogue(prologue(x) @ w) for one row.
 
     Args:
@@ -164,21 +125,15 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
       out_dtype: the result's dtype; None: x's. At one row the result is a few KB, so float32
         costs nothing and saves a rounding. float32 when tiling.split > 1 (atomic adds).
       tiling: None: `tiling_for` these fusions and shapes.
-      transposed: w and w2 are stored [N, K] (each output column's weights contiguous).
-      prefetch: the next product's weights, [K', N'] each: with tiling.prefetch_kb > 0 every
-        program also reads prefetch_kb KB of them, from the starts of their `prefetch_splits`
-        equal row blocks (where the next product's programs begin when it splits K that many
-        ways), so that the next kernel finds its first weight tiles in L2.
     Returns:
       [1, N] in out_dtype.
     """
-    (m, k), n = x.shape, w.shape[0 if transposed else 1]
+    (m, k), n = x.shape, w.shape[1]
     if tiling is None:
         tiling = tiling_for(fusions(norm, u is not None, w2 is not None, residual is not None), k, n)
     split = tiling.split
-    if m != 1 or w.shape[1 if transposed else 0] != k:
-        raise ValueError(f"gemv takes one row x [1, K] and w [{'N, K' if transposed else 'K, N'}], got "
-                         f"x {x.shape} and w {w.shape}.")
+    if m != 1 or w.shape[0] != k:
+        raise ValueError(f"gemv takes one row x [1, K] and w [K, N], got x {x.shape} and w {w.shape}.")
     if u is not None and u.shape[-1] < (u_block + 1) * k:
         raise ValueError(f"u {u.shape} has no block {u_block} of K = {k} columns.")
     if n % tiling.block_n or k % (split * tiling.block_k):
@@ -190,8 +145,7 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     row = pl.BlockSpec((1, k), lambda j, s: (0, 0))
-    cols = (pl.BlockSpec((tiling.block_n, k // split), lambda j, s: (j, s)) if transposed else
-            pl.BlockSpec((k // split, tiling.block_n), lambda j, s: (s, j)))
+    cols = pl.BlockSpec((k // split, tiling.block_n), lambda j, s: (s, j))
     out = pl.BlockSpec((1, tiling.block_n), lambda j, s: (0, j))
     operands = [(x, row)]
     if u is not None:
@@ -203,39 +157,18 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
         residual = (jnp.zeros((1, n), jnp.float32) if residual is None else residual.astype(jnp.float32))
     if residual is not None:
         operands.append((residual, out))
-    aliases = {len(operands) - 1: 0} if split > 1 else {}
-    grid = (n // tiling.block_n, split)
-    out_specs, out_shape = [out], [jax.ShapeDtypeStruct((1, n), out_dtype)]
-    views = [_prefetch_view(a, prefetch_splits) for a in prefetch] if tiling.prefetch_kb else []
-    rows = tiling.prefetch_kb * 1024 // (_PREFETCH_COLS * 2)
-    if views:
-        if any(v is None or v.shape[0] // prefetch_splits < rows for v in views):
-            raise ValueError(f"prefetch arrays {[a.shape for a in prefetch]} do not split into "
-                             f"{prefetch_splits} blocks of {_PREFETCH_COLS}-element rows with "
-                             f"{tiling.prefetch_kb} KB each: prefetch fewer KB or none.")
-        operands += [(v, pl.BlockSpec(v.shape, lambda j, s: (0, 0))) for v in views]
-        out_specs.append(pl.BlockSpec((1, grid[0] * grid[1]), lambda j, s: (0, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((1, grid[0] * grid[1]), jnp.float32))
     kernel = functools.partial(_kernel, norm=norm, gate=u is not None, glu=w2 is not None,
                                residual=residual is not None, block_k=tiling.block_k,
-                               steps=k // (split * tiling.block_k), split=split > 1,
-                               transposed=transposed, prefetch=len(views),
-                               prefetch_regions=prefetch_splits, prefetch_rows=rows,
-                               prefetch_first=tiling.prefetch_first, eps=eps)
+                               steps=k // (split * tiling.block_k), split=split > 1, eps=eps)
     return pl.pallas_call(
-        kernel, grid=grid, in_specs=[spec for _, spec in operands], out_specs=out_specs,
-        out_shape=out_shape, input_output_aliases=aliases,
+        kernel, grid=(n // tiling.block_n, split),
+        in_specs=[spec for _, spec in operands], out_specs=out,
+        out_shape=jax.ShapeDtypeStruct((1, n), out_dtype),
+        input_output_aliases={len(operands) - 1: 0} if split > 1 else {},
         compiler_params=pl_triton.CompilerParams(num_warps=tiling.num_warps,
                                                  num_stages=tiling.num_stages),
         interpret=interpret, name=name,
-    )(*[a for a, _ in operands])[0]
-
-
-def _prefetch_view(a: Array, splits: int) -> Optional[Array]:
-    """a as [rows, _PREFETCH_COLS] (a free reshape), rows a multiple of splits; None if it is not."""
-    if a.dtype.itemsize != 2 or a.size % (_PREFETCH_COLS * splits):
-        return None
-    return a.reshape(-1, _PREFETCH_COLS)
+    )(*[a for a, _ in operands])
 
 
 # The best tiling of each of a layer's four products for the 1B at one row on an H200

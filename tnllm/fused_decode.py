@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.decode import Tiling, gemv, state_step, tiling_for
+from pallas_kernels.decode import Tiling, gemv, state_step
 from tnllm.attention import layer_slopes, lightning_attention_step, pallas_compiles
 from tnllm.config import ModelConfig
 from tnllm.model import lrpe, srms_norm
@@ -52,22 +52,16 @@ def by_default(cfg: ModelConfig, batch: int) -> bool:
 
 
 def layer_step(p, x: Array, positions: Array, state: Array, *, cfg: ModelConfig, layer: int,
-               tilings: Optional[Mapping[str, Tiling]] = None,
-               next_p: Optional[Mapping[str, Any]] = None) -> Tuple[Array, Array]:
+               tilings: Optional[Mapping[str, Tiling]] = None) -> Tuple[Array, Array]:
     """Decoder layer `layer` (params p) for one token: x [1, d_model] f32 -> the same; positions [1]
     int; state [1, heads, dk, head_dim] f32 -> the new state. tilings: by the products' fusions
     ("n", "ngr", "n2", "r": `pallas_kernels.decode.fusions`), each absent one `tiling_for` its
-    shape (bench/decode_layer.py measures others). next_p: the next layer's params, whose first
-    weights the last product prefetches (`gemv`'s `prefetch`), or None."""
+    shape (bench/decode_layer.py measures others)."""
     tm, cm = p["token_mixer"], p["channel_mixer"]
     h, hd, eps, dtype = cfg.num_heads, cfg.head_dim, cfg.norm_eps, cfg.dtype
-    w_qkvu, w_out = _qkvu_weight(p, dtype), tm["out_proj"]["kernel"].astype(dtype)
-    w_out = w_out.reshape(-1, w_out.shape[-1])
-    w1, w2, w3 = (cm[name]["kernel"].astype(dtype) for name in ("l1", "l2", "l3"))
-    t = {fusion: (tilings or {}).get(fusion) or tiling_for(fusion, *w.shape)
-         for fusion, w in (("n", w_qkvu), ("ngr", w_out), ("n2", w1), ("r", w3))}
-    qkvu = gemv(x, w_qkvu, norm=True, eps=eps, tiling=t["n"], prefetch=(w_out,),
-                prefetch_splits=t["ngr"].split)
+    tiling = (tilings or {}).get
+    w = tm["qkvu_proj"]["kernel"].astype(dtype)
+    qkvu = gemv(x, w.reshape(w.shape[0], -1), norm=True, eps=eps, tiling=tiling("n"))
     slopes = layer_slopes(h, layer, cfg.num_layers)
     if layer in cfg.lrpe_layers:  # LRPE doubles q and k between the projection and the recurrence
         q, k, v = (qkvu.reshape(1, 1, 4, h, hd)[:, :, i] for i in range(3))  # [1, 1, heads, head_dim]
@@ -75,18 +69,12 @@ def layer_step(p, x: Array, positions: Array, state: Array, *, cfg: ModelConfig,
         o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slopes, state)
     else:
         o, state = state_step(qkvu.reshape(1, 4, h, hd), state, slopes)
-    x = gemv(o.reshape(1, -1), w_out, u=qkvu, u_block=3, residual=x, norm=True, eps=eps,
-             tiling=t["ngr"], prefetch=(w1, w2))
-    g = gemv(x, w1, w2=w2, norm=True, eps=eps, tiling=t["n2"], prefetch=(w3,),
-             prefetch_splits=t["r"].split)
-    nxt = (_qkvu_weight(next_p, dtype),) if next_p is not None else ()
-    return gemv(g, w3, residual=x, tiling=t["r"], prefetch=nxt, prefetch_splits=t["n"].split), state
-
-
-def _qkvu_weight(p, dtype) -> Array:
-    """The merged q/k/v/u projection's weight as [d_model, 4 heads head_dim]."""
-    w = p["token_mixer"]["qkvu_proj"]["kernel"].astype(dtype)
-    return w.reshape(w.shape[0], -1)
+    w = tm["out_proj"]["kernel"].astype(dtype)
+    x = gemv(o.reshape(1, -1), w.reshape(-1, w.shape[-1]), u=qkvu, u_block=3, residual=x, norm=True,
+             eps=eps, tiling=tiling("ngr"))
+    g = gemv(x, cm["l1"]["kernel"].astype(dtype), w2=cm["l2"]["kernel"].astype(dtype), norm=True, eps=eps,
+             tiling=tiling("n2"))
+    return gemv(g, cm["l3"]["kernel"].astype(dtype), residual=x, tiling=tiling("r")), state
 
 
 def step(params, tokens: Array, positions: Array, states: Sequence[Any], *,
@@ -109,8 +97,7 @@ def step(params, tokens: Array, positions: Array, states: Sequence[Any], *,
     x = x.astype(jnp.float32)
     new = []
     for i, state in enumerate(states):
-        x, state = layer_step(params[f"layers_{i}"], x, positions, state, cfg=cfg, layer=i,
-                              next_p=params.get(f"layers_{i + 1}"))
+        x, state = layer_step(params[f"layers_{i}"], x, positions, state, cfg=cfg, layer=i)
         new.append(state)
     logits = jnp.dot(srms_norm(x, cfg.norm_eps).astype(cfg.dtype), table.T,
                      preferred_element_type=jnp.float32)
