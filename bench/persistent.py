@@ -1,0 +1,198 @@
+"""Kernel boundaries against a grid-wide barrier inside one Pallas kernel, for a layer's weight streams.
+
+At batch 1 each product of the fused decoding step runs within ~10 % of one kernel reading its
+weights, and one kernel reading 8-46 MB pays ~2 µs over the rate of a long read (bench/NOTES.md,
+calls 40-42): five kernels a layer cost the 1B ~0.16 ms a token. This measures what one kernel
+for several products would save, before building one: the weight streams of a 1B layer's four
+products (q/k/v/u [2048, 8192], the output projection [2048, 2048], l1 and l2 as [2048, 11264],
+l3 [5632, 2048]), each a dot of a row of ones with the weight tiles (no activations, so no data
+flows between the streams), run
+
+- `kernels`: as four kernels of PROGRAMS programs each;
+- `barrier`: as one kernel of PROGRAMS programs that wait for each other between the streams: each
+  program adds 1 to a counter in HBM (an atomic add with release semantics) and spins until the
+  counter reaches PROGRAMS (atomic reads, bounded by MAX_SPIN so that a program that is not
+  resident cannot hang the GPU; the number that gave up is reported);
+- `barrier+tile`: the same, each program loading its first weight tile of the next stream before
+  it waits.
+
+Each stream's (BK x BN) tiles are dealt to the programs in equal contiguous runs (K fastest); every
+program writes the column sums of its tiles, and the check is that all of them add up to the
+weights' sum. GPU time per layer from a profiler trace.
+
+    python3 bench/persistent.py          # the GPU run (the barrier variants need a GPU)
+    python3 bench/persistent.py --smoke  # `kernels` on tiny shapes in interpret mode
+
+Prints a table; writes $OUT/persistent.json (OUT defaults to ./bench_out).
+"""
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench import profiling, timing  # noqa: E402
+
+PROGRAMS = 128
+BN, BK = 64, 128
+MAX_SPIN = 1 << 20
+STREAMS = (("qkvu", 2048, 8192), ("out", 2048, 2048), ("glu", 2048, 11264), ("l3", 5632, 2048))
+SMOKE = (("a", 256, 512), ("b", 256, 256))
+
+flags.DEFINE_bool("smoke", False, "Tiny shapes, interpret mode, the four-kernel variant only.")
+flags.DEFINE_integer("repeats", 20, "Layers per timing.")
+FLAGS = flags.FLAGS
+
+
+def _tile(w_ref, t, steps):
+    """Tile t of w (K fastest): [BK, BN]."""
+    cb, ks = t // steps, t % steps
+    return w_ref[pl.ds(pl.multiple_of(ks * BK, BK), BK), pl.ds(pl.multiple_of(cb * BN, BN), BN)]
+
+
+def _stream(w_ref, out_ref, first=None):
+    """This program's run of w's tiles, summed by columns into out [1, BN] (first: its first tile,
+    loaded already)."""
+    k, n = w_ref.shape
+    steps = k // BK
+    per = steps * (n // BN) // PROGRAMS
+    start = pl.program_id(0) * per
+    ones = jnp.ones((16, BK), w_ref.dtype)
+    acc = jnp.zeros((16, BN), jnp.float32)
+    if first is not None:
+        acc = jnp.dot(ones, first, preferred_element_type=jnp.float32)
+    acc = lax.fori_loop(0 if first is None else 1, per,
+                        lambda i, acc: acc + jnp.dot(ones, _tile(w_ref, start + i, steps),
+                                                     preferred_element_type=jnp.float32), acc)
+    out_ref[...] = jnp.max(acc, axis=0)[None, :]
+
+
+def _barrier(bar_ref, i):
+    """Waits until all PROGRAMS programs have arrived at barrier i; bar_ref [barriers + 1] int32
+    counts the arrivals, its last slot the programs that stopped spinning at MAX_SPIN."""
+    pl_triton.debug_barrier()  # every thread's loads and stores of this stream are issued
+    one = jnp.ones((1,), jnp.int32)
+    pl_triton.atomic_add(bar_ref, (pl.ds(i, 1),), one)
+
+    def spin(c):
+        return jnp.max(pl_triton.atomic_add(bar_ref, (pl.ds(i, 1),), 0 * one)), c[1] + 1
+
+    arrived, spins = lax.while_loop(lambda c: (c[0] < PROGRAMS) & (c[1] < MAX_SPIN), spin,
+                                    (jnp.int32(0), jnp.int32(0)))
+
+    @pl.when(arrived < PROGRAMS)
+    def _():
+        pl_triton.atomic_add(bar_ref, (pl.ds(bar_ref.shape[0] - 1, 1),), one)
+
+    pl_triton.debug_barrier()
+
+
+def _one_kernel(*refs, n: int, prefetch: bool):
+    ws, outs, bar_ref = refs[:n], refs[n + 1:2 * n + 1], refs[2 * n + 1]
+    first = None
+    for i, (w_ref, out_ref) in enumerate(zip(ws, outs)):
+        _stream(w_ref, out_ref, first)
+        if i + 1 < n:
+            nxt = ws[i + 1]
+            steps = nxt.shape[0] // BK
+            per = steps * (nxt.shape[1] // BN) // PROGRAMS
+            first = _tile(nxt, pl.program_id(0) * per, steps) if prefetch else None
+            _barrier(bar_ref, i)
+
+
+def _out_spec():
+    return pl.BlockSpec((None, 1, BN), lambda p: (p, 0, 0))
+
+
+def kernels(ws, interpret):
+    """Each stream its own kernel: [programs, 1, BN] column sums per stream."""
+    return [pl.pallas_call(
+        lambda w_ref, o_ref: _stream(w_ref, o_ref), grid=(PROGRAMS,),
+        in_specs=[pl.BlockSpec(w.shape, lambda p: (0, 0))], out_specs=_out_spec(),
+        out_shape=jax.ShapeDtypeStruct((PROGRAMS, 1, BN), jnp.float32),
+        compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=4),
+        interpret=interpret, name="stream")(w) for w in ws]
+
+
+def one_kernel(ws, prefetch):
+    """All streams in one kernel with a grid-wide barrier between them: (sums, counters [n]: the
+    arrivals at each of the n - 1 barriers, then the programs that gave up spinning)."""
+    n = len(ws)
+    bar = jnp.zeros((n,), jnp.int32)
+    outs = pl.pallas_call(
+        functools.partial(_one_kernel, n=n, prefetch=prefetch), grid=(PROGRAMS,),
+        in_specs=[pl.BlockSpec(w.shape, lambda p: (0, 0)) for w in ws] + [pl.BlockSpec((n,), lambda p: (0,))],
+        out_specs=[_out_spec() for _ in ws] + [pl.BlockSpec((n,), lambda p: (0,))],
+        out_shape=[jax.ShapeDtypeStruct((PROGRAMS, 1, BN), jnp.float32) for _ in ws]
+        + [jax.ShapeDtypeStruct((n,), jnp.int32)],
+        input_output_aliases={n: n},
+        compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=4),
+        name="streams_barrier")(*ws, bar)
+    return outs[:n], outs[n]
+
+
+def main(argv):
+    del argv
+    out_dir = Path(os.environ.get("OUT", "bench_out"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    global PROGRAMS
+    streams = SMOKE if FLAGS.smoke else STREAMS
+    if FLAGS.smoke:
+        PROGRAMS = 4
+    meta = dict(date=time.strftime("%Y-%m-%d"), device=jax.devices()[0].device_kind,
+                jax_version=jax.__version__, programs=PROGRAMS, command=" ".join(sys.argv))
+    print(json.dumps(meta), flush=True)
+    keys = jax.random.split(jax.random.key(0), 2 * len(streams))
+    layers = [[jax.random.normal(keys[c * len(streams) + i], (k, n), jnp.float32).astype(jnp.bfloat16)
+               for i, (_, k, n) in enumerate(streams)] for c in range(2)]
+    want = [float(jnp.sum(w.astype(jnp.float32))) for w in layers[0]]
+    total_mb = sum(k * n * 2 for _, k, n in streams) / 1e6
+    variants = [("kernels", jax.jit(lambda ws: (kernels(ws, FLAGS.smoke), None)))]
+    if not FLAGS.smoke:
+        variants += [("barrier", jax.jit(lambda ws: one_kernel(ws, False))),
+                     ("barrier+tile", jax.jit(lambda ws: one_kernel(ws, True)))]
+    rows = []
+    for name, fn in variants:
+        row = dict(variant=name, weight_mb=total_mb)
+        try:
+            sums, bar = fn(layers[0])
+            got = [float(jnp.sum(s)) for s in sums]  # column sums of ones x tiles: one row each
+            row["rel_err"] = max(abs(g - w) / max(abs(w), 1.0) for g, w in zip(got, want))
+            if bar is not None:
+                row["barrier_counts"] = [int(b) for b in bar[:-1]]
+                row["gave_up"] = int(bar[-1])
+            if row["rel_err"] > 1e-3:
+                raise ValueError(f"wrong sums: {got} against {want}")
+            row["wall_us_per_layer"] = 1e3 * timing.time_ms(lambda ws: fn(ws)[0], [(w,) for w in layers])
+            trace = profiling.gpu_time(lambda: [fn(layers[r % 2]) for r in range(FLAGS.repeats)])
+            if "error" not in trace:
+                row.update(gpu_us_per_layer=1e3 * trace["gpu_ms"] / FLAGS.repeats,
+                           kernels_per_layer=trace["kernels"] / FLAGS.repeats,
+                           tb_per_s=total_mb / (1e3 * trace["gpu_ms"] / FLAGS.repeats))
+        except Exception as e:  # noqa: BLE001 - a variant that fails is a result
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        (out_dir / "persistent.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
+    print(f"\n{'variant':>14} {'MB':>7} {'GPU µs/layer':>13} {'TB/s':>6} {'wall µs/layer':>14} {'kernels':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:>14}  {r['error'][:100]}")
+            continue
+        print(f"{r['variant']:>14} {r['weight_mb']:>7.1f} {r.get('gpu_us_per_layer', float('nan')):>13.2f} "
+              f"{r.get('tb_per_s', float('nan')):>6.2f} {r['wall_us_per_layer']:>14.2f} "
+              f"{r.get('kernels_per_layer', float('nan')):>8.1f}")
+
+
+if __name__ == "__main__":
+    app.run(main)
