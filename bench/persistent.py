@@ -77,24 +77,68 @@ def _stream(w_ref, out_ref, first=None):
     out_ref[...] = jnp.max(acc, axis=0)[None, :]
 
 
-def _barrier(bar_ref, i):
-    """Waits until all PROGRAMS programs have arrived at barrier i; bar_ref [barriers + 1] int32
-    counts the arrivals, its last slot the programs that stopped spinning at MAX_SPIN."""
+# The counters' forms tried (call 44): (dtype, width), width None for a 1-D array of counters, else
+# a 2-D [slots, width] array whose rows are one counter repeated. Call 43's (int32, None) counted
+# nothing on the H200.
+FORMS = (("int32", None), ("int32", 16), ("float32", 1), ("float32", 16), ("int32", 1))
+
+
+def _slot(bar_ref, i):
+    """The indexer of counter i and a ones value of its shape."""
+    if bar_ref.ndim == 1:
+        return (pl.ds(i, 1),), jnp.ones((1,), bar_ref.dtype)
+    width = bar_ref.shape[1]
+    return (pl.ds(i, 1), pl.ds(0, width)), jnp.ones((1, width), bar_ref.dtype)
+
+
+def _arrive(bar_ref, i):
+    idx, one = _slot(bar_ref, i)
+    pl_triton.atomic_add(bar_ref, idx, one)
+
+
+def _barrier(bar_ref, i, programs):
+    """Waits until `programs` programs have arrived at barrier i; bar_ref [barriers + 1, ...] counts
+    the arrivals, its last slot the programs that stopped spinning at MAX_SPIN."""
     pl_triton.debug_barrier()  # every thread's loads and stores of this stream are issued
-    one = jnp.ones((1,), jnp.int32)
-    pl_triton.atomic_add(bar_ref, (pl.ds(i, 1),), one)
+    _arrive(bar_ref, i)
+    idx, one = _slot(bar_ref, i)
 
     def spin(c):
-        return jnp.max(pl_triton.atomic_add(bar_ref, (pl.ds(i, 1),), 0 * one)), c[1] + 1
+        return jnp.min(pl_triton.atomic_add(bar_ref, idx, 0 * one)).astype(jnp.int32), c[1] + 1
 
-    arrived, spins = lax.while_loop(lambda c: (c[0] < PROGRAMS) & (c[1] < MAX_SPIN), spin,
-                                    (jnp.int32(0), jnp.int32(0)))
+    arrived, _ = lax.while_loop(lambda c: (c[0] < programs) & (c[1] < MAX_SPIN), spin,
+                                (jnp.int32(0), jnp.int32(0)))
 
-    @pl.when(arrived < PROGRAMS)
+    @pl.when(arrived < programs)
     def _():
-        pl_triton.atomic_add(bar_ref, (pl.ds(bar_ref.shape[0] - 1, 1),), one)
+        _arrive(bar_ref, bar_ref.shape[0] - 1)
 
     pl_triton.debug_barrier()
+
+
+def counter(form, slots):
+    dtype, width = form
+    return jnp.zeros((slots,) if width is None else (slots, width), dtype)
+
+
+def _whole(a):
+    return pl.BlockSpec(a.shape, lambda p: (0,) * a.ndim)
+
+
+def atomics_check(form, programs=PROGRAMS):
+    """Each of `programs` programs adds 1 to counter 0 and then waits at barrier 1 (the spin
+    bounded by MAX_SPIN): [arrivals at 0, arrivals at 1, programs that gave up] (want programs,
+    programs, 0)."""
+    def kernel(bar_in, bar_ref):
+        del bar_in
+        _arrive(bar_ref, 0)
+        _barrier(bar_ref, 1, programs)
+
+    bar = counter(form, 3)
+    out = pl.pallas_call(kernel, grid=(programs,), in_specs=[_whole(bar)], out_specs=_whole(bar),
+                         out_shape=jax.ShapeDtypeStruct(bar.shape, bar.dtype),
+                         input_output_aliases={0: 0}, name="atomics_check")(bar)
+    return [int(v) for v in jnp.min(out.reshape(3, -1), axis=1)]
 
 
 def _one_kernel(*refs, n: int, prefetch: bool):
@@ -107,7 +151,7 @@ def _one_kernel(*refs, n: int, prefetch: bool):
             steps = nxt.shape[0] // BK
             per = steps * (nxt.shape[1] // BN) // PROGRAMS
             first = _tile(nxt, pl.program_id(0) * per, steps) if prefetch else None
-            _barrier(bar_ref, i)
+            _barrier(bar_ref, i, PROGRAMS)
 
 
 def _out_spec():
@@ -124,21 +168,21 @@ def kernels(ws, interpret):
         interpret=interpret, name="stream")(w) for w in ws]
 
 
-def one_kernel(ws, prefetch):
+def one_kernel(ws, prefetch, form):
     """All streams in one kernel with a grid-wide barrier between them: (sums, counters [n]: the
     arrivals at each of the n - 1 barriers, then the programs that gave up spinning)."""
     n = len(ws)
-    bar = jnp.zeros((n,), jnp.int32)
+    bar = counter(form, n)
     outs = pl.pallas_call(
         functools.partial(_one_kernel, n=n, prefetch=prefetch), grid=(PROGRAMS,),
-        in_specs=[pl.BlockSpec(w.shape, lambda p: (0, 0)) for w in ws] + [pl.BlockSpec((n,), lambda p: (0,))],
-        out_specs=[_out_spec() for _ in ws] + [pl.BlockSpec((n,), lambda p: (0,))],
+        in_specs=[pl.BlockSpec(w.shape, lambda p: (0, 0)) for w in ws] + [_whole(bar)],
+        out_specs=[_out_spec() for _ in ws] + [_whole(bar)],
         out_shape=[jax.ShapeDtypeStruct((PROGRAMS, 1, BN), jnp.float32) for _ in ws]
-        + [jax.ShapeDtypeStruct((n,), jnp.int32)],
+        + [jax.ShapeDtypeStruct(bar.shape, bar.dtype)],
         input_output_aliases={n: n},
         compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=4),
         name="streams_barrier")(*ws, bar)
-    return outs[:n], outs[n]
+    return outs[:n], jnp.min(outs[n].reshape(n, -1), axis=1)
 
 
 def main(argv):
@@ -158,10 +202,20 @@ def main(argv):
     want = [float(jnp.sum(w.astype(jnp.float32))) for w in layers[0]]
     total_mb = sum(k * n * 2 for _, k, n in streams) / 1e6
     variants = [("kernels", jax.jit(lambda ws: (kernels(ws, FLAGS.smoke), None)))]
+    rows, form = [], None
     if not FLAGS.smoke:
-        variants += [("barrier", jax.jit(lambda ws: one_kernel(ws, False))),
-                     ("barrier+tile", jax.jit(lambda ws: one_kernel(ws, True)))]
-    rows = []
+        for f in FORMS:
+            try:
+                counts = atomics_check(f)
+            except Exception as e:  # noqa: BLE001 - a form that does not compile is a result
+                counts = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            rows.append(dict(variant=f"atomics {f}", counts=counts))
+            print(json.dumps(rows[-1]), flush=True)
+            if form is None and counts == [PROGRAMS, PROGRAMS, 0]:
+                form = f
+    if form is not None:
+        variants += [(f"barrier {form}", jax.jit(lambda ws: one_kernel(ws, False, form))),
+                     (f"barrier+tile {form}", jax.jit(lambda ws: one_kernel(ws, True, form)))]
     for name, fn in variants:
         row = dict(variant=name, weight_mb=total_mb)
         try:
@@ -184,12 +238,15 @@ def main(argv):
         rows.append(row)
         print(json.dumps(row), flush=True)
         (out_dir / "persistent.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
-    print(f"\n{'variant':>14} {'MB':>7} {'GPU µs/layer':>13} {'TB/s':>6} {'wall µs/layer':>14} {'kernels':>8}")
+    print(f"\n{'variant':>30} {'MB':>7} {'GPU µs/layer':>13} {'TB/s':>6} {'wall µs/layer':>14} {'kernels':>8}")
     for r in rows:
-        if "error" in r:
-            print(f"{r['variant']:>14}  {r['error'][:100]}")
+        if "counts" in r:
+            print(f"{r['variant']:>30}  counts {r['counts']}")
             continue
-        print(f"{r['variant']:>14} {r['weight_mb']:>7.1f} {r.get('gpu_us_per_layer', float('nan')):>13.2f} "
+        if "error" in r:
+            print(f"{r['variant']:>30}  {r['error'][:100]}")
+            continue
+        print(f"{r['variant']:>30} {r['weight_mb']:>7.1f} {r.get('gpu_us_per_layer', float('nan')):>13.2f} "
               f"{r.get('tb_per_s', float('nan')):>6.2f} {r['wall_us_per_layer']:>14.2f} "
               f"{r.get('kernels_per_layer', float('nan')):>8.1f}")
 
