@@ -14,8 +14,9 @@ output columns: it computes the row's norm itself (K elements, a few KB from L2:
 kernel of its own) and walks K in `block_k` steps, the row repeated as the 16 rows of a
 tensor-core product (Triton's smallest) so that Triton's software pipeline overlaps each step's
 weight loads with the steps before: a float32 multiply-and-sum form streamed the weights at half
-the rate (bench/decode_layer.py, H200, 2026-11-28). The normalised and gated row enters the
-product in W's dtype, as in the model; the products, the GLU product and the residual sum stay
+the rate (bench/decode_layer.py, H200, 2026-11-28). The gated row enters the product in W's
+dtype, as in the model (normalised first, or, where a program sums all of K, with the norm's
+scalar scale applied to the sums instead); the products, the GLU product and the residual sum stay
 float32 and are rounded once, to `out_dtype`, at the end. For the narrow products (N = d_model)
 `Tiling.split` also splits K over programs, which add their partial sums atomically to the float32
 output that starts as the residual: more programs in flight, no kernel to sum the parts.
@@ -64,17 +65,26 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, residual: bool, block_k: i
     w_refs = [refs.pop(0) for _ in range(2 if glu else 1)]
     res_ref = refs.pop(0) if residual else None
     f32 = jnp.float32
-    if norm:  # SRMSNorm's scale rsqrt(mean(x^2) + eps) over the whole row
+    # SRMSNorm's scale rsqrt(mean(x^2) + eps) over the whole row. It is a scalar, so it factors
+    # out of the product: a program that sums all of K gathers mean(x^2) from the row's slices in
+    # its loop and scales the sums at the end, instead of a pass over the row before its first
+    # weight load (0.3 µs of a q/k/v/u product on an H200, bench/gemv.py, call 42). A program with
+    # a split of K needs the whole row's norm first.
+    late = norm and not split
+    if norm and split:
         x = x_ref[...].astype(f32)
         scale = lax.rsqrt(jnp.sum(x * x) / x.size + eps)
 
     first = pl.program_id(1) * steps * block_k  # this program's first row of W
 
-    def body(i, accs):
+    def body(i, carry):
+        accs, squares = carry
         ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
         xs = pl.ds(pl.multiple_of(first + i * block_k, block_k), block_k)
         row = x_ref[0, xs].astype(f32)
-        if norm:
+        if late:
+            squares = squares + jnp.sum(row * row)
+        elif norm:
             row = row * scale
         if gate:
             row = row * u_ref[0, xs].astype(f32)
@@ -82,11 +92,15 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, residual: bool, block_k: i
         # Triton's software pipeline overlaps with the next steps' weight loads.
         rows = jnp.broadcast_to(row.astype(w_refs[0].dtype)[None, :], (_ROWS, block_k))
         return tuple(acc + jnp.dot(rows, w[ks, :], preferred_element_type=f32)
-                     for acc, w in zip(accs, w_refs))
+                     for acc, w in zip(accs, w_refs)), squares
 
     block_n = o_ref.shape[-1]
-    accs = lax.fori_loop(0, steps, body, tuple(jnp.zeros((_ROWS, block_n), f32) for _ in w_refs))
+    accs, squares = lax.fori_loop(
+        0, steps, body, (tuple(jnp.zeros((_ROWS, block_n), f32) for _ in w_refs), jnp.float32(0)))
     accs = [jnp.max(acc, axis=0) for acc in accs]  # the rows are equal; Triton cannot slice one
+    if late:
+        scale = lax.rsqrt(squares / (steps * block_k) + eps)
+        accs = [acc * scale for acc in accs]
     y = accs[0] * accs[1] if glu else accs[0]
     if split:
         pl_triton.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(0, block_n)), y[None, :])

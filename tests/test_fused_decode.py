@@ -11,7 +11,7 @@ from pallas_kernels.decode import Tiling, gemv, state_step, tiling_for
 from tnllm import config, fused_decode
 from tnllm.attention import lightning_attention_step
 from tnllm.generate import decode, decode_step, left_pad, prefill, prompt_bucket, serving_params
-from tnllm.model import TransNormerLLM, srms_norm
+from tnllm.model import TransNormerLLM, srms_norm, srms_scale
 from tnllm.sampling import Greedy
 
 # tiny with LRPE in layer 0 and head_dim 32; bf16 as served; init_std as in test_generate.
@@ -37,9 +37,14 @@ def test_gemv_fusions_equal_their_plain_products(fusion, split):
                   residual=res if "r" in fusion else None, tiling=Tiling(32, 64, split, 4, 2))
     got = gemv(x, w, **kwargs)
 
-    row = srms_norm(x) if "n" in fusion else x
+    # The norm's scalar scale is applied to the row before it is rounded to bf16, or, by a program
+    # that sums all of K (split 1), to the sums.
+    late = "n" in fusion and split == 1
+    scale = srms_scale(x, 1e-6, (-1,))  # [1, 1]
+    row = x * scale if "n" in fusion and not late else x
     row = (row * u if "g" in fusion else row).astype(jnp.bfloat16).astype(jnp.float32)
-    dot = lambda w: jnp.dot(row, w.astype(jnp.float32), precision="highest")  # noqa: E731
+    dot = lambda w: jnp.dot(row, w.astype(jnp.float32), precision="highest") * (  # noqa: E731
+        scale[0, 0] if late else 1.0)
     want = dot(w) * dot(w2) if "2" in fusion else dot(w)
     want = want + res if "r" in fusion else want
     assert got.shape == (1, n) and got.dtype == jnp.float32
