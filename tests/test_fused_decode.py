@@ -11,7 +11,7 @@ from pallas_kernels.decode import Tiling, gemv, state_step, tiling_for
 from tnllm import config, fused_decode
 from tnllm.attention import lightning_attention_step
 from tnllm.generate import decode, decode_step, left_pad, prefill, prompt_bucket, serving_params
-from tnllm.model import TransNormerLLM, srms_norm, srms_scale
+from tnllm.model import TransNormerLLM, srms_scale
 from tnllm.sampling import Greedy
 
 # tiny with LRPE in layer 0 and head_dim 32; bf16 as served; init_std as in test_generate.
