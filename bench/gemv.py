@@ -94,11 +94,12 @@ def xla_read(fusion):
 
 
 # How the row enters the q/k/v/u product (fusion "n"), to find where the kernel loses to a read of
-# the same bytes: "lib" as `gemv` (the norm's scale from the whole row first, then each step's
-# slice of the row scaled, rounded and repeated as 16 rows); "late" the scale applied to the sums
-# at the end, the sum of squares gathered from the same slices in the loop; "rows16" the normalised
-# row prepared by XLA as 16 bf16 rows and loaded as the dot's operand; "ones" no row at all (the
-# kernel's weight stream alone).
+# the same bytes: "lib" the norm's scale from the whole row first, then each step's slice of the
+# row scaled, rounded and repeated as 16 rows (`gemv` before call 45; still its form for programs
+# that split K); "late" the scale applied to the sums at the end, the sum of squares gathered from
+# the same slices in the loop (`gemv`'s form since call 45 where a program sums all of K);
+# "rows16" the normalised row prepared by XLA as 16 bf16 rows and loaded as the dot's operand;
+# "ones" no row at all (the kernel's weight stream alone).
 PROBES = ("lib", "late", "rows16", "ones")
 # Other tilings of the weight stream alone ("ones").
 STREAM_TILINGS = (Tiling(64, 64, 1, 4, 8), Tiling(128, 64, 1, 4, 6), Tiling(32, 256, 1, 4, 4),

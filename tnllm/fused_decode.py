@@ -13,9 +13,8 @@ fused in, and a layer is five kernels (the LRPE layer runs its recurrence throug
 
 It is the model's function (`tnllm.model`, TNL's "gla" mixer) for one token, written over the
 `params` collection instead of through the Linen modules, because the fusions cross the modules'
-boundaries. The residual stream and the other products' outputs stay float32 (a few KB a step),
-where the model's bf16 code rounds each to bf16; q/k/v/u are rounded to bf16 as in the model, and
-the normalised rows enter the products in bf16. So it is
+boundaries. The residual stream and every product's output stay float32 (a few KB a step), where the
+model's bf16 code rounds each to bf16; only the normalised rows enter the products in bf16. So it is
 closer to the float32 model than the bf16 model is (tests/test_fused_decode.py).
 """
 from __future__ import annotations
@@ -62,9 +61,7 @@ def layer_step(p, x: Array, positions: Array, state: Array, *, cfg: ModelConfig,
     h, hd, eps, dtype = cfg.num_heads, cfg.head_dim, cfg.norm_eps, cfg.dtype
     tiling = (tilings or {}).get
     w = tm["qkvu_proj"]["kernel"].astype(dtype)
-    # q/k/v/u in bf16, as the model rounds them: the recurrence's kernel reads them in 1.9 µs a
-    # layer against 2.5 from float32 (H200, calls 31 and 39).
-    qkvu = gemv(x, w.reshape(w.shape[0], -1), norm=True, eps=eps, out_dtype=dtype, tiling=tiling("n"))
+    qkvu = gemv(x, w.reshape(w.shape[0], -1), norm=True, eps=eps, tiling=tiling("n"))
     slopes = layer_slopes(h, layer, cfg.num_layers)
     if layer in cfg.lrpe_layers:  # LRPE doubles q and k between the projection and the recurrence
         q, k, v = (qkvu.reshape(1, 1, 4, h, hd)[:, :, i] for i in range(3))  # [1, 1, heads, head_dim]
