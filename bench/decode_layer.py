@@ -46,6 +46,7 @@ KINDS = {"qkvu": "n", "out": "ngr", "glu": "n2", "l3": "r"}
 flags.DEFINE_string("config", "1b", "Config file (configs/NAME.py).")
 flags.DEFINE_integer("budget_s", 300, "Stop trying new tilings after this many seconds.")
 flags.DEFINE_bool("smoke", False, "A tiny config, two tilings, interpret mode.")
+flags.DEFINE_list("kinds", list(KINDS), "The products whose candidate tilings are tried.")
 FLAGS = flags.FLAGS
 
 
@@ -134,7 +135,7 @@ def tilings_to_try(cfg, smoke):
     base = {kind: tiling_for(KINDS[kind], *shapes[kind]) for kind in KINDS}
     candidates = ({kind: [(32, 64, 1 if kind == "glu" else 2, 4, 3)] for kind in KINDS} if smoke
                   else CANDIDATES)
-    return [(None, base)] + [(kind, dict(base, **{kind: Tiling(*c)})) for kind in KINDS
+    return [(None, base)] + [(kind, dict(base, **{kind: Tiling(*c)})) for kind in FLAGS.kinds
                              for c in candidates[kind]]
 
 
