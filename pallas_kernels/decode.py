@@ -19,9 +19,7 @@ dtype, as in the model (normalised first, or, where a program sums all of K, wit
 scalar scale applied to the sums instead); the products, the GLU product and the residual sum stay
 float32 and are rounded once, to `out_dtype`, at the end. For the narrow products (N = d_model)
 `Tiling.split` also splits K over programs, which add their partial sums atomically to the float32
-output that starts as the residual: more programs in flight, no kernel to sum the parts. The GLU
-can split K too when it returns its two sums (`glu_sums`) and the next product multiplies them
-in its prologue, as the gate.
+output that starts as the residual: more programs in flight, no kernel to sum the parts.
 
 On a machine without a GPU the same kernels run in Pallas interpret mode.
 """
@@ -44,11 +42,10 @@ _ROWS = 16  # the smallest M of Triton's dot
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
-    """block_n: output columns per program; block_k: rows of W per loop step (divides K);
-    split: programs per output column block, each summing ceil(steps / split) steps of K (the last
-    fewer) and adding its partial sum to the float32 output atomically (the GLU only with
-    `gemv(glu_sums=True)`: a product of two sums needs both whole); num_warps, num_stages: Triton
-    launch parameters."""
+    """block_n: output columns per program; block_k: rows of W per loop step (divides K / split);
+    split: programs per output column block, each summing K / split rows of W and adding its
+    partial sum to the float32 output atomically (not with the GLU, whose product needs both sums
+    whole); num_warps, num_stages: Triton launch parameters."""
 
     block_n: int = 32
     block_k: int = 256
@@ -57,12 +54,10 @@ class Tiling:
     num_stages: int = 3
 
 
-def _kernel(*refs, norm: bool, gate: bool, glu: bool, glu_sums: bool, residual: bool,
-            block_k: int, steps: int, split: int, eps: float):
-    """x [1, K] (u [1, K]) W [K, block_n] (W2) (res [1, block_n]) -> o [1, block_n], or [2, block_n]
-    with glu_sums (the two sums); this program sums steps of block_k rows of W, all `steps` or,
-    with split > 1, its share, and then o is res or zeros (aliased) and the program adds to it
-    atomically."""
+def _kernel(*refs, norm: bool, gate: bool, glu: bool, residual: bool, block_k: int, steps: int,
+            split: bool, eps: float):
+    """x [1, K] (u [1, K]) W [K / split, block_n] (W2) (res [1, block_n]) -> o [1, block_n]; with
+    split, o is res (aliased) and this program adds its part of the product to it atomically."""
     refs = list(refs)
     o_ref = refs.pop()
     x_ref = refs.pop(0)
@@ -75,18 +70,17 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, glu_sums: bool, residual: 
     # its loop and scales the sums at the end, instead of a pass over the row before its first
     # weight load (0.3 µs of a q/k/v/u product on an H200, bench/gemv.py, call 42). A program with
     # a split of K needs the whole row's norm first.
-    late = norm and split == 1
-    if norm and split > 1:
+    late = norm and not split
+    if norm and split:
         x = x_ref[...].astype(f32)
         scale = lax.rsqrt(jnp.sum(x * x) / x.size + eps)
 
-    per = -(-steps // split)  # steps a program; the last programs of a column block do fewer
-    count = steps if split == 1 else jnp.minimum(per, steps - pl.program_id(1) * per)
-    first = pl.program_id(1) * per * block_k  # this program's first row of W
+    first = pl.program_id(1) * steps * block_k  # this program's first row of W
 
     def body(i, carry):
         accs, squares = carry
-        xs = ks = pl.ds(pl.multiple_of(first + i * block_k, block_k), block_k)
+        ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+        xs = pl.ds(pl.multiple_of(first + i * block_k, block_k), block_k)
         row = x_ref[0, xs].astype(f32)
         if late:
             squares = squares + jnp.sum(row * row)
@@ -102,20 +96,13 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, glu_sums: bool, residual: 
 
     block_n = o_ref.shape[-1]
     accs, squares = lax.fori_loop(
-        0, count, body, (tuple(jnp.zeros((_ROWS, block_n), f32) for _ in w_refs), jnp.float32(0)))
+        0, steps, body, (tuple(jnp.zeros((_ROWS, block_n), f32) for _ in w_refs), jnp.float32(0)))
     accs = [jnp.max(acc, axis=0) for acc in accs]  # the rows are equal; Triton cannot slice one
     if late:
         scale = lax.rsqrt(squares / (steps * block_k) + eps)
         accs = [acc * scale for acc in accs]
-    if glu_sums:
-        for i, acc in enumerate(accs):
-            if split > 1:
-                pl_triton.atomic_add(o_ref, (pl.ds(i, 1), pl.ds(0, block_n)), acc[None, :])
-            else:
-                o_ref[i, :] = acc.astype(o_ref.dtype)
-        return
     y = accs[0] * accs[1] if glu else accs[0]
-    if split > 1:
+    if split:
         pl_triton.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(0, block_n)), y[None, :])
         return
     if residual:
@@ -134,72 +121,63 @@ def kernel_name(norm: bool, gate: bool, glu: bool, residual: bool) -> str:
     return "decode_gemv_" + fusions(norm, gate, glu, residual)
 
 
-@functools.partial(jax.jit, static_argnames=("norm", "eps", "x_block", "u_block", "glu_sums",
-                                             "out_dtype", "tiling", "interpret"))
+@functools.partial(jax.jit,
+                   static_argnames=("norm", "eps", "u_block", "out_dtype", "tiling", "interpret"))
 def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] = None,
-         x_block: int = 0, u_block: int = 0, residual: Optional[Array] = None, norm: bool = False,
-         eps: float = 1e-6, glu_sums: bool = False, out_dtype=None, tiling: Optional[Tiling] = None,
-         interpret: Optional[bool] = None) -> Array:
+         u_block: int = 0, residual: Optional[Array] = None, norm: bool = False, eps: float = 1e-6,
+         out_dtype=None, tiling: Optional[Tiling] = None, interpret: Optional[bool] = None) -> Array:
     """epilogue(prologue(x) @ w) for one row.
 
     Args:
-      x: [1, K], any float dtype; or [1, m K], of which the kernel reads columns x_block K to
-        (x_block + 1) K. w, w2: [K, N] (bf16 in the model).
+      x: [1, K], any float dtype; w, w2: [K, N] (bf16 in the model).
       u: [1, K] or None: the row is multiplied by u after the norm (TNL's output gate); or
-        [1, m K], of which the kernel reads block u_block (the gate inside the merged q/k/v/u
-        projection's output, without a slice kernel before this one).
+        [1, m K], of which the kernel reads columns u_block K to (u_block + 1) K (the gate inside
+        the merged q/k/v/u projection's output, without a slice kernel before this one).
       residual: [1, N] or None: added to the product (the layer's residual stream).
       norm: apply SRMSNorm (no weight) to x first, with `eps`.
       w2: None, or the GLU's second weight: the result is (x' w) * (x' w2).
-      glu_sums: with w2, return the two sums x' w and x' w2 as [2, N] float32 instead of their
-        product, which lets tiling.split divide K; the consumer multiplies them (reshaped to
-        [1, 2 N]: as the next gemv's x with x_block=0 and u with u_block=1).
       out_dtype: the result's dtype; None: x's. At one row the result is a few KB, so float32
         costs nothing and saves a rounding. float32 when tiling.split > 1 (atomic adds).
       tiling: None: `tiling_for` these fusions and shapes.
     Returns:
-      [1, N] in out_dtype; [2, N] with glu_sums.
+      [1, N] in out_dtype.
     """
-    k, n = w.shape
+    (m, k), n = x.shape, w.shape[1]
     if tiling is None:
         tiling = tiling_for(fusions(norm, u is not None, w2 is not None, residual is not None), k, n)
     split = tiling.split
-    if x.ndim != 2 or x.shape[0] != 1 or x.shape[1] < (x_block + 1) * k:
-        raise ValueError(f"gemv takes one row x [1, K] (or [1, m K] with block x_block) and w [K, N], "
-                         f"got x {x.shape}, x_block {x_block} and w {w.shape}.")
+    if m != 1 or w.shape[0] != k:
+        raise ValueError(f"gemv takes one row x [1, K] and w [K, N], got x {x.shape} and w {w.shape}.")
     if u is not None and u.shape[-1] < (u_block + 1) * k:
         raise ValueError(f"u {u.shape} has no block {u_block} of K = {k} columns.")
-    if n % tiling.block_n or k % tiling.block_k or split > k // tiling.block_k:
-        raise ValueError(f"{tiling} does not divide w {w.shape}: block_n must divide N, block_k "
-                         f"must divide K and split must be at most K / block_k.")
-    if glu_sums and (w2 is None or residual is not None):
-        raise ValueError("glu_sums=True returns the GLU's two sums: it takes w2 and no residual.")
-    if split > 1 and w2 is not None and not glu_sums:
+    if n % tiling.block_n or k % (split * tiling.block_k):
+        raise ValueError(f"{tiling} does not divide w {w.shape}: block_n must divide N and "
+                         f"split * block_k must divide K.")
+    if split > 1 and w2 is not None:
         raise ValueError(f"{tiling} splits K, which the GLU's product of two sums cannot take: "
-                         f"use split=1, or glu_sums=True and multiply the sums afterwards.")
+                         f"use split=1.")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    cols = pl.BlockSpec((k, tiling.block_n), lambda j, s: (0, j))
-    rows_out = 2 if glu_sums else 1
-    out = pl.BlockSpec((rows_out, tiling.block_n), lambda j, s: (0, j))
-    operands = [(x, pl.BlockSpec((1, k), lambda j, s: (0, x_block)))]
+    row = pl.BlockSpec((1, k), lambda j, s: (0, 0))
+    cols = pl.BlockSpec((k // split, tiling.block_n), lambda j, s: (s, j))
+    out = pl.BlockSpec((1, tiling.block_n), lambda j, s: (0, j))
+    operands = [(x, row)]
     if u is not None:
         operands.append((u, pl.BlockSpec((1, k), lambda j, s: (0, u_block))))
     operands += [(w, cols)] + ([(w2, cols)] if w2 is not None else [])
     name = kernel_name(norm, u is not None, w2 is not None, residual is not None)
-    out_dtype = jnp.float32 if split > 1 or glu_sums else (out_dtype or x.dtype)
+    out_dtype = jnp.float32 if split > 1 else (out_dtype or x.dtype)
     if split > 1:  # the output starts as the residual (or zeros) and the programs add to it
-        residual = (jnp.zeros((rows_out, n), jnp.float32) if residual is None
-                    else residual.astype(jnp.float32))
+        residual = (jnp.zeros((1, n), jnp.float32) if residual is None else residual.astype(jnp.float32))
     if residual is not None:
         operands.append((residual, out))
     kernel = functools.partial(_kernel, norm=norm, gate=u is not None, glu=w2 is not None,
-                               glu_sums=glu_sums, residual=residual is not None,
-                               block_k=tiling.block_k, steps=k // tiling.block_k, split=split, eps=eps)
+                               residual=residual is not None, block_k=tiling.block_k,
+                               steps=k // (split * tiling.block_k), split=split > 1, eps=eps)
     return pl.pallas_call(
         kernel, grid=(n // tiling.block_n, split),
         in_specs=[spec for _, spec in operands], out_specs=out,
-        out_shape=jax.ShapeDtypeStruct((rows_out, n), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((1, n), out_dtype),
         input_output_aliases={len(operands) - 1: 0} if split > 1 else {},
         compiler_params=pl_triton.CompilerParams(num_warps=tiling.num_warps,
                                                  num_stages=tiling.num_stages),
@@ -214,19 +192,18 @@ _MEASURED = {
     "ngr": Tiling(64, 128, 4, 4, 4),  # the output projection: 2048 -> 2048
     "n2": Tiling(64, 256, 1, 4, 3),  # l1 and l2: 2048 -> 2 x 5632
     "r": Tiling(64, 128, 4, 4, 4),  # l3: 5632 -> 2048
-    "gr": Tiling(64, 128, 4, 4, 4),  # l3 taking the GLU's two sums (gemv's glu_sums): as "r"
 }
 
 
 def tiling_for(fusion: str, k: int, n: int) -> Tiling:
     """The measured tiling for a product with `fusion` (`fusions`; the q/k/v/u one for others),
-    narrowed until it fits w [k, n]: shorter K steps until they divide K, then no more splits of
-    K than steps, then fewer columns a program."""
+    narrowed until it divides w [k, n]: fewer splits of K first, then shorter K steps, then fewer
+    columns a program."""
     t = _MEASURED.get(fusion, _MEASURED["n"])
+    while k % (t.split * t.block_k) and t.split > 1:
+        t = dataclasses.replace(t, split=t.split // 2)
     while k % t.block_k and t.block_k > 16:
         t = dataclasses.replace(t, block_k=t.block_k // 2)
-    while t.split > max(k // t.block_k, 1):
-        t = dataclasses.replace(t, split=t.split // 2)
     while n % t.block_n and t.block_n > 16:
         t = dataclasses.replace(t, block_n=t.block_n // 2)
     if k % t.block_k or n % t.block_n:

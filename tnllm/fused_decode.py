@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.decode import Tiling, gemv, state_step, tiling_for
+from pallas_kernels.decode import Tiling, gemv, state_step
 from tnllm.attention import layer_slopes, lightning_attention_step, pallas_compiles
 from tnllm.config import ModelConfig
 from tnllm.model import lrpe, srms_norm
@@ -55,9 +55,8 @@ def layer_step(p, x: Array, positions: Array, state: Array, *, cfg: ModelConfig,
                tilings: Optional[Mapping[str, Tiling]] = None) -> Tuple[Array, Array]:
     """Decoder layer `layer` (params p) for one token: x [1, d_model] f32 -> the same; positions [1]
     int; state [1, heads, dk, head_dim] f32 -> the new state. tilings: by the products' fusions
-    ("n", "ngr", "n2", "r", "gr": `pallas_kernels.decode.fusions`), each absent one `tiling_for`
-    its shape (bench/decode_layer.py measures others). Where the GLU's tiling splits K, l1 and l2
-    return their two sums and l3 ("gr") multiplies them."""
+    ("n", "ngr", "n2", "r": `pallas_kernels.decode.fusions`), each absent one `tiling_for` its
+    shape (bench/decode_layer.py measures others)."""
     tm, cm = p["token_mixer"], p["channel_mixer"]
     h, hd, eps, dtype = cfg.num_heads, cfg.head_dim, cfg.norm_eps, cfg.dtype
     tiling = (tilings or {}).get
@@ -73,14 +72,9 @@ def layer_step(p, x: Array, positions: Array, state: Array, *, cfg: ModelConfig,
     w = tm["out_proj"]["kernel"].astype(dtype)
     x = gemv(o.reshape(1, -1), w.reshape(-1, w.shape[-1]), u=qkvu, u_block=3, residual=x, norm=True,
              eps=eps, tiling=tiling("ngr"))
-    w1, w2, w3 = (cm[name]["kernel"].astype(dtype) for name in ("l1", "l2", "l3"))
-    t = tiling("n2") or tiling_for("n2", *w1.shape)
-    if t.split == 1:
-        g = gemv(x, w1, w2=w2, norm=True, eps=eps, tiling=t)
-        return gemv(g, w3, residual=x, tiling=tiling("r")), state
-    # K split over programs: the GLU's two sums [2, glu_dim], multiplied in l3's prologue.
-    sums = gemv(x, w1, w2=w2, norm=True, eps=eps, glu_sums=True, tiling=t).reshape(1, -1)
-    return gemv(sums, w3, x_block=0, u=sums, u_block=1, residual=x, tiling=tiling("gr")), state
+    g = gemv(x, cm["l1"]["kernel"].astype(dtype), w2=cm["l2"]["kernel"].astype(dtype), norm=True, eps=eps,
+             tiling=tiling("n2"))
+    return gemv(g, cm["l3"]["kernel"].astype(dtype), residual=x, tiling=tiling("r")), state
 
 
 def step(params, tokens: Array, positions: Array, states: Sequence[Any], *,
