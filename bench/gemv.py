@@ -101,6 +101,9 @@ def xla_read(fusion):
 # "rows16" the normalised row prepared by XLA as 16 bf16 rows and loaded as the dot's operand;
 # "ones" no row at all (the kernel's weight stream alone).
 PROBES = ("lib", "late", "rows16", "ones")
+# Tilings of l1 and l2 merged into one [K, 2N] weight, run as the q/k/v/u product ("n"; call 47).
+MERGED_TILINGS = (Tiling(64, 128, 1, 4, 5), Tiling(128, 128, 1, 8, 4), Tiling(64, 128, 1, 8, 5),
+                  Tiling(32, 256, 1, 4, 4))
 # Other tilings of the weight stream alone ("ones").
 STREAM_TILINGS = (Tiling(64, 64, 1, 4, 8), Tiling(128, 64, 1, 4, 6), Tiling(32, 256, 1, 4, 4),
                   Tiling(64, 128, 1, 8, 5), Tiling(128, 128, 1, 8, 4), Tiling(64, 256, 1, 4, 3))
@@ -198,7 +201,14 @@ def main(argv):
             variants += [(f"probe ones {t}", probe_fn("ones", t, FLAGS.smoke), ones)
                          for t in ([] if FLAGS.smoke else STREAM_TILINGS)]
         weight_mb = k * n * 2 * (2 if "2" in fusion else 1) / 1e6
-        for name, fn, expect in variants:
+        variants = [(name, fn, expect, copies) for name, fn, expect in variants]
+        if fusion == "n2":  # l1 and l2 as one [K, 2N] weight: one stream instead of two
+            merged = [(jnp.concatenate([w, w2], axis=1), None) for w, w2 in copies]
+            both = np.asarray(reference("n", x, u, r, merged[0][0], None))
+            variants += [(f"merged n {t}", pallas_fn("n", t, FLAGS.smoke), both, merged)
+                         for t in ([Tiling(32, 64, 1, 4, 3)] if FLAGS.smoke else MERGED_TILINGS)]
+            variants.append(("merged xla read", xla_read("n"), None, merged))
+        for name, fn, expect, copies in variants:
             if time.perf_counter() - start > FLAGS.budget_s and not name.startswith("xla"):
                 continue
             row = dict(product=product, k=k, n=n, fusion=fusion, weight_mb=weight_mb, variant=name)
