@@ -10,7 +10,11 @@ the gate and the residual; l1 and l2 with the norm and the GLU product; l3 with 
 - `xla dot`: XLA's product of the row with the weight(s), nothing fused;
 - `pallas ...`: the kernel: a program reads block_n columns of W [K, N], block_n * 2 contiguous
   bytes out of every row (call 40 also tried W stored [N, K], each program's weights one
-  contiguous region: no faster, bench/NOTES.md).
+  contiguous region: no faster, bench/NOTES.md);
+- `probe ...` (q/k/v/u only): the kernel's structure with the row entering the product in other
+  ways, down to no row at all (`PROBES`);
+- `merged ...` (l1 and l2 only): the two weights as one [K, 2N] weight through the q/k/v/u kernel
+  and XLA's row sum over it: one weight stream a program instead of two.
 
 Eight copies of each weight are cycled so that no product finds its weight in L2 (50 MB). GPU time
 per product from a profiler trace. Each variant is checked against a float32 product first.
@@ -18,7 +22,7 @@ per product from a profiler trace. Each variant is checked against a float32 pro
     python3 bench/gemv.py                 # the GPU run
     python3 bench/gemv.py --smoke         # tiny shapes in interpret mode: checks the logic on a CPU
 
-Prints a line per variant and a table of the best per product and layout last; writes
+Prints a line per variant, then the best tiling per product and the probes' times; writes
 $OUT/gemv.json (OUT defaults to ./bench_out).
 """
 import functools
@@ -82,7 +86,9 @@ def pallas_fn(fusion, tiling, interpret):
 def xla_dot(fusion):
     def fn(x, u, r, w, w2):
         y = jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
-        return y * jnp.dot(x.astype(w.dtype), w2, preferred_element_type=jnp.float32) if "2" in fusion else y
+        if "2" in fusion:
+            y = y * jnp.dot(x.astype(w.dtype), w2, preferred_element_type=jnp.float32)
+        return y
     return fn
 
 
@@ -145,12 +151,15 @@ def probe_fn(form, tiling, interpret):
         if form == "rows16":
             x = jnp.broadcast_to((x * lax.rsqrt(jnp.mean(x * x) + EPS)).astype(w.dtype), (16, k))
         return pl.pallas_call(
-            functools.partial(_probe_kernel, form=form, block_k=tiling.block_k, steps=k // tiling.block_k),
+            functools.partial(_probe_kernel, form=form, block_k=tiling.block_k,
+                              steps=k // tiling.block_k),
             grid=(n // tiling.block_n,),
-            in_specs=[pl.BlockSpec(x.shape, lambda j: (0, 0)), pl.BlockSpec((k, tiling.block_n), lambda j: (0, j))],
+            in_specs=[pl.BlockSpec(x.shape, lambda j: (0, 0)),
+                      pl.BlockSpec((k, tiling.block_n), lambda j: (0, j))],
             out_specs=pl.BlockSpec((1, tiling.block_n), lambda j: (0, j)),
             out_shape=jax.ShapeDtypeStruct((1, n), jnp.float32),
-            compiler_params=pl_triton.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+            compiler_params=pl_triton.CompilerParams(num_warps=tiling.num_warps,
+                                                     num_stages=tiling.num_stages),
             interpret=interpret, name="probe_" + form)(x, w)
     return fn
 
@@ -190,14 +199,15 @@ def main(argv):
               for key in keys[3:]]
         copies = list(zip(kn[::2], kn[1::2]))
         want = np.asarray(reference(fusion, x, u, r, *copies[0]))
-        variants = [("xla read", xla_read(fusion), None), ("xla dot", xla_dot(fusion), reference("2" if "2" in fusion else "", x, u, r, *copies[0]))]
+        plain = reference("2" if "2" in fusion else "", x, u, r, *copies[0])
+        variants = [("xla read", xla_read(fusion), None), ("xla dot", xla_dot(fusion), plain)]
         variants += [(f"pallas {tiling}", pallas_fn(fusion, tiling, FLAGS.smoke), want)
                      for tiling in tilings(k, n, fusion, FLAGS.smoke)]
         if fusion == "n":
             t = tiling_for(fusion, k, n)
             ones = np.asarray(reference("", jnp.ones_like(x), u, r, *copies[0]))
-            variants += [(f"probe {form} {t}", probe_fn(form, t, FLAGS.smoke), ones if form == "ones" else want)
-                         for form in PROBES]
+            variants += [(f"probe {form} {t}", probe_fn(form, t, FLAGS.smoke),
+                          ones if form == "ones" else want) for form in PROBES]
             variants += [(f"probe ones {t}", probe_fn("ones", t, FLAGS.smoke), ones)
                          for t in ([] if FLAGS.smoke else STREAM_TILINGS)]
         weight_mb = k * n * 2 * (2 if "2" in fusion else 1) / 1e6
@@ -221,7 +231,8 @@ def main(argv):
                         raise ValueError(f"wrong result: relative error {row['rel_err']:.2e}")
                 for w, w2 in copies:  # warm-up
                     f(x, u, r, w, w2).block_until_ready()
-                trace = profiling.gpu_time(lambda: [f(x, u, r, w, w2) for _ in range(repeats) for w, w2 in copies])
+                trace = profiling.gpu_time(
+                    lambda: [f(x, u, r, w, w2) for _ in range(repeats) for w, w2 in copies])
                 if "error" in trace:
                     raise RuntimeError(trace["error"])
                 calls = repeats * len(copies)
