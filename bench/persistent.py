@@ -13,8 +13,8 @@ flows between the streams), run
   program adds 1 to a counter in HBM (an atomic add with release semantics) and spins until the
   counter reaches PROGRAMS (atomic reads, bounded by MAX_SPIN so that a program that is not
   resident cannot hang the GPU; the number that gave up is reported);
-- `barrier+tile`: the same, each program loading its first weight tile of the next stream before
-  it waits.
+- `barrier+N tiles`: the same, each program loading its first N weight tiles of the next stream
+  (into registers) before it waits.
 
 Each stream's (BK x BN) tiles are dealt to the programs in equal contiguous runs (K fastest); every
 program writes the column sums of its tiles, and the check is that all of them add up to the
@@ -46,6 +46,7 @@ from bench import profiling, timing  # noqa: E402
 PROGRAMS = 128
 BN, BK = 64, 128
 MAX_SPIN = 1 << 20
+PREFETCH_TILES = (0, 1, 2, 4)  # tiles of the next stream each program loads before a barrier
 STREAMS = (("qkvu", 2048, 8192), ("out", 2048, 2048), ("glu", 2048, 11264), ("l3", 5632, 2048))
 SMOKE = (("a", 256, 512), ("b", 256, 256))
 
@@ -60,8 +61,8 @@ def _tile(w_ref, t, steps):
     return w_ref[pl.ds(pl.multiple_of(ks * BK, BK), BK), pl.ds(pl.multiple_of(cb * BN, BN), BN)]
 
 
-def _stream(w_ref, out_ref, first=None):
-    """This program's run of w's tiles, summed by columns into out [1, BN] (first: its first tile,
+def _stream(w_ref, out_ref, first=()):
+    """This program's run of w's tiles, summed by columns into out [1, BN] (first: its first tiles,
     loaded already)."""
     k, n = w_ref.shape
     steps = k // BK
@@ -69,9 +70,9 @@ def _stream(w_ref, out_ref, first=None):
     start = pl.program_id(0) * per
     ones = jnp.ones((16, BK), w_ref.dtype)
     acc = jnp.zeros((16, BN), jnp.float32)
-    if first is not None:
-        acc = jnp.dot(ones, first, preferred_element_type=jnp.float32)
-    acc = lax.fori_loop(0 if first is None else 1, per,
+    for tile in first:
+        acc = acc + jnp.dot(ones, tile, preferred_element_type=jnp.float32)
+    acc = lax.fori_loop(len(first), per,
                         lambda i, acc: acc + jnp.dot(ones, _tile(w_ref, start + i, steps),
                                                      preferred_element_type=jnp.float32), acc)
     out_ref[...] = jnp.max(acc, axis=0)[None, :]
@@ -141,16 +142,16 @@ def atomics_check(form, programs=PROGRAMS):
     return [int(v) for v in jnp.min(out.reshape(3, -1), axis=1)]
 
 
-def _one_kernel(*refs, n: int, prefetch: bool):
+def _one_kernel(*refs, n: int, prefetch: int):
     ws, outs, bar_ref = refs[:n], refs[n + 1:2 * n + 1], refs[2 * n + 1]
-    first = None
+    first = ()
     for i, (w_ref, out_ref) in enumerate(zip(ws, outs)):
         _stream(w_ref, out_ref, first)
         if i + 1 < n:
             nxt = ws[i + 1]
             steps = nxt.shape[0] // BK
             per = steps * (nxt.shape[1] // BN) // PROGRAMS
-            first = _tile(nxt, pl.program_id(0) * per, steps) if prefetch else None
+            first = tuple(_tile(nxt, pl.program_id(0) * per + t, steps) for t in range(prefetch))
             _barrier(bar_ref, i, PROGRAMS)
 
 
@@ -214,8 +215,9 @@ def main(argv):
             if form is None and counts == [PROGRAMS, PROGRAMS, 0]:
                 form = f
     if form is not None:
-        variants += [(f"barrier {form}", jax.jit(lambda ws: one_kernel(ws, False, form))),
-                     (f"barrier+tile {form}", jax.jit(lambda ws: one_kernel(ws, True, form)))]
+        variants += [(f"barrier+{t} tiles {form}" if t else f"barrier {form}",
+                      jax.jit(functools.partial(one_kernel, prefetch=t, form=form)))
+                     for t in PREFETCH_TILES]
     for name, fn in variants:
         row = dict(variant=name, weight_mb=total_mb)
         try:
