@@ -16,7 +16,8 @@ bring the whole tile; the sums check the tiles' addresses), chained by data depe
   predecessor only at its first tile (after its first copies are issued).
 
 Needs a GPU with Mosaic GPU (Hopper); there is no CPU mode. GPU time per layer from a profiler
-trace.
+trace of LAYERS chained layers in one program: busy (the kernels' durations) and span (first
+start to last end: the timeline, where kernels that overlap count once).
 
     python3 bench/pdl_stream.py
 
@@ -32,7 +33,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -46,7 +47,6 @@ BK, BN, ROWS, STAGES = 64, 128, 8, 4
 STREAMS = (("qkvu", 2048, 8192, 2), ("out", 2048, 2048, 8), ("glu", 2048, 11264, 2),
            ("l3", 5632, 2048, 8))
 
-FLAGS = flags.FLAGS  # --repeats: bench/persistent.py's flag
 
 
 def mosaic_stream(w, dep, split, pdl):
@@ -79,12 +79,27 @@ def mosaic_stream(w, dep, split, pdl):
         grid=(n // BN, split), grid_names=("n", "s"))(dep, w)
 
 
-def mosaic_layer(ws, pdl):
-    dep, outs = jnp.zeros((8,), jnp.float32), []
+def mosaic_layer(ws, pdl, dep=None):
+    dep, outs = jnp.zeros((8,), jnp.float32) if dep is None else dep, []
     for w, (_, _, _, split) in zip(ws, STREAMS):
         dep = mosaic_stream(w, dep, split, pdl)
         outs.append(dep)
     return outs
+
+
+LAYERS = 8  # layers a timed call runs, alternating two weight copies
+
+
+def stack(layer):
+    """LAYERS layers in one program, each starting after the previous one's last kernel, so that
+    the wall time per layer is the GPU's timeline, launch gaps and overlaps included."""
+    def fn(ws0, ws1):
+        dep, outs = None, []
+        for i in range(LAYERS):
+            outs += layer(ws1 if i % 2 else ws0, dep=dep)
+            dep = outs[-1]
+        return outs  # all of them: an output left unused would let XLA drop its kernel
+    return fn
 
 
 def want_sums(w, split):
@@ -104,12 +119,14 @@ def main(argv):
     layers = [[jax.random.normal(keys[c * len(STREAMS) + i], (k, n), jnp.float32).astype(jnp.bfloat16)
                for i, (_, k, n, _) in enumerate(STREAMS)] for c in range(2)]
     total_mb = sum(k * n * 2 for _, k, n, _ in STREAMS) / 1e6
-    variants = [("triton kernels", jax.jit(lambda ws: persistent.kernels(ws, False)), None),
-                ("mosaic kernels", jax.jit(functools.partial(mosaic_layer, pdl=False)), True),
-                ("mosaic kernels + PDL", jax.jit(functools.partial(mosaic_layer, pdl=True)), True)]
+    triton = lambda ws, dep=None: persistent.kernels(ws, False)  # noqa: E731 - one stream: in order
+    variants = [("triton kernels", triton, None),
+                ("mosaic kernels", functools.partial(mosaic_layer, pdl=False), True),
+                ("mosaic kernels + PDL", functools.partial(mosaic_layer, pdl=True), True)]
     rows = []
-    for name, fn, check in variants:
+    for name, layer, check in variants:
         row = dict(variant=name, weight_mb=total_mb)
+        fn, chain = jax.jit(layer), jax.jit(stack(layer))
         try:
             outs = fn(layers[0])
             if check:
@@ -117,12 +134,12 @@ def main(argv):
                                      for o, w, (_, _, _, split) in zip(outs, layers[0], STREAMS))
                 if row["max_err"] > 1e-2:
                     raise ValueError(f"wrong sums: max error {row['max_err']:.3g}")
-            row["wall_us_per_layer"] = 1e3 * timing.time_ms(fn, [(w,) for w in layers])
-            trace = profiling.gpu_time(lambda: [fn(layers[r % 2]) for r in range(FLAGS.repeats)])
+            row["wall_us_per_layer"] = 1e3 * timing.time_ms(chain, [tuple(layers)]) / LAYERS
+            trace = profiling.gpu_time(lambda: chain(*layers))
             if "error" not in trace:
-                row.update(gpu_us_per_layer=1e3 * trace["gpu_ms"] / FLAGS.repeats,
-                           span_us_per_layer=1e3 * trace["span_ms"] / FLAGS.repeats,
-                           kernels_per_layer=trace["kernels"] / FLAGS.repeats,
+                row.update(gpu_us_per_layer=1e3 * trace["gpu_ms"] / LAYERS,
+                           span_us_per_layer=1e3 * trace["span_ms"] / LAYERS,
+                           kernels_per_layer=trace["kernels"] / LAYERS,
                            top_kernels_ms=trace["top_kernels_ms"][:6])
         except Exception as e:  # noqa: BLE001 - a variant that fails is a result
             row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
