@@ -40,7 +40,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench import profiling, timing  # noqa: E402
+from bench import profiling, report, timing  # noqa: E402
 
 BK, BN, ROWS, STAGES = 64, 128, 8, 4
 # (name, K, N, K splits): about 128 blocks each.
@@ -125,9 +125,8 @@ def main(argv):
                 ("mosaic kernels + PDL", functools.partial(mosaic_layer, pdl=True))]
     rows = []
     for name, layer in variants:
-        row = dict(variant=name, weight_mb=total_mb)
-        fn, chain = jax.jit(layer), jax.jit(stack(layer))
-        try:
+        def run(row, layer=layer):
+            fn, chain = jax.jit(layer), jax.jit(stack(layer))
             outs = fn(layers[0])
             row["max_err"] = max(float(np.max(np.abs(np.asarray(o) - want_sums(w, split))))
                                  for o, w, (_, _, _, split) in zip(outs, layers[0], STREAMS))
@@ -135,24 +134,13 @@ def main(argv):
                 raise ValueError(f"wrong sums: max error {row['max_err']:.3g}")
             row["wall_us_per_layer"] = 1e3 * timing.time_ms(chain, [tuple(layers)]) / LAYERS
             trace = profiling.gpu_time(lambda: chain(*layers))
-            if "error" not in trace:
-                row.update(gpu_us_per_layer=1e3 * trace["gpu_ms"] / LAYERS,
-                           span_us_per_layer=1e3 * trace["span_ms"] / LAYERS,
-                           kernels_per_layer=trace["kernels"] / LAYERS,
-                           top_kernels_ms=trace["top_kernels_ms"][:6])
-        except Exception as e:  # noqa: BLE001 - a variant that fails is a result
-            row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        (out_dir / "pdl_stream.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
-    print(f"\n{'variant':>22} {'MB':>7} {'GPU µs/layer':>13} {'span µs/layer':>14} {'wall µs/layer':>14}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['variant']:>22}  {r['error'][:300]}")
-            continue
-        print(f"{r['variant']:>22} {r['weight_mb']:>7.1f} {r.get('gpu_us_per_layer', float('nan')):>13.2f} "
-              f"{r.get('span_us_per_layer', float('nan')):>14.2f} {r['wall_us_per_layer']:>14.2f}")
+            row.update(profiling.per_call(trace, LAYERS, "layer"), top_kernels_ms=trace.get("top_kernels_ms"))
 
+        report.measure(rows, dict(variant=name, weight_mb=total_mb), run, out_dir / "pdl_stream.json", meta)
+    report.table(rows, [("variant", "variant", ">22"), ("MB", "weight_mb", ">7.1f"),
+                        ("GPU µs/layer", "gpu_us_per_layer", ">13.2f"),
+                        ("span µs/layer", "span_us_per_layer", ">14.2f"),
+                        ("wall µs/layer", "wall_us_per_layer", ">14.2f")])
 
 if __name__ == "__main__":
     app.run(main)

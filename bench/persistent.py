@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench import profiling, timing  # noqa: E402
+from bench import profiling, report, timing  # noqa: E402
 
 PROGRAMS = 128
 BN, BK = 64, 128
@@ -210,17 +210,17 @@ def main(argv):
                 counts = atomics_check(f)
             except Exception as e:  # noqa: BLE001 - a form that does not compile is a result
                 counts = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            rows.append(dict(variant=f"atomics {f}", counts=counts))
-            print(json.dumps(rows[-1]), flush=True)
+            report.record(rows, dict(variant=f"atomics {f}", counts=str(counts)),
+                          out_dir / "persistent.json", meta)
             if form is None and counts == [PROGRAMS, PROGRAMS, 0]:
                 form = f
     if form is not None:
         variants += [(f"barrier+{t} tiles {form}" if t else f"barrier {form}",
                       jax.jit(functools.partial(one_kernel, prefetch=t, form=form)))
                      for t in PREFETCH_TILES]
+    path = out_dir / "persistent.json"
     for name, fn in variants:
-        row = dict(variant=name, weight_mb=total_mb)
-        try:
+        def run(row, fn=fn):
             sums, bar = fn(layers[0])
             got = [float(jnp.sum(s)) for s in sums]  # column sums of ones x tiles: one row each
             row["rel_err"] = max(abs(g - w) / max(abs(w), 1.0) for g, w in zip(got, want))
@@ -231,27 +231,15 @@ def main(argv):
                 raise ValueError(f"wrong sums: {got} against {want}")
             row["wall_us_per_layer"] = 1e3 * timing.time_ms(lambda ws: fn(ws)[0], [(w,) for w in layers])
             trace = profiling.gpu_time(lambda: [fn(layers[r % 2]) for r in range(FLAGS.repeats)])
-            if "error" not in trace:
-                row.update(gpu_us_per_layer=1e3 * trace["gpu_ms"] / FLAGS.repeats,
-                           kernels_per_layer=trace["kernels"] / FLAGS.repeats,
-                           tb_per_s=total_mb / (1e3 * trace["gpu_ms"] / FLAGS.repeats))
-        except Exception as e:  # noqa: BLE001 - a variant that fails is a result
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        (out_dir / "persistent.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
-    print(f"\n{'variant':>30} {'MB':>7} {'GPU µs/layer':>13} {'TB/s':>6} {'wall µs/layer':>14} {'kernels':>8}")
-    for r in rows:
-        if "counts" in r:
-            print(f"{r['variant']:>30}  counts {r['counts']}")
-            continue
-        if "error" in r:
-            print(f"{r['variant']:>30}  {r['error'][:100]}")
-            continue
-        print(f"{r['variant']:>30} {r['weight_mb']:>7.1f} {r.get('gpu_us_per_layer', float('nan')):>13.2f} "
-              f"{r.get('tb_per_s', float('nan')):>6.2f} {r['wall_us_per_layer']:>14.2f} "
-              f"{r.get('kernels_per_layer', float('nan')):>8.1f}")
+            row.update(profiling.per_call(trace, FLAGS.repeats, "layer"))
+            if "gpu_us_per_layer" in row:
+                row["tb_per_s"] = total_mb / row["gpu_us_per_layer"]
 
+        report.measure(rows, dict(variant=name, weight_mb=total_mb), run, path, meta)
+    report.table(rows, [("variant", "variant", ">30"), ("counts", "counts", ">15"),
+                        ("MB", "weight_mb", ">7.1f"), ("GPU µs/layer", "gpu_us_per_layer", ">13.2f"),
+                        ("TB/s", "tb_per_s", ">6.2f"), ("wall µs/layer", "wall_us_per_layer", ">14.2f"),
+                        ("kernels", "kernels_per_layer", ">8.1f")])
 
 if __name__ == "__main__":
     app.run(main)

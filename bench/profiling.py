@@ -58,3 +58,13 @@ def gpu_time(fn) -> dict:
     return {"gpu_ms": sum(by_kind.values()), "span_ms": (end - start) / 1e3, "kernels": len(kernels),
             "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
             "top_kernels_ms": [[name[:120], ms] for name, ms in top]}
+
+
+def per_call(trace: dict, calls: int, unit: str) -> dict:
+    """A `gpu_time` trace of `calls` calls as GPU µs (busy), span µs and kernels per call, keyed
+    e.g. gpu_us_per_layer for unit "layer"; {} for a trace with an error."""
+    if "error" in trace:
+        return {}
+    return {f"gpu_us_per_{unit}": 1e3 * trace["gpu_ms"] / calls,
+            f"span_us_per_{unit}": 1e3 * trace["span_ms"] / calls,
+            f"kernels_per_{unit}": trace["kernels"] / calls}
