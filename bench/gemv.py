@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from bench import profiling  # noqa: E402
 from pallas_kernels.decode import Tiling, gemv, tiling_for  # noqa: E402
+from tnllm.model import srms_norm  # noqa: E402
 
 # (product, K, N, fusions) of the 1B config's layer (`pallas_kernels.decode.fusions`).
 PRODUCTS = (("qkvu", 2048, 8192, "n"), ("out", 2048, 2048, "ngr"), ("glu", 2048, 5632, "n2"),
@@ -65,7 +66,7 @@ def reference(fusion, x, u, r, w, w2):
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     with jax.default_matmul_precision("highest"):
         if "n" in fusion:
-            x = x * lax.rsqrt(jnp.mean(x * x) + EPS)
+            x = srms_norm(x, EPS)
         if "g" in fusion:
             x = x * u
         x = f32(x.astype(jnp.bfloat16))
@@ -149,7 +150,7 @@ def probe_fn(form, tiling, interpret):
     def fn(x, u, r, w, w2):
         k, n = w.shape
         if form == "rows16":
-            x = jnp.broadcast_to((x * lax.rsqrt(jnp.mean(x * x) + EPS)).astype(w.dtype), (16, k))
+            x = jnp.broadcast_to(srms_norm(x, EPS).astype(w.dtype), (16, k))
         return pl.pallas_call(
             functools.partial(_probe_kernel, form=form, block_k=tiling.block_k,
                               steps=k // tiling.block_k),

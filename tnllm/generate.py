@@ -158,9 +158,8 @@ def _decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sampl
         fold_norms = batch > 1
     if fused is None:
         fused = fused_decode.by_default(cfg, batch)
-    elif fused and fused_decode.unsupported(cfg, batch):
-        raise ValueError(f"fused=True cannot decode this: {fused_decode.unsupported(cfg, batch)}; "
-                         f"leave fused=None.")
+    elif fused and (reason := fused_decode.unsupported(cfg, batch)):
+        raise ValueError(f"fused=True cannot decode this: {reason}; leave fused=None.")
 
     def emit(i, logits, out):
         tokens, lengths, logprobs, done = out
