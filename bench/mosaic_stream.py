@@ -1,0 +1,268 @@
+"""A layer's weight streams as Mosaic GPU kernels (TMA copies into shared memory): as four kernels,
+with and without Programmatic Dependent Launch, and as one persistent kernel whose copy ring runs
+on across the products (against the Pallas Triton kernels of bench/persistent.py: 34.3-34.9 µs a
+layer on an H200).
+
+Kernel boundaries and grid-wide barriers both drain the weight stream between the products of the
+fused decoding step (bench/NOTES.md, calls 41-51). Weights do not depend on activations, so a
+kernel could keep copying the next product's weights while it waits for the current product's
+output. This measures, for the 1B layer's four weight streams of bench/persistent.py, each stream
+read as (BK x BN) tiles and the first `rows` rows of each tile summed (the copies bring the whole
+tile; the sums check the tiles' addresses):
+
+- `kernels`: four kernels, each a `plgpu.emit_pipeline` over its grid's tiles, chained by data
+  dependence; `kernels + PDL`: the same, each signalling its dependents at its start and waiting for
+  its predecessor only at its first tile (after its first copies are issued);
+- `ring S`: one kernel of one block per SM. Each block's tiles of all four streams form one
+  sequence (each stream's tiles dealt to the blocks in equal contiguous runs), copied through a
+  ring of S shared-memory slots: the copy of tile g + S is issued as tile g is consumed, so at a
+  product's end the next product's first S tiles are already in flight. Between products every
+  block signals a GMEM semaphore and waits until all blocks have (a grid-wide barrier, as the
+  decoding step needs: the next product's row is the whole previous output); `ring S, no barrier`
+  leaves the barriers out (the floor: one stream); `ring S, 64 rows` sums whole tiles (the register
+  work of a product's multiply-adds).
+
+Needs a GPU with Mosaic GPU (Hopper); there is no CPU mode. GPU time per layer from a profiler
+trace of LAYERS chained layers in one program: busy (the kernels' durations) and span (first
+start to last end: the timeline, where kernels that overlap count once).
+
+    python3 bench/mosaic_stream.py [--variants=kernels,ring8]
+
+Prints a table; writes $OUT/mosaic_stream.json (OUT defaults to ./bench_out).
+"""
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench import profiling, report, timing  # noqa: E402
+
+BK, BN, ROWS, STAGES = 64, 128, 8, 4
+# (name, K, N, K splits of the four-kernel form): about 128 blocks each.
+STREAMS = (("qkvu", 2048, 8192, 2), ("out", 2048, 2048, 8), ("glu", 2048, 11264, 2),
+           ("l3", 5632, 2048, 8))
+VARIANTS = ("kernels", "kernels_pdl", "ring4", "ring8", "ring12", "ring8_nobarrier", "ring8_rows64")
+
+flags.DEFINE_list("variants", list(VARIANTS), f"Which of {VARIANTS} to run.")
+FLAGS = flags.FLAGS
+
+
+def _zeros(rows):
+    """Zero sums in the layout that the loads of bf16 tile rows give them (a loop's carry keeps
+    one layout; jax 0.10 does not infer it from the zeros)."""
+    return plgpu.layout_cast(jnp.zeros((rows, BN), jnp.float32),
+                             plgpu.Layout.WG_STRIDED((rows, BN), vec_size=4))
+
+
+def mosaic_stream(w, dep, split, pdl):
+    """Sums of the first ROWS rows of each of w's tiles: [split, N / BN, ROWS, BN] f32. dep: the
+    previous kernel's output (orders the kernels; read by none)."""
+    k, n = w.shape
+    steps = k // split // BK
+
+    def body(dep_ref, w_ref, o_ref):
+        del dep_ref
+        j, s = lax.axis_index("n"), lax.axis_index("s")
+        if pdl:
+            plgpu.griddepcontrol_launch_dependents()
+
+        def step(idx, w_smem, acc):
+            if pdl:
+                @pl.when(idx[0] == 0)
+                def _():
+                    plgpu.griddepcontrol_wait()
+            return acc + w_smem[pl.ds(0, ROWS), :].astype(jnp.float32)
+
+        acc = plgpu.emit_pipeline(
+            step, grid=(steps,),
+            in_specs=[plgpu.BlockSpec((BK, BN), lambda i: (s * steps + i, j))],
+            max_concurrent_steps=STAGES, init_carry=_zeros(ROWS))(w_ref)
+        o_ref[s, j] = acc
+
+    return plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((split, n // BN, ROWS, BN), jnp.float32),
+        grid=(n // BN, split), grid_names=("n", "s"))(dep, w)
+
+
+def kernels_layer(ws, dep, pdl):
+    dep, outs = jnp.zeros((8,), jnp.float32) if dep is None else dep, []
+    for w, (_, _, _, split) in zip(ws, STREAMS):
+        dep = mosaic_stream(w, dep, split, pdl)
+        outs.append(dep)
+    return outs
+
+
+def _blocks():
+    return jax.devices()[0].core_count  # one block per SM: all resident, so the barrier cannot hang
+
+
+def _stream_tiles(k, n, split):
+    """(steps, column tiles, tiles) of a stream whose tile t is unit t // steps = s * ncol + j
+    (K split s, column tile j), K step t % steps."""
+    steps, ncol = k // split // BK, n // BN
+    return steps, ncol, ncol * split * steps
+
+
+def ring_layer(ws, dep, stages, barrier, rows):
+    """One persistent kernel over the four streams: [blocks, 4, rows, BN] f32, each block's sums of
+    the first `rows` rows of its tiles of each stream."""
+    blocks = _blocks()
+    plans = [_stream_tiles(k, n, split) for _, k, n, split in STREAMS]
+
+    def body(dep_ref, *refs):
+        del dep_ref
+        w_refs, o_ref, smem, bars = refs[:4], refs[4], refs[5], refs[6]
+        b = lax.axis_index("b")
+        lo = [b * t // blocks for _, _, t in plans]
+        count = [(b + 1) * t // blocks - l for (_, _, t), l in zip(plans, lo)]
+        start = [jnp.int32(0)]
+        for c in count:
+            start.append(start[-1] + c)
+        total = start[-1]
+        sem = pl.get_global(plgpu.SemaphoreType.REGULAR) if barrier else None
+
+        def fetch(g, slot):
+            """Issues the copy of the block's tile g (of whichever stream it falls in) into slot."""
+            for p, ((steps, ncol, _), w_ref) in enumerate(zip(plans, w_refs)):
+                @pl.when((g >= start[p]) & (g < start[p + 1]))
+                def _():
+                    t = lo[p] + g - start[p]
+                    unit, i = t // steps, t % steps
+                    s, j = unit // ncol, unit % ncol
+                    plgpu.copy_gmem_to_smem(
+                        w_ref.at[pl.ds((s * steps + i) * BK, BK), pl.ds(j * BN, BN)],
+                        smem.at[slot], bars.at[slot])
+
+        for g in range(stages):
+            @pl.when(g < total)
+            def _():
+                fetch(jnp.int32(g), g)
+
+        def step(g, acc):
+            slot = g % stages
+            plgpu.barrier_wait(bars.at[slot])
+            acc = acc + smem[slot, pl.ds(0, rows), :].astype(jnp.float32)
+
+            @pl.when(g + stages < total)
+            def _():
+                fetch(g + stages, slot)
+            return acc
+
+        for p in range(len(plans)):
+            o_ref[b, p] = lax.fori_loop(start[p], start[p + 1], step, _zeros(rows))
+            if barrier and p + 1 < len(plans):
+                plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
+                plgpu.semaphore_wait(sem, blocks * (p + 1), decrement=False, memory_scope="gpu")
+
+    dep = jnp.zeros((8,), jnp.float32) if dep is None else dep
+    out = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((blocks, len(plans), rows, BN), jnp.float32),
+        grid=(blocks,), grid_names=("b",),
+        scratch_types=[plgpu.SMEM((stages, BK, BN), jnp.bfloat16),
+                       plgpu.Barrier(num_barriers=stages)])(dep, *ws)
+    return [out]
+
+
+LAYERS = 8  # layers a timed call runs, alternating two weight copies
+
+
+def stack(layer):
+    """LAYERS layers in one program, each starting after the previous one's last kernel, so that
+    the wall time per layer is the GPU's timeline, launch gaps and overlaps included."""
+    def fn(ws0, ws1):
+        dep, outs = None, []
+        for i in range(LAYERS):
+            outs += layer(ws1 if i % 2 else ws0, dep=dep)
+            dep = outs[-1]
+        return outs  # all of them: an output left unused would let XLA drop its kernel
+    return fn
+
+
+def _tiles(w, split):
+    """w's tiles in the order of `_stream_tiles`: [T, BK, BN] f32."""
+    k, n = w.shape
+    steps, ncol, _ = _stream_tiles(k, n, split)
+    t = np.asarray(w.astype(jnp.float32)).reshape(split, steps, BK, ncol, BN)
+    return t.transpose(0, 3, 1, 2, 4).reshape(-1, BK, BN)
+
+
+def want_kernels(ws):
+    outs = []
+    for w, (_, k, n, split) in zip(ws, STREAMS):
+        t = _tiles(w, split)[:, :ROWS].reshape(split, n // BN, k // split // BK, ROWS, BN)
+        outs.append(t.sum(axis=2))  # [split, N / BN, ROWS, BN]
+    return outs
+
+
+def want_ring(ws, rows):
+    blocks, per_stream = _blocks(), []
+    for w, (_, _, _, split) in zip(ws, STREAMS):
+        t = _tiles(w, split)[:, :rows]
+        cuts = [b * len(t) // blocks for b in range(blocks + 1)]
+        per_stream.append(np.stack([t[a:z].sum(axis=0) for a, z in zip(cuts, cuts[1:])]))
+    return [np.stack(per_stream, axis=1)]  # [blocks, 4, rows, BN]
+
+
+def variant(name):
+    """(layer function, expected outputs of layer 0's weights)."""
+    if name.startswith("kernels"):
+        return functools.partial(kernels_layer, pdl=name.endswith("pdl")), want_kernels
+    stages = int(name[4:].split("_")[0])
+    rows = 64 if name.endswith("rows64") else ROWS
+    return (functools.partial(ring_layer, stages=stages, barrier=not name.endswith("nobarrier"),
+                              rows=rows),
+            functools.partial(want_ring, rows=rows))
+
+
+def main(argv):
+    del argv
+    out_dir = Path(os.environ.get("OUT", "bench_out"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = dict(date=time.strftime("%Y-%m-%d"), device=jax.devices()[0].device_kind,
+                jax_version=jax.__version__, command=" ".join(sys.argv), blocks=_blocks())
+    print(json.dumps(meta), flush=True)
+    keys = jax.random.split(jax.random.key(0), 2 * len(STREAMS))
+    layers = [[jax.random.normal(keys[c * len(STREAMS) + i], (k, n), jnp.float32).astype(jnp.bfloat16)
+               for i, (_, k, n, _) in enumerate(STREAMS)] for c in range(2)]
+    total_mb = sum(k * n * 2 for _, k, n, _ in STREAMS) / 1e6
+    rows = []
+    for name in FLAGS.variants:
+        if name not in VARIANTS:
+            raise ValueError(f"--variants: unknown variant {name!r}; choose from {VARIANTS}")
+
+        def run(row, name=name):
+            layer, want = variant(name)
+            fn, chain = jax.jit(functools.partial(layer, dep=None)), jax.jit(stack(layer))
+            got = fn(layers[0])
+            row["max_err"] = max(float(np.max(np.abs(np.asarray(o) - w)))
+                                 for o, w in zip(got, want(layers[0])))
+            if row["max_err"] > 1e-2:
+                raise ValueError(f"wrong sums: max error {row['max_err']:.3g}")
+            row["wall_us_per_layer"] = 1e3 * timing.time_ms(chain, [tuple(layers)]) / LAYERS
+            trace = profiling.gpu_time(lambda: chain(*layers))
+            row.update(profiling.per_call(trace, LAYERS, "layer"), top_kernels_ms=trace.get("top_kernels_ms"))
+            if "span_us_per_layer" in row:
+                row["tb_per_s"] = total_mb / row["span_us_per_layer"] / 1e6
+
+        report.measure(rows, dict(variant=name, weight_mb=total_mb), run, out_dir / "mosaic_stream.json", meta)
+    report.table(rows, [("variant", "variant", ">16"), ("MB", "weight_mb", ">7.1f"),
+                        ("GPU µs/layer", "gpu_us_per_layer", ">13.2f"),
+                        ("span µs/layer", "span_us_per_layer", ">14.2f"),
+                        ("TB/s (span)", "tb_per_s", ">12.2f"),
+                        ("wall µs/layer", "wall_us_per_layer", ">14.2f")])
+
+
+if __name__ == "__main__":
+    app.run(main)
