@@ -34,6 +34,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,6 +57,7 @@ STREAMS = (("qkvu", 2048, 8192, 2), ("out", 2048, 2048, 8), ("glu", 2048, 11264,
 VARIANTS = ("kernels", "kernels_pdl", "ring4", "ring8", "ring12", "ring8_nobarrier", "ring8_rows64")
 
 flags.DEFINE_list("variants", list(VARIANTS), f"Which of {VARIANTS} to run.")
+flags.DEFINE_bool("profile", False, "Also profile each ring variant's blocks (Mosaic GPU's profiler).")
 FLAGS = flags.FLAGS
 
 
@@ -115,9 +117,10 @@ def _stream_tiles(k, n, split):
     return steps, ncol, ncol * split * steps
 
 
-def ring_layer(ws, dep, stages, barrier, rows):
+def ring_layer(ws, dep, stages, barrier, rows, profile_dir=None):
     """One persistent kernel over the four streams: [blocks, 4, rows, BN] f32, each block's sums of
-    the first `rows` rows of its tiles of each stream."""
+    the first `rows` rows of its tiles of each stream. With profile_dir, Mosaic GPU's profiler
+    writes each block's times of its streams ("p0".."p3") and barrier waits ("w0".."w2") there."""
     blocks = _blocks()
     plans = [_stream_tiles(k, n, split) for _, k, n, split in STREAMS]
 
@@ -161,15 +164,19 @@ def ring_layer(ws, dep, stages, barrier, rows):
             return acc
 
         for p in range(len(plans)):
-            o_ref[b, p] = lax.fori_loop(start[p], start[p + 1], step, _zeros(rows))
+            with jax.named_scope(f"p{p}"):
+                o_ref[b, p] = lax.fori_loop(start[p], start[p + 1], step, _zeros(rows))
             if barrier and p + 1 < len(plans):
-                plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
-                plgpu.semaphore_wait(sem, blocks * (p + 1), decrement=False, memory_scope="gpu")
+                with jax.named_scope(f"w{p}"):
+                    plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
+                    plgpu.semaphore_wait(sem, blocks * (p + 1), decrement=False, memory_scope="gpu")
 
     dep = jnp.zeros((8,), jnp.float32) if dep is None else dep
     out = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((blocks, len(plans), rows, BN), jnp.float32),
         grid=(blocks,), grid_names=("b",),
+        compiler_params=plgpu.CompilerParams(profile_space=64, profile_dir=profile_dir)
+        if profile_dir else None,
         scratch_types=[plgpu.SMEM((stages, BK, BN), jnp.bfloat16),
                        plgpu.Barrier(num_barriers=stages)])(dep, *ws)
     return [out]
@@ -215,6 +222,35 @@ def want_ring(ws, rows):
     return [np.stack(per_stream, axis=1)]  # [blocks, 4, rows, BN]
 
 
+SM_GHZ = 1.98  # the H200's SM clock under load (nvidia-smi, call 52): the profiler counts cycles
+
+
+def block_times(trace_path):
+    """Per named scope of a Mosaic GPU profile, µs over the blocks: mean, min and max duration, and
+    the spread of its end times across the blocks (the last block's end minus the first's)."""
+    events = json.loads(Path(trace_path).read_text())["traceEvents"]
+    by_tid, scopes = {}, {}
+    for e in events:
+        by_tid.setdefault(e["tid"], []).append(e)
+    for evs in by_tid.values():
+        # The dump gives a block's first event the block's globaltimer start (ns) and later ones
+        # that start plus clock cycles since the first: back to ns here.
+        ts0, opened = evs[0]["ts"], {}
+        for e in evs:
+            ns = ts0 * 1e3 + (e["ts"] - ts0) * 1e3 / SM_GHZ
+            if e["ph"] == "B":
+                opened[e["name"]] = ns
+            else:
+                scopes.setdefault(e["name"], []).append((ns - opened.pop(e["name"]), ns))
+    out = {}
+    for name, spans in sorted(scopes.items()):
+        dur, end = np.array([d for d, _ in spans]) / 1e3, np.array([t for _, t in spans]) / 1e3
+        out[name] = dict(mean=round(float(dur.mean()), 3), min=round(float(dur.min()), 3),
+                         max=round(float(dur.max()), 3), end_spread=round(float(np.ptp(end)), 3),
+                         blocks=len(spans))
+    return out
+
+
 def variant(name):
     """(layer function, expected outputs of layer 0's weights)."""
     if name.startswith("kernels"):
@@ -253,8 +289,16 @@ def main(argv):
             row["wall_us_per_layer"] = 1e3 * timing.time_ms(chain, [tuple(layers)]) / LAYERS
             trace = profiling.gpu_time(lambda: chain(*layers))
             row.update(profiling.per_call(trace, LAYERS, "layer"), top_kernels_ms=trace.get("top_kernels_ms"))
+            if FLAGS.profile and name.startswith("ring"):
+                try:
+                    with tempfile.TemporaryDirectory() as d:
+                        jax.block_until_ready(jax.jit(functools.partial(
+                            layer, dep=None, profile_dir=d))(layers[1]))
+                        row["block_us"] = block_times(next(Path(d).glob("*.json")))
+                except Exception as e:  # noqa: BLE001 - the timings above stand without it
+                    row["block_us"] = f"{type(e).__name__}: {str(e)[:500]}"
             if "span_us_per_layer" in row:
-                row["tb_per_s"] = total_mb / row["span_us_per_layer"] / 1e6
+                row["tb_per_s"] = total_mb / row["span_us_per_layer"]  # MB/µs = TB/s
 
         report.measure(rows, dict(variant=name, weight_mb=total_mb), run, out_dir / "mosaic_stream.json", meta)
     report.table(rows, [("variant", "variant", ">16"), ("MB", "weight_mb", ">7.1f"),
