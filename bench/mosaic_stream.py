@@ -33,6 +33,7 @@ Prints a table; writes $OUT/mosaic_stream.json (OUT defaults to ./bench_out).
 import functools
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -54,7 +55,8 @@ BK, BN, ROWS, STAGES = 64, 128, 8, 4
 # (name, K, N, K splits of the four-kernel form): about 128 blocks each.
 STREAMS = (("qkvu", 2048, 8192, 2), ("out", 2048, 2048, 8), ("glu", 2048, 11264, 2),
            ("l3", 5632, 2048, 8))
-VARIANTS = ("kernels", "kernels_pdl", "ring4", "ring8", "ring12", "ring8_nobarrier", "ring8_rows64")
+VARIANTS = ("kernels", "kernels_pdl", "ring4", "ring8", "ring12", "ring8_nobarrier", "ring8_rows64",
+            "ws8", "ws8_dyn1", "ws8_dyn2", "ws8_dyn4", "ws8_dyn2_rows64")
 
 flags.DEFINE_list("variants", list(VARIANTS), f"Which of {VARIANTS} to run.")
 flags.DEFINE_bool("profile", False, "Also profile each ring variant's blocks (Mosaic GPU's profiler).")
@@ -182,6 +184,144 @@ def ring_layer(ws, dep, stages, barrier, rows, profile_dir=None):
     return [out]
 
 
+ID_STRIDE = 1 << 20  # a ring slot's id: stream * ID_STRIDE + tile; NSTREAMS * ID_STRIDE ends the run
+
+
+@functools.cache
+def _take_chunk():
+    """An atomic fetch-and-add of 1 on a GMEM counter by one thread of the warpgroup, its old value
+    given to all 128 threads through `cell` (an SMEM word). Pallas's own atomics return nothing."""
+    from jax._src.lib.mlir import ir  # noqa: PLC0415 - only where Mosaic GPU lowers
+    from jax._src.lib.mlir.dialects import llvm, memref
+    from jax.experimental.mosaic import gpu as mgpu
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()),
+                       return_type=plgpu.ShapeDtypeStruct((), jnp.int32, layout=plgpu.Layout.WG_SPLAT(())))
+    def take(ctx, counter, cell):
+        del ctx
+        i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+        zero = mgpu.utils.c(0, index)
+        with mgpu.utils.single_thread(scope=mgpu.utils.ThreadSubset.WARPGROUP):
+            old = llvm.inline_asm(i32, [mgpu.utils.memref_ptr(counter)],
+                                  "atom.relaxed.gpu.global.add.u32 $0, [$1], 1;", "=r,l",
+                                  has_side_effects=True)
+            memref.store(old, cell, [zero])
+        mgpu.utils.warpgroup_barrier()
+        old = memref.load(cell, [zero])
+        mgpu.utils.warpgroup_barrier()  # all have read it before the next take writes the cell
+        return mgpu.FragmentedArray.splat(old, (), layout=mgpu.WGSplatFragLayout(()), is_signed=True)
+
+    return take
+
+
+def ws_layer(ws, dep, stages, chunk, rows, profile_dir=None):
+    """As `ring_layer`, with the copies issued by a producer warpgroup and the sums and barriers
+    done by a consumer warpgroup, so that the thread that waits at the grid barrier has no copies
+    of its own in flight. chunk 0: each stream's tiles dealt to the blocks in equal contiguous runs;
+    chunk C: runs of C tiles taken from a per-stream GMEM counter by whichever block's producer
+    asks next (blocks that stream faster take more). The producer writes each slot's id (stream and
+    tile) next to it; a slot of the next stream (or the end mark) tells the consumer that its
+    stream ended."""
+    blocks, nstreams = _blocks(), len(STREAMS)
+    plans = [_stream_tiles(k, n, split) for _, k, n, split in STREAMS]
+
+    def body(dep_ref, *refs):
+        del dep_ref
+        w_refs, o_ref, smem, full, empty, ids, cell = refs[:4], *refs[4:]
+        b, wg = lax.axis_index("b"), lax.axis_index("wg")
+        sem = pl.get_global(plgpu.SemaphoreType.REGULAR)
+        counters = [pl.get_global(plgpu.SemaphoreType.REGULAR) for _ in plans] if chunk else None
+
+        def issue(g, p, t):
+            """Copies tile t of stream p into slot g % stages (once the consumer freed it)."""
+            slot = g % stages
+
+            @pl.when(g >= stages)
+            def _():
+                plgpu.barrier_wait(empty.at[slot])
+            ids[slot] = p * ID_STRIDE + t
+            steps, ncol, _ = plans[p]
+            unit, i = t // steps, t % steps
+            s, j = unit // ncol, unit % ncol
+            plgpu.copy_gmem_to_smem(w_refs[p].at[pl.ds((s * steps + i) * BK, BK), pl.ds(j * BN, BN)],
+                                    smem.at[slot], full.at[slot])
+
+        @pl.when(wg == 0)
+        def _producer():
+            g = jnp.int32(0)
+            for p, (_, _, total) in enumerate(plans):
+                if chunk:
+                    def more(c, total=total):
+                        return c[1] * chunk < total
+
+                    def run(c, p=p, total=total):
+                        g, ticket = c
+                        for k in range(chunk):
+                            @pl.when(ticket * chunk + k < total)
+                            def _():
+                                issue(g + k, p, ticket * chunk + k)
+                        g = g + jnp.minimum(chunk, total - ticket * chunk)
+                        return g, _take_chunk()(counters[p], cell)
+
+                    g, _ = lax.while_loop(more, run, (g, _take_chunk()(counters[p], cell)))
+                else:
+                    lo = b * total // blocks
+                    count = (b + 1) * total // blocks - lo
+                    def one(k, g, p=p, lo=lo):
+                        issue(g, p, lo + k)
+                        return g + 1
+
+                    g = lax.fori_loop(0, count, one, g)
+            slot = g % stages  # the end mark
+
+            @pl.when(g >= stages)
+            def _():
+                plgpu.barrier_wait(empty.at[slot])
+            ids[slot] = nstreams * ID_STRIDE
+            plgpu.barrier_arrive(full.at[slot])
+
+        @pl.when(wg == 1)
+        def _consumer():
+            def running(c):
+                return c[1] < nstreams
+
+            def step(c):
+                g, p, acc = c
+                slot = g % stages
+                plgpu.barrier_wait(full.at[slot])
+                q = ids[slot] // ID_STRIDE  # this slot's stream: past p, p (and any empty ones) ended
+
+                def end(r, c):
+                    p, acc = c
+                    o_ref[b, r] = acc
+
+                    @pl.when(r + 1 < nstreams)
+                    def _():
+                        with jax.named_scope("wait"):
+                            plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
+                            plgpu.semaphore_wait(sem, blocks * (r + 1), decrement=False,
+                                                 memory_scope="gpu")
+                    return p + 1, _zeros(rows)
+
+                p, acc = lax.fori_loop(p, q, end, (p, acc))
+                acc = acc + smem[slot, pl.ds(0, rows), :].astype(jnp.float32)  # the end mark's slot adds junk to nothing kept
+                plgpu.barrier_arrive(empty.at[slot])
+                return g + 1, p, acc
+
+            lax.while_loop(running, step, (jnp.int32(0), jnp.int32(0), _zeros(rows)))
+
+    dep = jnp.zeros((8,), jnp.float32) if dep is None else dep
+    out = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((blocks, nstreams, rows, BN), jnp.float32),
+        grid=(blocks,), grid_names=("b",), num_threads=2, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(profile_space=64, profile_dir=profile_dir)
+        if profile_dir else None,
+        scratch_types=[plgpu.SMEM((stages, BK, BN), jnp.bfloat16),
+                       plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+                       plgpu.SMEM((stages,), jnp.int32), plgpu.SMEM((1,), jnp.int32)])(dep, *ws)
+    return [out]
+
+
 LAYERS = 8  # layers a timed call runs, alternating two weight copies
 
 
@@ -251,15 +391,25 @@ def block_times(trace_path):
     return out
 
 
+def want_totals(ws, rows):
+    """The sums over the blocks of `want_ring`: what every dealing of the tiles gives."""
+    return [np.stack([_tiles(w, split)[:, :rows].sum(axis=0)
+                      for w, (_, _, _, split) in zip(ws, STREAMS)])]  # [4, rows, BN]
+
+
 def variant(name):
     """(layer function, expected outputs of layer 0's weights)."""
     if name.startswith("kernels"):
         return functools.partial(kernels_layer, pdl=name.endswith("pdl")), want_kernels
-    stages = int(name[4:].split("_")[0])
-    rows = 64 if name.endswith("rows64") else ROWS
-    return (functools.partial(ring_layer, stages=stages, barrier=not name.endswith("nobarrier"),
-                              rows=rows),
-            functools.partial(want_ring, rows=rows))
+    kind, stages, *opts = re.fullmatch(r"(ring|ws)(\d+)(?:_(\w+?))?(?:_(\w+))?", name).groups()
+    stages, opts = int(stages), [o for o in opts if o]
+    rows = 64 if "rows64" in opts else ROWS
+    if kind == "ring":
+        return (functools.partial(ring_layer, stages=stages, barrier="nobarrier" not in opts,
+                                  rows=rows), functools.partial(want_ring, rows=rows))
+    chunk = next((int(o[3:]) for o in opts if o.startswith("dyn")), 0)
+    return (functools.partial(ws_layer, stages=stages, chunk=chunk, rows=rows),
+            functools.partial(want_totals, rows=rows))
 
 
 def main(argv):
@@ -282,6 +432,8 @@ def main(argv):
             layer, want = variant(name)
             fn, chain = jax.jit(functools.partial(layer, dep=None)), jax.jit(stack(layer))
             got = fn(layers[0])
+            if name.startswith("ws"):  # dealt at run time: only the totals are fixed
+                got = [o.sum(axis=0) for o in got]
             row["max_err"] = max(float(np.max(np.abs(np.asarray(o) - w)))
                                  for o, w in zip(got, want(layers[0])))
             if row["max_err"] > 1e-2:
@@ -289,7 +441,7 @@ def main(argv):
             row["wall_us_per_layer"] = 1e3 * timing.time_ms(chain, [tuple(layers)]) / LAYERS
             trace = profiling.gpu_time(lambda: chain(*layers))
             row.update(profiling.per_call(trace, LAYERS, "layer"), top_kernels_ms=trace.get("top_kernels_ms"))
-            if FLAGS.profile and name.startswith("ring"):
+            if FLAGS.profile and not name.startswith("kernels"):
                 try:
                     with tempfile.TemporaryDirectory() as d:
                         jax.block_until_ready(jax.jit(functools.partial(
