@@ -56,7 +56,8 @@ BK, BN, ROWS, STAGES = 64, 128, 8, 4
 STREAMS = (("qkvu", 2048, 8192, 2), ("out", 2048, 2048, 8), ("glu", 2048, 11264, 2),
            ("l3", 5632, 2048, 8))
 VARIANTS = ("kernels", "kernels_pdl", "ring4", "ring8", "ring12", "ring8_nobarrier", "ring8_rows64",
-            "ws8", "ws8_dyn1", "ws8_dyn2", "ws8_dyn4", "ws8_dyn2_rows64")
+            "ws8", "ws8_dyn1", "ws8_dyn2", "ws8_dyn4", "ws8_dyn2_rows64", "ws4_dyn2", "ws12_dyn2",
+            "ws8_dyn2_nobarrier", "ws6_dyn2_bk128", "ws6_dyn2_bk128_nobarrier")
 
 flags.DEFINE_list("variants", list(VARIANTS), f"Which of {VARIANTS} to run.")
 flags.DEFINE_bool("profile", False, "Also profile each ring variant's blocks (Mosaic GPU's profiler).")
@@ -112,10 +113,10 @@ def _blocks():
     return jax.devices()[0].core_count  # one block per SM: all resident, so the barrier cannot hang
 
 
-def _stream_tiles(k, n, split):
-    """(steps, column tiles, tiles) of a stream whose tile t is unit t // steps = s * ncol + j
-    (K split s, column tile j), K step t % steps."""
-    steps, ncol = k // split // BK, n // BN
+def _stream_tiles(k, n, split, bk=BK):
+    """(steps, column tiles, tiles) of a stream of (bk x BN) tiles whose tile t is unit t // steps
+    = s * ncol + j (K split s, column tile j), K step t % steps."""
+    steps, ncol = k // split // bk, n // BN
     return steps, ncol, ncol * split * steps
 
 
@@ -214,16 +215,17 @@ def _take_chunk():
     return take
 
 
-def ws_layer(ws, dep, stages, chunk, rows, profile_dir=None):
+def ws_layer(ws, dep, stages, chunk, rows, bk=BK, barrier=True, profile_dir=None):
     """As `ring_layer`, with the copies issued by a producer warpgroup and the sums and barriers
     done by a consumer warpgroup, so that the thread that waits at the grid barrier has no copies
     of its own in flight. chunk 0: each stream's tiles dealt to the blocks in equal contiguous runs;
     chunk C: runs of C tiles taken from a per-stream GMEM counter by whichever block's producer
     asks next (blocks that stream faster take more). The producer writes each slot's id (stream and
     tile) next to it; a slot of the next stream (or the end mark) tells the consumer that its
-    stream ended."""
+    stream ended. With profile_dir, the profile has the consumer's waits for each slot ("full")
+    and at each barrier ("wait")."""
     blocks, nstreams = _blocks(), len(STREAMS)
-    plans = [_stream_tiles(k, n, split) for _, k, n, split in STREAMS]
+    plans = [_stream_tiles(k, n, split, bk) for _, k, n, split in STREAMS]
 
     def body(dep_ref, *refs):
         del dep_ref
@@ -243,7 +245,7 @@ def ws_layer(ws, dep, stages, chunk, rows, profile_dir=None):
             steps, ncol, _ = plans[p]
             unit, i = t // steps, t % steps
             s, j = unit // ncol, unit % ncol
-            plgpu.copy_gmem_to_smem(w_refs[p].at[pl.ds((s * steps + i) * BK, BK), pl.ds(j * BN, BN)],
+            plgpu.copy_gmem_to_smem(w_refs[p].at[pl.ds((s * steps + i) * bk, bk), pl.ds(j * BN, BN)],
                                     smem.at[slot], full.at[slot])
 
         @pl.when(wg == 0)
@@ -288,14 +290,15 @@ def ws_layer(ws, dep, stages, chunk, rows, profile_dir=None):
             def step(c):
                 g, p, acc = c
                 slot = g % stages
-                plgpu.barrier_wait(full.at[slot])
+                with jax.named_scope("full"):
+                    plgpu.barrier_wait(full.at[slot])
                 q = ids[slot] // ID_STRIDE  # this slot's stream: past p, p (and any empty ones) ended
 
                 def end(r, c):
                     p, acc = c
                     o_ref[b, r] = acc
 
-                    @pl.when(r + 1 < nstreams)
+                    @pl.when(r + 1 < nstreams if barrier else False)
                     def _():
                         with jax.named_scope("wait"):
                             plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
@@ -314,9 +317,9 @@ def ws_layer(ws, dep, stages, chunk, rows, profile_dir=None):
     out = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((blocks, nstreams, rows, BN), jnp.float32),
         grid=(blocks,), grid_names=("b",), num_threads=2, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(profile_space=64, profile_dir=profile_dir)
+        compiler_params=plgpu.CompilerParams(profile_space=512, profile_dir=profile_dir)
         if profile_dir else None,
-        scratch_types=[plgpu.SMEM((stages, BK, BN), jnp.bfloat16),
+        scratch_types=[plgpu.SMEM((stages, bk, BN), jnp.bfloat16),
                        plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                        plgpu.SMEM((stages,), jnp.int32), plgpu.SMEM((1,), jnp.int32)])(dep, *ws)
     return [out]
@@ -337,12 +340,12 @@ def stack(layer):
     return fn
 
 
-def _tiles(w, split):
-    """w's tiles in the order of `_stream_tiles`: [T, BK, BN] f32."""
+def _tiles(w, split, bk=BK):
+    """w's tiles in the order of `_stream_tiles`: [T, bk, BN] f32."""
     k, n = w.shape
-    steps, ncol, _ = _stream_tiles(k, n, split)
-    t = np.asarray(w.astype(jnp.float32)).reshape(split, steps, BK, ncol, BN)
-    return t.transpose(0, 3, 1, 2, 4).reshape(-1, BK, BN)
+    steps, ncol, _ = _stream_tiles(k, n, split, bk)
+    t = np.asarray(w.astype(jnp.float32)).reshape(split, steps, bk, ncol, BN)
+    return t.transpose(0, 3, 1, 2, 4).reshape(-1, bk, BN)
 
 
 def want_kernels(ws):
@@ -366,13 +369,14 @@ SM_GHZ = 1.98  # the H200's SM clock under load (nvidia-smi, call 52): the profi
 
 
 def block_times(trace_path):
-    """Per named scope of a Mosaic GPU profile, µs over the blocks: mean, min and max duration, and
-    the spread of its end times across the blocks (the last block's end minus the first's)."""
+    """Per named scope of a Mosaic GPU profile, µs: each occurrence's mean, min and max duration,
+    the spread of its end times across the blocks (the last end minus the first), and the sum
+    over a warpgroup's occurrences (mean, min and max over the warpgroups that have it)."""
     events = json.loads(Path(trace_path).read_text())["traceEvents"]
     by_tid, scopes = {}, {}
     for e in events:
         by_tid.setdefault(e["tid"], []).append(e)
-    for evs in by_tid.values():
+    for tid, evs in by_tid.items():
         # The dump gives a block's first event the block's globaltimer start (ns) and later ones
         # that start plus clock cycles since the first: back to ns here.
         ts0, opened = evs[0]["ts"], {}
@@ -381,19 +385,24 @@ def block_times(trace_path):
             if e["ph"] == "B":
                 opened[e["name"]] = ns
             else:
-                scopes.setdefault(e["name"], []).append((ns - opened.pop(e["name"]), ns))
+                scopes.setdefault(e["name"], []).append((tid, ns - opened.pop(e["name"]), ns))
     out = {}
     for name, spans in sorted(scopes.items()):
-        dur, end = np.array([d for d, _ in spans]) / 1e3, np.array([t for _, t in spans]) / 1e3
-        out[name] = dict(mean=round(float(dur.mean()), 3), min=round(float(dur.min()), 3),
-                         max=round(float(dur.max()), 3), end_spread=round(float(np.ptp(end)), 3),
-                         blocks=len(spans))
+        dur, end = np.array([d for _, d, _ in spans]) / 1e3, np.array([t for _, _, t in spans]) / 1e3
+        totals = {}
+        for tid, d, _ in spans:
+            totals[tid] = totals.get(tid, 0.0) + d / 1e3
+        tot = np.array(list(totals.values()))
+        out[name] = {k: round(float(v), 3) for k, v in dict(
+            mean=dur.mean(), min=dur.min(), max=dur.max(), end_spread=np.ptp(end),
+            total_mean=tot.mean(), total_min=tot.min(), total_max=tot.max()).items()}
+        out[name]["count"] = len(spans)
     return out
 
 
-def want_totals(ws, rows):
+def want_totals(ws, rows, bk):
     """The sums over the blocks of `want_ring`: what every dealing of the tiles gives."""
-    return [np.stack([_tiles(w, split)[:, :rows].sum(axis=0)
+    return [np.stack([_tiles(w, split, bk)[:, :rows].sum(axis=0)
                       for w, (_, _, _, split) in zip(ws, STREAMS)])]  # [4, rows, BN]
 
 
@@ -401,15 +410,17 @@ def variant(name):
     """(layer function, expected outputs of layer 0's weights)."""
     if name.startswith("kernels"):
         return functools.partial(kernels_layer, pdl=name.endswith("pdl")), want_kernels
-    kind, stages, *opts = re.fullmatch(r"(ring|ws)(\d+)(?:_(\w+?))?(?:_(\w+))?", name).groups()
-    stages, opts = int(stages), [o for o in opts if o]
+    kind, stages, *opts = re.fullmatch(r"(ring|ws)(\d+)((?:_[a-z]+\d*)*)", name).groups()
+    stages, opts = int(stages), opts[0].split("_")[1:]
     rows = 64 if "rows64" in opts else ROWS
     if kind == "ring":
         return (functools.partial(ring_layer, stages=stages, barrier="nobarrier" not in opts,
                                   rows=rows), functools.partial(want_ring, rows=rows))
     chunk = next((int(o[3:]) for o in opts if o.startswith("dyn")), 0)
-    return (functools.partial(ws_layer, stages=stages, chunk=chunk, rows=rows),
-            functools.partial(want_totals, rows=rows))
+    bk = next((int(o[2:]) for o in opts if o.startswith("bk")), BK)
+    return (functools.partial(ws_layer, stages=stages, chunk=chunk, rows=rows, bk=bk,
+                              barrier="nobarrier" not in opts),
+            functools.partial(want_totals, rows=rows, bk=bk))
 
 
 def main(argv):
