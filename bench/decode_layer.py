@@ -42,15 +42,11 @@ from tnllm.model import DecoderLayer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 # The four products of a layer and the fusions of each (`pallas_kernels.decode.fusions`).
 KINDS = {"qkvu": "n", "out": "ngr", "glu": "n2", "l3": "r"}
-# glu_down: l1, l2 and l3 as one kernel (`tnllm.fused_decode.layer_step(glu_down=True)`), tried
-# with --kinds=glu_down, in place of the glu and l3 kernels.
-FUSION = dict(KINDS, glu_down="n23r")
 
 flags.DEFINE_string("config", "1b", "Config file (configs/NAME.py).")
 flags.DEFINE_integer("budget_s", 300, "Stop trying new tilings after this many seconds.")
 flags.DEFINE_bool("smoke", False, "A tiny config, two tilings, interpret mode.")
-flags.DEFINE_list("kinds", list(KINDS), f"The products whose candidate tilings are tried, of "
-                  f"{list(FUSION)}.")
+flags.DEFINE_list("kinds", list(KINDS), "The products whose candidate tilings are tried.")
 FLAGS = flags.FLAGS
 
 
@@ -90,14 +86,13 @@ def xla_stack(cfg, layers):
 
 def pallas_stack(cfg, layers, tilings):
     """The same step as `tnllm.fused_decode` runs it; tilings: {kind: Tiling}."""
-    by_fusion = {FUSION[kind]: t for kind, t in tilings.items()}
+    by_fusion = {KINDS[kind]: t for kind, t in tilings.items()}
 
     def step(params, x, states):
         new, x = [], x.astype(jnp.float32)
         pos = jnp.zeros((1,), jnp.int32)
         for p, i, s in zip(params, layers, states):
-            x, s = fused_decode.layer_step(p, x, pos, s, cfg=cfg, layer=i, tilings=by_fusion,
-                                           glu_down="glu_down" in tilings)
+            x, s = fused_decode.layer_step(p, x, pos, s, cfg=cfg, layer=i, tilings=by_fusion)
             new.append(s)
         return x.astype(jnp.bfloat16), tuple(new)
 
@@ -127,9 +122,6 @@ CANDIDATES = {
             (32, 128, 1, 4, 6), (64, 256, 1, 8, 3)],
     "l3": [(32, 128, 4, 4, 4), (64, 128, 4, 4, 4), (32, 256, 2, 4, 4), (64, 256, 2, 4, 4),
            (64, 128, 11, 4, 3), (32, 256, 11, 4, 3)],
-    # (..., block_d): the down projection's output columns a step
-    "glu_down": [(64, 256, 1, 4, 3, 256), (64, 128, 1, 4, 4, 256), (32, 256, 1, 4, 3, 256),
-                 (64, 256, 1, 4, 3, 128), (64, 256, 1, 8, 3, 512), (32, 512, 1, 4, 3, 128)],
 }
 
 
@@ -139,8 +131,8 @@ def tilings_to_try(cfg, smoke):
     shapes = {"qkvu": (cfg.d_model, 4 * hidden), "out": (hidden, cfg.d_model),
               "glu": (cfg.d_model, cfg.glu_dim), "l3": (cfg.glu_dim, cfg.d_model)}
     base = {kind: tiling_for(KINDS[kind], *shapes[kind]) for kind in KINDS}
-    candidates = ({kind: [(32, 64, 2 if kind in ("qkvu", "out", "l3") else 1, 4, 3)] for kind in FUSION}
-                  if smoke else CANDIDATES)
+    candidates = ({kind: [(32, 64, 1 if kind == "glu" else 2, 4, 3)] for kind in KINDS} if smoke
+                  else CANDIDATES)
     return [(None, base)] + [(kind, dict(base, **{kind: Tiling(*c)})) for kind in FLAGS.kinds
                              for c in candidates[kind]]
 

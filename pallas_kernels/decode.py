@@ -45,28 +45,24 @@ class Tiling:
     """block_n: output columns per program; block_k: rows of W per loop step (divides K / split);
     split: programs per output column block, each summing K / split rows of W and adding its
     partial sum to the float32 output atomically (not with the GLU, whose product needs both sums
-    whole); num_warps, num_stages: Triton launch parameters; block_d: see the field."""
+    whole); num_warps, num_stages: Triton launch parameters."""
 
     block_n: int = 32
     block_k: int = 256
     split: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    block_d: int = 256  # with a down projection (w3): its output columns a loop step
 
 
-def _kernel(*refs, norm: bool, gate: bool, glu: bool, down: bool, residual: bool, block_k: int,
-            steps: int, block_d: int, split: bool, eps: float):
+def _kernel(*refs, norm: bool, gate: bool, glu: bool, residual: bool, block_k: int, steps: int,
+            split: bool, eps: float):
     """x [1, K] (u [1, K]) W [K / split, block_n] (W2) (res [1, block_n]) -> o [1, block_n]; with
-    split, o is res (aliased) and this program adds its part of the product to it atomically.
-    With down (the GLU's W3 [block_n, D] after W2): o [1, D] is res (aliased), to which the program
-    adds its block_n GLU outputs times its rows of W3 atomically."""
+    split, o is res (aliased) and this program adds its part of the product to it atomically."""
     refs = list(refs)
     o_ref = refs.pop()
     x_ref = refs.pop(0)
     u_ref = refs.pop(0) if gate else None
     w_refs = [refs.pop(0) for _ in range(2 if glu else 1)]
-    w3_ref = refs.pop(0) if down else None
     res_ref = refs.pop(0) if residual else None
     f32 = jnp.float32
     # SRMSNorm's scale rsqrt(mean(x^2) + eps) over the whole row. It is a scalar, so it factors
@@ -98,7 +94,7 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, down: bool, residual: bool
         return tuple(acc + jnp.dot(rows, w[ks, :], preferred_element_type=f32)
                      for acc, w in zip(accs, w_refs)), squares
 
-    block_n = w_refs[0].shape[-1]
+    block_n = o_ref.shape[-1]
     accs, squares = lax.fori_loop(
         0, steps, body, (tuple(jnp.zeros((_ROWS, block_n), f32) for _ in w_refs), jnp.float32(0)))
     accs = [jnp.max(acc, axis=0) for acc in accs]  # the rows are equal; Triton cannot slice one
@@ -106,20 +102,6 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, down: bool, residual: bool
         scale = lax.rsqrt(squares / (steps * block_k) + eps)
         accs = [acc * scale for acc in accs]
     y = accs[0] * accs[1] if glu else accs[0]
-    if down:
-        # This program's GLU outputs are a block_n slice of the down projection's K: their part of
-        # its product goes straight to the output, without a kernel boundary before the next
-        # product's weights are read (the boundary's drain and ramp: bench/NOTES.md, calls 41-55).
-        rows = jnp.broadcast_to(y.astype(w3_ref.dtype)[None, :], (_ROWS, block_n))
-
-        def down_step(c, carry):
-            cols = pl.ds(pl.multiple_of(c * block_d, block_d), block_d)
-            part = jnp.max(jnp.dot(rows, w3_ref[:, cols], preferred_element_type=f32), axis=0)
-            pl_triton.atomic_add(o_ref, (pl.ds(0, 1), cols), part[None, :])
-            return carry
-
-        lax.fori_loop(0, w3_ref.shape[-1] // block_d, down_step, 0)
-        return
     if split:
         pl_triton.atomic_add(o_ref, (pl.ds(0, 1), pl.ds(0, block_n)), y[None, :])
         return
@@ -128,24 +110,22 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, down: bool, residual: bool
     o_ref[0, :] = y.astype(o_ref.dtype)
 
 
-def fusions(norm: bool, gate: bool, glu: bool, residual: bool, down: bool = False) -> str:
-    """A letter per operation fused into the product (n: norm, g: gate, 2: GLU, 3: the GLU's down
-    projection, r: residual), e.g. "ngr" for TNL's output projection: the key of its tiling and
-    the end of its kernel's name."""
-    return "".join(c for c, on in zip("ng23r", (norm, gate, glu, down, residual)) if on)
+def fusions(norm: bool, gate: bool, glu: bool, residual: bool) -> str:
+    """A letter per operation fused into the product (n: norm, g: gate, 2: GLU, r: residual), e.g.
+    "ngr" for TNL's output projection: the key of its tiling and the end of its kernel's name."""
+    return "".join(c for c, on in zip("ng2r", (norm, gate, glu, residual)) if on)
 
 
-def kernel_name(norm: bool, gate: bool, glu: bool, residual: bool, down: bool = False) -> str:
+def kernel_name(norm: bool, gate: bool, glu: bool, residual: bool) -> str:
     """The kernel's name in profiles, e.g. decode_gemv_ngr."""
-    return "decode_gemv_" + fusions(norm, gate, glu, residual, down)
+    return "decode_gemv_" + fusions(norm, gate, glu, residual)
 
 
 @functools.partial(jax.jit,
                    static_argnames=("norm", "eps", "u_block", "out_dtype", "tiling", "interpret"))
-def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, w3: Optional[Array] = None,
-         u: Optional[Array] = None, u_block: int = 0, residual: Optional[Array] = None,
-         norm: bool = False, eps: float = 1e-6, out_dtype=None, tiling: Optional[Tiling] = None,
-         interpret: Optional[bool] = None) -> Array:
+def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] = None,
+         u_block: int = 0, residual: Optional[Array] = None, norm: bool = False, eps: float = 1e-6,
+         out_dtype=None, tiling: Optional[Tiling] = None, interpret: Optional[bool] = None) -> Array:
     """epilogue(prologue(x) @ w) for one row.
 
     Args:
@@ -156,8 +136,6 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, w3: Optional[Array] 
       residual: [1, N] or None: added to the product (the layer's residual stream).
       norm: apply SRMSNorm (no weight) to x first, with `eps`.
       w2: None, or the GLU's second weight: the result is (x' w) * (x' w2).
-      w3: None, or (with w2) the GLU's down projection [N, D]: the result is
-        residual + ((x' w) * (x' w2)) w3, [1, D] float32, in one kernel (residual: zeros if None).
       out_dtype: the result's dtype; None: x's. At one row the result is a few KB, so float32
         costs nothing and saves a rounding. float32 when tiling.split > 1 (atomic adds).
       tiling: None: `tiling_for` these fusions and shapes.
@@ -165,19 +143,9 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, w3: Optional[Array] 
       [1, N] in out_dtype.
     """
     (m, k), n = x.shape, w.shape[1]
-    down = w3 is not None
-    if down and (w2 is None or w3.shape[0] != n):
-        raise ValueError(f"w3 is the GLU's down projection [N, D] after w and w2 [K, N]: got w "
-                         f"{w.shape}, w2 {None if w2 is None else w2.shape} and w3 {w3.shape}.")
     if tiling is None:
-        tiling = tiling_for(fusions(norm, u is not None, w2 is not None, residual is not None, down),
-                            k, n)
+        tiling = tiling_for(fusions(norm, u is not None, w2 is not None, residual is not None), k, n)
     split = tiling.split
-    if down:
-        while w3.shape[1] % tiling.block_d and tiling.block_d > 16:
-            tiling = dataclasses.replace(tiling, block_d=tiling.block_d // 2)
-        if w3.shape[1] % tiling.block_d:
-            raise ValueError(f"No block_d of 16 or more divides w3's {w3.shape[1]} columns.")
     if m != 1 or w.shape[0] != k:
         raise ValueError(f"gemv takes one row x [1, K] and w [K, N], got x {x.shape} and w {w.shape}.")
     if u is not None and u.shape[-1] < (u_block + 1) * k:
@@ -197,27 +165,20 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, w3: Optional[Array] 
     if u is not None:
         operands.append((u, pl.BlockSpec((1, k), lambda j, s: (0, u_block))))
     operands += [(w, cols)] + ([(w2, cols)] if w2 is not None else [])
-    name = kernel_name(norm, u is not None, w2 is not None, residual is not None, down)
-    atomic = split > 1 or down  # the programs add to an output that starts as the residual
-    n_out = w3.shape[1] if down else n
-    if down:
-        out = pl.BlockSpec((1, n_out), lambda j, s: (0, 0))
-        operands.append((w3, pl.BlockSpec((tiling.block_n, n_out), lambda j, s: (j, 0))))
-    out_dtype = jnp.float32 if atomic else (out_dtype or x.dtype)
-    if atomic:
-        residual = (jnp.zeros((1, n_out), jnp.float32) if residual is None
-                    else residual.astype(jnp.float32))
+    name = kernel_name(norm, u is not None, w2 is not None, residual is not None)
+    out_dtype = jnp.float32 if split > 1 else (out_dtype or x.dtype)
+    if split > 1:  # the output starts as the residual (or zeros) and the programs add to it
+        residual = (jnp.zeros((1, n), jnp.float32) if residual is None else residual.astype(jnp.float32))
     if residual is not None:
         operands.append((residual, out))
     kernel = functools.partial(_kernel, norm=norm, gate=u is not None, glu=w2 is not None,
-                               down=down, residual=residual is not None, block_k=tiling.block_k,
-                               steps=k // (split * tiling.block_k), block_d=tiling.block_d,
-                               split=split > 1, eps=eps)
+                               residual=residual is not None, block_k=tiling.block_k,
+                               steps=k // (split * tiling.block_k), split=split > 1, eps=eps)
     return pl.pallas_call(
         kernel, grid=(n // tiling.block_n, split),
         in_specs=[spec for _, spec in operands], out_specs=out,
-        out_shape=jax.ShapeDtypeStruct((1, n_out), out_dtype),
-        input_output_aliases={len(operands) - 1: 0} if atomic else {},
+        out_shape=jax.ShapeDtypeStruct((1, n), out_dtype),
+        input_output_aliases={len(operands) - 1: 0} if split > 1 else {},
         compiler_params=pl_triton.CompilerParams(num_warps=tiling.num_warps,
                                                  num_stages=tiling.num_stages),
         interpret=interpret, name=name,
@@ -231,7 +192,6 @@ _MEASURED = {
     "ngr": Tiling(64, 128, 4, 4, 4),  # the output projection: 2048 -> 2048
     "n2": Tiling(64, 256, 1, 4, 3),  # l1 and l2: 2048 -> 2 x 5632
     "r": Tiling(64, 128, 4, 4, 4),  # l3: 5632 -> 2048
-    "n23r": Tiling(64, 256, 1, 4, 3, 256),  # l1, l2 and l3 in one kernel (a first guess)
 }
 
 

@@ -52,12 +52,11 @@ def by_default(cfg: ModelConfig, batch: int) -> bool:
 
 
 def layer_step(p, x: Array, positions: Array, state: Array, *, cfg: ModelConfig, layer: int,
-               tilings: Optional[Mapping[str, Tiling]] = None,
-               glu_down: bool = False) -> Tuple[Array, Array]:
+               tilings: Optional[Mapping[str, Tiling]] = None) -> Tuple[Array, Array]:
     """Decoder layer `layer` (params p) for one token: x [1, d_model] f32 -> the same; positions [1]
     int; state [1, heads, dk, head_dim] f32 -> the new state. tilings: by the products' fusions
-    ("n", "ngr", "n2", "r", "n23r": `pallas_kernels.decode.fusions`), each absent one `tiling_for`
-    its shape (bench/decode_layer.py measures others). glu_down: l1, l2 and l3 as one kernel."""
+    ("n", "ngr", "n2", "r": `pallas_kernels.decode.fusions`), each absent one `tiling_for` its
+    shape (bench/decode_layer.py measures others)."""
     tm, cm = p["token_mixer"], p["channel_mixer"]
     h, hd, eps, dtype = cfg.num_heads, cfg.head_dim, cfg.norm_eps, cfg.dtype
     tiling = (tilings or {}).get
@@ -73,11 +72,9 @@ def layer_step(p, x: Array, positions: Array, state: Array, *, cfg: ModelConfig,
     w = tm["out_proj"]["kernel"].astype(dtype)
     x = gemv(o.reshape(1, -1), w.reshape(-1, w.shape[-1]), u=qkvu, u_block=3, residual=x, norm=True,
              eps=eps, tiling=tiling("ngr"))
-    w1, w2, w3 = (cm[name]["kernel"].astype(dtype) for name in ("l1", "l2", "l3"))
-    if glu_down:
-        return gemv(x, w1, w2=w2, w3=w3, residual=x, norm=True, eps=eps, tiling=tiling("n23r")), state
-    g = gemv(x, w1, w2=w2, norm=True, eps=eps, tiling=tiling("n2"))
-    return gemv(g, w3, residual=x, tiling=tiling("r")), state
+    g = gemv(x, cm["l1"]["kernel"].astype(dtype), w2=cm["l2"]["kernel"].astype(dtype), norm=True, eps=eps,
+             tiling=tiling("n2"))
+    return gemv(g, cm["l3"]["kernel"].astype(dtype), residual=x, tiling=tiling("r")), state
 
 
 def step(params, tokens: Array, positions: Array, states: Sequence[Any], *,
