@@ -11,22 +11,26 @@ read as (BK x BN) tiles and the first `rows` rows of each tile summed (the copie
 tile; the sums check the tiles' addresses):
 
 - `kernels`: four kernels, each a `plgpu.emit_pipeline` over its grid's tiles, chained by data
-  dependence; `kernels + PDL`: the same, each signalling its dependents at its start and waiting for
+  dependence; `kernels_pdl`: the same, each signalling its dependents at its start and waiting for
   its predecessor only at its first tile (after its first copies are issued);
-- `ring S`: one kernel of one block per SM. Each block's tiles of all four streams form one
+- `ringS`: one kernel of one block per SM. Each block's tiles of all four streams form one
   sequence (each stream's tiles dealt to the blocks in equal contiguous runs), copied through a
   ring of S shared-memory slots: the copy of tile g + S is issued as tile g is consumed, so at a
   product's end the next product's first S tiles are already in flight. Between products every
   block signals a GMEM semaphore and waits until all blocks have (a grid-wide barrier, as the
-  decoding step needs: the next product's row is the whole previous output); `ring S, no barrier`
-  leaves the barriers out (the floor: one stream); `ring S, 64 rows` sums whole tiles (the register
-  work of a product's multiply-adds).
+  decoding step needs: the next product's row is the whole previous output); `ringS_nobarrier`
+  leaves the barriers out (the floor: one stream); `ringS_rows64` sums whole tiles (the register
+  work of a product's multiply-adds);
+- `wsS[_dynC]`: the same, warp-specialised: a producer warpgroup issues the copies and a consumer
+  warpgroup sums and waits at the barriers; with dynC each stream's tiles go out in runs of C from
+  a GMEM counter to whichever block's producer asks next, instead of equal contiguous shares
+  (`--profile`: each block's waits for its slots and at the barriers, from Mosaic GPU's profiler).
 
 Needs a GPU with Mosaic GPU (Hopper); there is no CPU mode. GPU time per layer from a profiler
 trace of LAYERS chained layers in one program: busy (the kernels' durations) and span (first
 start to last end: the timeline, where kernels that overlap count once).
 
-    python3 bench/mosaic_stream.py [--variants=kernels,ring8]
+    python3 bench/mosaic_stream.py [--variants=kernels,ring8,ws8_dyn2] [--profile]
 
 Prints a table; writes $OUT/mosaic_stream.json (OUT defaults to ./bench_out).
 """
@@ -57,7 +61,7 @@ STREAMS = (("qkvu", 2048, 8192, 2), ("out", 2048, 2048, 8), ("glu", 2048, 11264,
            ("l3", 5632, 2048, 8))
 VARIANTS = ("kernels", "kernels_pdl", "ring4", "ring8", "ring12", "ring8_nobarrier", "ring8_rows64",
             "ws8", "ws8_dyn1", "ws8_dyn2", "ws8_dyn4", "ws8_dyn2_rows64", "ws4_dyn2", "ws12_dyn2",
-            "ws8_dyn2_nobarrier", "ws6_dyn2_bk128", "ws6_dyn2_bk128_nobarrier")
+            "ws8_dyn2_nobarrier")
 
 flags.DEFINE_list("variants", list(VARIANTS), f"Which of {VARIANTS} to run.")
 flags.DEFINE_bool("profile", False, "Also profile each ring variant's blocks (Mosaic GPU's profiler).")
@@ -113,10 +117,10 @@ def _blocks():
     return jax.devices()[0].core_count  # one block per SM: all resident, so the barrier cannot hang
 
 
-def _stream_tiles(k, n, split, bk=BK):
-    """(steps, column tiles, tiles) of a stream of (bk x BN) tiles whose tile t is unit t // steps
-    = s * ncol + j (K split s, column tile j), K step t % steps."""
-    steps, ncol = k // split // bk, n // BN
+def _stream_tiles(k, n, split):
+    """(steps, column tiles, tiles) of a stream whose tile t is unit t // steps = s * ncol + j
+    (K split s, column tile j), K step t % steps."""
+    steps, ncol = k // split // BK, n // BN
     return steps, ncol, ncol * split * steps
 
 
@@ -215,7 +219,7 @@ def _take_chunk():
     return take
 
 
-def ws_layer(ws, dep, stages, chunk, rows, bk=BK, barrier=True, profile_dir=None):
+def ws_layer(ws, dep, stages, chunk, rows, barrier=True, profile_dir=None):
     """As `ring_layer`, with the copies issued by a producer warpgroup and the sums and barriers
     done by a consumer warpgroup, so that the thread that waits at the grid barrier has no copies
     of its own in flight. chunk 0: each stream's tiles dealt to the blocks in equal contiguous runs;
@@ -225,7 +229,7 @@ def ws_layer(ws, dep, stages, chunk, rows, bk=BK, barrier=True, profile_dir=None
     stream ended. With profile_dir, the profile has the consumer's waits for each slot ("full")
     and at each barrier ("wait")."""
     blocks, nstreams = _blocks(), len(STREAMS)
-    plans = [_stream_tiles(k, n, split, bk) for _, k, n, split in STREAMS]
+    plans = [_stream_tiles(k, n, split) for _, k, n, split in STREAMS]
 
     def body(dep_ref, *refs):
         del dep_ref
@@ -245,7 +249,7 @@ def ws_layer(ws, dep, stages, chunk, rows, bk=BK, barrier=True, profile_dir=None
             steps, ncol, _ = plans[p]
             unit, i = t // steps, t % steps
             s, j = unit // ncol, unit % ncol
-            plgpu.copy_gmem_to_smem(w_refs[p].at[pl.ds((s * steps + i) * bk, bk), pl.ds(j * BN, BN)],
+            plgpu.copy_gmem_to_smem(w_refs[p].at[pl.ds((s * steps + i) * BK, BK), pl.ds(j * BN, BN)],
                                     smem.at[slot], full.at[slot])
 
         @pl.when(wg == 0)
@@ -319,7 +323,7 @@ def ws_layer(ws, dep, stages, chunk, rows, bk=BK, barrier=True, profile_dir=None
         grid=(blocks,), grid_names=("b",), num_threads=2, thread_name="wg",
         compiler_params=plgpu.CompilerParams(profile_space=512, profile_dir=profile_dir)
         if profile_dir else None,
-        scratch_types=[plgpu.SMEM((stages, bk, BN), jnp.bfloat16),
+        scratch_types=[plgpu.SMEM((stages, BK, BN), jnp.bfloat16),
                        plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                        plgpu.SMEM((stages,), jnp.int32), plgpu.SMEM((1,), jnp.int32)])(dep, *ws)
     return [out]
@@ -340,12 +344,12 @@ def stack(layer):
     return fn
 
 
-def _tiles(w, split, bk=BK):
-    """w's tiles in the order of `_stream_tiles`: [T, bk, BN] f32."""
+def _tiles(w, split):
+    """w's tiles in the order of `_stream_tiles`: [T, BK, BN] f32."""
     k, n = w.shape
-    steps, ncol, _ = _stream_tiles(k, n, split, bk)
-    t = np.asarray(w.astype(jnp.float32)).reshape(split, steps, bk, ncol, BN)
-    return t.transpose(0, 3, 1, 2, 4).reshape(-1, bk, BN)
+    steps, ncol, _ = _stream_tiles(k, n, split)
+    t = np.asarray(w.astype(jnp.float32)).reshape(split, steps, BK, ncol, BN)
+    return t.transpose(0, 3, 1, 2, 4).reshape(-1, BK, BN)
 
 
 def want_kernels(ws):
@@ -400,9 +404,9 @@ def block_times(trace_path):
     return out
 
 
-def want_totals(ws, rows, bk):
+def want_totals(ws, rows):
     """The sums over the blocks of `want_ring`: what every dealing of the tiles gives."""
-    return [np.stack([_tiles(w, split, bk)[:, :rows].sum(axis=0)
+    return [np.stack([_tiles(w, split)[:, :rows].sum(axis=0)
                       for w, (_, _, _, split) in zip(ws, STREAMS)])]  # [4, rows, BN]
 
 
@@ -417,10 +421,9 @@ def variant(name):
         return (functools.partial(ring_layer, stages=stages, barrier="nobarrier" not in opts,
                                   rows=rows), functools.partial(want_ring, rows=rows))
     chunk = next((int(o[3:]) for o in opts if o.startswith("dyn")), 0)
-    bk = next((int(o[2:]) for o in opts if o.startswith("bk")), BK)
-    return (functools.partial(ws_layer, stages=stages, chunk=chunk, rows=rows, bk=bk,
+    return (functools.partial(ws_layer, stages=stages, chunk=chunk, rows=rows,
                               barrier="nobarrier" not in opts),
-            functools.partial(want_totals, rows=rows, bk=bk))
+            functools.partial(want_totals, rows=rows))
 
 
 def main(argv):
