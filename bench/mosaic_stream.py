@@ -124,6 +124,20 @@ def _stream_tiles(k, n, split):
     return steps, ncol, ncol * split * steps
 
 
+def _tile(w_ref, plan, t):
+    """Tile t of a stream (`_stream_tiles` order) as a GMEM slice of w: [BK, BN]."""
+    steps, ncol, _ = plan
+    unit, i = t // steps, t % steps
+    s, j = unit // ncol, unit % ncol
+    return w_ref.at[pl.ds((s * steps + i) * BK, BK), pl.ds(j * BN, BN)]
+
+
+def _profiled(profile_dir, space):
+    """Compiler params that have Mosaic GPU's profiler write `space` events a warpgroup to
+    profile_dir, or None without one."""
+    return plgpu.CompilerParams(profile_space=space, profile_dir=profile_dir) if profile_dir else None
+
+
 def ring_layer(ws, dep, stages, barrier, rows, profile_dir=None):
     """One persistent kernel over the four streams: [blocks, 4, rows, BN] f32, each block's sums of
     the first `rows` rows of its tiles of each stream. With profile_dir, Mosaic GPU's profiler
@@ -145,15 +159,11 @@ def ring_layer(ws, dep, stages, barrier, rows, profile_dir=None):
 
         def fetch(g, slot):
             """Issues the copy of the block's tile g (of whichever stream it falls in) into slot."""
-            for p, ((steps, ncol, _), w_ref) in enumerate(zip(plans, w_refs)):
+            for p, (plan, w_ref) in enumerate(zip(plans, w_refs)):
                 @pl.when((g >= start[p]) & (g < start[p + 1]))
                 def _():
-                    t = lo[p] + g - start[p]
-                    unit, i = t // steps, t % steps
-                    s, j = unit // ncol, unit % ncol
-                    plgpu.copy_gmem_to_smem(
-                        w_ref.at[pl.ds((s * steps + i) * BK, BK), pl.ds(j * BN, BN)],
-                        smem.at[slot], bars.at[slot])
+                    plgpu.copy_gmem_to_smem(_tile(w_ref, plan, lo[p] + g - start[p]),
+                                            smem.at[slot], bars.at[slot])
 
         for g in range(stages):
             @pl.when(g < total)
@@ -181,9 +191,7 @@ def ring_layer(ws, dep, stages, barrier, rows, profile_dir=None):
     dep = jnp.zeros((8,), jnp.float32) if dep is None else dep
     out = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((blocks, len(plans), rows, BN), jnp.float32),
-        grid=(blocks,), grid_names=("b",),
-        compiler_params=plgpu.CompilerParams(profile_space=64, profile_dir=profile_dir)
-        if profile_dir else None,
+        grid=(blocks,), grid_names=("b",), compiler_params=_profiled(profile_dir, 64),
         scratch_types=[plgpu.SMEM((stages, BK, BN), jnp.bfloat16),
                        plgpu.Barrier(num_barriers=stages)])(dep, *ws)
     return [out]
@@ -246,11 +254,7 @@ def ws_layer(ws, dep, stages, chunk, rows, barrier=True, profile_dir=None):
             def _():
                 plgpu.barrier_wait(empty.at[slot])
             ids[slot] = p * ID_STRIDE + t
-            steps, ncol, _ = plans[p]
-            unit, i = t // steps, t % steps
-            s, j = unit // ncol, unit % ncol
-            plgpu.copy_gmem_to_smem(w_refs[p].at[pl.ds((s * steps + i) * BK, BK), pl.ds(j * BN, BN)],
-                                    smem.at[slot], full.at[slot])
+            plgpu.copy_gmem_to_smem(_tile(w_refs[p], plans[p], t), smem.at[slot], full.at[slot])
 
         @pl.when(wg == 0)
         def _producer():
@@ -321,8 +325,7 @@ def ws_layer(ws, dep, stages, chunk, rows, barrier=True, profile_dir=None):
     out = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((blocks, nstreams, rows, BN), jnp.float32),
         grid=(blocks,), grid_names=("b",), num_threads=2, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(profile_space=512, profile_dir=profile_dir)
-        if profile_dir else None,
+        compiler_params=_profiled(profile_dir, 512),
         scratch_types=[plgpu.SMEM((stages, BK, BN), jnp.bfloat16),
                        plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                        plgpu.SMEM((stages,), jnp.int32), plgpu.SMEM((1,), jnp.int32)])(dep, *ws)
