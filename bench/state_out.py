@@ -39,7 +39,7 @@ from jax.experimental.pallas import triton as pl_triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import profiling, report  # noqa: E402
-from pallas_kernels.decode import gemv, state_step  # noqa: E402
+from pallas_kernels.decode import gemv, recurrence_tile, state_step  # noqa: E402
 
 EPS = 1e-6
 # (heads, head_dim, d_model, layers): the 1B's layers without LRPE, and a tiny smoke shape.
@@ -61,11 +61,8 @@ def _merged_kernel(dec_ref, q_ref, k_ref, v_ref, u_ref, state_ref, w_ref, p_in, 
     f32 = jnp.float32
     if form == "whole":
         w = w_ref[...]  # first, so that its loads are in flight with the state's
-    q, k = jax.nn.silu(q_ref[...].astype(f32)), jax.nn.silu(k_ref[...].astype(f32))
-    state = state_ref[...]
-    state = state + (dec_ref[0] * state + k[:, None] * v_ref[...].astype(f32)[None, :])
+    state, o = recurrence_tile(dec_ref[0], q_ref[...], k_ref[...], v_ref[...], state_ref[...])
     new_state_ref[...] = state
-    o = jnp.sum(q[:, None] * state, axis=0)  # [block_v]
     squares = jnp.sum(o * o)
     lane = jax.lax.broadcasted_iota(jnp.int32, (1, 16), 1)
     pl_triton.atomic_add(ss_ref, (pl.ds(0, 1), pl.ds(0, 16)), jnp.where(lane == 0, squares, 0.0))

@@ -212,16 +212,23 @@ def tiling_for(fusion: str, k: int, n: int) -> Tiling:
     return t
 
 
+def recurrence_tile(decrement, q, k, v, state) -> Tuple[Array, Array]:
+    """One token of TNL's recurrence on a state tile, inside a kernel: decrement (expm1(-slope))
+    f32; q, k [d] and v [block_v] before their SiLUs (q, k) in any float dtype; state [d, block_v]
+    f32 -> (the new state, o [block_v] f32)."""
+    f32 = jnp.float32
+    q, k = jax.nn.silu(q.astype(f32)), jax.nn.silu(k.astype(f32))
+    # The decrement form of tnllm.attention.lightning_attention_step (exact for tiny slopes).
+    state = state + (decrement * state + k[:, None] * v.astype(f32)[None, :])
+    return state, jnp.sum(q[:, None] * state, axis=0)
+
+
 def _state_kernel(decrement_ref, q_ref, k_ref, v_ref, state_ref, o_ref, new_state_ref):
     """decrement [1] f32; q, k [d]; v [block_v]; state, new_state [d, block_v] f32 (one buffer);
     o [block_v]."""
-    f32 = jnp.float32
-    q, k = jax.nn.silu(q_ref[...].astype(f32)), jax.nn.silu(k_ref[...].astype(f32))
-    state = state_ref[...]
-    # The decrement form of tnllm.attention.lightning_attention_step (exact for tiny slopes).
-    state = state + (decrement_ref[0] * state + k[:, None] * v_ref[...].astype(f32)[None, :])
+    state, o = recurrence_tile(decrement_ref[0], q_ref[...], k_ref[...], v_ref[...], state_ref[...])
     new_state_ref[...] = state
-    o_ref[...] = jnp.sum(q[:, None] * state, axis=0).astype(o_ref.dtype)
+    o_ref[...] = o.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "interpret"))
