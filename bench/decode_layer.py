@@ -21,6 +21,7 @@ kernels per layer from a profiler trace, and GPU µs per layer of each Pallas ke
 Prints a line per variant and a table last; writes $OUT/decode_layer.json (OUT defaults to
 ./bench_out).
 """
+import functools
 import json
 import os
 import sys
@@ -34,7 +35,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench import profiling, timing  # noqa: E402
+from bench import profiling, report, timing  # noqa: E402
 from pallas_kernels.decode import Tiling, tiling_for  # noqa: E402
 from tnllm import config as config_lib, fused_decode  # noqa: E402
 from tnllm.model import DecoderLayer  # noqa: E402
@@ -170,31 +171,30 @@ def main(argv):
     tried = tilings_to_try(cfg, FLAGS.smoke)
     variants += [(f"pallas {kind or 'base'} {tilings[kind] if kind else ''}",
                   jax.jit(pallas_stack(cfg, layers, tilings))) for kind, tilings in tried]
-    rows, start, xla_err = [], time.perf_counter(), None
+    rows, start, xla_err, path = [], time.perf_counter(), None, out_dir / "decode_layer.json"
+
+    def run(row, label, fn):
+        """Checks the step fn (against XLA's error once "xla" has run) and times it into row."""
+        nonlocal xla_err
+        err_x, err_s = check(fn)
+        row.update(err_x=err_x, err_state=err_s)
+        if label == "xla":
+            xla_err = max(err_x, 1e-4)
+        elif err_x > max(1.5 * xla_err, 1e-2):
+            raise ValueError(f"output error {err_x:.2e} is over 1.5x XLA's {xla_err:.2e} and 1e-2")
+        row["wall_us_per_layer"] = per_layer * timing.time_ms(fn, [(params, x, states)])
+        trace = profiling.gpu_time(lambda: [fn(params, x, states) for _ in range(20)])
+        if "error" not in trace:
+            row.update(gpu_us_per_layer=per_layer * trace["gpu_ms"] / 20,
+                       kernels_per_layer=trace["kernels"] / 20 / len(layers),
+                       kernel_us_per_layer={n: per_layer * ms / 20 for n, ms in trace["top_kernels_ms"]
+                                            if "gemv" in n or "gemm" in n})
+
     for label, fn in variants:
-        row = dict(variant=label)
         if time.perf_counter() - start > FLAGS.budget_s and not label.startswith("xla"):
-            rows.append(dict(row, error="skipped: --budget_s spent"))
+            report.record(rows, dict(variant=label, error="skipped: --budget_s spent"), path, meta)
             continue
-        try:
-            err_x, err_s = check(fn)
-            row.update(err_x=err_x, err_state=err_s)
-            if label == "xla":
-                xla_err = max(err_x, 1e-4)
-            elif err_x > max(1.5 * xla_err, 1e-2):
-                raise ValueError(f"output error {err_x:.2e} is over 1.5x XLA's {xla_err:.2e} and 1e-2")
-            row["wall_us_per_layer"] = per_layer * timing.time_ms(fn, [(params, x, states)])
-            trace = profiling.gpu_time(lambda: [fn(params, x, states) for _ in range(20)])
-            if "error" not in trace:
-                row.update(gpu_us_per_layer=per_layer * trace["gpu_ms"] / 20,
-                           kernels_per_layer=trace["kernels"] / 20 / len(layers),
-                           kernel_us_per_layer={n: per_layer * ms / 20 for n, ms in trace["top_kernels_ms"]
-                                                if "gemv" in n or "gemm" in n})
-        except Exception as e:  # noqa: BLE001 - a tiling that fails to compile or check is a result
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        (out_dir / "decode_layer.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
+        report.measure(rows, dict(variant=label), functools.partial(run, label=label, fn=fn), path, meta)
 
     # The best tiling of each kernel (GPU µs from the traces), combined into one step.
     best = dict(tried[0][1])
@@ -205,28 +205,14 @@ def main(argv):
                  if n == kernel or (n.startswith(kernel) and not n[len(kernel)].isalnum())]
         if timed:
             best[kind] = min(timed, key=lambda t: t[0])[1]
-    fn = jax.jit(pallas_stack(cfg, layers, best))
-    row = dict(variant="pallas best per kernel", tilings={k: str(t) for k, t in best.items()})
-    err_x, err_s = check(fn)
-    row.update(err_x=err_x, err_state=err_s,
-               wall_us_per_layer=per_layer * timing.time_ms(fn, [(params, x, states)]))
-    trace = profiling.gpu_time(lambda: [fn(params, x, states) for _ in range(20)])
-    if "error" not in trace:
-        row.update(gpu_us_per_layer=per_layer * trace["gpu_ms"] / 20,
-                   kernels_per_layer=trace["kernels"] / 20 / len(layers))
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-    (out_dir / "decode_layer.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
-
-    print(f"\n{'variant':>48} {'err x':>8} {'wall µs/layer':>14} {'GPU µs/layer':>13} "
-          f"{'kernels/layer':>14}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['variant']:>48}  {r['error'][:80]}")
-            continue
-        print(f"{r['variant']:>48} {r['err_x']:>8.1e} {r['wall_us_per_layer']:>14.2f} "
-              f"{r.get('gpu_us_per_layer', float('nan')):>13.2f} "
-              f"{r.get('kernels_per_layer', float('nan')):>14.1f}")
+    label = "pallas best per kernel"
+    report.measure(rows, dict(variant=label, tilings={k: str(t) for k, t in best.items()}),
+                   functools.partial(run, label=label, fn=jax.jit(pallas_stack(cfg, layers, best))),
+                   path, meta)
+    report.table(rows, [("variant", "variant", ">48"), ("err x", "err_x", ">8.1e"),
+                        ("wall µs/layer", "wall_us_per_layer", ">14.2f"),
+                        ("GPU µs/layer", "gpu_us_per_layer", ">13.2f"),
+                        ("kernels/layer", "kernels_per_layer", ">14.1f")])
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench import profiling  # noqa: E402
+from bench import profiling, report  # noqa: E402
 from pallas_kernels.decode import Tiling, gemv, tiling_for  # noqa: E402
 from tnllm.model import srms_norm  # noqa: E402
 
@@ -222,8 +222,8 @@ def main(argv):
         for name, fn, expect, copies in variants:
             if time.perf_counter() - start > FLAGS.budget_s and not name.startswith("xla"):
                 continue
-            row = dict(product=product, k=k, n=n, fusion=fusion, weight_mb=weight_mb, variant=name)
-            try:
+
+            def run(row, fn=fn, expect=expect, copies=copies):
                 f = jax.jit(fn)
                 if expect is not None:
                     got = np.asarray(f(x, u, r, *copies[0]))
@@ -242,11 +242,9 @@ def main(argv):
                                       if "gemv" in kname or "probe" in kname) / calls
                 row.update(us=us, tb_per_s=weight_mb / us, kernels_per_product=trace["kernels"] / calls,
                            pallas_kernel_us=kernel_us)
-            except Exception as e:  # noqa: BLE001 - a tiling that does not compile is a result too
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            (out_dir / "gemv.json").write_text(json.dumps(dict(meta, results=rows), indent=1))
+
+            report.measure(rows, dict(product=product, k=k, n=n, fusion=fusion, weight_mb=weight_mb,
+                                      variant=name), run, out_dir / "gemv.json", meta)
 
     print(f"\n{'product':>8} {'MB':>6} {'read µs':>8} {'xla dot µs':>10} {'best pallas':>72} {'µs':>6}")
     for product, k, n, fusion in products:
