@@ -1,0 +1,179 @@
+"""The one-row products of the 1B layer as Mosaic GPU kernels whose multiply-adds run on the tensor
+cores (wgmma), against the library's Pallas Triton `gemv` in the same run.
+
+A one-row product y = x @ W has no matrix for the tensor cores, so the Triton kernels do their
+multiply-adds with the row repeated as 16 rows (`pallas_kernels.decode.gemv`), and summing tiles
+in registers cost a Mosaic GPU kernel 6 µs a layer (bench/mosaic_stream.py, rows64). Here each
+block streams its column tile of W through shared memory (TMA, `plgpu.emit_pipeline`) and hands
+every tile to wgmma as the transposed left operand: acc [tile_n, 8] += W_tile^T @ X^T, where X is
+the row padded with zeros to the instruction's smallest width of 8 (`x8`, [8, K] bf16). The
+tensor cores then do 8x the useful arithmetic (~1 µs of their time a layer), the registers hold
+only the [tile_n, 8] float32 accumulator, and the weight tiles go from shared memory to the tensor
+cores without passing through registers.
+
+The kernel computes the products only: the row's norm, gate and bf16 rounding, the sum over K
+splits and the residual are XLA's work here (they are a prologue and epilogue in a fused kernel),
+and `kernel µs` is the Mosaic kernel's own time against the Triton kernel's (which does all of
+it). Each variant is checked against the float32 reference of the fused product first. Eight
+copies of each weight are cycled so that none is found in L2.
+
+    python3 bench/mosaic_gemv.py
+
+Needs a Hopper GPU (there is no CPU mode). Prints a line per variant and a table; writes
+$OUT/mosaic_gemv.json (OUT defaults to ./bench_out).
+"""
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench import profiling, report  # noqa: E402
+from bench.gemv import COPIES, EPS, FLAGS, PRODUCTS, pallas_fn, reference, xla_read  # noqa: E402
+from pallas_kernels.decode import tiling_for  # noqa: E402
+from tnllm.model import srms_norm  # noqa: E402
+
+# 128-byte swizzled (8, 64) bf16 tiles: the shared-memory layout wgmma reads.
+TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+SMEM_BYTES = 200 * 1024
+
+
+def mosaic_gemv(x8, ws, tile_n, tile_k, stages, split):
+    """x8 [8, K] bf16 (the row, then zero rows) times each of ws (1 or 2 weights [K, N] bf16):
+    [split, len(ws), N, 8] f32, the partial sums of each K split (column 0 the row's)."""
+    k, n = ws[0].shape
+    steps = k // split // tile_k
+    nw = len(ws)
+
+    def body(x_ref, *refs):
+        w_refs, o_ref = refs[:nw], refs[nw]
+        j, s = lax.axis_index("n"), lax.axis_index("s")
+
+        def scope(*accs):
+            def step(_, x_smem, *w_smem):
+                for acc, w in zip(accs, w_smem):
+                    plgpu.wgmma(acc, plgpu.transpose_ref(w, (1, 0)), plgpu.transpose_ref(x_smem, (1, 0)))
+                plgpu.wgmma_wait(nw)  # this step's products may run on; the previous step's are done
+
+            spec = lambda shape, index: plgpu.BlockSpec(  # noqa: E731
+                shape, index, transforms=TRANSFORMS, delay_release=1)
+            plgpu.emit_pipeline(
+                step, grid=(steps,),
+                in_specs=[spec((8, tile_k), lambda i: (0, s * steps + i))]
+                + [spec((tile_k, tile_n), lambda i: (s * steps + i, j))] * nw,
+                max_concurrent_steps=stages)(x_ref, *w_refs)
+            plgpu.wgmma_wait(0)
+            for p, acc in enumerate(accs):
+                o_ref[s, p, pl.ds(j * tile_n, tile_n)] = acc[...]
+
+        pl.run_scoped(scope, *[plgpu.ACC((tile_n, 8), jnp.float32) for _ in range(nw)])
+
+    return plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((split, nw, n, 8), jnp.float32),
+        grid=(n // tile_n, split), grid_names=("n", "s"), kernel_name="mosaic_gemv")(x8, *ws)
+
+
+def mosaic_fn(fusion, tile_n, tile_k, stages, split):
+    """The fused product (bench/gemv.py's signature) with the Mosaic kernel for the products."""
+    def fn(x, u, r, w, w2):
+        if "n" in fusion:
+            x = srms_norm(x, EPS)
+        if "g" in fusion:
+            x = x * u
+        x8 = jnp.pad(x.astype(jnp.bfloat16), ((0, 7), (0, 0)))
+        ws = (w, w2) if "2" in fusion else (w,)
+        sums = mosaic_gemv(x8, ws, tile_n, tile_k, stages, split).sum(0)[:, :, 0]  # [nw, N]
+        y = sums[0] * sums[1] if "2" in fusion else sums[0]
+        return y[None] + r if "r" in fusion else y[None]
+    return fn
+
+
+def configs(k, n, fusion):
+    """(tile_n, tile_k, stages, split) with 64-264 blocks that fit shared memory."""
+    nw = 2 if "2" in fusion else 1
+    out = []
+    for tile_n, tile_k, stages, split in itertools.product(
+            (64, 128, 256), (64, 128), (4, 8), (1, 2, 4, 8)):
+        blocks = n // tile_n * split
+        stage_bytes = 2 * tile_k * (8 + nw * tile_n)
+        if (n % tile_n or k % (split * tile_k) or not 64 <= blocks <= 264
+                or stages * stage_bytes > SMEM_BYTES or (k // split // tile_k) < stages):
+            continue
+        out.append((tile_n, tile_k, stages, split))
+    return out
+
+
+def main(argv):
+    del argv
+    out_dir = Path(os.environ.get("OUT", "bench_out"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = dict(date=time.strftime("%Y-%m-%d"), device=jax.devices()[0].device_kind,
+                jax_version=jax.__version__, command=" ".join(sys.argv))
+    print(meta, flush=True)
+    rows, start = [], time.perf_counter()
+    for product, k, n, fusion in PRODUCTS:
+        keys = jax.random.split(jax.random.key(k * n), 2 * COPIES + 3)
+        x, u = (jax.random.normal(key, (1, k), jnp.float32) for key in keys[:2])
+        r = jax.random.normal(keys[2], (1, n), jnp.float32)
+        kn = [(jax.random.normal(key, (k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
+              for key in keys[3:]]
+        copies = list(zip(kn[::2], kn[1::2]))
+        want = np.asarray(reference(fusion, x, u, r, *copies[0]))
+        variants = [("xla read", xla_read(fusion), None),
+                    (f"pallas {tiling_for(fusion, k, n)}", pallas_fn(fusion, tiling_for(fusion, k, n), False),
+                     want)]
+        variants += [(f"mosaic n{c[0]} k{c[1]} s{c[2]} x{c[3]}", mosaic_fn(fusion, *c), want)
+                     for c in configs(k, n, fusion)]
+        weight_mb = k * n * 2 * (2 if "2" in fusion else 1) / 1e6
+        for name, fn, expect in variants:
+            if time.perf_counter() - start > FLAGS.budget_s and not name.startswith(("xla", "pallas")):
+                continue
+
+            def run(row, fn=fn, expect=expect):
+                f = jax.jit(fn)
+                if expect is not None:
+                    got = np.asarray(f(x, u, r, *copies[0]))
+                    row["rel_err"] = float(np.linalg.norm(got - expect) / np.linalg.norm(expect))
+                    if row["rel_err"] > 1e-2:
+                        raise ValueError(f"wrong result: relative error {row['rel_err']:.2e}")
+                for w, w2 in copies:  # warm-up
+                    f(x, u, r, w, w2).block_until_ready()
+                trace = profiling.gpu_time(
+                    lambda: [f(x, u, r, w, w2) for _ in range(FLAGS.repeats) for w, w2 in copies])
+                if "error" in trace:
+                    raise RuntimeError(trace["error"])
+                calls = FLAGS.repeats * len(copies)
+                us = 1e3 * trace["gpu_ms"] / calls
+                kernel_us = us if name == "xla read" else 1e3 * sum(
+                    ms for kname, ms in trace["top_kernels_ms"] if "gemv" in kname) / calls
+                row.update(us=us, kernel_us=kernel_us,
+                           kernel_tb_per_s=weight_mb / kernel_us if kernel_us else None,
+                           kernels_per_product=trace["kernels"] / calls, top=trace["top_kernels_ms"][:4])
+
+            report.measure(rows, dict(product=product, weight_mb=weight_mb, variant=name), run,
+                           out_dir / "mosaic_gemv.json", meta)
+
+    best = []
+    for product, *_ in PRODUCTS:
+        ok = [r for r in rows if r["product"] == product and r.get("kernel_us")]
+        for prefix in ("pallas", "mosaic", "xla"):
+            cands = [r for r in ok if r["variant"].startswith(prefix)]
+            if cands:
+                best.append(min(cands, key=lambda r: r["kernel_us"]))
+    report.table(best, [("product", "product", ">8"), ("variant", "variant", ">28"),
+                        ("MB", "weight_mb", ">6.1f"), ("kernel µs", "kernel_us", ">9.2f"),
+                        ("all µs", "us", ">7.2f"), ("rel err", "rel_err", ">8.1e")])
+
+
+if __name__ == "__main__":
+    app.run(main)
