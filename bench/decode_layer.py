@@ -9,7 +9,8 @@ operations into the products' prologues and epilogues, leaving five kernels a la
 This measures a step through the 1B's 15 layers without LRPE, with random weights (each layer its
 own), as XLA compiles the model's layer (`tnllm.model.DecoderLayer`, the row run twice as
 `tnllm.generate.decode` runs it at batch 1; with and without XLA's exhaustive GEMM tiling search)
-and as the Pallas path with several tilings. Each is checked first: the stack's output and states
+and as the Pallas path with several tilings of its Triton kernels and, on a Hopper GPU, with its
+Hopper kernels (`pallas_kernels.decode_hopper`). Each is checked first: the stack's output and states
 against a float32 run of the model's layer on the same bf16 weights, with the Pallas path asked to
 be within 1.5x of XLA's bf16 error or 1e-2 (on a CPU XLA keeps bf16 intermediates in float32).
 Reported: wall µs per layer (`bench/timing.py`, back-to-back steps), GPU busy µs per layer and
@@ -36,6 +37,7 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import profiling, report, timing  # noqa: E402
+from pallas_kernels import decode_hopper  # noqa: E402
 from pallas_kernels.decode import Tiling, tiling_for  # noqa: E402
 from tnllm import config as config_lib, fused_decode  # noqa: E402
 from tnllm.model import DecoderLayer  # noqa: E402
@@ -85,15 +87,17 @@ def xla_stack(cfg, layers):
     return step
 
 
-def pallas_stack(cfg, layers, tilings):
-    """The same step as `tnllm.fused_decode` runs it; tilings: {kind: Tiling}."""
+def pallas_stack(cfg, layers, tilings, kernels="triton"):
+    """The same step as `tnllm.fused_decode` runs it with `kernels`; tilings: {kind: Tiling or
+    HopperTiling}."""
     by_fusion = {KINDS[kind]: t for kind, t in tilings.items()}
 
     def step(params, x, states):
         new, x = [], x.astype(jnp.float32)
         pos = jnp.zeros((1,), jnp.int32)
         for p, i, s in zip(params, layers, states):
-            x, s = fused_decode.layer_step(p, x, pos, s, cfg=cfg, layer=i, tilings=by_fusion)
+            x, s = fused_decode.layer_step(p, x, pos, s, cfg=cfg, layer=i, tilings=by_fusion,
+                                           kernels=kernels)
             new.append(s)
         return x.astype(jnp.bfloat16), tuple(new)
 
@@ -168,6 +172,8 @@ def main(argv):
         tuned = jax.jit(xla_stack(cfg, layers)).lower(params, x, states).compile(
             compiler_options={"xla_gpu_exhaustive_tiling_search": True})
         variants.append(("xla autotuned", tuned))
+    if decode_hopper.available():  # the Hopper kernels (pallas_kernels.decode_hopper), their tilings
+        variants.append(("hopper base", jax.jit(pallas_stack(cfg, layers, {}, "hopper"))))
     tried = tilings_to_try(cfg, FLAGS.smoke)
     variants += [(f"pallas {kind or 'base'} {tilings[kind] if kind else ''}",
                   jax.jit(pallas_stack(cfg, layers, tilings))) for kind, tilings in tried]

@@ -132,7 +132,8 @@ def measure_decode(cfg, params, prefilled, new_tokens, repeats, decode_options, 
         profile = {"profile": trace} if "error" in trace else {"profile": dict(
             trace, busy_ms_per_token=trace["gpu_ms"] / steps, span_ms_per_token=trace["span_ms"] / steps,
             kernels_per_token=trace["kernels"] / steps)}
-    return dict(**profile, decode_compile_s=decode_compile_s, decode_first_call_s=first_s,
+    kernels = {"fused_kernels": fused_decode.default_kernels()} if fused else {}
+    return dict(**profile, **kernels, decode_compile_s=decode_compile_s, decode_first_call_s=first_s,
                 decode_ms_per_token=step_ms, decode_ms_per_token_min=1e3 * min(times) / steps,
                 decode_tokens_per_s=batch * 1e3 / step_ms)
 

@@ -17,7 +17,8 @@ and `kernel µs` is the Mosaic kernel's own time against the Triton kernel's (wh
 it). Each variant is checked against the float32 reference of the fused product first. Eight
 copies of each weight are cycled so that none is found in L2.
 
-    python3 bench/mosaic_gemv.py
+    python3 bench/mosaic_gemv.py            # the library's Hopper kernels against the Triton ones
+    python3 bench/mosaic_gemv.py --probe    # and the probe kernel over its tilings (call 59)
 
 Needs a Hopper GPU (there is no CPU mode). Prints a line per variant and a table; writes
 $OUT/mosaic_gemv.json (OUT defaults to ./bench_out).
@@ -31,7 +32,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
+from absl import app, flags
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -40,12 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from bench import profiling, report  # noqa: E402
 from bench.gemv import COPIES, EPS, FLAGS, PRODUCTS, pallas_fn, reference, xla_read  # noqa: E402
+from pallas_kernels import decode_hopper  # noqa: E402
 from pallas_kernels.decode import tiling_for  # noqa: E402
 from tnllm.model import srms_norm  # noqa: E402
 
 # 128-byte swizzled (8, 64) bf16 tiles: the shared-memory layout wgmma reads.
 TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 SMEM_BYTES = 200 * 1024
+
+flags.DEFINE_bool("probe", False, "Also the probe kernel (row as wgmma's N = 8 operand, prepared by "
+                  "XLA) over its tilings (call 59).")
 
 
 def mosaic_gemv(x8, ws, tile_n, tile_k, stages, split):
@@ -98,6 +103,28 @@ def mosaic_fn(fusion, tile_n, tile_k, stages, split):
     return fn
 
 
+def hopper_fn(fusion, tiling):
+    """The library's Hopper kernel (pallas_kernels.decode_hopper), everything fused in."""
+    def fn(x, u, r, w, w2):
+        return decode_hopper.gemv(x, w, w2=w2 if "2" in fusion else None, u=u if "g" in fusion else None,
+                                  residual=r if "r" in fusion else None, norm="n" in fusion, eps=EPS,
+                                  tiling=tiling)
+    return fn
+
+
+def hopper_tilings(k, n, fusion):
+    """The library's tiling, then others of 64-264 blocks."""
+    out = [decode_hopper.tiling_for(fusion, k, n)]
+    for c in itertools.product((64, 128), (64, 128), (1, 2, 4, 8), (4, 6)):
+        t = decode_hopper.HopperTiling(*c)
+        steps = k // (t.split * t.block_k)
+        smem = t.stages * t.block_k * t.block_n * 2 * (2 if "2" in fusion else 1) + 64 * t.block_n * 4
+        if (t not in out and smem <= SMEM_BYTES and not n % t.block_n and not k % (t.split * t.block_k) and 2 <= t.stages <= steps
+                and 64 <= n // t.block_n * t.split <= 264 and ("2" not in fusion or t.split == 1)):
+            out.append(t)
+    return out
+
+
 def configs(k, n, fusion):
     """(tile_n, tile_k, stages, split) with 64-264 blocks that fit shared memory."""
     nw = 2 if "2" in fusion else 1
@@ -132,8 +159,9 @@ def main(argv):
         variants = [("xla read", xla_read(fusion), None),
                     (f"pallas {tiling_for(fusion, k, n)}", pallas_fn(fusion, tiling_for(fusion, k, n), False),
                      want)]
+        variants += [(f"hopper {t}", hopper_fn(fusion, t), want) for t in hopper_tilings(k, n, fusion)]
         variants += [(f"mosaic n{c[0]} k{c[1]} s{c[2]} x{c[3]}", mosaic_fn(fusion, *c), want)
-                     for c in configs(k, n, fusion)]
+                     for c in (configs(k, n, fusion) if FLAGS.probe else [])]
         weight_mb = k * n * 2 * (2 if "2" in fusion else 1) / 1e6
         for name, fn, expect in variants:
             if time.perf_counter() - start > FLAGS.budget_s and not name.startswith(("xla", "pallas")):
@@ -159,6 +187,8 @@ def main(argv):
                 row.update(us=us, kernel_us=kernel_us,
                            kernel_tb_per_s=weight_mb / kernel_us if kernel_us else None,
                            kernels_per_product=trace["kernels"] / calls, top=trace["top_kernels_ms"][:4])
+                if kernel_us == 0:
+                    raise RuntimeError("no gemv kernel in the trace")
 
             report.measure(rows, dict(product=product, weight_mb=weight_mb, variant=name), run,
                            out_dir / "mosaic_gemv.json", meta)
@@ -166,11 +196,11 @@ def main(argv):
     best = []
     for product, *_ in PRODUCTS:
         ok = [r for r in rows if r["product"] == product and r.get("kernel_us")]
-        for prefix in ("pallas", "mosaic", "xla"):
+        for prefix in ("pallas", "hopper", "mosaic", "xla"):
             cands = [r for r in ok if r["variant"].startswith(prefix)]
             if cands:
                 best.append(min(cands, key=lambda r: r["kernel_us"]))
-    report.table(best, [("product", "product", ">8"), ("variant", "variant", ">28"),
+    report.table(best, [("product", "product", ">8"), ("variant", "variant", ">40"),
                         ("MB", "weight_mb", ">6.1f"), ("kernel µs", "kernel_us", ">9.2f"),
                         ("all µs", "us", ">7.2f"), ("rel err", "rel_err", ">8.1e")])
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
+from pallas_kernels import decode_hopper
 from pallas_kernels.decode import Tiling, gemv, state_step, tiling_for
+from pallas_kernels.decode_hopper import HopperTiling
 from tnllm import config, fused_decode
 from tnllm.attention import lightning_attention_step
 from tnllm.generate import decode, decode_step, left_pad, prefill, prompt_bucket, serving_params
@@ -25,30 +27,78 @@ def _row(shape, key):
     return jax.random.normal(key, shape, jnp.float32)
 
 
-# The GLU's product of two sums cannot split K (test_gemv_refuses_what_it_cannot_tile).
-@pytest.mark.parametrize("fusion, split", [("n", 1), ("n", 2), ("ngr", 1), ("ngr", 2), ("n2", 1),
-                                           ("r", 1), ("r", 2)])
-def test_gemv_fusions_equal_their_plain_products(fusion, split):
-    k, n = 256, 128
-    keys = jax.random.split(jax.random.key(split), 5)
-    x, u, res = _row((1, k), keys[0]), _row((1, k), keys[1]), _row((1, n), keys[2])
-    w, w2 = ((_row((k, n), key) / 16).astype(jnp.bfloat16) for key in keys[3:])
-    kwargs = dict(norm="n" in fusion, u=u if "g" in fusion else None, w2=w2 if "2" in fusion else None,
-                  residual=res if "r" in fusion else None, tiling=Tiling(32, 64, split, 4, 2))
-    got = gemv(x, w, **kwargs)
-
-    # The norm's scalar scale is applied to the row before it is rounded to bf16, or, by a program
-    # that sums all of K (split 1), to the sums.
-    late = "n" in fusion and split == 1
+def _fused_product(fusion, x, u, res, w, w2, late):
+    """What `gemv` computes for `fusion`, in float32 from the bf16 row: the norm's scalar scale
+    applied to the row before it is rounded to bf16, or (late) to the sums."""
     scale = srms_scale(x, 1e-6, (-1,))  # [1, 1]
     row = x * scale if "n" in fusion and not late else x
     row = (row * u if "g" in fusion else row).astype(jnp.bfloat16).astype(jnp.float32)
     dot = lambda w: jnp.dot(row, w.astype(jnp.float32), precision="highest") * (  # noqa: E731
-        scale[0, 0] if late else 1.0)
+        scale[0, 0] if late and "n" in fusion else 1.0)
     want = dot(w) * dot(w2) if "2" in fusion else dot(w)
-    want = want + res if "r" in fusion else want
-    assert got.shape == (1, n) and got.dtype == jnp.float32
+    return want + res if "r" in fusion else want
+
+
+def _operands(k, n, seed):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    x, u, res = _row((1, k), keys[0]), _row((1, k), keys[1]), _row((1, n), keys[2])
+    w, w2 = ((_row((k, n), key) / 16).astype(jnp.bfloat16) for key in keys[3:])
+    return x, u, res, w, w2
+
+
+def _fusion_kwargs(fusion, x, u, res, w, w2):
+    return dict(norm="n" in fusion, u=u if "g" in fusion else None, w2=w2 if "2" in fusion else None,
+                residual=res if "r" in fusion else None)
+
+
+FUSIONS = [("n", 1), ("n", 2), ("ngr", 1), ("ngr", 2), ("n2", 1), ("r", 1), ("r", 2)]
+
+
+# The GLU's product of two sums cannot split K (test_gemv_refuses_what_it_cannot_tile).
+@pytest.mark.parametrize("fusion, split", FUSIONS)
+def test_gemv_fusions_equal_their_plain_products(fusion, split):
+    x, u, res, w, w2 = operands = _operands(256, 128, split)
+    got = gemv(x, w, **_fusion_kwargs(fusion, *operands), tiling=Tiling(32, 64, split, 4, 2))
+    # A program that sums all of K (split 1) scales the sums by the norm's scale.
+    want = _fused_product(fusion, *operands, late=split == 1)
+    assert got.shape == (1, 128) and got.dtype == jnp.float32
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fusion, split", FUSIONS)
+def test_hopper_gemv_fusions_equal_their_plain_products(fusion, split):
+    """K = 384 in 64-row steps: 6 a block, or 3 with K split in 2; N = 192: three column blocks."""
+    x, u, res, w, w2 = operands = _operands(384, 192, split)
+    got = decode_hopper.gemv(x, w, **_fusion_kwargs(fusion, *operands),
+                             tiling=HopperTiling(64, 64, split, 3))
+    want = _fused_product(fusion, *operands, late=True)  # the Hopper kernel always scales the sums
+    assert got.shape == (1, 192) and got.dtype == jnp.float32
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.gpu
+def test_hopper_gemv_reads_the_gate_from_a_block_of_a_wider_row():
+    k, n = 256, 128
+    x, _, res, w, _ = _operands(k, n, 5)
+    wide = _row((1, 4 * k), jax.random.key(6))
+    got = decode_hopper.gemv(x, w, u=wide, u_block=3, residual=res, norm=True)
+    want = decode_hopper.gemv(x, w, u=wide[:, 3 * k:], residual=res, norm=True)
+    assert rel_err(got, want) < 1e-6
+
+
+def test_hopper_gemv_refuses_what_it_cannot_tile():
+    x, w = jnp.ones((1, 256)), jnp.ones((256, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="block_n must divide N"):
+        decode_hopper.gemv(x, w, tiling=HopperTiling(256, 64))
+    with pytest.raises(ValueError, match="use 2 to that many"):
+        decode_hopper.gemv(x, w, tiling=HopperTiling(64, 128, 1, 4))
+    with pytest.raises(ValueError, match="use split=1"):
+        decode_hopper.gemv(x, w, w2=w, tiling=HopperTiling(64, 64, 2, 2))
+    with pytest.raises(ValueError, match="streams bf16 weights"):
+        decode_hopper.gemv(x, w.astype(jnp.float32))
+    with pytest.raises(ValueError, match="multiples of 64"):
+        decode_hopper.gemv(jnp.ones((1, 96)), jnp.ones((96, 128), jnp.bfloat16))
 
 
 def test_gemv_refuses_what_it_cannot_tile():
@@ -70,6 +120,10 @@ def test_every_released_product_has_a_tiling(name):
         t = tiling_for(fusion, k, n)
         assert n % t.block_n == 0 and k % (t.split * t.block_k) == 0 and t.block_k >= 16
         assert fusion != "n2" or t.split == 1
+        h = decode_hopper.tiling_for(fusion, k, n)  # every released shape runs on the Hopper kernels
+        steps = k // (h.split * h.block_k)
+        assert n % h.block_n == 0 and k % (h.split * h.block_k) == 0 and 2 <= h.stages <= steps
+        assert fusion != "n2" or h.split == 1
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +178,36 @@ def test_fused_decoding_refuses_what_it_cannot_run(params, cfg, rows, match):
     pre = prefill(params, tokens, mask, cfg=cfg, prefill_chunk=8)
     with pytest.raises(ValueError, match=match):
         decode(params, pre, jax.random.key(0), cfg=cfg, sampler=Greedy(), max_new_tokens=2, fused=True)
+
+
+def test_fused_step_refuses_unknown_kernels(params, prefilled):
+    with pytest.raises(ValueError, match="choose one of"):
+        fused_decode.step(params, jnp.asarray([17]), prefilled.positions, prefilled.states, cfg=CFG,
+                          kernels="cuda")
+
+
+@pytest.mark.gpu
+def test_hopper_step_is_as_close_to_the_float32_model_as_the_triton_step():
+    """One step after the prompt with every product on the Hopper kernels (d_model 128: K >= 128)."""
+    cfg = CFG.replace(d_model=128, hidden_dim=128, glu_dim=256)
+    hidden = cfg.num_heads * cfg.head_dim
+    for fusion, k, n in (("n", cfg.d_model, 4 * hidden), ("ngr", hidden, cfg.d_model),
+                         ("n2", cfg.d_model, cfg.glu_dim), ("r", cfg.glu_dim, cfg.d_model)):
+        assert decode_hopper.supports((1, k), (k, n), fusion)
+    variables = jax.jit(TransNormerLLM(cfg).init)(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
+    params = serving_params(nn.unbox(variables)["params"], cfg)
+    tokens, mask = left_pad(PROMPT, prompt_bucket(len(PROMPT[0]), 8))
+    pre = prefill(params, tokens, mask, cfg=cfg, prefill_chunk=8)
+    token, pos = jnp.asarray([17]), pre.positions
+    f32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    want, want_states = decode_step(f32, token, pos, pre.states, cfg=cfg.replace(dtype="float32"))
+    step = jax.jit(fused_decode.step, static_argnames=("cfg", "kernels"))
+    errors = {}
+    for kernels in fused_decode.KERNELS:
+        got, states = step(params, token, pos, pre.states, cfg=cfg, kernels=kernels)
+        errors[kernels] = (rel_err(got, want), max(rel_err(g, w) for g, w in zip(states, want_states)))
+    assert errors["hopper"][0] < max(1.5 * errors["triton"][0], 1e-3), errors
+    assert errors["hopper"][1] < max(1.5 * errors["triton"][1], 1e-5), errors
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -11,6 +11,9 @@ fused in, and a layer is five kernels (the LRPE layer runs its recurrence throug
     g     = gemv(x, W1, W2, norm)                       (SRMSNorm(x) W1) * (SRMSNorm(x) W2)
     x     = gemv(g, W3, residual x)                     x + g W3
 
+On Hopper GPUs the four products run as `pallas_kernels.decode_hopper` kernels instead (the same
+fusions; weights streamed by TMA, multiply-adds on wgmma), elsewhere as the Triton ones (`kernels`).
+
 It is the model's function (`tnllm.model`, TNL's "gla" mixer) for one token, written over the
 `params` collection instead of through the Linen modules, because the fusions cross the modules'
 boundaries. The residual stream and every product's output stay float32 (a few KB a step), where the
@@ -24,7 +27,8 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.decode import Tiling, gemv, state_step
+from pallas_kernels import decode_hopper
+from pallas_kernels.decode import gemv, state_step
 from tnllm.attention import layer_slopes, lightning_attention_step, pallas_compiles
 from tnllm.config import ModelConfig
 from tnllm.model import lrpe, srms_norm
@@ -51,17 +55,41 @@ def by_default(cfg: ModelConfig, batch: int) -> bool:
     return not unsupported(cfg, batch) and pallas_compiles()
 
 
+KERNELS = ("hopper", "triton")
+
+
+def default_kernels() -> str:
+    """The products' kernels where `kernels` is None: "hopper" on a Hopper or later GPU, else
+    "triton"."""
+    return "hopper" if decode_hopper.available() else "triton"
+
+
 def layer_step(p, x: Array, positions: Array, state: Array, *, cfg: ModelConfig, layer: int,
-               tilings: Optional[Mapping[str, Tiling]] = None) -> Tuple[Array, Array]:
+               tilings: Optional[Mapping[str, Any]] = None,
+               kernels: Optional[str] = None) -> Tuple[Array, Array]:
     """Decoder layer `layer` (params p) for one token: x [1, d_model] f32 -> the same; positions [1]
-    int; state [1, heads, dk, head_dim] f32 -> the new state. tilings: by the products' fusions
-    ("n", "ngr", "n2", "r": `pallas_kernels.decode.fusions`), each absent one `tiling_for` its
-    shape (bench/decode_layer.py measures others)."""
+    int; state [1, heads, dk, head_dim] f32 -> the new state.
+
+    kernels: the products' kernels, "hopper" (`pallas_kernels.decode_hopper`, for each product whose
+      shapes it takes; the Triton kernel for the others) or "triton" (`pallas_kernels.decode`);
+      None: `default_kernels()`.
+    tilings: by the products' fusions ("n", "ngr", "n2", "r": `pallas_kernels.decode.fusions`), a
+      `Tiling` (triton) or `HopperTiling` (hopper) each; an absent one is the measured tiling for
+      its shape (bench/decode_layer.py measures others)."""
+    kernels = kernels or default_kernels()
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels is {kernels!r}; choose one of {KERNELS} or None.")
     tm, cm = p["token_mixer"], p["channel_mixer"]
     h, hd, eps, dtype = cfg.num_heads, cfg.head_dim, cfg.norm_eps, cfg.dtype
-    tiling = (tilings or {}).get
+
+    def product(fusion, row, w, **kwargs):
+        tiling = (tilings or {}).get(fusion)
+        if kernels == "hopper" and decode_hopper.supports(row.shape, w.shape, fusion):
+            return decode_hopper.gemv(row, w, tiling=tiling, **kwargs)
+        return gemv(row, w, tiling=tiling, **kwargs)
+
     w = tm["qkvu_proj"]["kernel"].astype(dtype)
-    qkvu = gemv(x, w.reshape(w.shape[0], -1), norm=True, eps=eps, tiling=tiling("n"))
+    qkvu = product("n", x, w.reshape(w.shape[0], -1), norm=True, eps=eps)
     slopes = layer_slopes(h, layer, cfg.num_layers)
     if layer in cfg.lrpe_layers:  # LRPE doubles q and k between the projection and the recurrence
         q, k, v = (qkvu.reshape(1, 1, 4, h, hd)[:, :, i] for i in range(3))  # [1, 1, heads, head_dim]
@@ -70,17 +98,18 @@ def layer_step(p, x: Array, positions: Array, state: Array, *, cfg: ModelConfig,
     else:
         o, state = state_step(qkvu.reshape(1, 4, h, hd), state, slopes)
     w = tm["out_proj"]["kernel"].astype(dtype)
-    x = gemv(o.reshape(1, -1), w.reshape(-1, w.shape[-1]), u=qkvu, u_block=3, residual=x, norm=True,
-             eps=eps, tiling=tiling("ngr"))
-    g = gemv(x, cm["l1"]["kernel"].astype(dtype), w2=cm["l2"]["kernel"].astype(dtype), norm=True, eps=eps,
-             tiling=tiling("n2"))
-    return gemv(g, cm["l3"]["kernel"].astype(dtype), residual=x, tiling=tiling("r")), state
+    x = product("ngr", o.reshape(1, -1), w.reshape(-1, w.shape[-1]), u=qkvu, u_block=3, residual=x,
+                norm=True, eps=eps)
+    g = product("n2", x, cm["l1"]["kernel"].astype(dtype), w2=cm["l2"]["kernel"].astype(dtype), norm=True,
+                eps=eps)
+    return product("r", g, cm["l3"]["kernel"].astype(dtype), residual=x), state
 
 
-def step(params, tokens: Array, positions: Array, states: Sequence[Any], *,
-         cfg: ModelConfig) -> Tuple[Array, Tuple[Any, ...]]:
+def step(params, tokens: Array, positions: Array, states: Sequence[Any], *, cfg: ModelConfig,
+         kernels: Optional[str] = None) -> Tuple[Array, Tuple[Any, ...]]:
     """`tnllm.generate.decode_step` for one row: tokens [1] int, positions [1] int, states as
     `tnllm.model.state_specs(cfg, 1)`. Returns logits [1, vocab] f32 and the new states.
+    kernels: the products' kernels (`layer_step`).
 
     params: the model's `params` collection with its matmul weights in cfg.dtype
     (`tnllm.generate.serving_params`, as `generate` passes them); weights in another dtype are
@@ -97,7 +126,8 @@ def step(params, tokens: Array, positions: Array, states: Sequence[Any], *,
     x = x.astype(jnp.float32)
     new = []
     for i, state in enumerate(states):
-        x, state = layer_step(params[f"layers_{i}"], x, positions, state, cfg=cfg, layer=i)
+        x, state = layer_step(params[f"layers_{i}"], x, positions, state, cfg=cfg, layer=i,
+                              kernels=kernels)
         new.append(state)
     logits = jnp.dot(srms_norm(x, cfg.norm_eps).astype(cfg.dtype), table.T,
                      preferred_element_type=jnp.float32)

@@ -1,0 +1,205 @@
+"""The fused one-row products of the decoding step (`pallas_kernels.decode.gemv`) as Mosaic GPU kernels
+for Hopper: the weights streamed by TMA, the multiply-adds on the tensor cores (wgmma).
+
+`pallas_kernels.decode.gemv` (Pallas Triton) feeds Triton's tensor-core dot with the row repeated as
+16 rows, and its weight tiles pass through registers. Here each block streams its [block_k,
+block_n] tiles of W into shared memory through a ring of `stages` TMA copies
+(`plgpu.emit_pipeline`), and wgmma reads them there as its right operand: acc [64, block_n] +=
+X [64, block_k] @ W_tile, where X is the row's slice repeated as the 64 rows of wgmma's fixed M, in
+registers. The 64 rows of acc are equal and one is kept. The tensor cores thus do 64x the useful
+arithmetic, about a quarter of their time while the weights stream at HBM speed, and nothing of
+the weights goes through registers. On an H200 the 1B layer's four products take 31.9 µs as these
+kernels against 37.9 as the Triton ones, the weight read 32.0 (bench/mosaic_gemv.py, call 59).
+
+The fusions are `pallas_kernels.decode.gemv`'s (norm, gate, GLU product, residual). The block's
+row (and gate) arrive in shared memory by one TMA copy each at the start, next to the first weight
+tiles; SRMSNorm's scale is a scalar, so it multiplies the sums at the end, from the whole row in
+shared memory. The result leaves by a TMA copy of one row of acc: a plain store, or, with a
+residual, an add into the output, which is the residual buffer itself (aliased): so K can be split
+over blocks (`HopperTiling.split`), each adding its partial sums, with no kernel to sum them.
+
+GPU only (Hopper or later, `available`); `tnllm.fused_decode` uses these kernels there and the Triton
+ones elsewhere (and in interpret mode on a CPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.decode import fusions, kernel_name
+
+Array = jax.Array
+
+_M = 64  # wgmma's M: the row is repeated as 64 rows
+# 128-byte swizzled (8, 64) tiles of bf16: the shared-memory layout in which wgmma reads W's tiles.
+_TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperTiling:
+    """block_n: output columns per block (a multiple of 64); block_k: rows of W per pipeline step
+    (a multiple of 64, at most 256); split: blocks per column block, each summing K / split rows of
+    W and adding its part to the output (with a residual, or zeros); stages: TMA copies in flight
+    per block (2 to the block's steps: a tile's slot is released a step after its product)."""
+
+    block_n: int = 64
+    block_k: int = 128
+    split: int = 1
+    stages: int = 4
+
+
+# The fastest tilings of the 1B's products on an H200 (bench/mosaic_gemv.py, call 59): 128 blocks,
+# four 16 KB tiles in flight each (88 blocks for the GLU, whose product cannot split K).
+_MEASURED = {
+    "n": HopperTiling(64, 128, 1, 4),  # q/k/v/u: 2048 -> 8192
+    "ngr": HopperTiling(64, 128, 4, 4),  # the output projection: 2048 -> 2048
+    "n2": HopperTiling(64, 128, 1, 4),  # l1 and l2: 2048 -> 2 x 5632
+    "r": HopperTiling(64, 128, 4, 4),  # l3: 5632 -> 2048
+}
+
+
+def available() -> bool:
+    """Whether these kernels run here: a GPU of compute capability 9.0 or later."""
+    if jax.default_backend() != "gpu":
+        return False
+    capability = getattr(jax.devices()[0], "compute_capability", "0")
+    return float(capability) >= 9.0
+
+
+def tiling_for(fusion: str, k: int, n: int) -> Optional[HopperTiling]:
+    """The measured tiling for a product with `fusion` (the q/k/v/u one for others), narrowed until
+    it divides w [k, n] with at least two pipeline steps a block: fewer K splits, then 64-row steps,
+    then fewer stages; None where no tiling of 64-multiples does (K of at least 128)."""
+    t = _MEASURED.get(fusion, _MEASURED["n"])
+    steps = lambda t: k // (t.split * t.block_k)  # noqa: E731
+    while (k % (t.split * t.block_k) or steps(t) < 2) and t.split > 1:
+        t = dataclasses.replace(t, split=t.split // 2)
+    if k % t.block_k or steps(t) < 2:
+        t = dataclasses.replace(t, block_k=64)
+    if k % (t.split * t.block_k) or n % t.block_n or steps(t) < 2:
+        return None
+    return dataclasses.replace(t, stages=min(t.stages, steps(t)))
+
+
+def supports(x_shape, w_shape, fusion: str) -> bool:
+    """Whether `gemv` takes a product of these shapes (x [1, K], w [K, N]) and fusions."""
+    k, n = w_shape
+    return x_shape == (1, k) and tiling_for(fusion, k, n) is not None
+
+
+def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperTiling, k: int,
+            u_block: int, eps: float):
+    """x [K / block_k, block_k] f32, (u [m K / block_k, block_k] f32, of which block u_block), W [K, N] bf16 (W2), (o_in)
+    -> o [1, N] f32 (o_in aliased where `add`); scratch: the row (and gate) in shared memory, their
+    copies' barrier, the result's staging tile."""
+    refs = list(refs)
+    x_ref = refs.pop(0)
+    u_ref = refs.pop(0) if gate else None
+    w_refs = [refs.pop(0) for _ in range(2 if glu else 1)]
+    if add:
+        refs.pop(0)  # o_in: the same buffer as o
+    o_ref, x_smem = refs.pop(0), refs.pop(0)
+    u_smem = refs.pop(0) if gate else None
+    row_barriers, out_smem = refs
+    bk, bn = tiling.block_k, tiling.block_n
+    steps = k // tiling.split // bk
+    j, s = pl.program_id(0), pl.program_id(1)
+
+    # The whole row (for the norm) and the gate, copied while the weights' first tiles are.
+    plgpu.copy_gmem_to_smem(x_ref, x_smem, row_barriers.at[0])
+    if gate:
+        plgpu.copy_gmem_to_smem(u_ref.at[pl.ds(u_block * (k // bk), k // bk)], u_smem,
+                                row_barriers.at[1])
+
+    def scope(*accs):
+        def step(idx, *w_smem):
+            i = idx[0]
+
+            @pl.when(i == 0)
+            def _():
+                plgpu.barrier_wait(row_barriers.at[0])
+                if gate:
+                    plgpu.barrier_wait(row_barriers.at[1])
+
+            row = plgpu.load(x_smem.at[s * steps + i], (), layout=plgpu.Layout.WGMMA.reduce(0))
+            if gate:
+                row = row * plgpu.load(u_smem.at[s * steps + i], (), layout=plgpu.Layout.WGMMA.reduce(0))
+            rows = lax.broadcast_in_dim(row.astype(w_refs[0].dtype), (_M, bk), [1])
+            for acc, w in zip(accs, w_smem):
+                plgpu.wgmma(acc, rows, w)
+            plgpu.wgmma_wait(len(accs))  # this step's products run on; the last step's are done
+
+        spec = plgpu.BlockSpec((bk, bn), lambda i: (s * steps + i, j), transforms=_TRANSFORMS,
+                               delay_release=1)
+        plgpu.emit_pipeline(step, grid=(steps,), in_specs=[spec] * len(w_refs),
+                            max_concurrent_steps=tiling.stages)(*w_refs)
+        plgpu.wgmma_wait(0)
+        y = accs[0][...]
+        if glu:
+            y = y * accs[1][...]
+        if norm:  # the scale of SRMSNorm, from the whole row
+            x = x_smem[...]
+            y = y * lax.rsqrt(jnp.sum(x * x) / k + eps)
+        out_smem[...] = y
+
+    pl.run_scoped(scope, *[plgpu.ACC((_M, bn), jnp.float32) for _ in w_refs])
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, 1)], o_ref.at[:, pl.ds(j * bn, bn)],
+                            reduction_op="add" if add else None)
+    plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("norm", "eps", "u_block", "tiling"))
+def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] = None,
+         u_block: int = 0, residual: Optional[Array] = None, norm: bool = False, eps: float = 1e-6,
+         tiling: Optional[HopperTiling] = None) -> Array:
+    """`pallas_kernels.decode.gemv` (same arguments and result) on Hopper's TMA and tensor cores;
+    the result is float32. w, w2 must be bf16; K and N multiples of 64 (`supports`)."""
+    (m, k), n = x.shape, w.shape[1]
+    fusion = fusions(norm, u is not None, w2 is not None, residual is not None)
+    tiling = tiling or tiling_for(fusion, k, n)
+    if m != 1 or w.shape[0] != k or tiling is None:
+        raise ValueError(f"The Hopper gemv takes one row x [1, K] and w [K, N] with K and N "
+                         f"multiples of 64, got x {x.shape} and w {w.shape}.")
+    bk, bn, split = tiling.block_k, tiling.block_n, tiling.split
+    if n % bn or k % (split * bk) or bn % 64 or bk % 64 or bk > 256:
+        raise ValueError(f"{tiling} does not divide w {w.shape}: block_n must divide N, split * "
+                         f"block_k must divide K, and both blocks be multiples of 64 (block_k <= 256).")
+    if not 2 <= tiling.stages <= k // (split * bk):
+        raise ValueError(f"{tiling} has {tiling.stages} stages for {k // (split * bk)} steps a block: "
+                         f"use 2 to that many.")
+    if split > 1 and w2 is not None:
+        raise ValueError(f"{tiling} splits K, which the GLU's product of two sums cannot take: use split=1.")
+    if w.dtype != jnp.bfloat16 or (w2 is not None and w2.dtype != jnp.bfloat16):
+        raise ValueError(f"The Hopper gemv streams bf16 weights, got {w.dtype}.")
+    if u is not None and u.shape[-1] < (u_block + 1) * k:
+        raise ValueError(f"u {u.shape} has no block {u_block} of K = {k} columns.")
+    f32 = jnp.float32
+    # The row as [K / block_k, block_k]: one TMA copy (each dimension at most 256), then a row a step.
+    operands = [x.astype(f32).reshape(k // bk, bk)]
+    if u is not None:
+        operands.append(u.astype(f32).reshape(-1, bk))  # the kernel copies block u_block of it
+    operands += [w] + ([w2] if w2 is not None else [])
+    add = residual is not None or split > 1
+    if add:  # the output starts as the residual (or zeros) and the blocks add to it
+        operands.append(jnp.zeros((1, n), f32) if residual is None else residual.astype(f32))
+    gmem = pl.BlockSpec(memory_space=plgpu.GMEM)
+    kernel = functools.partial(_kernel, norm=norm, gate=u is not None, glu=w2 is not None, add=add,
+                               tiling=tiling, k=k, u_block=u_block, eps=eps)
+    scratch = [plgpu.SMEM((k // bk, bk), f32)] + ([plgpu.SMEM((k // bk, bk), f32)] if u is not None else [])
+    return pl.pallas_call(
+        kernel, grid=(n // bn, split),
+        in_specs=[gmem] * len(operands), out_specs=gmem,
+        out_shape=jax.ShapeDtypeStruct((1, n), f32),
+        scratch_shapes=scratch + [plgpu.Barrier(num_barriers=2), plgpu.SMEM((_M, bn), f32)],
+        input_output_aliases={len(operands) - 1: 0} if add else {},
+        compiler_params=plgpu.CompilerParams(),
+        name=kernel_name(norm, u is not None, w2 is not None, residual is not None) + "_hopper",
+    )(*operands)
