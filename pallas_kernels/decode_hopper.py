@@ -33,6 +33,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+try:  # jax 0.11 registers Mosaic GPU's pallas_call lowering only when this module is imported
+    from jax._src.pallas.mosaic_gpu import pallas_call_registration  # noqa: F401
+except ImportError:  # a jax without Mosaic GPU: `available` is then False on every machine
+    pass
+
 from pallas_kernels.decode import fusions, kernel_name
 
 Array = jax.Array
@@ -128,9 +133,9 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperT
                 if gate:
                     plgpu.barrier_wait(row_barriers.at[1])
 
-            row = plgpu.load(x_smem.at[s * steps + i], (), layout=plgpu.Layout.WGMMA.reduce(0))
+            row = plgpu.load(x_smem.at[s * steps + i], None, layout=plgpu.Layout.WGMMA.reduce(0))
             if gate:
-                row = row * plgpu.load(u_smem.at[s * steps + i], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                row = row * plgpu.load(u_smem.at[s * steps + i], None, layout=plgpu.Layout.WGMMA.reduce(0))
             rows = lax.broadcast_in_dim(row.astype(w_refs[0].dtype), (_M, bk), [1])
             for acc, w in zip(accs, w_smem):
                 plgpu.wgmma(acc, rows, w)
