@@ -35,8 +35,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 try:  # jax 0.11 registers Mosaic GPU's pallas_call lowering only when this module is imported
     from jax._src.pallas.mosaic_gpu import pallas_call_registration  # noqa: F401
-except ImportError:  # a jax without Mosaic GPU: `available` is then False on every machine
-    pass
+    _REGISTERED = True
+except ImportError:  # a jax without Mosaic GPU's pallas_call: `available` is False
+    _REGISTERED = False
 
 from pallas_kernels.decode import fusions, kernel_name
 
@@ -72,7 +73,7 @@ _MEASURED = {
 
 def available() -> bool:
     """Whether these kernels run here: a GPU of compute capability 9.0 or later."""
-    if jax.default_backend() != "gpu":
+    if not _REGISTERED or jax.default_backend() != "gpu":
         return False
     capability = getattr(jax.devices()[0], "compute_capability", "0")
     return float(capability) >= 9.0
