@@ -33,12 +33,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-try:  # jax 0.11 registers Mosaic GPU's pallas_call lowering only when this module is imported
-    from jax._src.pallas.mosaic_gpu import pallas_call_registration  # noqa: F401
-    _REGISTERED = True
-except ImportError:  # a jax without Mosaic GPU's pallas_call: `available` is False
-    _REGISTERED = False
-
 from pallas_kernels.decode import fusions, kernel_name
 
 Array = jax.Array
@@ -73,7 +67,7 @@ _MEASURED = {
 
 def available() -> bool:
     """Whether these kernels run here: a GPU of compute capability 9.0 or later."""
-    if not _REGISTERED or jax.default_backend() != "gpu":
+    if jax.default_backend() != "gpu":
         return False
     capability = getattr(jax.devices()[0], "compute_capability", "0")
     return float(capability) >= 9.0
@@ -102,29 +96,25 @@ def supports(x_shape, w_shape, fusion: str) -> bool:
 
 def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperTiling, k: int,
             u_block: int, eps: float):
-    """x [K / block_k, block_k] f32, (u [m K / block_k, block_k] f32, of which block u_block), W [K, N] bf16 (W2), (o_in)
-    -> o [1, N] f32 (o_in aliased where `add`); scratch: the row (and gate) in shared memory, their
-    copies' barrier, the result's staging tile."""
+    """Refs: x [K / block_k, block_k] f32, (u [m K / block_k, block_k] f32, of which block u_block
+    is the gate), W [K, N] bf16, (W2), o [1, N] f32 (with `add` a mutable input: the residual, to
+    which the block adds its sums)."""
     refs = list(refs)
     x_ref = refs.pop(0)
     u_ref = refs.pop(0) if gate else None
     w_refs = [refs.pop(0) for _ in range(2 if glu else 1)]
-    if add:
-        refs.pop(0)  # o_in: the same buffer as o
-    o_ref, x_smem = refs.pop(0), refs.pop(0)
-    u_smem = refs.pop(0) if gate else None
-    row_barriers, out_smem = refs
+    [o_ref] = refs
     bk, bn = tiling.block_k, tiling.block_n
     steps = k // tiling.split // bk
-    j, s = pl.program_id(0), pl.program_id(1)
+    j, s = lax.axis_index("n"), lax.axis_index("s")
 
-    # The whole row (for the norm) and the gate, copied while the weights' first tiles are.
-    plgpu.copy_gmem_to_smem(x_ref, x_smem, row_barriers.at[0])
-    if gate:
-        plgpu.copy_gmem_to_smem(u_ref.at[pl.ds(u_block * (k // bk), k // bk)], u_smem,
-                                row_barriers.at[1])
+    def scope(x_smem, u_smem, row_barriers, out_smem, *accs):
+        # The whole row (for the norm) and the gate, copied while the weights' first tiles are.
+        plgpu.copy_gmem_to_smem(x_ref, x_smem, row_barriers.at[0])
+        if gate:
+            plgpu.copy_gmem_to_smem(u_ref.at[pl.ds(u_block * (k // bk), k // bk)], u_smem,
+                                    row_barriers.at[1])
 
-    def scope(*accs):
         def step(idx, *w_smem):
             i = idx[0]
 
@@ -134,9 +124,10 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperT
                 if gate:
                     plgpu.barrier_wait(row_barriers.at[1])
 
-            row = plgpu.load(x_smem.at[s * steps + i], None, layout=plgpu.Layout.WGMMA.reduce(0))
+            col = plgpu.Layout.WGMMA.reduce(0)  # a [block_k] vector that broadcasts to wgmma's rows
+            row = plgpu.load(x_smem.at[s * steps + i], None, layout=col)
             if gate:
-                row = row * plgpu.load(u_smem.at[s * steps + i], None, layout=plgpu.Layout.WGMMA.reduce(0))
+                row = row * plgpu.load(u_smem.at[s * steps + i], None, layout=col)
             rows = lax.broadcast_in_dim(row.astype(w_refs[0].dtype), (_M, bk), [1])
             for acc, w in zip(accs, w_smem):
                 plgpu.wgmma(acc, rows, w)
@@ -154,12 +145,14 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperT
             x = x_smem[...]
             y = y * lax.rsqrt(jnp.sum(x * x) / k + eps)
         out_smem[...] = y
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, 1)], o_ref.at[:, pl.ds(j * bn, bn)],
+                                reduction_op="add" if add else None)
+        plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(scope, *[plgpu.ACC((_M, bn), jnp.float32) for _ in w_refs])
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, 1)], o_ref.at[:, pl.ds(j * bn, bn)],
-                            reduction_op="add" if add else None)
-    plgpu.wait_smem_to_gmem(0)
+    row = plgpu.SMEM((k // bk, bk), jnp.float32)
+    pl.run_scoped(scope, row, row if gate else None, plgpu.Barrier(num_barriers=2),
+                  plgpu.SMEM((_M, bn), jnp.float32), *[plgpu.ACC((_M, bn), jnp.float32) for _ in w_refs])
 
 
 @functools.partial(jax.jit, static_argnames=("norm", "eps", "u_block", "tiling"))
@@ -194,18 +187,18 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
         operands.append(u.astype(f32).reshape(-1, bk))  # the kernel copies block u_block of it
     operands += [w] + ([w2] if w2 is not None else [])
     add = residual is not None or split > 1
-    if add:  # the output starts as the residual (or zeros) and the blocks add to it
-        operands.append(jnp.zeros((1, n), f32) if residual is None else residual.astype(f32))
-    gmem = pl.BlockSpec(memory_space=plgpu.GMEM)
-    kernel = functools.partial(_kernel, norm=norm, gate=u is not None, glu=w2 is not None, add=add,
-                               tiling=tiling, k=k, u_block=u_block, eps=eps)
-    scratch = [plgpu.SMEM((k // bk, bk), f32)] + ([plgpu.SMEM((k // bk, bk), f32)] if u is not None else [])
-    return pl.pallas_call(
-        kernel, grid=(n // bn, split),
-        in_specs=[gmem] * len(operands), out_specs=gmem,
-        out_shape=jax.ShapeDtypeStruct((1, n), f32),
-        scratch_shapes=scratch + [plgpu.Barrier(num_barriers=2), plgpu.SMEM((_M, bn), f32)],
-        input_output_aliases={len(operands) - 1: 0} if add else {},
-        compiler_params=plgpu.CompilerParams(),
-        name=kernel_name(norm, u is not None, w2 is not None, residual is not None) + "_hopper",
-    )(*operands)
+    kernel = pl.kernel(
+        functools.partial(_kernel, norm=norm, gate=u is not None, glu=w2 is not None, add=add,
+                          tiling=tiling, k=k, u_block=u_block, eps=eps),
+        out_type=() if add else jax.ShapeDtypeStruct((1, n), f32),
+        mesh=plgpu.Mesh(grid=(n // bn, split), grid_names=("n", "s"),
+                        kernel_name=kernel_name(norm, u is not None, w2 is not None,
+                                                residual is not None) + "_hopper"),
+        compiler_params=plgpu.CompilerParams())
+    if not add:
+        return kernel(*operands)
+    # The output starts as the residual (or zeros) and the blocks add to it in place: a mutable
+    # array, which XLA aliases to the kernel's output.
+    out = jax.new_ref(jnp.zeros((1, n), f32) if residual is None else residual.astype(f32))
+    kernel(*operands, out)
+    return out[...]
