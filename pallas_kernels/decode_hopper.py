@@ -139,11 +139,12 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperT
                             max_concurrent_steps=tiling.stages)(*w_refs)
         plgpu.wgmma_wait(0)
         y = accs[0][...]
+        if norm:  # the scale of SRMSNorm, from the whole row (on both sums of the GLU)
+            x = x_smem[...]
+            scale = lax.rsqrt(jnp.sum(x * x) / k + eps)
+            y = y * (scale * scale if glu else scale)
         if glu:
             y = y * accs[1][...]
-        if norm:  # the scale of SRMSNorm, from the whole row
-            x = x_smem[...]
-            y = y * lax.rsqrt(jnp.sum(x * x) / k + eps)
         out_smem[...] = y
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, 1)], o_ref.at[:, pl.ds(j * bn, bn)],
@@ -191,10 +192,9 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
         functools.partial(_kernel, norm=norm, gate=u is not None, glu=w2 is not None, add=add,
                           tiling=tiling, k=k, u_block=u_block, eps=eps),
         out_type=() if add else jax.ShapeDtypeStruct((1, n), f32),
-        mesh=plgpu.Mesh(grid=(n // bn, split), grid_names=("n", "s"),
-                        kernel_name=kernel_name(norm, u is not None, w2 is not None,
-                                                residual is not None) + "_hopper"),
-        compiler_params=plgpu.CompilerParams())
+        mesh=plgpu.Mesh(grid=(n // bn, split), grid_names=("n", "s")),
+        compiler_params=plgpu.CompilerParams(),
+        name=kernel_name(norm, u is not None, w2 is not None, residual is not None) + "_hopper")
     if not add:
         return kernel(*operands)
     # The output starts as the residual (or zeros) and the blocks add to it in place: a mutable

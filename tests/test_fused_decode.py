@@ -66,14 +66,16 @@ def test_gemv_fusions_equal_their_plain_products(fusion, split):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("block", [64, 128])
 @pytest.mark.parametrize("fusion, split", FUSIONS)
-def test_hopper_gemv_fusions_equal_their_plain_products(fusion, split):
-    """K = 384 in 64-row steps: 6 a block, or 3 with K split in 2; N = 192: three column blocks."""
-    x, u, res, w, w2 = operands = _operands(384, 192, split)
+def test_hopper_gemv_fusions_equal_their_plain_products(fusion, split, block):
+    """K = 768: 12 or 6 steps of 64 rows a block, 6 or 3 of 128; N = 384: six or three column
+    blocks."""
+    x, u, res, w, w2 = operands = _operands(768, 384, split)
     got = decode_hopper.gemv(x, w, **_fusion_kwargs(fusion, *operands),
-                             tiling=HopperTiling(64, 64, split, 3))
+                             tiling=HopperTiling(block, block, split, 3))
     want = _fused_product(fusion, *operands, late=True)  # the Hopper kernel always scales the sums
-    assert got.shape == (1, 192) and got.dtype == jnp.float32
+    assert got.shape == (1, 384) and got.dtype == jnp.float32
     assert rel_err(got, want) < 1e-5
 
 
