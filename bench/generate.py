@@ -75,6 +75,8 @@ flags.DEFINE_list("fold_norms", ["auto"], "TNL's decoding step with the SRMSNorm
 flags.DEFINE_list("fused", ["auto"], "At batch 1, TNL's decoding step on fused Pallas GEMVs "
                   "(tnllm.fused_decode: true), through the model's layers (false), as tnllm.generate "
                   "chooses (auto: fused on a GPU), or several: true,false.")
+flags.DEFINE_list("fused_kernels", ["auto"], "The fused step's products: hopper, triton, auto "
+                  "(hopper on a Hopper GPU), or several: hopper,triton.")
 flags.DEFINE_bool("smoke", False, "Tiny config and contexts, few tokens: a quick check of this script.")
 FLAGS = flags.FLAGS
 
@@ -104,13 +106,13 @@ def measure_prefill(cfg, params, batch, context, prefill_chunk):
 
 
 def measure_decode(cfg, params, prefilled, new_tokens, repeats, decode_options, fold_norms, fused,
-                   out_dir):
+                   fused_kernels, out_dir):
     """Times decoding `new_tokens` tokens after `prefilled`."""
     batch = prefilled.logits.shape[0]
     # Compiled here, not by a first call, so that --decode_xla_options apply to it alone.
     lowered = decode.lower(params, prefilled, jax.random.key(0), cfg=cfg, sampler=Greedy(),
                            max_new_tokens=new_tokens, steps_per_iteration=FLAGS.steps_per_iteration,
-                           fold_norms=fold_norms, fused=fused)
+                           fold_norms=fold_norms, fused=fused, fused_kernels=fused_kernels)
     start = time.perf_counter()
     decode_exe = lowered.compile(compiler_options=decode_options)
     decode_compile_s = time.perf_counter() - start
@@ -132,8 +134,7 @@ def measure_decode(cfg, params, prefilled, new_tokens, repeats, decode_options, 
         profile = {"profile": trace} if "error" in trace else {"profile": dict(
             trace, busy_ms_per_token=trace["gpu_ms"] / steps, span_ms_per_token=trace["span_ms"] / steps,
             kernels_per_token=trace["kernels"] / steps)}
-    kernels = {"fused_kernels": fused_decode.default_kernels()} if fused else {}
-    return dict(**profile, **kernels, decode_compile_s=decode_compile_s, decode_first_call_s=first_s,
+    return dict(**profile, decode_compile_s=decode_compile_s, decode_first_call_s=first_s,
                 decode_ms_per_token=step_ms, decode_ms_per_token_min=1e3 * min(times) / steps,
                 decode_tokens_per_s=batch * 1e3 / step_ms)
 
@@ -182,13 +183,14 @@ def state_mb_per_sequence(cfg):
 
 
 def print_table(rows):
-    head = (f"{'config':>12} {'impl':>9} {'fold':>5} {'fused':>5} {'batch':>5} {'context':>8} "
+    head = (f"{'config':>12} {'impl':>9} {'fold':>5} {'fused':>6} {'batch':>5} {'context':>8} "
             f"{'prefill s':>10} {'prefill tok/s':>14} {'ms/token':>9} {'decode tok/s':>13} "
             f"{'x sum read':>11}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        case = (f"{r['config']:>12} {r['impl']:>9} {str(r['fold_norms']):>5} {str(r['fused']):>5} "
+        fused = r.get("fused_kernels") or str(r["fused"])  # the fused step's kernels, or False
+        case = (f"{r['config']:>12} {r['impl']:>9} {str(r['fold_norms']):>5} {fused:>6} "
                 f"{r['batch']:>5} {r['context']:>8}")
         if "error" in r:
             print(f"{case}  failed: {r['error']}")
@@ -206,13 +208,13 @@ def plot(rows, path):
 
     fig, (ax_decode, ax_prefill) = plt.subplots(1, 2, figsize=(11, 4.2))
     key = lambda r: (r["config"], r["impl"], r["batch"], str(r["fold_norms"]),  # noqa: E731
-                     str(r["fused"]))
+                     r.get("fused_kernels") or str(r["fused"]))
     for name, impl, batch, fold, fused in sorted({key(r) for r in rows if "error" not in r}):
         ok = sorted((r for r in rows if key(r) == (name, impl, batch, fold, fused) and "error" not in r),
                     key=lambda r: r["context"])
         contexts = [r["context"] for r in ok]
         label = (f"{name} ({impl}{', norms unfolded' if fold == 'False' else ''}"
-                 f"{', fused step' if fused == 'True' else ''}), batch {batch}")
+                 f"{'' if fused == 'False' else f', fused step ({fused})'}), batch {batch}")
         ax_decode.plot(contexts, [r["decode_ms_per_token"] for r in ok], "o-", label=label)
         ax_prefill.plot(contexts, [r["prefill_tokens_per_s"] for r in ok], "o-", label=label)
     for ax, title, ylabel in ((ax_decode, "Decode: time per generated token", "ms per step"),
@@ -264,6 +266,8 @@ def main(argv):
         folds = ([parse_choice("fold_norms", f) for f in FLAGS.fold_norms] if cfg.token_mixer == "gla"
                  else [False])
         fuseds = [parse_choice("fused", f) for f in FLAGS.fused]
+        kernel_choices = sorted({fused_decode.default_kernels() if k == "auto" else k
+                                 for k in FLAGS.fused_kernels})
         # The impl picks the parallel form of TNL's prefill.
         for impl in impls if cfg.token_mixer == "gla" else [cfg.attention_impl]:
             for batch in batches:
@@ -280,13 +284,14 @@ def main(argv):
                     # resolves it (auto: by the batch and the device); the norms are not folded
                     # in the fused step.
                     fused_ok = not fused_decode.unsupported(case_cfg, batch)
-                    variants = {(False if fused else batch > 1 if fold is None else fold, fused)
+                    variants = {(False if fused else batch > 1 if fold is None else fold, fused, k)
                                 for fold in folds for f in fuseds
                                 for fused in [fused_decode.by_default(case_cfg, batch) if f is None
-                                              else f and fused_ok]}
-                    for folded, fused in sorted(variants):
+                                              else f and fused_ok]
+                                for k in (kernel_choices if fused else [""])}
+                    for folded, fused, kernels in sorted(variants):
                         row = dict(case, fold_norms=folded if cfg.token_mixer == "gla" else None,
-                                   fused=fused)
+                                   fused=fused, fused_kernels=kernels or None)
                         try:
                             if limit is not None and batch * state_mb * 1e6 > limit:
                                 raise MemoryError(f"the decoding state needs {batch * state_mb / 1e3:.0f} "
@@ -296,7 +301,8 @@ def main(argv):
                                                                            context, prefill_chunk)
                             row.update(prefill_stats)
                             row.update(measure_decode(case_cfg, params, prefilled, new_tokens, repeats,
-                                                      decode_options, folded, fused, out_dir))
+                                                      decode_options, folded, fused, kernels or None,
+                                                      out_dir))
                             row["decode_per_weight_read"] = row["decode_ms_per_token"] / read_ms
                         except Exception as e:  # noqa: BLE001 - keep measuring the other cases
                             traceback.print_exc()

@@ -131,7 +131,8 @@ def prefill(params, tokens: Array, mask: Array, *, cfg: ModelConfig,
 def _decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sampler: Sampler,
            max_new_tokens: int, eos_id: Optional[int] = None, pad_id: int = 0,
            return_logprobs: bool = False, steps_per_iteration: int = 4,
-           fold_norms: Optional[bool] = None, fused: Optional[bool] = None) -> Generation:
+           fold_norms: Optional[bool] = None, fused: Optional[bool] = None,
+           fused_kernels: Optional[str] = None) -> Generation:
     """Samples up to `max_new_tokens` tokens per row after `prefilled`.
 
     Args:
@@ -152,6 +153,8 @@ def _decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sampl
         product and residual adds fused in; interpret mode without a GPU) instead of the model's
         layers compiled by XLA; None: where it runs compiled (a GPU) and takes the model (TNL,
         bf16). Measured on an H200 (docs/benchmarks.md): 5 kernels a layer instead of 13.
+      fused_kernels: the fused step's products, "hopper" or "triton" (`tnllm.fused_decode.step`);
+        None: Hopper's where the GPU is one.
     """
     batch = prefilled.logits.shape[0]
     if fold_norms is None:
@@ -160,6 +163,9 @@ def _decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sampl
         fused = fused_decode.by_default(cfg, batch)
     elif fused and (reason := fused_decode.unsupported(cfg, batch)):
         raise ValueError(f"fused=True cannot decode this: {reason}; leave fused=None.")
+    if fused_kernels not in (None, *fused_decode.KERNELS):
+        raise ValueError(f"fused_kernels is {fused_kernels!r}; choose one of {fused_decode.KERNELS} "
+                         f"or None.")
 
     def emit(i, logits, out):
         tokens, lengths, logprobs, done = out
@@ -189,7 +195,7 @@ def _decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sampl
 
     def model_step(token, positions, states):
         if fused:
-            return fused_decode.step(params, token, positions, states, cfg=cfg)
+            return fused_decode.step(params, token, positions, states, cfg=cfg, kernels=fused_kernels)
         return decode_step(params, widen(token), widen(positions), states, cfg=cfg, fold_norms=fold_norms)
 
     def steps(n):
@@ -216,7 +222,7 @@ def _decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sampl
 
 
 _DECODE_STATIC = ("cfg", "sampler", "max_new_tokens", "eos_id", "pad_id", "return_logprobs",
-                  "steps_per_iteration", "fold_norms", "fused")
+                  "steps_per_iteration", "fold_norms", "fused", "fused_kernels")
 decode = jax.jit(_decode, static_argnames=_DECODE_STATIC)
 # XLA's exhaustive search over GEMM tilings (GPU; other backends ignore it): measured 3.4 % (H100)
 # and ~6 % (H200) faster decoding of the 1B at batch 1 through the model's layers, for ~30-40 s
