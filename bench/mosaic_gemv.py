@@ -115,7 +115,7 @@ def hopper_fn(fusion, tiling):
 def hopper_tilings(k, n, fusion):
     """The library's tiling, then others of 64-264 blocks."""
     out = [decode_hopper.tiling_for(fusion, k, n)]
-    for c in itertools.product((64, 128), (64, 128), (1, 4, 8), (4,)):
+    for c in itertools.product((64, 128), (64, 128), (1, 4), (4,)):
         t = decode_hopper.HopperTiling(*c)
         steps = k // (t.split * t.block_k)
         smem = t.stages * t.block_k * t.block_n * 2 * (2 if "2" in fusion else 1) + 64 * t.block_n * 4

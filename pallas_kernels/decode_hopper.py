@@ -149,7 +149,9 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperT
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, 1)], o_ref.at[:, pl.ds(j * bn, bn)],
                                 reduction_op="add" if add else None)
-        plgpu.wait_smem_to_gmem(0)
+        # Only the staging tile's reads are waited for (it is freed at exit); the write completes
+        # with the kernel, before the next one in the stream starts, without holding this block.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     row = plgpu.SMEM((k // bk, bk), jnp.float32)
     pl.run_scoped(scope, row, row if gate else None, plgpu.Barrier(num_barriers=2),

@@ -72,8 +72,8 @@ def test_hopper_gemv_fusions_equal_their_plain_products(fusion, split, block):
     """K = 768: 12 or 6 steps of 64 rows a block, 6 or 3 of 128; N = 384: six or three column
     blocks."""
     x, u, res, w, w2 = operands = _operands(768, 384, split)
-    got = decode_hopper.gemv(x, w, **_fusion_kwargs(fusion, *operands),
-                             tiling=HopperTiling(block, block, split, 3))
+    got = decode_hopper.gemv(x, w, **_fusion_kwargs(fusion, *operands),  # 128 x 128 tiles: 2 stages
+                             tiling=HopperTiling(block, block, split, 3 if block == 64 else 2))
     want = _fused_product(fusion, *operands, late=True)  # the Hopper kernel always scales the sums
     assert got.shape == (1, 384) and got.dtype == jnp.float32
     assert rel_err(got, want) < 1e-5
@@ -186,6 +186,9 @@ def test_fused_step_refuses_unknown_kernels(params, prefilled):
     with pytest.raises(ValueError, match="choose one of"):
         fused_decode.step(params, jnp.asarray([17]), prefilled.positions, prefilled.states, cfg=CFG,
                           kernels="cuda")
+    with pytest.raises(ValueError, match="fused_kernels is 'cuda'"):
+        decode(params, prefilled, jax.random.key(0), cfg=CFG, sampler=Greedy(), max_new_tokens=2,
+               fused=True, fused_kernels="cuda")
 
 
 @pytest.mark.gpu
