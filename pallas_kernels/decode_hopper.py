@@ -8,8 +8,9 @@ block_n] tiles of W into shared memory through a ring of `stages` TMA copies
 X [64, block_k] @ W_tile, where X is the row's slice repeated as the 64 rows of wgmma's fixed M, in
 registers. The 64 rows of acc are equal and one is kept. The tensor cores thus do 64x the useful
 arithmetic, about a quarter of their time while the weights stream at HBM speed, and nothing of
-the weights goes through registers. On an H200 the 1B layer's four products take 31.9 µs as these
-kernels against 37.9 as the Triton ones, the weight read 32.0 (bench/mosaic_gemv.py, call 59).
+the weights goes through registers. On an H200 the 1B layer's four products take 34.9 µs as these
+kernels against 38.2 as the Triton ones (bench/mosaic_gemv.py, call 62; docs/benchmarks.md): the
+1B decodes at 1.66x the time to read its weights against 1.71x.
 
 The fusions are `pallas_kernels.decode.gemv`'s (norm, gate, GLU product, residual). The block's
 row (and gate) arrive in shared memory by one TMA copy each at the start, next to the first weight
@@ -55,11 +56,11 @@ class HopperTiling:
     stages: int = 4
 
 
-# The fastest tilings of the 1B's products on an H200 (bench/mosaic_gemv.py, call 59): 128 blocks,
-# four 16 KB tiles in flight each (88 blocks for the GLU, whose product cannot split K).
+# The fastest tilings of the 1B's products on an H200 (bench/mosaic_gemv.py, calls 60-64): 128
+# blocks, four 16 KB tiles in flight each (88 blocks for the GLU, whose product cannot split K).
 _MEASURED = {
     "n": HopperTiling(64, 128, 1, 4),  # q/k/v/u: 2048 -> 8192
-    "ngr": HopperTiling(64, 128, 4, 4),  # the output projection: 2048 -> 2048
+    "ngr": HopperTiling(128, 64, 8, 4),  # the output projection: 2048 -> 2048
     "n2": HopperTiling(64, 128, 1, 4),  # l1 and l2: 2048 -> 2 x 5632
     "r": HopperTiling(64, 128, 4, 4),  # l3: 5632 -> 2048
 }
