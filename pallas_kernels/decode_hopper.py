@@ -74,19 +74,34 @@ def available() -> bool:
     return float(capability) >= 9.0
 
 
+SMEM_BYTES = 227 * 1024  # an H100's or H200's shared memory per block
+
+
+def smem_bytes(tiling: HopperTiling, k: int, fusion: str) -> int:
+    """Shared memory of `gemv`'s kernel: the row (and gate) in float32, the ring of weight tiles,
+    the result's [64, block_n] staging tile (and ~1 KB of barriers and alignment)."""
+    rows = k * 4 * (2 if "g" in fusion else 1)
+    ring = tiling.stages * tiling.block_k * tiling.block_n * 2 * (2 if "2" in fusion else 1)
+    return rows + ring + _M * tiling.block_n * 4 + 1024
+
+
 def tiling_for(fusion: str, k: int, n: int) -> Optional[HopperTiling]:
     """The measured tiling for a product with `fusion` (the q/k/v/u one for others), narrowed until
-    it divides w [k, n] with at least two pipeline steps a block: fewer K splits, then 64-row steps,
-    then fewer stages; None where no tiling of 64-multiples does (K of at least 128)."""
+    it divides w [k, n] with at least two pipeline steps a block: fewer K splits, then 64-row steps
+    and 64 columns, then fewer stages; None where no tiling of 64-multiples does (K of at least 128)
+    or its row does not fit shared memory."""
     t = _MEASURED.get(fusion, _MEASURED["n"])
     steps = lambda t: k // (t.split * t.block_k)  # noqa: E731
     while (k % (t.split * t.block_k) or steps(t) < 2) and t.split > 1:
         t = dataclasses.replace(t, split=t.split // 2)
     if k % t.block_k or steps(t) < 2:
         t = dataclasses.replace(t, block_k=64)
+    if n % t.block_n:
+        t = dataclasses.replace(t, block_n=64)
     if k % (t.split * t.block_k) or n % t.block_n or steps(t) < 2:
         return None
-    return dataclasses.replace(t, stages=min(t.stages, steps(t)))
+    t = dataclasses.replace(t, stages=min(t.stages, steps(t)))
+    return t if smem_bytes(t, k, fusion) <= SMEM_BYTES else None
 
 
 def supports(x_shape, w_shape, fusion: str) -> bool:

@@ -94,6 +94,18 @@ def test_hopper_gemv_reads_the_gate_from_a_block_of_a_wider_row():
     assert rel_err(got, want) < 1e-6
 
 
+def test_hopper_tilings_fall_back_where_the_kernel_cannot_run():
+    """Products the Hopper kernels cannot take go to the Triton ones (`fused_decode.layer_step`)."""
+    assert decode_hopper.tiling_for("ngr", 2048, 2048) == HopperTiling(128, 64, 8, 4)
+    assert decode_hopper.tiling_for("ngr", 2048, 192) == HopperTiling(64, 64, 8, 4)  # N of 3 x 64
+    assert decode_hopper.tiling_for("n", 64, 256) is None  # one step of 64 rows
+    assert decode_hopper.tiling_for("r", 96, 256) is None  # K not a multiple of 64
+    big = decode_hopper.tiling_for("r", 4096 * 16, 2048)  # the float32 row fills shared memory
+    assert big is None and not decode_hopper.supports((1, 4096 * 16), (4096 * 16, 2048), "r")
+    t = decode_hopper.tiling_for("r", 4096, 2048)
+    assert decode_hopper.smem_bytes(t, 4096, "r") <= decode_hopper.SMEM_BYTES
+
+
 def test_hopper_gemv_refuses_what_it_cannot_tile():
     x, w = jnp.ones((1, 256)), jnp.ones((256, 128), jnp.bfloat16)
     with pytest.raises(ValueError, match="block_n must divide N"):
