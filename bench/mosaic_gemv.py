@@ -47,7 +47,7 @@ from tnllm.model import srms_norm  # noqa: E402
 
 # 128-byte swizzled (8, 64) bf16 tiles: the shared-memory layout wgmma reads.
 TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-SMEM_BYTES = 200 * 1024
+PROBE_SMEM_BYTES = 200 * 1024
 
 flags.DEFINE_bool("probe", False, "Also the probe kernel (row as wgmma's N = 8 operand, prepared by "
                   "XLA) over its tilings (call 59).")
@@ -118,8 +118,7 @@ def hopper_tilings(k, n, fusion):
     for c in itertools.product((64, 128), (64, 128), (1, 4), (4,)):
         t = decode_hopper.HopperTiling(*c)
         steps = k // (t.split * t.block_k)
-        smem = t.stages * t.block_k * t.block_n * 2 * (2 if "2" in fusion else 1) + 64 * t.block_n * 4
-        if (t not in out and smem <= SMEM_BYTES and not n % t.block_n and not k % (t.split * t.block_k) and 2 <= t.stages <= steps
+        if (t not in out and decode_hopper.smem_bytes(t, k, fusion) <= decode_hopper.SMEM_BYTES and not n % t.block_n and not k % (t.split * t.block_k) and 2 <= t.stages <= steps
                 and 64 <= n // t.block_n * t.split <= 264 and ("2" not in fusion or t.split == 1)):
             out.append(t)
     return out
@@ -134,7 +133,7 @@ def configs(k, n, fusion):
         blocks = n // tile_n * split
         stage_bytes = 2 * tile_k * (8 + nw * tile_n)
         if (n % tile_n or k % (split * tile_k) or not 64 <= blocks <= 264
-                or stages * stage_bytes > SMEM_BYTES or (k // split // tile_k) < stages):
+                or stages * stage_bytes > PROBE_SMEM_BYTES or (k // split // tile_k) < stages):
             continue
         out.append((tile_n, tile_k, stages, split))
     return out
