@@ -113,13 +113,15 @@ def hopper_fn(fusion, tiling):
 
 
 def hopper_tilings(k, n, fusion):
-    """The library's tiling, then others of 64-264 blocks."""
+    """The library's tiling, then others of 64-264 blocks that `decode_hopper.gemv` takes."""
     out = [decode_hopper.tiling_for(fusion, k, n)]
-    for c in itertools.product((64, 128), (64, 128), (1, 4), (4,)):
+    for c in itertools.product((64, 128), (64, 128), (1, 4, 8), (4,)):
         t = decode_hopper.HopperTiling(*c)
         steps = k // (t.split * t.block_k)
-        if (t not in out and decode_hopper.smem_bytes(t, k, fusion) <= decode_hopper.SMEM_BYTES and not n % t.block_n and not k % (t.split * t.block_k) and 2 <= t.stages <= steps
-                and 64 <= n // t.block_n * t.split <= 264 and ("2" not in fusion or t.split == 1)):
+        fits = decode_hopper.smem_bytes(t, k, fusion) <= decode_hopper.SMEM_BYTES
+        divides = not n % t.block_n and not k % (t.split * t.block_k) and 2 <= t.stages <= steps
+        allowed = ("2" not in fusion or t.split == 1) and not ("g" in fusion and t.block_n == t.block_k == 128)
+        if t not in out and fits and divides and allowed and 64 <= n // t.block_n * t.split <= 264:
             out.append(t)
     return out
 
