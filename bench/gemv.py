@@ -165,6 +165,41 @@ def probe_fn(form, tiling, interpret):
     return fn
 
 
+def product_operands(k, n):
+    """x, u [1, k] and r [1, n] float32, and COPIES pairs of bf16 weights [k, n] ~ N(0, 1/k)."""
+    keys = jax.random.split(jax.random.key(k * n), 2 * COPIES + 3)
+    x, u = (jax.random.normal(key, (1, k), jnp.float32) for key in keys[:2])
+    r = jax.random.normal(keys[2], (1, n), jnp.float32)
+    kn = [(jax.random.normal(key, (k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
+          for key in keys[3:]]
+    return x, u, r, list(zip(kn[::2], kn[1::2]))
+
+
+def time_product(row, fn, expect, x, u, r, copies, repeats, weight_mb):
+    """Checks fn(x, u, r, w, w2) against expect (None: unchecked) to a relative error of 1e-2, then
+    fills row from a profile of `repeats` passes over the weight copies: GPU µs a call (us, and
+    kernel_us in the products' own kernels, those named *gemv* or *probe*; all of it for XLA), TB/s
+    of the weights, kernels a call and the longest kernels."""
+    f = jax.jit(fn)
+    if expect is not None:
+        got = np.asarray(f(x, u, r, *copies[0]))
+        row["rel_err"] = float(np.linalg.norm(got - expect) / np.linalg.norm(expect))
+        if row["rel_err"] > 1e-2:
+            raise ValueError(f"wrong result: relative error {row['rel_err']:.2e}")
+    for w, w2 in copies:  # warm-up
+        f(x, u, r, w, w2).block_until_ready()
+    trace = profiling.gpu_time(lambda: [f(x, u, r, w, w2) for _ in range(repeats) for w, w2 in copies])
+    if "error" in trace:
+        raise RuntimeError(trace["error"])
+    calls = repeats * len(copies)
+    us = 1e3 * trace["gpu_ms"] / calls
+    own = 1e3 * sum(ms for name, ms in trace["top_kernels_ms"] if "gemv" in name or "probe" in name) / calls
+    if not own and not row["variant"].startswith("xla"):
+        raise RuntimeError("no gemv or probe kernel in the trace")
+    row.update(us=us, kernel_us=own or us, tb_per_s=weight_mb / us,
+               kernels_per_product=trace["kernels"] / calls, top=trace["top_kernels_ms"][:4])
+
+
 def tilings(k, n, fusion, smoke):
     """Candidate tilings for w [k, n]: the library's, then wide column blocks with K split over
     programs (where the GLU's product allows a split)."""
@@ -193,12 +228,7 @@ def main(argv):
     print(json.dumps(meta), flush=True)
     rows, start = [], time.perf_counter()
     for product, k, n, fusion in products:
-        keys = jax.random.split(jax.random.key(k * n), 2 * COPIES + 3)
-        x, u = (jax.random.normal(key, (1, k), jnp.float32) for key in keys[:2])
-        r = jax.random.normal(keys[2], (1, n), jnp.float32)
-        kn = [(jax.random.normal(key, (k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
-              for key in keys[3:]]
-        copies = list(zip(kn[::2], kn[1::2]))
+        x, u, r, copies = product_operands(k, n)
         want = np.asarray(reference(fusion, x, u, r, *copies[0]))
         plain = reference("2" if "2" in fusion else "", x, u, r, *copies[0])
         variants = [("xla read", xla_read(fusion), None), ("xla dot", xla_dot(fusion), plain)]
@@ -223,26 +253,8 @@ def main(argv):
             if time.perf_counter() - start > FLAGS.budget_s and not name.startswith("xla"):
                 continue
 
-            def run(row, fn=fn, expect=expect, copies=copies):
-                f = jax.jit(fn)
-                if expect is not None:
-                    got = np.asarray(f(x, u, r, *copies[0]))
-                    row["rel_err"] = float(np.linalg.norm(got - expect) / np.linalg.norm(expect))
-                    if row["rel_err"] > 1e-2:
-                        raise ValueError(f"wrong result: relative error {row['rel_err']:.2e}")
-                for w, w2 in copies:  # warm-up
-                    f(x, u, r, w, w2).block_until_ready()
-                trace = profiling.gpu_time(
-                    lambda: [f(x, u, r, w, w2) for _ in range(repeats) for w, w2 in copies])
-                if "error" in trace:
-                    raise RuntimeError(trace["error"])
-                calls = repeats * len(copies)
-                us = 1e3 * trace["gpu_ms"] / calls
-                kernel_us = 1e3 * sum(ms for kname, ms in trace["top_kernels_ms"]
-                                      if "gemv" in kname or "probe" in kname) / calls
-                row.update(us=us, tb_per_s=weight_mb / us, kernels_per_product=trace["kernels"] / calls,
-                           pallas_kernel_us=kernel_us)
-
+            run = functools.partial(time_product, fn=fn, expect=expect, x=x, u=u, r=r, copies=copies,
+                                    repeats=repeats, weight_mb=weight_mb)
             report.measure(rows, dict(product=product, k=k, n=n, fusion=fusion, weight_mb=weight_mb,
                                       variant=name), run, out_dir / "gemv.json", meta)
 
@@ -256,7 +268,7 @@ def main(argv):
               f"{us.get('xla dot', float('nan')):>10.2f} {cell}")
     for r in rows:
         if r["variant"].startswith("probe") and "us" in r:
-            print(f"{r['variant'][:60]:>60}: {r['us']:.2f} µs ({r['pallas_kernel_us']:.2f} in the kernel)")
+            print(f"{r['variant'][:60]:>60}: {r['us']:.2f} µs ({r['kernel_us']:.2f} in the kernel)")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ copies of each weight are cycled so that none is found in L2.
 Needs a Hopper GPU (there is no CPU mode). Prints a line per variant and a table; writes
 $OUT/mosaic_gemv.json (OUT defaults to ./bench_out).
 """
+import functools
 import itertools
 import os
 import sys
@@ -39,8 +40,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench import profiling, report  # noqa: E402
-from bench.gemv import COPIES, EPS, FLAGS, PRODUCTS, pallas_fn, reference, xla_read  # noqa: E402
+from bench import report  # noqa: E402
+from bench.gemv import (EPS, FLAGS, PRODUCTS, pallas_fn, product_operands, reference,  # noqa: E402
+                        time_product, xla_read)
 from pallas_kernels import decode_hopper  # noqa: E402
 from pallas_kernels.decode import tiling_for  # noqa: E402
 from tnllm.model import srms_norm  # noqa: E402
@@ -150,12 +152,7 @@ def main(argv):
     print(meta, flush=True)
     rows, start = [], time.perf_counter()
     for product, k, n, fusion in PRODUCTS:
-        keys = jax.random.split(jax.random.key(k * n), 2 * COPIES + 3)
-        x, u = (jax.random.normal(key, (1, k), jnp.float32) for key in keys[:2])
-        r = jax.random.normal(keys[2], (1, n), jnp.float32)
-        kn = [(jax.random.normal(key, (k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
-              for key in keys[3:]]
-        copies = list(zip(kn[::2], kn[1::2]))
+        x, u, r, copies = product_operands(k, n)
         want = np.asarray(reference(fusion, x, u, r, *copies[0]))
         variants = [("xla read", xla_read(fusion), None),
                     (f"pallas {tiling_for(fusion, k, n)}", pallas_fn(fusion, tiling_for(fusion, k, n), False),
@@ -168,29 +165,8 @@ def main(argv):
             if time.perf_counter() - start > FLAGS.budget_s and not name.startswith(("xla", "pallas")):
                 continue
 
-            def run(row, fn=fn, expect=expect):
-                f = jax.jit(fn)
-                if expect is not None:
-                    got = np.asarray(f(x, u, r, *copies[0]))
-                    row["rel_err"] = float(np.linalg.norm(got - expect) / np.linalg.norm(expect))
-                    if row["rel_err"] > 1e-2:
-                        raise ValueError(f"wrong result: relative error {row['rel_err']:.2e}")
-                for w, w2 in copies:  # warm-up
-                    f(x, u, r, w, w2).block_until_ready()
-                trace = profiling.gpu_time(
-                    lambda: [f(x, u, r, w, w2) for _ in range(FLAGS.repeats) for w, w2 in copies])
-                if "error" in trace:
-                    raise RuntimeError(trace["error"])
-                calls = FLAGS.repeats * len(copies)
-                us = 1e3 * trace["gpu_ms"] / calls
-                kernel_us = us if name == "xla read" else 1e3 * sum(
-                    ms for kname, ms in trace["top_kernels_ms"] if "gemv" in kname) / calls
-                row.update(us=us, kernel_us=kernel_us,
-                           kernel_tb_per_s=weight_mb / kernel_us if kernel_us else None,
-                           kernels_per_product=trace["kernels"] / calls, top=trace["top_kernels_ms"][:4])
-                if kernel_us == 0:
-                    raise RuntimeError("no gemv kernel in the trace")
-
+            run = functools.partial(time_product, fn=fn, expect=expect, x=x, u=u, r=r, copies=copies,
+                                    repeats=FLAGS.repeats, weight_mb=weight_mb)
             report.measure(rows, dict(product=product, weight_mb=weight_mb, variant=name), run,
                            out_dir / "mosaic_gemv.json", meta)
 
