@@ -205,6 +205,10 @@ def test_fused_step_refuses_unknown_kernels(params, prefilled):
     with pytest.raises(ValueError, match="choose one of"):
         fused_decode.step(params, jnp.asarray([17]), prefilled.positions, prefilled.states, cfg=CFG,
                           kernels="cuda")
+    if not decode_hopper.available():
+        with pytest.raises(ValueError, match="compute capability 9.0"):
+            fused_decode.step(params, jnp.asarray([17]), prefilled.positions, prefilled.states,
+                              cfg=CFG, kernels="hopper")
     with pytest.raises(ValueError, match="fused_kernels is 'cuda'"):
         decode(params, prefilled, jax.random.key(0), cfg=CFG, sampler=Greedy(), max_new_tokens=2,
                fused=True, fused_kernels="cuda")

@@ -79,6 +79,9 @@ def layer_step(p, x: Array, positions: Array, state: Array, *, cfg: ModelConfig,
     kernels = kernels or default_kernels()
     if kernels not in KERNELS:
         raise ValueError(f"kernels is {kernels!r}; choose one of {KERNELS} or None.")
+    if kernels == "hopper" and not decode_hopper.available():
+        raise ValueError("kernels 'hopper' runs on a GPU of compute capability 9.0 or later; use "
+                         "'triton' or None here.")
     tm, cm = p["token_mixer"], p["channel_mixer"]
     h, hd, eps, dtype = cfg.num_heads, cfg.head_dim, cfg.norm_eps, cfg.dtype
 
