@@ -58,6 +58,12 @@ def by_default(cfg: ModelConfig, batch: int) -> bool:
 KERNELS = ("hopper", "triton")
 
 
+def check_kernels(kernels: Optional[str], arg: str = "kernels") -> None:
+    """Raises for a `kernels` choice (named `arg` in the message) other than KERNELS or None."""
+    if kernels not in (None, *KERNELS):
+        raise ValueError(f"{arg} is {kernels!r}; choose one of {KERNELS} or None.")
+
+
 def default_kernels() -> str:
     """The products' kernels where `kernels` is None: "hopper" on a Hopper or later GPU, else
     "triton"."""
@@ -76,9 +82,8 @@ def layer_step(p, x: Array, positions: Array, state: Array, *, cfg: ModelConfig,
     tilings: by the products' fusions ("n", "ngr", "n2", "r": `pallas_kernels.decode.fusions`), a
       `Tiling` (triton) or `HopperTiling` (hopper) each; an absent one is the measured tiling for
       its shape (bench/decode_layer.py measures others)."""
+    check_kernels(kernels)
     kernels = kernels or default_kernels()
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels is {kernels!r}; choose one of {KERNELS} or None.")
     if kernels == "hopper" and not decode_hopper.available():
         raise ValueError("kernels 'hopper' runs on a GPU of compute capability 9.0 or later; use "
                          "'triton' or None here.")

@@ -163,9 +163,7 @@ def _decode(params, prefilled: Prefilled, rng: Array, *, cfg: ModelConfig, sampl
         fused = fused_decode.by_default(cfg, batch)
     elif fused and (reason := fused_decode.unsupported(cfg, batch)):
         raise ValueError(f"fused=True cannot decode this: {reason}; leave fused=None.")
-    if fused_kernels not in (None, *fused_decode.KERNELS):
-        raise ValueError(f"fused_kernels is {fused_kernels!r}; choose one of {fused_decode.KERNELS} "
-                         f"or None.")
+    fused_decode.check_kernels(fused_kernels, "fused_kernels")
 
     def emit(i, logits, out):
         tokens, lengths, logprobs, done = out
