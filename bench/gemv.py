@@ -76,11 +76,16 @@ def reference(fusion, x, u, r, w, w2):
         return y + r if "r" in fusion else y
 
 
+def fusion_kwargs(fusion, u, r, w2):
+    """A fused product's keyword arguments to `gemv` (and `decode_hopper.gemv`) for `fusion`."""
+    return dict(w2=w2 if "2" in fusion else None, u=u if "g" in fusion else None,
+                residual=r if "r" in fusion else None, norm="n" in fusion, eps=EPS)
+
+
 def pallas_fn(fusion, tiling, interpret):
     def fn(x, u, r, w, w2):
-        return gemv(x, w, w2=w2 if "2" in fusion else None, u=u if "g" in fusion else None,
-                    residual=r if "r" in fusion else None, norm="n" in fusion, eps=EPS,
-                    out_dtype=jnp.float32, tiling=tiling, interpret=interpret)
+        return gemv(x, w, **fusion_kwargs(fusion, u, r, w2), out_dtype=jnp.float32, tiling=tiling,
+                    interpret=interpret)
     return fn
 
 

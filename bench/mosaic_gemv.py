@@ -41,8 +41,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import report  # noqa: E402
-from bench.gemv import (EPS, FLAGS, PRODUCTS, pallas_fn, product_operands, reference,  # noqa: E402
-                        time_product, xla_read)
+from bench.gemv import (EPS, FLAGS, PRODUCTS, fusion_kwargs, pallas_fn, product_operands,  # noqa: E402
+                        reference, time_product, xla_read)
 from pallas_kernels import decode_hopper  # noqa: E402
 from pallas_kernels.decode import tiling_for  # noqa: E402
 from tnllm.model import srms_norm  # noqa: E402
@@ -108,9 +108,7 @@ def mosaic_fn(fusion, tile_n, tile_k, stages, split):
 def hopper_fn(fusion, tiling):
     """The library's Hopper kernel (pallas_kernels.decode_hopper), everything fused in."""
     def fn(x, u, r, w, w2):
-        return decode_hopper.gemv(x, w, w2=w2 if "2" in fusion else None, u=u if "g" in fusion else None,
-                                  residual=r if "r" in fusion else None, norm="n" in fusion, eps=EPS,
-                                  tiling=tiling)
+        return decode_hopper.gemv(x, w, **fusion_kwargs(fusion, u, r, w2), tiling=tiling)
     return fn
 
 

@@ -7,8 +7,8 @@ block_n] tiles of W into shared memory through a ring of `stages` TMA copies
 (`plgpu.emit_pipeline`), and wgmma reads them there as its right operand: acc [64, block_n] +=
 X [64, block_k] @ W_tile, where X is the row's slice repeated as the 64 rows of wgmma's fixed M, in
 registers. The 64 rows of acc are equal and one is kept. The tensor cores thus do 64x the useful
-arithmetic, about a quarter of their time while the weights stream at HBM speed, and nothing of
-the weights goes through registers. On an H200 the 1B layer's four products take 34.9 µs as these
+arithmetic (by count, about a quarter of their peak rate while the weights stream at HBM speed;
+not measured), and nothing of the weights goes through registers. On an H200 the 1B layer's four products take 34.9 µs as these
 kernels against 38.2 as the Triton ones (bench/mosaic_gemv.py, call 62; docs/benchmarks.md): the
 1B decodes at 1.66x the time to read its weights against 1.71x.
 
