@@ -23,6 +23,7 @@ copies of each weight are cycled so that none is found in L2.
 Needs a Hopper GPU (there is no CPU mode). Prints a line per variant and a table; writes
 $OUT/mosaic_gemv.json (OUT defaults to ./bench_out).
 """
+import dataclasses
 import functools
 import itertools
 import os
@@ -115,7 +116,8 @@ def hopper_fn(fusion, tiling):
 def hopper_tilings(k, n, fusion):
     """The library's tiling, then others of 64-264 blocks that `decode_hopper.gemv` takes."""
     out = [decode_hopper.tiling_for(fusion, k, n)]
-    for c in itertools.product((64, 128), (64, 128), (1, 4, 8), (4,)):
+    out += [dataclasses.replace(out[0], form="n8")]
+    for c in itertools.product((64, 128), (64, 128), (1, 4, 8), (4,), ("m64", "n8")):
         t = decode_hopper.HopperTiling(*c)
         steps = k // (t.split * t.block_k)
         fits = decode_hopper.smem_bytes(t, k, fusion) <= decode_hopper.SMEM_BYTES

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.decode import fusions, kernel_name
@@ -41,6 +42,10 @@ Array = jax.Array
 _M = 64  # wgmma's M: the row is repeated as 64 rows
 # 128-byte swizzled (8, 64) tiles of bf16: the shared-memory layout in which wgmma reads W's tiles.
 _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+# An [8, 64] register array that stores into one such tile without bank conflicts: each warp two
+# rows, a row's 64 columns over the 32 lanes in pairs ("n8" form).
+_ROW8 = plgpu.Layout.TILED(mgpu_fa.Tiling(((8, 64), (2, 64), (2,))), warp_dims=(-5,), lane_dims=(-2,),
+                           vector_dim=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +53,19 @@ class HopperTiling:
     """block_n: output columns per block (a multiple of 64); block_k: rows of W per pipeline step
     (a multiple of 64, at most 256); split: blocks per column block, each summing K / split rows of
     W and adding its part to the output (with a residual, or zeros); stages: TMA copies in flight
-    per block (2 to the block's steps: a tile's slot is released a step after its product)."""
+    per block (2 to the block's steps: a tile's slot is released a step after its product).
+
+    form: how wgmma multiplies a tile. "m64": the row's slice repeated in registers as wgmma's 64
+    rows times the tile (right operand), the form measured and used. "n8": the tile transposed as
+    the left operand times the row as 8 equal columns, written once per block into shared memory
+    (the form of bench/mosaic_gemv.py's probe, whose products streamed at the read's rate, call
+    59); it lowers, but has not yet run on a GPU (bench/NOTES.md, next session)."""
 
     block_n: int = 64
     block_k: int = 128
     split: int = 1
     stages: int = 4
+    form: str = "m64"
 
 
 # The fastest tilings of the 1B's products on an H200 (bench/mosaic_gemv.py, calls 60-64): 128
@@ -79,9 +91,12 @@ SMEM_BYTES = 227 * 1024  # an H100's or H200's shared memory per block
 
 def smem_bytes(tiling: HopperTiling, k: int, fusion: str) -> int:
     """Shared memory of `gemv`'s kernel: the row (and gate) in float32, the ring of weight tiles,
-    the result's [64, block_n] staging tile (and ~1 KB of barriers and alignment)."""
+    the result's staging tile ([64, block_n], or one row for "n8"), "n8"'s bf16 operand [8, K /
+    split], and ~1 KB of barriers and alignment."""
     rows = k * 4 * (2 if "g" in fusion else 1)
     ring = tiling.stages * tiling.block_k * tiling.block_n * 2 * (2 if "2" in fusion else 1)
+    if tiling.form == "n8":
+        return rows + ring + 16 * (k // tiling.split) + tiling.block_n * 4 + 1024
     return rows + ring + _M * tiling.block_n * 4 + 1024
 
 
@@ -110,6 +125,25 @@ def supports(x_shape, w_shape, fusion: str) -> bool:
     return x_shape == (1, k) and tiling_for(fusion, k, n) is not None
 
 
+def _write_row_operand(x8, x_smem, u_smem, first: int, steps: int, bk: int):
+    """The "n8" form's right operand: the block's K range of the row (times the gate), rounded to
+    bf16 and repeated as the 8 rows of x8 [8, steps * bk] (shared memory, wgmma's swizzled tiles),
+    64 columns at a time. x_smem, u_smem: [K / bk, bk] f32, the block's rows from `first`."""
+    col = _ROW8.reduce(0)
+
+    def chunk(i, carry):
+        for h in range(bk // 64):
+            v = plgpu.load(x_smem.at[first + i, pl.ds(h * 64, 64)], None, layout=col)
+            if u_smem is not None:
+                v = v * plgpu.load(u_smem.at[first + i, pl.ds(h * 64, 64)], None, layout=col)
+            v = plgpu.layout_cast(lax.broadcast_in_dim(v.astype(jnp.bfloat16), (8, 64), [1]), _ROW8)
+            x8.at[:, pl.ds(i * bk + h * 64, 64)][...] = v
+        return carry
+
+    lax.fori_loop(0, steps, chunk, None)
+    plgpu.commit_smem()  # the stores, before wgmma reads them
+
+
 def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperTiling, k: int,
             u_block: int, eps: float):
     """Refs: x [K / block_k, block_k] f32, (u [m K / block_k, block_k] f32, of which block u_block
@@ -120,11 +154,11 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperT
     u_ref = refs.pop(0) if gate else None
     w_refs = [refs.pop(0) for _ in range(2 if glu else 1)]
     [o_ref] = refs
-    bk, bn = tiling.block_k, tiling.block_n
+    bk, bn, n8 = tiling.block_k, tiling.block_n, tiling.form == "n8"
     steps = k // tiling.split // bk
     j, s = lax.axis_index("n"), lax.axis_index("s")
 
-    def scope(x_smem, u_smem, row_barriers, out_smem, *accs):
+    def scope(x_smem, u_smem, x8, row_barriers, out_smem, *accs):
         # The whole row (for the norm) and the gate, copied while the weights' first tiles are.
         plgpu.copy_gmem_to_smem(x_ref, x_smem, row_barriers.at[0])
         if gate:
@@ -139,14 +173,21 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperT
                 plgpu.barrier_wait(row_barriers.at[0])
                 if gate:
                     plgpu.barrier_wait(row_barriers.at[1])
+                if n8:
+                    _write_row_operand(x8, x_smem, u_smem, s * steps, steps, bk)
 
-            col = plgpu.Layout.WGMMA.reduce(0)  # a [block_k] vector that broadcasts to wgmma's rows
-            row = plgpu.load(x_smem.at[s * steps + i], None, layout=col)
-            if gate:
-                row = row * plgpu.load(u_smem.at[s * steps + i], None, layout=col)
-            rows = lax.broadcast_in_dim(row.astype(w_refs[0].dtype), (_M, bk), [1])
-            for acc, w in zip(accs, w_smem):
-                plgpu.wgmma(acc, rows, w)
+            if n8:  # acc [block_n, 8] += W_tile^T @ (the row as 8 equal columns)
+                rows = plgpu.transpose_ref(x8.at[:, pl.ds(i * bk, bk)], (1, 0))
+                for acc, w in zip(accs, w_smem):
+                    plgpu.wgmma(acc, plgpu.transpose_ref(w, (1, 0)), rows)
+            else:  # acc [64, block_n] += (the row as 64 equal rows) @ W_tile
+                col = plgpu.Layout.WGMMA.reduce(0)  # a [block_k] vector that broadcasts to wgmma's rows
+                row = plgpu.load(x_smem.at[s * steps + i], None, layout=col)
+                if gate:
+                    row = row * plgpu.load(u_smem.at[s * steps + i], None, layout=col)
+                rows = lax.broadcast_in_dim(row.astype(w_refs[0].dtype), (_M, bk), [1])
+                for acc, w in zip(accs, w_smem):
+                    plgpu.wgmma(acc, rows, w)
             plgpu.wgmma_wait(len(accs))  # this step's products run on; the last step's are done
 
         spec = plgpu.BlockSpec((bk, bn), lambda i: (s * steps + i, j), transforms=_TRANSFORMS,
@@ -154,14 +195,19 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperT
         plgpu.emit_pipeline(step, grid=(steps,), in_specs=[spec] * len(w_refs),
                             max_concurrent_steps=tiling.stages)(*w_refs)
         plgpu.wgmma_wait(0)
-        y = accs[0][...]
+        # The sums: n8 any of acc's 8 equal columns, m64 its 64 equal rows (one row is copied out).
+        sums = [jnp.max(acc[...], axis=1) if n8 else acc[...] for acc in accs]
+        y = sums[0]
         if norm:  # the scale of SRMSNorm, from the whole row (on both sums of the GLU)
             x = x_smem[...]
             scale = lax.rsqrt(jnp.sum(x * x) / k + eps)
             y = y * (scale * scale if glu else scale)
         if glu:
-            y = y * accs[1][...]
-        out_smem[...] = y
+            y = y * sums[1]
+        if n8:
+            out_smem[0, :] = y
+        else:
+            out_smem[...] = y
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, 1)], o_ref.at[:, pl.ds(j * bn, bn)],
                                 reduction_op="add" if add else None)
@@ -170,8 +216,10 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperT
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     row = plgpu.SMEM((k // bk, bk), jnp.float32)
-    pl.run_scoped(scope, row, row if gate else None, plgpu.Barrier(num_barriers=2),
-                  plgpu.SMEM((_M, bn), jnp.float32), *[plgpu.ACC((_M, bn), jnp.float32) for _ in w_refs])
+    x8 = plgpu.SMEM((8, k // tiling.split), jnp.bfloat16, transforms=_TRANSFORMS) if n8 else None
+    acc = plgpu.ACC((bn, 8) if n8 else (_M, bn), jnp.float32)
+    pl.run_scoped(scope, row, row if gate else None, x8, plgpu.Barrier(num_barriers=2),
+                  plgpu.SMEM((1 if n8 else _M, bn), jnp.float32), *[acc for _ in w_refs])
 
 
 @functools.partial(jax.jit, static_argnames=("norm", "eps", "u_block", "tiling"))
@@ -190,6 +238,8 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
     if n % bn or k % (split * bk) or bn % 64 or bk % 64 or bk > 256:
         raise ValueError(f"{tiling} does not divide w {w.shape}: block_n must divide N, split * "
                          f"block_k must divide K, and both blocks be multiples of 64 (block_k <= 256).")
+    if tiling.form not in ("m64", "n8"):
+        raise ValueError(f"{tiling} has form {tiling.form!r}; use 'm64' or 'n8'.")
     if not 2 <= tiling.stages <= k // (split * bk):
         raise ValueError(f"{tiling} has {tiling.stages} stages for {k // (split * bk)} steps a block: "
                          f"use 2 to that many.")

@@ -66,19 +66,20 @@ def test_gemv_fusions_equal_their_plain_products(fusion, split):
 
 
 # A gate with 128 x 128 tiles is refused (test_hopper_gemv_refuses_what_it_cannot_tile).
-HOPPER_CASES = [(fusion, split, block_n, block_k) for fusion, split in FUSIONS
+HOPPER_CASES = [(fusion, split, block_n, block_k, form) for fusion, split in FUSIONS
                 for block_n, block_k in [(64, 64), (128, 64), (64, 128), (128, 128)]
+                for form in ("m64", "n8")
                 if not ("g" in fusion and block_n == block_k == 128)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fusion, split, block_n, block_k", HOPPER_CASES)
-def test_hopper_gemv_fusions_equal_their_plain_products(fusion, split, block_n, block_k):
+@pytest.mark.parametrize("fusion, split, block_n, block_k, form", HOPPER_CASES)
+def test_hopper_gemv_fusions_equal_their_plain_products(fusion, split, block_n, block_k, form):
     """K = 768: 12 or 6 steps of 64 rows a block, 6 or 3 of 128; N = 384: six or three column
     blocks; 2 stages (128 x 128 tiles of two GLU weights fill shared memory at 3)."""
     x, u, res, w, w2 = operands = _operands(768, 384, split)
     got = decode_hopper.gemv(x, w, **_fusion_kwargs(fusion, *operands),
-                             tiling=HopperTiling(block_n, block_k, split, 2))
+                             tiling=HopperTiling(block_n, block_k, split, 2, form))
     want = _fused_product(fusion, *operands, late=True)  # the Hopper kernel always scales the sums
     assert got.shape == (1, 384) and got.dtype == jnp.float32
     assert rel_err(got, want) < 1e-5
@@ -118,6 +119,8 @@ def test_hopper_gemv_refuses_what_it_cannot_tile():
         decode_hopper.gemv(x, w.astype(jnp.float32))
     with pytest.raises(ValueError, match="multiples of 64"):
         decode_hopper.gemv(jnp.ones((1, 96)), jnp.ones((96, 128), jnp.bfloat16))
+    with pytest.raises(ValueError, match="use 'm64' or 'n8'"):
+        decode_hopper.gemv(x, w, tiling=HopperTiling(64, 64, 1, 2, "m8"))
     with pytest.raises(ValueError, match="with a gate gives wrong sums"):
         decode_hopper.gemv(x, w, u=x, tiling=HopperTiling(128, 128, 1, 2))
 
