@@ -14,14 +14,20 @@ Hopper kernels (`pallas_kernels.decode_hopper`). Each is checked first: the stac
 against a float32 run of the model's layer on the same bf16 weights, with the Pallas path asked to
 be within 1.5x of XLA's bf16 error or 1e-2 (on a CPU XLA keeps bf16 intermediates in float32).
 Reported: wall µs per layer (`bench/timing.py`, back-to-back steps), GPU busy µs per layer and
-kernels per layer from a profiler trace, and GPU µs per layer of each Pallas kernel.
+kernels per layer from a profiler trace, and GPU µs per layer of each Pallas kernel. Idle µs per
+layer: the trace's short gaps between kernels (`bench/profiling.py`); JAX traces without XLA's
+command buffers unless XLA_FLAGS=--xla_enable_command_buffers_during_profiling=true, which gives
+the gaps of the timed step.
 
     python3 bench/decode_layer.py           # the GPU run
     python3 bench/decode_layer.py --smoke   # a tiny config on a CPU (interpret mode)
+    python3 bench/decode_layer.py --kinds= --autotune=false --hopper_smem=0,160,220
+                                            # the Hopper step, its kernels' shared memory raised
 
 Prints a line per variant and a table last; writes $OUT/decode_layer.json (OUT defaults to
 ./bench_out).
 """
+import dataclasses
 import functools
 import json
 import os
@@ -50,6 +56,9 @@ flags.DEFINE_string("config", "1b", "Config file (configs/NAME.py).")
 flags.DEFINE_integer("budget_s", 300, "Stop trying new tilings after this many seconds.")
 flags.DEFINE_bool("smoke", False, "A tiny config, two tilings, interpret mode.")
 flags.DEFINE_list("kinds", list(KINDS), "The products whose candidate tilings are tried.")
+flags.DEFINE_bool("autotune", True, "Also XLA's step with its exhaustive GEMM tiling search.")
+flags.DEFINE_list("hopper_smem", ["0"], "On a Hopper GPU, the Hopper step with every product's "
+                  "kernel reserving at least this many KB of shared memory (HopperTiling.smem), each.")
 FLAGS = flags.FLAGS
 
 
@@ -130,12 +139,22 @@ CANDIDATES = {
 }
 
 
+def weight_shapes(cfg):
+    """{kind: (K, N)} of the four products' weights."""
+    hidden = cfg.num_heads * cfg.head_dim
+    return {"qkvu": (cfg.d_model, 4 * hidden), "out": (hidden, cfg.d_model),
+            "glu": (cfg.d_model, cfg.glu_dim), "l3": (cfg.glu_dim, cfg.d_model)}
+
+
+def hopper_tilings(cfg, smem_kb):
+    """{kind: the library's HopperTiling, reserving at least smem_kb KB of shared memory}."""
+    return {kind: dataclasses.replace(decode_hopper.tiling_for(KINDS[kind], k, n), smem=smem_kb * 1024)
+            for kind, (k, n) in weight_shapes(cfg).items()}
+
+
 def tilings_to_try(cfg, smoke):
     """[(kind, tilings of the four products)]: the library's, then each product's candidates in turn."""
-    hidden = cfg.num_heads * cfg.head_dim
-    shapes = {"qkvu": (cfg.d_model, 4 * hidden), "out": (hidden, cfg.d_model),
-              "glu": (cfg.d_model, cfg.glu_dim), "l3": (cfg.glu_dim, cfg.d_model)}
-    base = {kind: tiling_for(KINDS[kind], *shapes[kind]) for kind in KINDS}
+    base = {kind: tiling_for(KINDS[kind], *shape) for kind, shape in weight_shapes(cfg).items()}
     candidates = ({kind: [(32, 64, 1 if kind == "glu" else 2, 4, 3)] for kind in KINDS} if smoke
                   else CANDIDATES)
     return [(None, base)] + [(kind, dict(base, **{kind: Tiling(*c)})) for kind in FLAGS.kinds
@@ -168,12 +187,14 @@ def main(argv):
 
     per_layer = 1e3 / len(layers)
     variants = [("xla", jax.jit(xla_stack(cfg, layers)))]
-    if not FLAGS.smoke:
+    if not FLAGS.smoke and FLAGS.autotune:
         tuned = jax.jit(xla_stack(cfg, layers)).lower(params, x, states).compile(
             compiler_options={"xla_gpu_exhaustive_tiling_search": True})
         variants.append(("xla autotuned", tuned))
     if decode_hopper.available():  # the Hopper kernels (pallas_kernels.decode_hopper), their tilings
-        variants.append(("hopper base", jax.jit(pallas_stack(cfg, layers, {}, "hopper"))))
+        variants += [(f"hopper base, smem >= {kb} KB" if int(kb) else "hopper base",
+                      jax.jit(pallas_stack(cfg, layers, hopper_tilings(cfg, int(kb)), "hopper")))
+                     for kb in FLAGS.hopper_smem]
     tried = tilings_to_try(cfg, FLAGS.smoke)
     variants += [(f"pallas {kind or 'base'} {tilings[kind] if kind else ''}",
                   jax.jit(pallas_stack(cfg, layers, tilings))) for kind, tilings in tried]
@@ -190,8 +211,10 @@ def main(argv):
             raise ValueError(f"output error {err_x:.2e} is over 1.5x XLA's {xla_err:.2e} and 1e-2")
         row["wall_us_per_layer"] = per_layer * timing.time_ms(fn, [(params, x, states)])
         trace = profiling.gpu_time(lambda: [fn(params, x, states) for _ in range(20)])
-        if "error" not in trace:
+        if "error" not in trace:  # idle: between kernels (XLA_FLAGS, bench/profiling.py)
             row.update(gpu_us_per_layer=per_layer * trace["gpu_ms"] / 20,
+                       idle_short_us_per_layer=per_layer * trace["idle_short_ms"] / 20,
+                       idle_before_ms=trace["idle_before_ms"],
                        kernels_per_layer=trace["kernels"] / 20 / len(layers),
                        kernel_us_per_layer={n: per_layer * ms / 20 for n, ms in trace["top_kernels_ms"]
                                             if "gemv" in n or "gemm" in n})
@@ -218,6 +241,7 @@ def main(argv):
     report.table(rows, [("variant", "variant", ">48"), ("err x", "err_x", ">8.1e"),
                         ("wall µs/layer", "wall_us_per_layer", ">14.2f"),
                         ("GPU µs/layer", "gpu_us_per_layer", ">13.2f"),
+                        ("idle µs/layer", "idle_short_us_per_layer", ">14.2f"),
                         ("kernels/layer", "kernels_per_layer", ">14.1f")])
 
 

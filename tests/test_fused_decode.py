@@ -1,5 +1,7 @@
 """The fused one-row decoding step: its GEMV kernels against plain products, and the step and the
 decoding loop against the float32 model (interpret mode on a CPU, compiled on a GPU)."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -86,6 +88,17 @@ def test_hopper_gemv_fusions_equal_their_plain_products(fusion, split, block_n, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("form", ["m64", "n8"])
+def test_hopper_gemv_with_shared_memory_reserved_computes_the_same(form):
+    """HopperTiling.smem raises the block's shared memory with an allocation nothing reads."""
+    x, u, res, w, _ = operands = _operands(768, 384, 4)
+    kwargs = _fusion_kwargs("ngr", *operands)
+    t = HopperTiling(64, 64, 4, 2, form)
+    got = decode_hopper.gemv(x, w, **kwargs, tiling=dataclasses.replace(t, smem=200 * 1024))
+    assert rel_err(got, decode_hopper.gemv(x, w, **kwargs, tiling=t)) < 1e-6
+
+
+@pytest.mark.gpu
 def test_hopper_gemv_reads_the_gate_from_a_block_of_a_wider_row():
     k, n = 256, 128
     x, _, res, w, _ = _operands(k, n, 5)
@@ -97,14 +110,17 @@ def test_hopper_gemv_reads_the_gate_from_a_block_of_a_wider_row():
 
 def test_hopper_tilings_fall_back_where_the_kernel_cannot_run():
     """Products the Hopper kernels cannot take go to the Triton ones (`fused_decode.layer_step`)."""
-    assert decode_hopper.tiling_for("ngr", 2048, 2048) == HopperTiling(128, 64, 8, 4)
-    assert decode_hopper.tiling_for("ngr", 2048, 192) == HopperTiling(64, 64, 8, 4)  # N of 3 x 64
+    assert decode_hopper.tiling_for("ngr", 2048, 2048) == HopperTiling(128, 64, 8, 4, "n8")
+    assert decode_hopper.tiling_for("ngr", 2048, 192) == HopperTiling(64, 64, 8, 4, "n8")  # N of 3 x 64
     assert decode_hopper.tiling_for("n", 64, 256) is None  # one step of 64 rows
     assert decode_hopper.tiling_for("r", 96, 256) is None  # K not a multiple of 64
     big = decode_hopper.tiling_for("r", 4096 * 16, 2048)  # the float32 row fills shared memory
     assert big is None and not decode_hopper.supports((1, 4096 * 16), (4096 * 16, 2048), "r")
     t = decode_hopper.tiling_for("r", 4096, 2048)
     assert decode_hopper.smem_bytes(t, 4096, "r") <= decode_hopper.SMEM_BYTES
+    reserved = dataclasses.replace(t, smem=200 * 1024)  # raised, never lowered, by HopperTiling.smem
+    assert decode_hopper.smem_bytes(reserved, 4096, "r") == 201 * 1024
+    assert decode_hopper.smem_bytes(dataclasses.replace(t, smem=1024), 4096, "r") == decode_hopper.smem_bytes(t, 4096, "r")
 
 
 def test_hopper_gemv_refuses_what_it_cannot_tile():
@@ -121,6 +137,8 @@ def test_hopper_gemv_refuses_what_it_cannot_tile():
         decode_hopper.gemv(jnp.ones((1, 96)), jnp.ones((96, 128), jnp.bfloat16))
     with pytest.raises(ValueError, match="use 'm64' or 'n8'"):
         decode_hopper.gemv(x, w, tiling=HopperTiling(64, 64, 1, 2, "m8"))
+    with pytest.raises(ValueError, match="bytes of shared memory"):
+        decode_hopper.gemv(x, w, tiling=HopperTiling(64, 64, 1, 2, smem=228 * 1024))
     with pytest.raises(ValueError, match="with a gate gives wrong sums"):
         decode_hopper.gemv(x, w, u=x, tiling=HopperTiling(128, 128, 1, 2))
 
