@@ -21,13 +21,11 @@ the gaps of the timed step.
 
     python3 bench/decode_layer.py           # the GPU run
     python3 bench/decode_layer.py --smoke   # a tiny config on a CPU (interpret mode)
-    python3 bench/decode_layer.py --kinds= --autotune=false --hopper_smem=0,160,220
-                                            # the Hopper step, its kernels' shared memory raised
+    python3 bench/decode_layer.py --kinds= --autotune=false   # the library's steps only
 
 Prints a line per variant and a table last; writes $OUT/decode_layer.json (OUT defaults to
 ./bench_out).
 """
-import dataclasses
 import functools
 import json
 import os
@@ -57,8 +55,6 @@ flags.DEFINE_integer("budget_s", 300, "Stop trying new tilings after this many s
 flags.DEFINE_bool("smoke", False, "A tiny config, two tilings, interpret mode.")
 flags.DEFINE_list("kinds", list(KINDS), "The products whose candidate tilings are tried.")
 flags.DEFINE_bool("autotune", True, "Also XLA's step with its exhaustive GEMM tiling search.")
-flags.DEFINE_list("hopper_smem", ["0"], "On a Hopper GPU, the Hopper step with every product's "
-                  "kernel reserving at least this many KB of shared memory (HopperTiling.smem), each.")
 FLAGS = flags.FLAGS
 
 
@@ -146,12 +142,6 @@ def weight_shapes(cfg):
             "glu": (cfg.d_model, cfg.glu_dim), "l3": (cfg.glu_dim, cfg.d_model)}
 
 
-def hopper_tilings(cfg, smem_kb):
-    """{kind: the library's HopperTiling, reserving at least smem_kb KB of shared memory}."""
-    return {kind: dataclasses.replace(decode_hopper.tiling_for(KINDS[kind], k, n), smem=smem_kb * 1024)
-            for kind, (k, n) in weight_shapes(cfg).items()}
-
-
 def tilings_to_try(cfg, smoke):
     """[(kind, tilings of the four products)]: the library's, then each product's candidates in turn."""
     base = {kind: tiling_for(KINDS[kind], *shape) for kind, shape in weight_shapes(cfg).items()}
@@ -192,9 +182,7 @@ def main(argv):
             compiler_options={"xla_gpu_exhaustive_tiling_search": True})
         variants.append(("xla autotuned", tuned))
     if decode_hopper.available():  # the Hopper kernels (pallas_kernels.decode_hopper), their tilings
-        variants += [(f"hopper base, smem >= {kb} KB" if int(kb) else "hopper base",
-                      jax.jit(pallas_stack(cfg, layers, hopper_tilings(cfg, int(kb)), "hopper")))
-                     for kb in FLAGS.hopper_smem]
+        variants.append(("hopper base", jax.jit(pallas_stack(cfg, layers, {}, "hopper"))))
     tried = tilings_to_try(cfg, FLAGS.smoke)
     variants += [(f"pallas {kind or 'base'} {tilings[kind] if kind else ''}",
                   jax.jit(pallas_stack(cfg, layers, tilings))) for kind, tilings in tried]

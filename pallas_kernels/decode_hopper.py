@@ -60,17 +60,13 @@ class HopperTiling:
     row as 8 equal columns, written once per block into shared memory (the form of
     bench/mosaic_gemv.py's probe, whose products streamed at the read's rate, call 59). On an H200
     "n8" is faster for the output projection and slower for the other products (call 68).
-
-    smem: bytes of shared memory a block reserves at least (0: what it allocates). A GPU splits
-    each SM's on-chip memory between L1 and shared memory per kernel; kernels that reserve alike
-    may spare it a repartition between them (bench/decode_layer.py --hopper_smem measures it)."""
+"""
 
     block_n: int = 64
     block_k: int = 128
     split: int = 1
     stages: int = 4
     form: str = "m64"
-    smem: int = 0
 
 
 # The fastest tilings of the 1B's products on an H200 (bench/mosaic_gemv.py, calls 60-64 and 68):
@@ -94,21 +90,15 @@ def available() -> bool:
 SMEM_BYTES = 227 * 1024  # an H100's or H200's shared memory per block
 
 
-def _smem_allocated(tiling: HopperTiling, k: int, fusion: str) -> int:
-    """The shared memory `gemv`'s kernel allocates: the row (and gate) in float32, the ring of
-    weight tiles, the result's staging tile ([64, block_n], or one row for "n8") and "n8"'s bf16
-    operand [8, K / split]."""
+def smem_bytes(tiling: HopperTiling, k: int, fusion: str) -> int:
+    """Shared memory of `gemv`'s kernel: the row (and gate) in float32, the ring of weight tiles,
+    the result's staging tile ([64, block_n], or one row for "n8"), "n8"'s bf16 operand [8, K /
+    split], and ~1 KB of barriers and alignment."""
     rows = k * 4 * (2 if "g" in fusion else 1)
     ring = tiling.stages * tiling.block_k * tiling.block_n * 2 * (2 if "2" in fusion else 1)
     if tiling.form == "n8":
-        return rows + ring + 16 * (k // tiling.split) + tiling.block_n * 4
-    return rows + ring + _M * tiling.block_n * 4
-
-
-def smem_bytes(tiling: HopperTiling, k: int, fusion: str) -> int:
-    """Shared memory a block of `gemv`'s kernel takes: what it allocates or `tiling.smem`, whichever
-    is more, and ~1 KB of barriers and alignment."""
-    return max(_smem_allocated(tiling, k, fusion), tiling.smem) + 1024
+        return rows + ring + 16 * (k // tiling.split) + tiling.block_n * 4 + 1024
+    return rows + ring + _M * tiling.block_n * 4 + 1024
 
 
 def tiling_for(fusion: str, k: int, n: int) -> Optional[HopperTiling]:
@@ -229,12 +219,8 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperT
     row = plgpu.SMEM((k // bk, bk), jnp.float32)
     x8 = plgpu.SMEM((8, k // tiling.split), jnp.bfloat16, transforms=_TRANSFORMS) if n8 else None
     acc = plgpu.ACC((bn, 8) if n8 else (_M, bn), jnp.float32)
-    # Never read: raises the block's shared memory to tiling.smem.
-    pad = tiling.smem - _smem_allocated(tiling, k, fusions(norm, gate, glu, add))
-    pad = plgpu.SMEM((pad,), jnp.int8) if pad > 0 else None
-    pl.run_scoped(lambda *refs: scope(*refs[:-1]), row, row if gate else None, x8,
-                  plgpu.Barrier(num_barriers=2), plgpu.SMEM((1 if n8 else _M, bn), jnp.float32),
-                  *[acc for _ in w_refs], pad)
+    pl.run_scoped(scope, row, row if gate else None, x8, plgpu.Barrier(num_barriers=2),
+                  plgpu.SMEM((1 if n8 else _M, bn), jnp.float32), *[acc for _ in w_refs])
 
 
 @functools.partial(jax.jit, static_argnames=("norm", "eps", "u_block", "tiling"))
@@ -257,7 +243,7 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
         raise ValueError(f"{tiling} has form {tiling.form!r}; use 'm64' or 'n8'.")
     if smem_bytes(tiling, k, fusion) > SMEM_BYTES:
         raise ValueError(f"{tiling} takes {smem_bytes(tiling, k, fusion)} bytes of shared memory a "
-                         f"block, over the {SMEM_BYTES} there are: use fewer stages or a smaller smem.")
+                         f"block, over the {SMEM_BYTES} there are: use fewer stages or smaller tiles.")
     if not 2 <= tiling.stages <= k // (split * bk):
         raise ValueError(f"{tiling} has {tiling.stages} stages for {k // (split * bk)} steps a block: "
                          f"use 2 to that many.")
