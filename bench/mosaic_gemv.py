@@ -51,7 +51,11 @@ from tnllm.model import srms_norm  # noqa: E402
 # 128-byte swizzled (8, 64) bf16 tiles: the shared-memory layout wgmma reads.
 TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 PROBE_SMEM_BYTES = 200 * 1024
+HEAD = (2048, 64000)  # the 1B's output head: K = d_model, N = vocab (configs/1b.py)
 
+flags.DEFINE_bool("head", True, "Also the output head: SRMSNorm(x) @ E^T with the 1B's embedding E "
+                  "[64000, 2048], as the fused step computes it (XLA) and as the Hopper kernel reading "
+                  "E transposed.")
 flags.DEFINE_bool("probe", False, "Also the probe kernel (row as wgmma's N = 8 operand, prepared by "
                   "XLA) over its tilings (call 59).")
 
@@ -113,6 +117,24 @@ def hopper_fn(fusion, tiling):
     return fn
 
 
+def head_variants(x, want):
+    """(name, fn(x, u, r, e, _), expected) of the output head, e the embedding [vocab, K]."""
+    def xla_dot(x, u, r, e, e2):  # tnllm.fused_decode.step's head before the Hopper kernel took it
+        return jnp.dot(srms_norm(x, EPS).astype(jnp.bfloat16), e.T, preferred_element_type=jnp.float32)
+
+    def hopper(t):
+        return lambda x, u, r, e, e2: decode_hopper.gemv(x, e, norm=True, eps=EPS, tiling=t, transposed=True)
+
+    out = [("xla read", lambda x, u, r, e, e2: jnp.sum(e, axis=1, dtype=jnp.float32), None),
+           ("xla dot (the step's head)", xla_dot, want)]
+    for c in itertools.product((64, 128, 256), (64, 128), (4,), ("m64", "n8")):
+        t = decode_hopper.HopperTiling(c[0], c[1], 1, *c[2:])
+        if decode_hopper.smem_bytes(t, x.shape[1], "n") <= decode_hopper.SMEM_BYTES and not (
+                t.form == "m64" and t.block_n > 128):
+            out.append((f"hopper transposed {t}", hopper(t), want))
+    return out
+
+
 def hopper_tilings(k, n, fusion):
     """The library's tiling, then others of 64-264 blocks that `decode_hopper.gemv` takes."""
     out = [decode_hopper.tiling_for(fusion, k, n)]
@@ -171,8 +193,23 @@ def main(argv):
             report.measure(rows, dict(product=product, weight_mb=weight_mb, variant=name), run,
                            out_dir / "mosaic_gemv.json", meta)
 
+    if FLAGS.head:  # two copies of 262 MB: neither fits in L2
+        k, n = HEAD
+        keys = jax.random.split(jax.random.key(0), 3)
+        x = jax.random.normal(keys[0], (1, k), jnp.float32)
+        copies = [((jax.random.normal(key, (n, k), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16), None)
+                  for key in keys[1:]]
+        with jax.default_matmul_precision("highest"):
+            want = np.asarray(srms_norm(x, EPS).astype(jnp.bfloat16).astype(jnp.float32)
+                              @ copies[0][0].astype(jnp.float32).T)
+        for name, fn, expect in head_variants(x, want):
+            run = functools.partial(time_product, fn=fn, expect=expect, x=x, u=None, r=None, copies=copies,
+                                    repeats=FLAGS.repeats, weight_mb=k * n * 2 / 1e6)
+            report.measure(rows, dict(product="head", weight_mb=k * n * 2 / 1e6, variant=name), run,
+                           out_dir / "mosaic_gemv.json", meta)
+
     best = []
-    for product, *_ in PRODUCTS:
+    for product in [p[0] for p in PRODUCTS] + ["head"]:
         ok = [r for r in rows if r["product"] == product and r.get("kernel_us")]
         for prefix in ("pallas", "hopper", "mosaic", "xla"):
             cands = [r for r in ok if r["variant"].startswith(prefix)]

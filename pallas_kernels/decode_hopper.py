@@ -8,9 +8,10 @@ block_n] tiles of W into shared memory through a ring of `stages` TMA copies
 X [64, block_k] @ W_tile, where X is the row's slice repeated as the 64 rows of wgmma's fixed M, in
 registers. The 64 rows of acc are equal and one is kept. The tensor cores thus do 64x the useful
 arithmetic (by count, about a quarter of their peak rate while the weights stream at HBM speed;
-not measured), and nothing of the weights goes through registers. On an H200 the 1B layer's four products take 34.9 µs as these
-kernels against 38.2 as the Triton ones (bench/mosaic_gemv.py, call 62; docs/benchmarks.md): the
-1B decodes at 1.66x the time to read its weights against 1.71x.
+not measured), and nothing of the weights goes through registers. The output projection runs the
+other way round ("n8", `HopperTiling.form`). On an H200 the 1B layer's four products take 34.6 µs
+as these kernels against 38.2 as the Triton ones (bench/mosaic_gemv.py, calls 62 and 68;
+docs/benchmarks.md): the 1B decodes at 1.63x the time to read its weights against 1.71x.
 
 The fusions are `pallas_kernels.decode.gemv`'s (norm, gate, GLU product, residual). The block's
 row (and gate) arrive in shared memory by one TMA copy each at the start, next to the first weight
@@ -59,8 +60,7 @@ class HopperTiling:
     rows times the tile (right operand). "n8": the tile transposed as the left operand times the
     row as 8 equal columns, written once per block into shared memory (the form of
     bench/mosaic_gemv.py's probe, whose products streamed at the read's rate, call 59). On an H200
-    "n8" is faster for the output projection and slower for the other products (call 68).
-"""
+    "n8" is faster for the output projection and slower for the other products (call 68)."""
 
     block_n: int = 64
     block_k: int = 128
@@ -120,9 +120,10 @@ def tiling_for(fusion: str, k: int, n: int) -> Optional[HopperTiling]:
     return t if smem_bytes(t, k, fusion) <= SMEM_BYTES else None
 
 
-def supports(x_shape, w_shape, fusion: str) -> bool:
-    """Whether `gemv` takes a product of these shapes (x [1, K], w [K, N]) and fusions."""
-    k, n = w_shape
+def supports(x_shape, w_shape, fusion: str, transposed: bool = False) -> bool:
+    """Whether `gemv` takes a product of these shapes (x [1, K], w [K, N], or [N, K] transposed)
+    and fusions."""
+    k, n = reversed(w_shape) if transposed else w_shape
     return x_shape == (1, k) and tiling_for(fusion, k, n) is not None
 
 
@@ -146,10 +147,10 @@ def _write_row_operand(x8, x_smem, u_smem, first: int, steps: int, bk: int):
 
 
 def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperTiling, k: int,
-            u_block: int, eps: float):
+            u_block: int, eps: float, transposed: bool):
     """Refs: x [K / block_k, block_k] f32, (u [m K / block_k, block_k] f32, of which block u_block
-    is the gate), W [K, N] bf16, (W2), o [1, N] f32 (with `add` a mutable input: the residual, to
-    which the block adds its sums)."""
+    is the gate), W [K, N] bf16 ([N, K] if transposed), (W2), o [1, N] f32 (with `add` a mutable
+    input: the residual, to which the block adds its sums)."""
     refs = list(refs)
     x_ref = refs.pop(0)
     u_ref = refs.pop(0) if gate else None
@@ -180,7 +181,7 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperT
             if n8:  # acc [block_n, 8] += W_tile^T @ (the row as 8 equal columns)
                 rows = plgpu.transpose_ref(x8.at[:, pl.ds(i * bk, bk)], (1, 0))
                 for acc, w in zip(accs, w_smem):
-                    plgpu.wgmma(acc, plgpu.transpose_ref(w, (1, 0)), rows)
+                    plgpu.wgmma(acc, w if transposed else plgpu.transpose_ref(w, (1, 0)), rows)
             else:  # acc [64, block_n] += (the row as 64 equal rows) @ W_tile
                 col = plgpu.Layout.WGMMA.reduce(0)  # a [block_k] vector that broadcasts to wgmma's rows
                 row = plgpu.load(x_smem.at[s * steps + i], None, layout=col)
@@ -188,11 +189,15 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperT
                     row = row * plgpu.load(u_smem.at[s * steps + i], None, layout=col)
                 rows = lax.broadcast_in_dim(row.astype(w_refs[0].dtype), (_M, bk), [1])
                 for acc, w in zip(accs, w_smem):
-                    plgpu.wgmma(acc, rows, w)
+                    plgpu.wgmma(acc, rows, plgpu.transpose_ref(w, (1, 0)) if transposed else w)
             plgpu.wgmma_wait(len(accs))  # this step's products run on; the last step's are done
 
-        spec = plgpu.BlockSpec((bk, bn), lambda i: (s * steps + i, j), transforms=_TRANSFORMS,
-                               delay_release=1)
+        if transposed:  # W's [block_n, block_k] tiles, read by wgmma transposed
+            spec = plgpu.BlockSpec((bn, bk), lambda i: (j, s * steps + i), transforms=_TRANSFORMS,
+                                   delay_release=1)
+        else:
+            spec = plgpu.BlockSpec((bk, bn), lambda i: (s * steps + i, j), transforms=_TRANSFORMS,
+                                   delay_release=1)
         plgpu.emit_pipeline(step, grid=(steps,), in_specs=[spec] * len(w_refs),
                             max_concurrent_steps=tiling.stages)(*w_refs)
         plgpu.wgmma_wait(0)
@@ -223,18 +228,21 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperT
                   plgpu.SMEM((1 if n8 else _M, bn), jnp.float32), *[acc for _ in w_refs])
 
 
-@functools.partial(jax.jit, static_argnames=("norm", "eps", "u_block", "tiling"))
+@functools.partial(jax.jit, static_argnames=("norm", "eps", "u_block", "tiling", "transposed"))
 def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] = None,
          u_block: int = 0, residual: Optional[Array] = None, norm: bool = False, eps: float = 1e-6,
-         tiling: Optional[HopperTiling] = None) -> Array:
+         tiling: Optional[HopperTiling] = None, transposed: bool = False) -> Array:
     """`pallas_kernels.decode.gemv` (same arguments and result) on Hopper's TMA and tensor cores;
-    the result is float32. w, w2 must be bf16; K and N multiples of 64 (`supports`)."""
-    (m, k), n = x.shape, w.shape[1]
+    the result is float32. w, w2 must be bf16; K and N multiples of 64 (`supports`). transposed:
+    w (and w2) are stored [N, K], and x @ w.T is computed (e.g. an embedding table as the output
+    head)."""
+    m, k = x.shape
+    n, w_k = w.shape if transposed else w.shape[::-1]
     fusion = fusions(norm, u is not None, w2 is not None, residual is not None)
     tiling = tiling or tiling_for(fusion, k, n)
-    if m != 1 or w.shape[0] != k or tiling is None:
-        raise ValueError(f"The Hopper gemv takes one row x [1, K] and w [K, N] with K and N "
-                         f"multiples of 64, got x {x.shape} and w {w.shape}.")
+    if m != 1 or w_k != k or tiling is None:
+        raise ValueError(f"The Hopper gemv takes one row x [1, K] and w [{'N, K' if transposed else 'K, N'}] "
+                         f"with K and N multiples of 64, got x {x.shape} and w {w.shape}.")
     bk, bn, split = tiling.block_k, tiling.block_n, tiling.split
     if n % bn or k % (split * bk) or bn % 64 or bk % 64 or bk > 256:
         raise ValueError(f"{tiling} does not divide w {w.shape}: block_n must divide N, split * "
@@ -267,7 +275,7 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
     add = residual is not None or split > 1
     kernel = pl.kernel(
         functools.partial(_kernel, norm=norm, gate=u is not None, glu=w2 is not None, add=add,
-                          tiling=tiling, k=k, u_block=u_block, eps=eps),
+                          tiling=tiling, k=k, u_block=u_block, eps=eps, transposed=transposed),
         out_type=() if add else jax.ShapeDtypeStruct((1, n), f32),
         mesh=plgpu.Mesh(grid=(n // bn, split), grid_names=("n", "s")),
         compiler_params=plgpu.CompilerParams(),

@@ -86,6 +86,17 @@ def test_hopper_gemv_fusions_equal_their_plain_products(fusion, split, block_n, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("block_n, block_k, form", [(64, 64, "m64"), (128, 128, "m64"), (64, 128, "n8"),
+                                                    (256, 64, "n8")])
+def test_hopper_gemv_reads_a_weight_stored_transposed(block_n, block_k, form):
+    """The output head: SRMSNorm(x) @ E^T, the embedding E [N, K] read as it is stored."""
+    x, u, res, w, w2 = operands = _operands(768, 512, 3)
+    got = decode_hopper.gemv(x, jnp.asarray(w.T), norm=True, transposed=True,
+                             tiling=HopperTiling(block_n, block_k, 1, 2, form))
+    assert rel_err(got, _fused_product("n", *operands, late=True)) < 1e-5
+
+
+@pytest.mark.gpu
 def test_hopper_gemv_reads_the_gate_from_a_block_of_a_wider_row():
     k, n = 256, 128
     x, _, res, w, _ = _operands(k, n, 5)
@@ -119,6 +130,8 @@ def test_hopper_gemv_refuses_what_it_cannot_tile():
         decode_hopper.gemv(x, w.astype(jnp.float32))
     with pytest.raises(ValueError, match="multiples of 64"):
         decode_hopper.gemv(jnp.ones((1, 96)), jnp.ones((96, 128), jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"w \[N, K\]"):  # w [K, N] passed as transposed
+        decode_hopper.gemv(x, jnp.ones((256, 128), jnp.bfloat16), transposed=True)
     with pytest.raises(ValueError, match="use 'm64' or 'n8'"):
         decode_hopper.gemv(x, w, tiling=HopperTiling(64, 64, 1, 2, "m8"))
     with pytest.raises(ValueError, match="bytes of shared memory"):  # the row's 256 KB in float32
@@ -222,12 +235,14 @@ def test_fused_step_refuses_unknown_kernels(params, prefilled):
 
 @pytest.mark.gpu
 def test_hopper_step_is_as_close_to_the_float32_model_as_the_triton_step():
-    """One step after the prompt with every product on the Hopper kernels (d_model 128: K >= 128)."""
-    cfg = CFG.replace(d_model=128, hidden_dim=128, glu_dim=256)
+    """One step after the prompt with every product and the head on the Hopper kernels (d_model
+    128: K >= 128)."""
+    cfg = CFG.replace(d_model=128, hidden_dim=128, glu_dim=256, vocab_size=320)  # 5 x 64 for the head
     hidden = cfg.num_heads * cfg.head_dim
     for fusion, k, n in (("n", cfg.d_model, 4 * hidden), ("ngr", hidden, cfg.d_model),
                          ("n2", cfg.d_model, cfg.glu_dim), ("r", cfg.glu_dim, cfg.d_model)):
         assert decode_hopper.supports((1, k), (k, n), fusion)
+    assert decode_hopper.supports((1, cfg.d_model), (cfg.vocab_size, cfg.d_model), "n", transposed=True)
     variables = jax.jit(TransNormerLLM(cfg).init)(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
     params = serving_params(nn.unbox(variables)["params"], cfg)
     tokens, mask = left_pad(PROMPT, prompt_bucket(len(PROMPT[0]), 8))

@@ -12,7 +12,9 @@ fused in, and a layer is five kernels (the LRPE layer runs its recurrence throug
     x     = gemv(g, W3, residual x)                     x + g W3
 
 On Hopper GPUs the four products run as `pallas_kernels.decode_hopper` kernels instead (the same
-fusions; weights streamed by TMA, multiply-adds on wgmma), elsewhere as the Triton ones (`kernels`).
+fusions; weights streamed by TMA, multiply-adds on wgmma), and so does the output head (SRMSNorm
+and the product with the embedding table, read transposed); elsewhere the products run as the
+Triton kernels and the head through XLA (`kernels`).
 
 It is the model's function (`tnllm.model`, TNL's "gla" mixer) for one token, written over the
 `params` collection instead of through the Linen modules, because the fusions cross the modules'
@@ -132,11 +134,17 @@ def step(params, tokens: Array, positions: Array, states: Sequence[Any], *, cfg:
     if cfg.scale_embedding:
         x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
     x = x.astype(jnp.float32)
+    check_kernels(kernels)
+    kernels = kernels or default_kernels()
     new = []
     for i, state in enumerate(states):
         x, state = layer_step(params[f"layers_{i}"], x, positions, state, cfg=cfg, layer=i,
                               kernels=kernels)
         new.append(state)
-    logits = jnp.dot(srms_norm(x, cfg.norm_eps).astype(cfg.dtype), table.T,
-                     preferred_element_type=jnp.float32)
+    if kernels == "hopper" and decode_hopper.supports(x.shape, table.shape, "n", transposed=True):
+        # The head reads the embedding [vocab, d_model] as it is stored: x @ table.T.
+        logits = decode_hopper.gemv(x, table, norm=True, eps=cfg.norm_eps, transposed=True)
+    else:
+        logits = jnp.dot(srms_norm(x, cfg.norm_eps).astype(cfg.dtype), table.T,
+                         preferred_element_type=jnp.float32)
     return logits, tuple(new)
