@@ -76,6 +76,7 @@ _MEASURED = {
     "ngr": HopperTiling(128, 64, 8, 4, "n8"),  # the output projection: 2048 -> 2048
     "n2": HopperTiling(64, 128, 1, 4),  # l1 and l2: 2048 -> 2 x 5632
     "r": HopperTiling(64, 128, 4, 4),  # l3: 5632 -> 2048
+    "nT": HopperTiling(64, 128, 1, 4, "n8"),  # the output head, E [64000, 2048] transposed (call 71)
 }
 
 
@@ -101,12 +102,12 @@ def smem_bytes(tiling: HopperTiling, k: int, fusion: str) -> int:
     return rows + ring + _M * tiling.block_n * 4 + 1024
 
 
-def tiling_for(fusion: str, k: int, n: int) -> Optional[HopperTiling]:
+def tiling_for(fusion: str, k: int, n: int, transposed: bool = False) -> Optional[HopperTiling]:
     """The measured tiling for a product with `fusion` (the q/k/v/u one for others), narrowed until
-    it divides w [k, n] with at least two pipeline steps a block: fewer K splits, then 64-row steps
-    and 64 columns, then fewer stages; None where no tiling of 64-multiples does (K of at least 128)
-    or its row does not fit shared memory."""
-    t = _MEASURED.get(fusion, _MEASURED["n"])
+    it divides w [k, n] ([n, k] transposed) with at least two pipeline steps a block: fewer K
+    splits, then 64-row steps and 64 columns, then fewer stages; None where no tiling of
+    64-multiples does (K of at least 128) or its row does not fit shared memory."""
+    t = _MEASURED.get(fusion + "T" * transposed, _MEASURED["n"])
     steps = lambda t: k // (t.split * t.block_k)  # noqa: E731
     while (k % (t.split * t.block_k) or steps(t) < 2) and t.split > 1:
         t = dataclasses.replace(t, split=t.split // 2)
@@ -124,7 +125,7 @@ def supports(x_shape, w_shape, fusion: str, transposed: bool = False) -> bool:
     """Whether `gemv` takes a product of these shapes (x [1, K], w [K, N], or [N, K] transposed)
     and fusions."""
     k, n = reversed(w_shape) if transposed else w_shape
-    return x_shape == (1, k) and tiling_for(fusion, k, n) is not None
+    return x_shape == (1, k) and tiling_for(fusion, k, n, transposed) is not None
 
 
 def _write_row_operand(x8, x_smem, u_smem, first: int, steps: int, bk: int):
@@ -239,7 +240,7 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
     m, k = x.shape
     n, w_k = w.shape if transposed else w.shape[::-1]
     fusion = fusions(norm, u is not None, w2 is not None, residual is not None)
-    tiling = tiling or tiling_for(fusion, k, n)
+    tiling = tiling or tiling_for(fusion, k, n, transposed)
     if m != 1 or w_k != k or tiling is None:
         raise ValueError(f"The Hopper gemv takes one row x [1, K] and w [{'N, K' if transposed else 'K, N'}] "
                          f"with K and N multiples of 64, got x {x.shape} and w {w.shape}.")
