@@ -168,10 +168,7 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperT
             plgpu.copy_gmem_to_smem(u_ref.at[pl.ds(u_block * (k // bk), k // bk)], u_smem,
                                     row_barriers.at[1])
 
-        def step(idx, *args):
-            # With the norm, the pipeline carries its scale: taken from the row at the first step,
-            # while the first weight tiles are still arriving, not after the last.
-            w_smem, scale = (args[:-1], args[-1]) if norm else (args, None)
+        def step(idx, *w_smem):
             i = idx[0]
 
             @pl.when(i == 0)
@@ -194,11 +191,7 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperT
                 rows = lax.broadcast_in_dim(row.astype(w_refs[0].dtype), (_M, bk), [1])
                 for acc, w in zip(accs, w_smem):
                     plgpu.wgmma(acc, rows, plgpu.transpose_ref(w, (1, 0)) if transposed else w)
-            if norm:  # SRMSNorm's scale, from the whole row
-                scale = lax.cond(i == 0, lambda: lax.rsqrt(jnp.sum(x_smem[...] ** 2) / k + eps),
-                                 lambda: scale)
             plgpu.wgmma_wait(len(accs))  # this step's products run on; the last step's are done
-            return scale
 
         if transposed:  # W's [block_n, block_k] tiles, read by wgmma transposed
             spec = plgpu.BlockSpec((bn, bk), lambda i: (j, s * steps + i), transforms=_TRANSFORMS,
@@ -206,14 +199,15 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperT
         else:
             spec = plgpu.BlockSpec((bk, bn), lambda i: (s * steps + i, j), transforms=_TRANSFORMS,
                                    delay_release=1)
-        scale = plgpu.emit_pipeline(step, grid=(steps,), in_specs=[spec] * len(w_refs),
-                                    max_concurrent_steps=tiling.stages,
-                                    init_carry=jnp.float32(1) if norm else None)(*w_refs)
+        plgpu.emit_pipeline(step, grid=(steps,), in_specs=[spec] * len(w_refs),
+                            max_concurrent_steps=tiling.stages)(*w_refs)
         plgpu.wgmma_wait(0)
         # The sums: n8 any of acc's 8 equal columns, m64 its 64 equal rows (one row is copied out).
         sums = [jnp.max(acc[...], axis=1) if n8 else acc[...] for acc in accs]
         y = sums[0]
-        if norm:  # on both sums of the GLU
+        if norm:  # the scale of SRMSNorm, from the whole row (on both sums of the GLU)
+            x = x_smem[...]
+            scale = lax.rsqrt(jnp.sum(x * x) / k + eps)
             y = y * (scale * scale if glu else scale)
         if glu:
             y = y * sums[1]
