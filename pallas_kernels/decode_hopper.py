@@ -9,9 +9,10 @@ X [64, block_k] @ W_tile, where X is the row's slice repeated as the 64 rows of 
 registers. The 64 rows of acc are equal and one is kept. The tensor cores thus do 64x the useful
 arithmetic (by count, about a quarter of their peak rate while the weights stream at HBM speed;
 not measured), and nothing of the weights goes through registers. The output projection runs the
-other way round ("n8", `HopperTiling.form`). On an H200 the 1B layer's four products take 34.6 µs
-as these kernels against 38.2 as the Triton ones (bench/mosaic_gemv.py, calls 62 and 68;
-docs/benchmarks.md): the 1B decodes at 1.63x the time to read its weights against 1.71x.
+other way round ("n8", `HopperTiling.form`), and W may be stored [N, K] (`transposed`: the output
+head's embedding table). On an H200 the 1B layer's four products take 34.6 µs as these kernels
+against 38.2 as the Triton ones (bench/mosaic_gemv.py, calls 62 and 68; docs/benchmarks.md): with
+the head on it too, the 1B decodes at 1.64x the time to read its weights against 1.73x (call 73).
 
 The fusions are `pallas_kernels.decode.gemv`'s (norm, gate, GLU product, residual). The block's
 row (and gate) arrive in shared memory by one TMA copy each at the start, next to the first weight
@@ -193,7 +194,7 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, add: bool, tiling: HopperT
                     plgpu.wgmma(acc, rows, plgpu.transpose_ref(w, (1, 0)) if transposed else w)
             plgpu.wgmma_wait(len(accs))  # this step's products run on; the last step's are done
 
-        if transposed:  # W's [block_n, block_k] tiles, read by wgmma transposed
+        if transposed:  # W stored [N, K]: its [block_n, block_k] tiles
             spec = plgpu.BlockSpec((bn, bk), lambda i: (j, s * steps + i), transforms=_TRANSFORMS,
                                    delay_release=1)
         else:
