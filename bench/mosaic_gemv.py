@@ -136,9 +136,10 @@ def head_variants(x, want):
 
 
 def hopper_tilings(k, n, fusion):
-    """The library's tiling, then others of 64-264 blocks that `decode_hopper.gemv` takes."""
+    """The library's tiling, the same in the other form, then others of 64-264 blocks that
+    `decode_hopper.gemv` takes."""
     out = [decode_hopper.tiling_for(fusion, k, n)]
-    out += [dataclasses.replace(out[0], form="n8")]
+    out += [dataclasses.replace(out[0], form="m64" if out[0].form == "n8" else "n8")]  # the other form
     for c in itertools.product((64, 128), (64, 128), (1, 4, 8), (4,), ("m64", "n8")):
         t = decode_hopper.HopperTiling(*c)
         steps = k // (t.split * t.block_k)
