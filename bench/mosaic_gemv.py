@@ -200,9 +200,7 @@ def main(argv):
         x = jax.random.normal(keys[0], (1, k), jnp.float32)
         copies = [((jax.random.normal(key, (n, k), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16), None)
                   for key in keys[1:]]
-        with jax.default_matmul_precision("highest"):
-            want = np.asarray(srms_norm(x, EPS).astype(jnp.bfloat16).astype(jnp.float32)
-                              @ copies[0][0].astype(jnp.float32).T)
+        want = np.asarray(reference("n", x, None, None, copies[0][0].T, None))
         for name, fn, expect in head_variants(x, want):
             run = functools.partial(time_product, fn=fn, expect=expect, x=x, u=None, r=None, copies=copies,
                                     repeats=FLAGS.repeats, weight_mb=k * n * 2 / 1e6)
