@@ -232,3 +232,22 @@ def test_training_on_one_txt_file(tmp_path):
     cfg.train.update(steps=3, batch_size=2, log_every=1, eval_every=3, eval_batches=2, sample_tokens=0)
     result = train_lib.train(cfg, str(tmp_path / "run"))
     assert result.step == 3 and np.isfinite(result.val_loss)
+
+
+def test_damaged_tokenizer_files_are_named(tmp_path):
+    import tokenizers
+    from tokenizers import models
+
+    from tnllm.tokenizer import load_tokenizer
+
+    (tmp_path / "half.model").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match=r"half.model' is not a SentencePiece model .*config.data.tokenizer"):
+        load_tokenizer(str(tmp_path / "half.model"))
+    (tmp_path / "half.json").write_text('{"version": "1.0", "model": {"type": "Wor')
+    with pytest.raises(ValueError, match=r"half.json' is not a Hugging Face tokenizer.json .*config.data.tokenizer"):
+        load_tokenizer(str(tmp_path / "half.json"))
+    tokenizers.Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1}, unk_token="[UNK]")).save(
+        str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>",\n "bos_token": }')
+    with pytest.raises(ValueError, match=r"tokenizer_config.json is not valid JSON \(Expecting value at line 2\)"):
+        load_tokenizer(str(tmp_path / "tokenizer.json"))
