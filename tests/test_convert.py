@@ -425,8 +425,27 @@ def test_damaged_json_files_are_named(tmp_path):
         convert.load_hf(str(tmp_path))
 
 
-def test_cli_flags_are_absl_flags_checked_per_command(tmp_path):
+@pytest.mark.parametrize("args,message", [
+    ([], "Name one command, import or export, as in `python -m tnllm.convert import --hf_dir=DIR "
+         "--out=EXPORT_DIR`; got none."),
+    (["import", "export"], "Name one command, import or export, as in `python -m tnllm.convert "
+                           "import --hf_dir=DIR --out=EXPORT_DIR`; got import export."),
+    (["import", "--hf_dir=x"], "import needs --out."),
+    (["export", "--dtype=float32"], "export needs --checkpoint and --out."),
+    (["import", "--hf_dir=x", "--out=y", "--checkpoint=z"],
+     "import takes no --checkpoint; its flags are --hf_dir, --out, --dtype, --tokenizer."),
+])
+def test_cli_flags_are_checked_per_command(args, message):
+    from absl import flags
+
+    flag_values = flags.FlagValues()
+    convert._define_flags(flag_values)
+    argv = flag_values(["convert.py", *args])
+    with pytest.raises(ValueError) as e:
+        convert._command(argv, flag_values)
+    assert str(e.value) == message
+
+
+def test_cli_refuses_a_flag_of_the_other_command(tmp_path):
     assert _run("tnllm.convert", "export", f"--hf_dir={tmp_path}", "--out=x", ok=False) == (
         "error: export takes no --hf_dir; its flags are --checkpoint, --out, --dtype.")
-    assert _run("tnllm.convert", "import", f"--hf_dir={tmp_path}", ok=False) == (
-        "error: import needs --out.")

@@ -241,13 +241,14 @@ def test_damaged_tokenizer_files_are_named(tmp_path):
     from tnllm.tokenizer import load_tokenizer
 
     (tmp_path / "half.model").write_bytes(b"not a model")
-    with pytest.raises(ValueError, match=r"half.model' is not a SentencePiece model .*config.data.tokenizer"):
+    with pytest.raises(ValueError, match=r"half.model' is not a SentencePiece model .*data.tokenizer"):
         load_tokenizer(str(tmp_path / "half.model"))
     (tmp_path / "half.json").write_text('{"version": "1.0", "model": {"type": "Wor')
-    with pytest.raises(ValueError, match=r"half.json' is not a Hugging Face tokenizer.json .*config.data.tokenizer"):
+    with pytest.raises(ValueError, match=r"half.json' is not a Hugging Face tokenizer.json .*data.tok"):
         load_tokenizer(str(tmp_path / "half.json"))
     tokenizers.Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1}, unk_token="[UNK]")).save(
         str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>",\n "bos_token": }')
-    with pytest.raises(ValueError, match=r"tokenizer_config.json is not valid JSON \(Expecting value at line 2\)"):
+    with pytest.raises(ValueError, match=r"tokenizer_config.json is not valid JSON \(Expecting value "
+                                         r"at line 2\)"):
         load_tokenizer(str(tmp_path / "tokenizer.json"))

@@ -48,6 +48,7 @@ ACTIVATIONS = ("swish", "silu")  # both mean silu in the released code
 RELEASED_NORM_EPS = 1e-6
 LM_HEAD = "lm_head.weight"
 DTYPES = ("float32", "bfloat16")
+_RESTORE = "restore it from the release"
 
 
 def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
@@ -211,27 +212,13 @@ def state_dict_from_params(params: Mapping[str, Any], cfg: ModelConfig,
     return {t.hf_key: t.to_hf(np.asarray(flat[t.path]).astype(jnp.dtype(dtype))) for t in tensors}
 
 
-def _read_json(path: str) -> dict:
-    """The JSON object in `path`; a damaged file is named with the line of the fault."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            value = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); restore it from "
-                             "the release.") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object; restore it from "
-                         "the release.")
-    return value
-
-
 def _weight_files(hf_dir: str) -> List[str]:
     """The weight files of a checkpoint directory, safetensors preferred, an index's list if any."""
     for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"),
                                 ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
         index = os.path.join(hf_dir, index_name)
         if os.path.isfile(index):
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = tokenizer.read_json_object(index, _RESTORE).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{index} has no weight_map; restore the index file from the release.")
             files = sorted(set(weight_map.values()))
@@ -318,8 +305,8 @@ def load_hf(hf_dir: str, dtype: str = "float32") -> Tuple[ml_collections.ConfigD
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype is {dtype!r}; choose one of {', '.join(DTYPES)}.")
-    model = model_config_from_hf(_read_json(_hf_config_path(hf_dir))).replace(dtype=dtype,
-                                                                               param_dtype=dtype)
+    hf = tokenizer.read_json_object(_hf_config_path(hf_dir), _RESTORE)
+    model = model_config_from_hf(hf).replace(dtype=dtype, param_dtype=dtype)
     params = params_from_state_dict(read_state_dict(hf_dir), model, dtype)
     config = base_config()
     config.model.update(model.to_dict())
@@ -383,19 +370,21 @@ _REQUIRED = {"import": ("hf_dir", "out"), "export": ("checkpoint", "out")}
 _DEFAULT_DTYPE = {"import": "float32", "export": "bfloat16"}
 
 
-def _define_flags():
-    # Defined only when run as a program, so importing this module adds no global absl flags.
+def _define_flags(flag_values=None):
+    """Defines the flags in `flag_values` (absl's global FLAGS by default). Called only when run as a
+    program, so importing this module adds no global absl flags."""
     from absl import flags
 
+    kw = dict(flag_values=flags.FLAGS if flag_values is None else flag_values)
     flags.DEFINE_string("hf_dir", None, "import: Hugging Face checkpoint directory (config.json and "
-                        "the weights).")
-    flags.DEFINE_string("checkpoint", None, "export: tnllm export or training work directory.")
+                        "the weights).", **kw)
+    flags.DEFINE_string("checkpoint", None, "export: tnllm export or training work directory.", **kw)
     flags.DEFINE_string("out", None, "import: export directory to write; export: new directory for "
-                        "config.json and model.safetensors.")
+                        "config.json and model.safetensors.", **kw)
     flags.DEFINE_enum("dtype", None, list(DTYPES), "Parameter dtype of the result (default: float32 "
-                      "for import, bfloat16 for export).")
+                      "for import, bfloat16 for export).", **kw)
     flags.DEFINE_string("tokenizer", None, "import: SentencePiece model (default: "
-                        "HF_DIR/tokenizer.model).")
+                        "HF_DIR/tokenizer.model).", **kw)
 
 
 def _command(argv: Sequence[str], flag_values) -> str:

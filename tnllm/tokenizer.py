@@ -24,6 +24,18 @@ def _file_digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def read_json_object(path: str, fix: str) -> dict:
+    """The JSON object in `path`; a damaged file is one ValueError naming it, the line and `fix`."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            value = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); {fix}.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object; {fix}.")
+    return value
+
+
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255 plus PAD 256, BOS 257, EOS 258."""
 
@@ -113,14 +125,7 @@ class HuggingFaceTokenizer:
     def _declared_specials(config_path: str) -> dict:
         if not os.path.isfile(config_path):
             return {}
-        with open(config_path, encoding="utf-8") as f:
-            try:
-                config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_path} is not valid JSON ({e.msg} at line {e.lineno}); "
-                                 "restore it or remove it.") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{config_path} holds no JSON object; restore it or remove it.")
+        config = read_json_object(config_path, "restore it or remove it")
         names = {}
         for role in ("eos", "bos", "pad"):
             value = config.get(f"{role}_token")
