@@ -96,11 +96,11 @@ def read_documents(path: str, text_field: str) -> Iterator[str]:
         with open(path, "rb") as f:
             raw = f.read()
         try:
-            if b"\0" in raw:  # valid UTF-8, but no text file holds NUL: UTF-16 or binary data
-                raise UnicodeError
             text = raw.decode("utf-8")
-        except UnicodeError:
+        except UnicodeDecodeError:
             raise NotText(f"{path} is not UTF-8 text") from None
+        if "\0" in text:  # valid UTF-8, but no text file holds NUL: UTF-16 or binary data
+            raise NotText(f"{path} is not UTF-8 text")
         if text:
             yield text
         return
@@ -166,8 +166,8 @@ def pieces(num_tokens: int, seq_len: int, first_piece: int, val_fraction: float
     for k, start in enumerate(starts):
         i = first_piece + k
         val = is_validation(i, val_fraction)
-        last = k == len(starts) - 1
-        yield start, min(start + seq_len, num_tokens), val, last or is_validation(i + 1, val_fraction) != val
+        jump = k == len(starts) - 1 or is_validation(i + 1, val_fraction) != val
+        yield start, min(start + seq_len, num_tokens), val, jump
 
 
 def store_key(files: Sequence[str], data_cfg: ml_collections.ConfigDict, tokenizer) -> str:
