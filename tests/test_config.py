@@ -1,6 +1,11 @@
 """Configs: released sizes (SPEC.md §5) and clear errors for invalid values."""
+import subprocess
+import sys
+
 import pytest
-from conftest import param_count
+from absl import flags
+from conftest import REPO, param_count, subprocess_env
+from ml_collections import config_flags
 
 from tnllm import config
 
@@ -27,6 +32,7 @@ def test_released_values():
 @pytest.mark.parametrize("changes,message", [
     (dict(d_model=100, num_heads=3), r"hidden_dim \(100\) must be divisible by config.model.num_heads"),
     (dict(lrpe_layers=[5]), r"lrpe_layers holds 5, out of range for num_layers=2"),
+    (dict(lrpe_layers=("",)), r"lrpe_layers must hold layer indices.*--config.model.lrpe_layers=0,2"),
     (dict(num_layers=0), r"config.model.num_layers must be a positive integer"),
     (dict(vocab_size=-3), r"config.model.vocab_size must be a positive integer"),
     (dict(attention_impl="flash"), r"config.model.attention_impl: Unknown attention impl 'flash'"),
@@ -44,3 +50,27 @@ def test_invalid_values_name_the_field(changes, message):
 def test_missing_config_file():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         config.load("configs/nope.py")
+
+
+@pytest.mark.parametrize("args,want", [
+    (["--config.model.lrpe_layers=0,1"], (0, 1)),
+    (["--config.model.lrpe_layers=(0,1)"], (0, 1)),
+    (["--config.model.lrpe_layers=1"], (1,)),
+    (["--config.model.lrpe_layers=()"], ()),
+    (["--config.model.lrpe_layers=0", "--config.model.lrpe_layers=1"], (0, 1)),
+])
+def test_lrpe_layers_can_be_set_on_the_command_line(args, want):
+    """The spellings train.py's --config flag accepts for the tuple field."""
+    argv = ["train.py", "--config=configs/tiny.py", *args]
+    flag_values = flags.FlagValues()
+    cfg = config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    assert config.model_config(cfg.value).lrpe_layers == want
+
+
+def test_train_py_takes_lrpe_layers_and_checks_them():
+    out = subprocess.run([sys.executable, "train.py", "--config.model.lrpe_layers=0,5"], cwd=REPO,
+                         capture_output=True, text=True, env=subprocess_env())
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: config.model.lrpe_layers holds 5, out of range for num_layers=2; use indices 0..1.")

@@ -3,6 +3,7 @@ SPEC.md §1, exact round trips, the released configs, and errors that name what 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -352,11 +353,14 @@ def _sentencepiece_model(path):
     return f"{path}.model"
 
 
-def _run(*args):
+def _run(*args, ok=True):
     out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
                          env=subprocess_env())
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
+    if ok:
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+    assert out.returncode != 0
+    return out.stderr.strip()
 
 
 def test_imported_model_generates_and_exports_back(tmp_path):
@@ -367,7 +371,7 @@ def test_imported_model_generates_and_exports_back(tmp_path):
     write_checkpoint(hf_dir, hf, released_state_dict(hf), "safetensors")
     os.replace(_sentencepiece_model(tmp_path / "spm"), hf_dir / "tokenizer.model")
 
-    _run("tnllm.convert", "import", f"--hf-dir={hf_dir}", f"--out={export_dir}")
+    _run("tnllm.convert", "import", f"--hf_dir={hf_dir}", f"--out={export_dir}")
     text = _run("tnllm.generate", f"--checkpoint={export_dir}", "--prompt=the model alpha",
                 "--max_new_tokens=6", "--temperature=0", "--noadd_bos", "--autotune")
     assert "the model alpha" in text
@@ -379,3 +383,69 @@ def test_imported_model_generates_and_exports_back(tmp_path):
     _, exported = convert.load_hf(str(back_dir), "float32")
     for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(original)):
         np.testing.assert_array_equal(a, b)
+
+
+def _truncate(path, keep):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:keep(len(data))])
+
+
+def test_truncated_safetensors_is_one_error_line_naming_the_file(tmp_path):
+    write_checkpoint(tmp_path, hf_config(), released_state_dict(hf_config()), "safetensors")
+    _truncate(tmp_path / "model.safetensors", lambda n: n - 100)
+    (tmp_path / "tokenizer.model").write_bytes(b"")  # read after the weights, which fail first
+    err = _run("tnllm.convert", "import", f"--hf_dir={tmp_path}", f"--out={tmp_path / 'out'}", ok=False)
+    assert err == (f"error: {tmp_path / 'model.safetensors'} cannot be read (Error while deserializing "
+                   "header: incomplete metadata, file not fully covered): it is damaged or incomplete, "
+                   "for example an interrupted download; download it again.")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep", [lambda n: n // 2, lambda n: 4, lambda n: 0])
+def test_truncated_bin_names_the_file(tmp_path, keep):
+    write_checkpoint(tmp_path, hf_config(), released_state_dict(hf_config()), "sharded-bin")
+    damaged = tmp_path / "pytorch_model-00002-of-00003.bin"
+    _truncate(damaged, keep)
+    with pytest.raises(ValueError) as e:
+        convert.load_hf(str(tmp_path))
+    # The reason in brackets is PyTorch's own, which varies between its versions.
+    assert re.fullmatch(rf"{re.escape(str(damaged))} cannot be read \(.+\): it is damaged or "
+                        "incomplete, for example an interrupted download; download it again.",
+                        str(e.value))
+
+
+def test_damaged_json_files_are_named(tmp_path):
+    write_checkpoint(tmp_path, hf_config(), released_state_dict(hf_config()), "sharded-safetensors-index")
+    _truncate(tmp_path / "model.safetensors.index.json", lambda n: n - 5)
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json is not valid JSON \(.* at line 1\)"):
+        convert.load_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"vocab_size": 101,\n "bias": fals}')
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON \(Expecting value at line 2\)"):
+        convert.load_hf(str(tmp_path))
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "Name one command, import or export, as in `python -m tnllm.convert import --hf_dir=DIR "
+         "--out=EXPORT_DIR`; got none."),
+    (["import", "export"], "Name one command, import or export, as in `python -m tnllm.convert "
+                           "import --hf_dir=DIR --out=EXPORT_DIR`; got import export."),
+    (["import", "--hf_dir=x"], "import needs --out."),
+    (["export", "--dtype=float32"], "export needs --checkpoint and --out."),
+    (["import", "--hf_dir=x", "--out=y", "--checkpoint=z"],
+     "import takes no --checkpoint; its flags are --hf_dir, --out, --dtype, --tokenizer."),
+])
+def test_cli_flags_are_checked_per_command(args, message):
+    from absl import flags
+
+    flag_values = flags.FlagValues()
+    convert._define_flags(flag_values)
+    argv = flag_values(["convert.py", *args])
+    with pytest.raises(ValueError) as e:
+        convert._command(argv, flag_values)
+    assert str(e.value) == message
+
+
+def test_cli_refuses_a_flag_of_the_other_command(tmp_path):
+    assert _run("tnllm.convert", "export", f"--hf_dir={tmp_path}", "--out=x", ok=False) == (
+        "error: export takes no --hf_dir; its flags are --checkpoint, --out, --dtype.")

@@ -61,7 +61,12 @@ class ModelConfig:
     max_cache_len: int = 2048
 
     def __post_init__(self):
-        object.__setattr__(self, "lrpe_layers", tuple(int(i) for i in self.lrpe_layers))
+        try:
+            object.__setattr__(self, "lrpe_layers", tuple(int(i) for i in self.lrpe_layers))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"config.model.lrpe_layers must hold layer indices, got {self.lrpe_layers!r}; on the "
+                "command line spell it --config.model.lrpe_layers=0,2 (or '()' for none).") from None
         if self.hidden_dim == 0:
             object.__setattr__(self, "hidden_dim", self.d_model)
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "glu_dim", "hidden_dim",
@@ -132,9 +137,9 @@ class ModelConfig:
         return cls(**dict(fields))
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["lrpe_layers"] = list(self.lrpe_layers)
-        return d
+        # lrpe_layers stays a tuple: ml_collections' config_flags can override tuple fields from the
+        # command line (--config.model.lrpe_layers=0,2), not list fields.
+        return dataclasses.asdict(self)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -1,7 +1,8 @@
 """Import and export of released TransNormerLLM Hugging Face checkpoints (SPEC.md §6).
 
-    python -m tnllm.convert import --hf-dir DIR --out EXPORT_DIR [--dtype float32|bfloat16]
-    python -m tnllm.convert export --checkpoint DIR --out HF_DIR [--dtype bfloat16|float32]
+    python -m tnllm.convert import --hf_dir=DIR --out=EXPORT_DIR [--dtype=float32|bfloat16]
+        [--tokenizer=tokenizer.model]
+    python -m tnllm.convert export --checkpoint=DIR --out=HF_DIR [--dtype=bfloat16|float32]
 
 `import` reads `config.json` and the weights of a Hugging Face checkpoint directory
 (`model.safetensors` or `*.safetensors` shards, with or without `model.safetensors.index.json`;
@@ -17,13 +18,11 @@ into heads: W_qkvu (4h, d) <-> (d, 4, H, hd), W_out (d, h) <-> (H, hd, d); LRPE 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import json
 import os
 import shutil
-import sys
 import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -49,6 +48,7 @@ ACTIVATIONS = ("swish", "silu")  # both mean silu in the released code
 RELEASED_NORM_EPS = 1e-6
 LM_HEAD = "lm_head.weight"
 DTYPES = ("float32", "bfloat16")
+_RESTORE = "restore it from the release"
 
 
 def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
@@ -218,8 +218,7 @@ def _weight_files(hf_dir: str) -> List[str]:
                                 ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
         index = os.path.join(hf_dir, index_name)
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
+            weight_map = tokenizer.read_json_object(index, _RESTORE).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{index} has no weight_map; restore the index file from the release.")
             files = sorted(set(weight_map.values()))
@@ -242,7 +241,12 @@ def _read_torch(path: str) -> Dict[str, np.ndarray]:
     except ImportError:
         raise ImportError(f"Reading {path} needs PyTorch, an optional dependency: `pip install torch` "
                           "(the CPU wheel is enough), or convert from a .safetensors copy.") from None
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap can only be used" not in str(e):
+            raise
+        state = torch.load(path, map_location="cpu", weights_only=True)  # the pre-zip format
 
     def to_numpy(t):
         if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: reinterpret the bits as ml_dtypes'
@@ -252,12 +256,31 @@ def _read_torch(path: str) -> Dict[str, np.ndarray]:
     return {k: to_numpy(v) for k, v in state.items()}
 
 
+def _read_weight_file(path: str) -> Dict[str, np.ndarray]:
+    """The tensors of one weight file; a file the readers cannot parse is named as damaged."""
+    try:
+        if path.endswith(".safetensors"):
+            return safetensors.numpy.load_file(path)
+        return _read_torch(path)
+    except ImportError:
+        raise
+    except OSError as e:
+        if e.filename:  # the system's error names the file and the cause (permissions, a device)
+            raise
+        reason = e.strerror or str(e)
+    except Exception as e:  # safetensors, torch and pickle each raise their own types for bad bytes
+        reason = str(e).split(". ")[0].rstrip(".") or type(e).__name__
+    if os.path.getsize(path) == 0:
+        reason = "the file is empty"
+    raise ValueError(f"{path} cannot be read ({reason}): it is damaged or incomplete, for example "
+                     "an interrupted download; download it again.")
+
+
 def read_state_dict(hf_dir: str) -> Dict[str, np.ndarray]:
     """All tensors of the checkpoint in `hf_dir` (one file or shards), keyed by state-dict name."""
     state_dict: Dict[str, np.ndarray] = {}
     for path in _weight_files(hf_dir):
-        part = (safetensors.numpy.load_file(path) if path.endswith(".safetensors")
-                else _read_torch(path))
+        part = _read_weight_file(path)
         repeated = sorted(state_dict.keys() & part.keys())
         if repeated:
             raise ValueError(f"{', '.join(repeated[:8])} appear(s) in more than one weight file of "
@@ -282,8 +305,8 @@ def load_hf(hf_dir: str, dtype: str = "float32") -> Tuple[ml_collections.ConfigD
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype is {dtype!r}; choose one of {', '.join(DTYPES)}.")
-    with open(_hf_config_path(hf_dir)) as f:
-        model = model_config_from_hf(json.load(f)).replace(dtype=dtype, param_dtype=dtype)
+    hf = tokenizer.read_json_object(_hf_config_path(hf_dir), _RESTORE)
+    model = model_config_from_hf(hf).replace(dtype=dtype, param_dtype=dtype)
     params = params_from_state_dict(read_state_dict(hf_dir), model, dtype)
     config = base_config()
     config.model.update(model.to_dict())
@@ -339,28 +362,66 @@ def export_hf(checkpoint_dir: str, out_dir: str, *, dtype: str = "bfloat16") -> 
         raise
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tnllm.convert", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    imp = commands.add_parser("import", help="Hugging Face checkpoint -> tnllm export")
-    imp.add_argument("--hf-dir", required=True, help="directory with config.json and the weights")
-    imp.add_argument("--out", required=True, help="export directory to write")
-    imp.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter dtype of the export")
-    imp.add_argument("--tokenizer", help="SentencePiece model (default: HF_DIR/tokenizer.model)")
-    exp = commands.add_parser("export", help="tnllm export or work directory -> Hugging Face checkpoint")
-    exp.add_argument("--checkpoint", required=True, help="tnllm export or training work directory")
-    exp.add_argument("--out", required=True, help="new directory for config.json and model.safetensors")
-    exp.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the saved weights")
-    args = parser.parse_args(argv)
+COMMANDS = ("import", "export")
+# The flags each command takes; a flag of the other command is refused rather than ignored.
+_COMMAND_FLAGS = {"import": ("hf_dir", "out", "dtype", "tokenizer"),
+                  "export": ("checkpoint", "out", "dtype")}
+_REQUIRED = {"import": ("hf_dir", "out"), "export": ("checkpoint", "out")}
+_DEFAULT_DTYPE = {"import": "float32", "export": "bfloat16"}
+
+
+def _define_flags(flag_values=None):
+    """Defines the flags in `flag_values` (absl's global FLAGS by default). Called only when run as a
+    program, so importing this module adds no global absl flags."""
+    from absl import flags
+
+    kw = dict(flag_values=flags.FLAGS if flag_values is None else flag_values)
+    flags.DEFINE_string("hf_dir", None, "import: Hugging Face checkpoint directory (config.json and "
+                        "the weights).", **kw)
+    flags.DEFINE_string("checkpoint", None, "export: tnllm export or training work directory.", **kw)
+    flags.DEFINE_string("out", None, "import: export directory to write; export: new directory for "
+                        "config.json and model.safetensors.", **kw)
+    flags.DEFINE_enum("dtype", None, list(DTYPES), "Parameter dtype of the result (default: float32 "
+                      "for import, bfloat16 for export).", **kw)
+    flags.DEFINE_string("tokenizer", None, "import: SentencePiece model (default: "
+                        "HF_DIR/tokenizer.model).", **kw)
+
+
+def _command(argv: Sequence[str], flag_values) -> str:
+    """The subcommand named by the positional arguments, its flags checked; raises ValueError."""
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise ValueError(f"Name one command, import or export, as in `python -m tnllm.convert import "
+                         f"--hf_dir=DIR --out=EXPORT_DIR`; got {' '.join(argv[1:]) or 'none'}.")
+    command = argv[1]
+    other = sorted(name for names in _COMMAND_FLAGS.values() for name in names
+                   if name not in _COMMAND_FLAGS[command] and flag_values[name].present)
+    if other:
+        raise ValueError(f"{command} takes no {', '.join('--' + n for n in other)}; its flags are "
+                         f"{', '.join('--' + n for n in _COMMAND_FLAGS[command])}.")
+    missing = [name for name in _REQUIRED[command] if flag_values[name].value is None]
+    if missing:
+        raise ValueError(f"{command} needs {' and '.join('--' + n for n in missing)}.")
+    return command
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    f = flags.FLAGS
     try:
-        if args.command == "import":
-            import_hf(args.hf_dir, args.out, dtype=args.dtype, tokenizer_path=args.tokenizer)
+        command = _command(argv, f)
+        dtype = f.dtype or _DEFAULT_DTYPE[command]
+        if command == "import":
+            import_hf(f.hf_dir, f.out, dtype=dtype, tokenizer_path=f.tokenizer)
         else:
-            export_hf(args.checkpoint, args.out, dtype=args.dtype)
-    except (ValueError, OSError, ImportError) as e:
-        sys.exit(f"error: {e}")
-    print(f"wrote {args.out}")
+            export_hf(f.checkpoint, f.out, dtype=dtype)
+    except (ValueError, OSError, ImportError) as e:  # bad input: one line naming the fix
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {f.out}")
 
 
 if __name__ == "__main__":
-    main()
+    from absl import app
+
+    _define_flags()
+    app.run(main)

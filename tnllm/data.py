@@ -1,12 +1,20 @@
 """Training data: text files -> a tensorstore token store (built once, cached) -> deterministic windows.
 
 Documents are whole `.txt` files or the records of `.jsonl` files; the default corpus is the Python
-standard library's own sources (found through `sysconfig`), one document per file. Document i (in
-sorted file order) goes to the validation split when floor((i+1) f) > floor(i f), f = val_fraction,
-which spreads validation documents evenly. Each split is one flat array of token ids in which every
-document is followed by EOS, stored with tensorstore (zarr3) under a key that hashes the file list
-(paths, sizes, modification times), the tokenizer and the split rule, so a later run over the same
-corpus opens the store instead of tokenizing again.
+standard library's own sources (found through `sysconfig`), one document per file. Files must be UTF-8
+text: a file that does not decode as UTF-8, or holds a NUL byte, is binary; it is skipped, and one
+warning counts the skipped files and names the first (the standard library's few test modules in
+other encodings are skipped without one).
+
+Each document's tokens are cut into pieces of seq_len tokens (the last one shorter), so that a corpus
+of a few long documents, even one file, still yields a validation split. Piece i, counted over the
+whole corpus in sorted file order, goes to the validation split when floor((i+1) f) > floor(i f),
+f = val_fraction, which spreads validation pieces evenly and keeps documents shorter than seq_len
+whole. Each split is one flat array of token ids; EOS follows the end of every document and every
+place where the text jumps (the next piece of the document went to the other split). The arrays are
+stored with tensorstore (zarr3) under a key that hashes the file list (paths, sizes, modification
+times), the tokenizer, the split rule (val_fraction, seq_len) and the store format, so a later run
+over the same corpus and split opens the store instead of tokenizing again.
 
 Training batches are windows of seq_len + 1 tokens starting at multiples of seq_len; epoch e visits
 them in a permutation drawn from (seed, e). Batch n is therefore a pure function of (seed, n), which
@@ -21,16 +29,17 @@ import json
 import math
 import os
 import shutil
+import sys
 import sysconfig
 import uuid
-from typing import Iterator, List, Sequence
+from typing import Iterator, List, Sequence, Tuple
 
 import ml_collections
 import numpy as np
 import tensorstore as ts
 from tqdm import tqdm
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: documents cut into pieces of seq_len tokens before the split
 SPLITS = ("train", "val")
 _WRITE_BUFFER_TOKENS = 1 << 22
 _CHUNK_TOKENS = 1 << 18
@@ -73,15 +82,35 @@ def find_files(path: str) -> List[str]:
     return files
 
 
+class NotText(ValueError):
+    """A data file that is not UTF-8 text (binary, or another encoding)."""
+
+
 def read_documents(path: str, text_field: str) -> Iterator[str]:
-    """The non-empty documents of one file: the whole text, or each record's `text_field` for .jsonl."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        if not path.endswith(".jsonl"):
-            text = f.read()
-            if text:
-                yield text
-            return
+    """The non-empty documents of one file: the whole text, or each record's `text_field` for .jsonl.
+
+    Raises NotText, before yielding anything, for a .txt file that is not UTF-8 text; a .jsonl line
+    that is not UTF-8 or not a JSON object with that string field is an error naming file and line.
+    """
+    if not path.endswith(".jsonl"):
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise NotText(f"{path} is not UTF-8 text") from None
+        if "\0" in text:  # valid UTF-8, but no text file holds NUL: UTF-16 or binary data
+            raise NotText(f"{path} is not UTF-8 text")
+        if text:
+            yield text
+        return
+    with open(path, "rb") as f:
         for line_number, line in enumerate(f, 1):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{line_number} is not UTF-8 text; .jsonl files must be "
+                                 "UTF-8, so re-encode the file or remove the line.") from None
             if not line.strip():
                 continue
             try:
@@ -97,9 +126,19 @@ def read_documents(path: str, text_field: str) -> Iterator[str]:
                 yield text
 
 
-def _documents(files: Sequence[str], text_field: str) -> Iterator[str]:
-    for path in tqdm(files, desc="tokenizing", unit="file", leave=False):
-        yield from read_documents(path, text_field)
+class _Documents:
+    """The documents of `files` in order, skipping files that are not text; `skipped` lists those."""
+
+    def __init__(self, files: Sequence[str], text_field: str):
+        self.files, self.text_field = files, text_field
+        self.skipped: List[str] = []
+
+    def __iter__(self) -> Iterator[str]:
+        for path in tqdm(self.files, desc="tokenizing", unit="file", leave=False):
+            try:
+                yield from read_documents(path, self.text_field)
+            except NotText:
+                self.skipped.append(path)
 
 
 def _batches(items: Iterator[str], size: int) -> Iterator[List[str]]:
@@ -113,8 +152,22 @@ def _batches(items: Iterator[str], size: int) -> Iterator[List[str]]:
         yield batch
 
 
-def is_validation(document: int, val_fraction: float) -> bool:
-    return math.floor((document + 1) * val_fraction) > math.floor(document * val_fraction)
+def is_validation(piece: int, val_fraction: float) -> bool:
+    """Whether piece `piece` (counted over the corpus) is held out: an even spread of val_fraction."""
+    return math.floor((piece + 1) * val_fraction) > math.floor(piece * val_fraction)
+
+
+def pieces(num_tokens: int, seq_len: int, first_piece: int, val_fraction: float
+           ) -> Iterator[Tuple[int, int, bool, bool]]:
+    """The pieces of one document of `num_tokens` tokens whose first piece has corpus index
+    `first_piece`: (start, end, is_validation, ends_with_eos) for each, in order. EOS ends the
+    document's last piece and every piece whose successor goes to the other split."""
+    starts = range(0, max(num_tokens, 1), seq_len)
+    for k, start in enumerate(starts):
+        i = first_piece + k
+        val = is_validation(i, val_fraction)
+        jump = k == len(starts) - 1 or is_validation(i + 1, val_fraction) != val
+        yield start, min(start + seq_len, num_tokens), val, jump
 
 
 def store_key(files: Sequence[str], data_cfg: ml_collections.ConfigDict, tokenizer) -> str:
@@ -124,7 +177,8 @@ def store_key(files: Sequence[str], data_cfg: ml_collections.ConfigDict, tokeniz
         st = os.stat(f)
         listing.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
     blob = json.dumps(dict(version=STORE_VERSION, files=listing, tokenizer=tokenizer.fingerprint,
-                           text_field=data_cfg.text_field, val_fraction=data_cfg.val_fraction),
+                           text_field=data_cfg.text_field, val_fraction=data_cfg.val_fraction,
+                           seq_len=data_cfg.seq_len),
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -143,15 +197,15 @@ class _SplitWriter:
             "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]}
         self.array = ts.open(spec, create=True, dtype=dtype, shape=[0]).result()
         self.dtype = np.dtype(dtype.numpy_dtype)
-        self.size, self.documents, self.bytes = 0, 0, 0
+        self.size, self.pieces, self.bytes = 0, 0, 0
         self._buffer: List[np.ndarray] = []
         self._buffered = 0
 
     def add(self, ids: np.ndarray, num_bytes: int) -> None:
-        """ids: [n] token ids of one document, EOS included."""
+        """ids: [n] token ids of one piece, with its EOS if any."""
         self._buffer.append(ids.astype(self.dtype))
         self._buffered += len(ids)
-        self.documents += 1
+        self.pieces += 1
         self.bytes += num_bytes
         if self._buffered >= _WRITE_BUFFER_TOKENS:
             self.flush()
@@ -175,23 +229,38 @@ def _build_store(files: Sequence[str], data_cfg, tokenizer, directory: str) -> N
         dtype = ts.uint16 if tokenizer.vocab_size <= 1 << 16 else ts.uint32
         writers = {s: _SplitWriter(os.path.join(tmp, s), dtype) for s in SPLITS}
         counts = np.zeros(tokenizer.vocab_size, np.int64)
-        document = 0
-        for texts in _batches(_documents(files, data_cfg.text_field), _ENCODE_BATCH):
+        documents, piece = 0, 0
+        eos = np.array([tokenizer.eos_id], np.int64)
+        source = _Documents(files, data_cfg.text_field)
+        for texts in _batches(iter(source), _ENCODE_BATCH):
             for text, ids in zip(texts, tokenizer.encode_batch(texts)):
-                ids = np.asarray(ids + [tokenizer.eos_id], np.int64)
-                split = "val" if is_validation(document, data_cfg.val_fraction) else "train"
-                writers[split].add(ids, len(text.encode("utf-8")))
+                ids = np.asarray(ids, np.int64)
+                num_bytes, n = len(text.encode("utf-8")), max(len(ids), 1)
+                for start, end, val, ends_with_eos in pieces(len(ids), data_cfg.seq_len, piece,
+                                                             data_cfg.val_fraction):
+                    # A piece's bytes are its share of the document's; the shares sum to the whole.
+                    share = num_bytes * end // n - num_bytes * start // n
+                    writers["val" if val else "train"].add(
+                        np.concatenate([ids[start:end], eos[:int(ends_with_eos)]]), share)
+                    piece += 1
                 counts += np.bincount(ids, minlength=tokenizer.vocab_size)
-                document += 1
+                counts[tokenizer.eos_id] += 1
+                documents += 1
         for w in writers.values():
             w.flush()
-        if document == 0:
-            raise ValueError(f"The data files ({len(files)} of them, first {files[0]!r}) hold no text; "
-                             "point config.data.path at non-empty files.")
+        if source.skipped and data_cfg.path:  # not for the stdlib's few test modules in other encodings
+            print(f"warning: skipped {len(source.skipped)} of the {len(files)} data files (first "
+                  f"{source.skipped[0]!r}) because they are not UTF-8 text; convert them to UTF-8 or "
+                  "narrow config.data.path.", file=sys.stderr)
+        if documents == 0:
+            raise ValueError(f"The data files ({len(files)} of them, first {files[0]!r}"
+                             f"{f', {len(source.skipped)} not UTF-8 text' if source.skipped else ''}"
+                             ") hold no text; point config.data.path at non-empty UTF-8 text files.")
         p = counts[counts > 0] / counts.sum()
-        meta = dict(version=STORE_VERSION, files=len(files), tokenizer=tokenizer.fingerprint,
+        meta = dict(version=STORE_VERSION, files=len(files), skipped_files=len(source.skipped),
+                    documents=documents, tokenizer=tokenizer.fingerprint,
                     vocab_size=tokenizer.vocab_size, unigram_entropy=float(-(p * np.log(p)).sum()),
-                    splits={s: dict(tokens=w.size, documents=w.documents, bytes=w.bytes)
+                    splits={s: dict(tokens=w.size, pieces=w.pieces, bytes=w.bytes)
                             for s, w in writers.items()})
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
@@ -214,8 +283,17 @@ class TokenStore:
         self.directory = os.path.join(cache_root(data_cfg), f"tokens-{self.key}")
         self.built = not os.path.isfile(os.path.join(self.directory, "meta.json"))
         if self.built:
-            os.makedirs(os.path.dirname(self.directory), exist_ok=True)
-            _build_store(files, data_cfg, tokenizer, self.directory)
+            try:
+                os.makedirs(os.path.dirname(self.directory), exist_ok=True)
+                _build_store(files, data_cfg, tokenizer, self.directory)
+            except OSError as e:
+                if not e.filename or not os.path.abspath(e.filename).startswith(
+                        os.path.abspath(cache_root(data_cfg))):
+                    raise  # a data file, named by the error itself
+                # A bad config value, so the same error type as the other config checks.
+                raise ValueError(f"Cannot write the token store in {cache_root(data_cfg)!r} "
+                                 f"({e.strerror}); set config.data.cache_dir (or $TNLLM_CACHE) to a "
+                                 "writable directory.") from None
         with open(os.path.join(self.directory, "meta.json")) as f:
             self.meta = json.load(f)
         context = ts.Context({"cache_pool": {"total_bytes_limit": 1 << 28}})
@@ -285,7 +363,7 @@ class Loader:
         self.next_batch = int(state["next_batch"])
         warnings = []
         if state.get("store") != self.store_key:
-            warnings.append("the data or tokenizer changed since this checkpoint was written, so "
+            warnings.append("the data, tokenizer or split changed since this checkpoint was written, so "
                             "batches after it differ from the original run's")
         for name in ("seed", "batch_size"):
             if state.get(name) != getattr(self, name):

@@ -24,6 +24,18 @@ def _file_digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def read_json_object(path: str, fix: str) -> dict:
+    """The JSON object in `path`; a damaged file is one ValueError naming it, the line and `fix`."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            value = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); {fix}.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object; {fix}.")
+    return value
+
+
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255 plus PAD 256, BOS 257, EOS 258."""
 
@@ -49,7 +61,11 @@ class SentencePieceTokenizer:
         import sentencepiece as spm
 
         self.path = path
-        self._sp = spm.SentencePieceProcessor(model_file=path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=path)
+        except RuntimeError as e:  # SentencePiece's error for bytes that are no model
+            raise ValueError(f"Tokenizer file {path!r} is not a SentencePiece model ({e}); point "
+                             "config.data.tokenizer at the .model file, downloaded whole.") from None
         self.vocab_size = self._sp.get_piece_size()
         self.eos_id = self._sp.eos_id()
         if self.eos_id < 0:
@@ -84,7 +100,11 @@ class HuggingFaceTokenizer:
         import tokenizers
 
         self.path = path
-        self._tok = tokenizers.Tokenizer.from_file(path)
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # the tokenizers library raises plain Exception for a malformed file
+            raise ValueError(f"Tokenizer file {path!r} is not a Hugging Face tokenizer.json ({e}); "
+                             "point config.data.tokenizer at the tokenizer.json, downloaded whole.") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         names = self._declared_specials(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
         ids = {}
@@ -105,8 +125,7 @@ class HuggingFaceTokenizer:
     def _declared_specials(config_path: str) -> dict:
         if not os.path.isfile(config_path):
             return {}
-        with open(config_path) as f:
-            config = json.load(f)
+        config = read_json_object(config_path, "restore it or remove it")
         names = {}
         for role in ("eos", "bos", "pad"):
             value = config.get(f"{role}_token")
