@@ -126,7 +126,7 @@ def serving_params(params, cfg: ModelConfig):
 
     The model casts those weights to `cfg.dtype` at every use, so the outputs are the same bit for
     bit; decoding a token reads every weight once, and reading them in bf16 instead of the float32
-    training copy halves the time of a step at small batch (issue 10). Other parameters (norm
+    training copy halves the time of a step at small batch. Other parameters (norm
     scales, LRPE angles) stay as they are: the model computes with them in float32.
     """
     dtype = jnp.dtype(cfg.dtype)
