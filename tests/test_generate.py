@@ -135,6 +135,13 @@ def test_loop_splits_and_folded_norms_do_not_change_the_generation(params, varia
     np.testing.assert_allclose(default.logprobs, split.logprobs, rtol=tol, atol=tol)
 
 
+@jax.jit
+def model_step(params, token, position, states):
+    """The model's forward pass over one token per row after `states`."""
+    return TransNormerLLM(CFG).apply({"params": params}, token[:, None], positions=position[:, None],
+                                     initial_states=states)
+
+
 @pytest.fixture(scope="module")
 def after_prompt(params):
     """Two rows' states after 11 prompt tokens through the model, and the next token and position."""
@@ -151,8 +158,7 @@ def test_the_decoding_step_is_the_models_step(params, after_prompt, batch, copie
     with one state row) against the model's forward pass over the same token, in float32."""
     token, position, states = after_prompt
     token, position, states = token[:batch], position[:batch], tuple(s[:batch] for s in states)
-    want, want_states = TransNormerLLM(CFG).apply({"params": params}, token[:, None],
-                                                  positions=position[:, None], initial_states=states)
+    want, want_states = model_step(params, token, position, states)
     got, got_states = decode_step(params, token, position, states, cfg=CFG, fold_norms=fold_norms,
                                   copies=copies)
     assert got.shape == (batch, CFG.vocab_size)
