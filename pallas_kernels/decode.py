@@ -116,6 +116,40 @@ def fusions(norm: bool, gate: bool, glu: bool, residual: bool) -> str:
     return "".join(c for c, on in zip("ng2r", (norm, gate, glu, residual)) if on)
 
 
+def fusion_kwargs(fusion: str, *, u: Optional[Array] = None, w2: Optional[Array] = None,
+                  residual: Optional[Array] = None, eps: float = 1e-6) -> dict:
+    """The keyword arguments of `gemv` (and `gemv_reference`, `decode_hopper.gemv`) for the
+    operations named by `fusion` (`fusions`): the operands of the others are left out."""
+    return dict(norm="n" in fusion, u=u if "g" in fusion else None,
+                w2=w2 if "2" in fusion else None, residual=residual if "r" in fusion else None,
+                eps=eps)
+
+
+def gemv_reference(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] = None,
+                   u_block: int = 0, residual: Optional[Array] = None, norm: bool = False,
+                   eps: float = 1e-6, scale_sums: bool = False) -> Array:
+    """What `gemv` computes, in float32 with exact products: the reference its tests and
+    benchmarks check the kernels against.
+
+    The row enters the product rounded to w's dtype, as in the kernels: normalised and gated first,
+    or, with `scale_sums`, gated only, the norm's scalar scale then applied to the sums (what a
+    program that sums all of K does: `gemv` with `Tiling.split` 1, and every `decode_hopper.gemv`).
+    Arguments as `gemv`; returns [1, N] float32.
+    """
+    f32 = jnp.float32
+    k = x.shape[-1]
+    x = x.astype(f32)
+    scale = lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps) if norm else 1.0
+    row = x if scale_sums else x * scale
+    if u is not None:
+        row = row * u[:, u_block * k:(u_block + 1) * k].astype(f32)
+    row = row.astype(w.dtype).astype(f32)
+    after = scale if scale_sums else 1.0
+    dot = lambda m: jnp.dot(row, m.astype(f32), precision=lax.Precision.HIGHEST) * after  # noqa: E731
+    y = dot(w) * dot(w2) if w2 is not None else dot(w)
+    return y + residual.astype(f32) if residual is not None else y
+
+
 def kernel_name(norm: bool, gate: bool, glu: bool, residual: bool) -> str:
     """The kernel's name in profiles, e.g. decode_gemv_ngr."""
     return "decode_gemv_" + fusions(norm, gate, glu, residual)

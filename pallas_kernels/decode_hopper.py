@@ -237,7 +237,8 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
     """`pallas_kernels.decode.gemv` (same arguments and result) on Hopper's TMA and tensor cores;
     the result is float32. w, w2 must be bf16; K and N multiples of 64 (`supports`). transposed:
     w (and w2) are stored [N, K], and x @ w.T is computed (e.g. an embedding table as the output
-    head)."""
+    head). Its reference is `pallas_kernels.decode.gemv_reference(..., scale_sums=True)` (of w.T
+    when transposed): these kernels always apply the norm's scale to the sums."""
     m, k = x.shape
     n, w_k = w.shape if transposed else w.shape[::-1]
     fusion = fusions(norm, u is not None, w2 is not None, residual is not None)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tnllm.generate import decode_step, left_pad, prefill, prompt_bucket
+from tnllm.decode import decode_step, left_pad, prefill, prompt_bucket
 from tnllm.model import TransNormerLLM, state_specs
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -8,12 +8,15 @@ import pytest
 from conftest import rel_err
 
 from pallas_kernels import decode_hopper
-from pallas_kernels.decode import Tiling, gemv, state_step, tiling_for
+from pallas_kernels.decode import (Tiling, fusion_kwargs, gemv, gemv_reference, state_step,
+                                    tiling_for)
 from pallas_kernels.decode_hopper import HopperTiling
-from tnllm import config, fused_decode
+from tnllm import config
 from tnllm.attention import lightning_attention_step
-from tnllm.generate import decode, decode_step, left_pad, prefill, prompt_bucket, serving_params
-from tnllm.model import TransNormerLLM, srms_scale
+from tnllm.decode import (DecodeOptions, Sampling, decode, decode_step, fused, left_pad, prefill,
+                          prompt_bucket)
+from tnllm.generate import serving_params
+from tnllm.model import TransNormerLLM
 from tnllm.sampling import Greedy
 
 # tiny with LRPE in layer 0 and head_dim 32; bf16 as served; init_std as in test_generate.
@@ -27,28 +30,11 @@ def _row(shape, key):
     return jax.random.normal(key, shape, jnp.float32)
 
 
-def _fused_product(fusion, x, u, res, w, w2, late):
-    """What `gemv` computes for `fusion`, in float32 from the bf16 row: the norm's scalar scale
-    applied to the row before it is rounded to bf16, or (late) to the sums."""
-    scale = srms_scale(x, 1e-6, (-1,))  # [1, 1]
-    row = x * scale if "n" in fusion and not late else x
-    row = (row * u if "g" in fusion else row).astype(jnp.bfloat16).astype(jnp.float32)
-    dot = lambda w: jnp.dot(row, w.astype(jnp.float32), precision="highest") * (  # noqa: E731
-        scale[0, 0] if late and "n" in fusion else 1.0)
-    want = dot(w) * dot(w2) if "2" in fusion else dot(w)
-    return want + res if "r" in fusion else want
-
-
 def _operands(k, n, seed):
     keys = jax.random.split(jax.random.key(seed), 5)
     x, u, res = _row((1, k), keys[0]), _row((1, k), keys[1]), _row((1, n), keys[2])
     w, w2 = ((_row((k, n), key) / 16).astype(jnp.bfloat16) for key in keys[3:])
     return x, u, res, w, w2
-
-
-def _fusion_kwargs(fusion, x, u, res, w, w2):
-    return dict(norm="n" in fusion, u=u if "g" in fusion else None, w2=w2 if "2" in fusion else None,
-                residual=res if "r" in fusion else None)
 
 
 FUSIONS = [("n", 1), ("n", 2), ("ngr", 1), ("ngr", 2), ("n2", 1), ("r", 1), ("r", 2)]
@@ -57,10 +43,11 @@ FUSIONS = [("n", 1), ("n", 2), ("ngr", 1), ("ngr", 2), ("n2", 1), ("r", 1), ("r"
 # The GLU's product of two sums cannot split K (test_gemv_refuses_what_it_cannot_tile).
 @pytest.mark.parametrize("fusion, split", FUSIONS)
 def test_gemv_fusions_equal_their_plain_products(fusion, split):
-    x, u, res, w, w2 = operands = _operands(256, 128, split)
-    got = gemv(x, w, **_fusion_kwargs(fusion, *operands), tiling=Tiling(32, 64, split, 4, 2))
+    x, u, res, w, w2 = _operands(256, 128, split)
+    kwargs = fusion_kwargs(fusion, u=u, w2=w2, residual=res)
+    got = gemv(x, w, **kwargs, tiling=Tiling(32, 64, split, 4, 2))
     # A program that sums all of K (split 1) scales the sums by the norm's scale.
-    want = _fused_product(fusion, *operands, late=split == 1)
+    want = gemv_reference(x, w, **kwargs, scale_sums=split == 1)
     assert got.shape == (1, 128) and got.dtype == jnp.float32
     assert rel_err(got, want) < 1e-5
 
@@ -77,10 +64,10 @@ HOPPER_CASES = [(fusion, split, block_n, block_k, form) for fusion, split in FUS
 def test_hopper_gemv_fusions_equal_their_plain_products(fusion, split, block_n, block_k, form):
     """K = 768: 12 or 6 steps of 64 rows a block, 6 or 3 of 128; N = 384: six or three column
     blocks; 2 stages (128 x 128 tiles of two GLU weights fill shared memory at 3)."""
-    x, u, res, w, w2 = operands = _operands(768, 384, split)
-    got = decode_hopper.gemv(x, w, **_fusion_kwargs(fusion, *operands),
-                             tiling=HopperTiling(block_n, block_k, split, 2, form))
-    want = _fused_product(fusion, *operands, late=True)  # the Hopper kernel always scales the sums
+    x, u, res, w, w2 = _operands(768, 384, split)
+    kwargs = fusion_kwargs(fusion, u=u, w2=w2, residual=res)
+    got = decode_hopper.gemv(x, w, **kwargs, tiling=HopperTiling(block_n, block_k, split, 2, form))
+    want = gemv_reference(x, w, **kwargs, scale_sums=True)  # the Hopper kernel always scales the sums
     assert got.shape == (1, 384) and got.dtype == jnp.float32
     assert rel_err(got, want) < 1e-5
 
@@ -90,10 +77,10 @@ def test_hopper_gemv_fusions_equal_their_plain_products(fusion, split, block_n, 
                                                     (256, 64, "n8")])
 def test_hopper_gemv_reads_a_weight_stored_transposed(block_n, block_k, form):
     """The output head: SRMSNorm(x) @ E^T, the embedding E [N, K] read as it is stored."""
-    x, u, res, w, w2 = operands = _operands(768, 512, 3)
+    x, _, _, w, _ = _operands(768, 512, 3)
     got = decode_hopper.gemv(x, jnp.asarray(w.T), norm=True, transposed=True,
                              tiling=HopperTiling(block_n, block_k, 1, 2, form))
-    assert rel_err(got, _fused_product("n", *operands, late=True)) < 1e-5
+    assert rel_err(got, gemv_reference(x, w, norm=True, scale_sums=True)) < 1e-5
 
 
 @pytest.mark.gpu
@@ -107,7 +94,7 @@ def test_hopper_gemv_reads_the_gate_from_a_block_of_a_wider_row():
 
 
 def test_hopper_tilings_fall_back_where_the_kernel_cannot_run():
-    """Products the Hopper kernels cannot take go to the Triton ones (`fused_decode.layer_step`)."""
+    """Products the Hopper kernels cannot take go to the Triton ones (`fused.layer_step`)."""
     assert decode_hopper.tiling_for("ngr", 2048, 2048) == HopperTiling(128, 64, 8, 4, "n8")
     assert decode_hopper.tiling_for("ngr", 2048, 192) == HopperTiling(64, 64, 8, 4, "n8")  # N of 3 x 64
     assert decode_hopper.tiling_for("n", 64, 256) is None  # one step of 64 rows
@@ -183,11 +170,11 @@ def test_fused_step_is_closer_to_the_float32_model_than_the_bf16_model(params, p
     token, pos = jnp.asarray([17]), prefilled.positions
     f32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     want, want_states = decode_step(f32, token, pos, prefilled.states, cfg=F32)
-    bf16, bf16_states = decode_step(params, jnp.tile(token, 2), jnp.tile(pos, 2), prefilled.states, cfg=CFG)
-    got, got_states = jax.jit(fused_decode.step, static_argnames="cfg")(params, token, pos,
-                                                                       prefilled.states, cfg=CFG)
+    bf16, bf16_states = decode_step(params, token, pos, prefilled.states, cfg=CFG, copies=2)
+    got, got_states = jax.jit(fused.step, static_argnames="cfg")(params, token, pos,
+                                                                prefilled.states, cfg=CFG)
     assert got.shape == want.shape and got.dtype == jnp.float32
-    assert rel_err(got, want) < min(1e-2, rel_err(bf16[:1], want))
+    assert rel_err(got, want) < min(1e-2, rel_err(bf16, want))
     for g, b, w in zip(got_states, bf16_states, want_states):
         assert g.shape == w.shape
         assert rel_err(g, w) < max(rel_err(b, w), 1e-5) + 1e-5
@@ -199,9 +186,10 @@ def test_fused_decoding_is_as_close_to_the_float32_model_as_the_bf16_model(param
     the float32 model's on the generated sequence."""
     f32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     errors = []
-    for fused in (True, False):
-        out = jax.device_get(decode(params, prefilled, jax.random.key(0), cfg=CFG, sampler=Greedy(),
-                                    max_new_tokens=8, return_logprobs=True, fused=fused))
+    for on in (True, False):
+        out = jax.device_get(decode(params, prefilled, jax.random.key(0), cfg=CFG,
+                                    sampling=Sampling(8, Greedy(), return_logprobs=True),
+                                    options=DecodeOptions(fused=on)))
         sequence = jnp.asarray([PROMPT[0] + out.tokens[0].tolist()])
         logits = TransNormerLLM(F32).apply({"params": f32}, sequence)[0][0, len(PROMPT[0]) - 1:-1]
         logprobs = np.asarray(jax.nn.log_softmax(logits))
@@ -217,20 +205,18 @@ def test_fused_decoding_refuses_what_it_cannot_run(params, cfg, rows, match):
     tokens, mask = left_pad(PROMPT * rows, 16)
     pre = prefill(params, tokens, mask, cfg=cfg, prefill_chunk=8)
     with pytest.raises(ValueError, match=match):
-        decode(params, pre, jax.random.key(0), cfg=cfg, sampler=Greedy(), max_new_tokens=2, fused=True)
+        decode(params, pre, jax.random.key(0), cfg=cfg, sampling=Sampling(2),
+               options=DecodeOptions(fused=True))
 
 
 def test_fused_step_refuses_unknown_kernels(params, prefilled):
     with pytest.raises(ValueError, match="choose one of"):
-        fused_decode.step(params, jnp.asarray([17]), prefilled.positions, prefilled.states, cfg=CFG,
-                          kernels="cuda")
+        fused.step(params, jnp.asarray([17]), prefilled.positions, prefilled.states, cfg=CFG,
+                   kernels="cuda")
     if not decode_hopper.available():
         with pytest.raises(ValueError, match="compute capability 9.0"):
-            fused_decode.step(params, jnp.asarray([17]), prefilled.positions, prefilled.states,
-                              cfg=CFG, kernels="hopper")
-    with pytest.raises(ValueError, match="fused_kernels is 'cuda'"):
-        decode(params, prefilled, jax.random.key(0), cfg=CFG, sampler=Greedy(), max_new_tokens=2,
-               fused=True, fused_kernels="cuda")
+            fused.step(params, jnp.asarray([17]), prefilled.positions, prefilled.states,
+                       cfg=CFG, kernels="hopper")
 
 
 @pytest.mark.gpu
@@ -250,9 +236,9 @@ def test_hopper_step_is_as_close_to_the_float32_model_as_the_triton_step():
     token, pos = jnp.asarray([17]), pre.positions
     f32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     want, want_states = decode_step(f32, token, pos, pre.states, cfg=cfg.replace(dtype="float32"))
-    step = jax.jit(fused_decode.step, static_argnames=("cfg", "kernels"))
+    step = jax.jit(fused.step, static_argnames=("cfg", "kernels"))
     errors = {}
-    for kernels in fused_decode.KERNELS:
+    for kernels in fused.KERNELS:
         got, states = step(params, token, pos, pre.states, cfg=cfg, kernels=kernels)
         errors[kernels] = (rel_err(got, want), max(rel_err(g, w) for g, w in zip(states, want_states)))
     assert errors["hopper"][0] < max(1.5 * errors["triton"][0], 1e-3), errors

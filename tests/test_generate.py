@@ -8,11 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, assert_prefill_then_decode_matches_forward, subprocess_env
+from conftest import REPO, assert_prefill_then_decode_matches_forward, rel_err, subprocess_env
 
 from tnllm import config
-from tnllm.generate import (_read_prompts, complete, decode, decode_autotuned, generate, left_pad,
-                            prefill, prompt_bucket, serving_params)
+from tnllm import generate as generate_module
+from tnllm.decode import (DecodeOptions, Sampling, decode, decode_step, left_pad, loop, prefill,
+                          prompt_bucket)
+from tnllm.decode.step import carried_states
+from tnllm.generate import _read_prompts, complete, generate, request_bytes, serving_params
 from tnllm.model import TransNormerLLM, state_specs
 from tnllm.sampling import Temperature, TopK
 
@@ -44,7 +47,7 @@ def test_prefill_then_decode_steps_match_one_forward_pass(params, impl):
 
 @pytest.mark.parametrize("prompts", [PROMPTS, PROMPTS[:1]], ids=["batch3", "batch1"])
 def test_greedy_tokens_and_logprobs_are_those_of_a_forward_pass(params, prompts):
-    """Also at batch 1, which decodes as two copies of the row (tnllm.generate.decode)."""
+    """Also at batch 1, which decodes as two copies of the row (tnllm.decode.step)."""
     out = generate(params, CFG, prompts, max_new_tokens=NEW, return_logprobs=True, prefill_chunk=CHUNK)
     assert out.tokens.shape == out.logprobs.shape == (len(prompts), NEW)
     assert out.lengths.tolist() == [NEW] * len(prompts)
@@ -106,8 +109,9 @@ def test_eos_stops_its_row_while_the_others_continue(params):
     np.testing.assert_array_equal(out.tokens[1], free[1])
 
 
-@pytest.mark.parametrize("variant", [dict(steps_per_iteration=1), dict(steps_per_iteration=3),
-                                     dict(fold_norms=False)])
+@pytest.mark.parametrize("variant", [DecodeOptions(steps_per_iteration=1),
+                                     DecodeOptions(steps_per_iteration=3),
+                                     DecodeOptions(fold_norms=False)], ids=["1", "3", "unfolded"])
 def test_loop_splits_and_folded_norms_do_not_change_the_generation(params, variant):
     """Several steps per loop iteration (default 4) with the single-step remainder after them, and
     the norms folded into the products (the default at batch > 1): the same tokens and lengths as
@@ -115,20 +119,96 @@ def test_loop_splits_and_folded_norms_do_not_change_the_generation(params, varia
     rows stop at EOS mid-way."""
     tokens, mask = left_pad(PROMPTS, prompt_bucket(13, CHUNK))
     prefilled = prefill(params, tokens, mask, cfg=CFG, prefill_chunk=CHUNK)
-    run = lambda **kw: jax.device_get(decode(  # noqa: E731
-        params, prefilled, jax.random.key(5), cfg=CFG, sampler=Temperature(1.0), max_new_tokens=NEW,
-        eos_id=int(free[0, 2]), pad_id=255, return_logprobs=True, **kw))
     free = jax.device_get(decode(params, prefilled, jax.random.key(5), cfg=CFG,
-                                 sampler=Temperature(1.0), max_new_tokens=NEW).tokens)
-    default, split = run(), run(**variant)
+                                 sampling=Sampling(NEW, Temperature(1.0))).tokens)
+    sampling = Sampling(NEW, Temperature(1.0), eos_id=int(free[0, 2]), pad_id=255, return_logprobs=True)
+    run = lambda options: jax.device_get(decode(  # noqa: E731
+        params, prefilled, jax.random.key(5), cfg=CFG, sampling=sampling, options=options))
+    default, split = run(DecodeOptions()), run(variant)
     assert min(default.lengths) < NEW  # an EOS stopped a row early
     np.testing.assert_array_equal(default.tokens, split.tokens)
     np.testing.assert_array_equal(default.lengths, split.lengths)
     # Another compiled program rounds the float32 log-probabilities differently: in the last place
     # for another loop split, by a few ulps for the released order's arithmetic (H200: 1 ulp and
     # 1.7e-6 relative).
-    tol = 1e-5 if "fold_norms" in variant else 1e-6
+    tol = 1e-5 if variant.fold_norms is False else 1e-6
     np.testing.assert_allclose(default.logprobs, split.logprobs, rtol=tol, atol=tol)
+
+
+@jax.jit
+def model_step(params, token, position, states):
+    """The model's forward pass over one token per row after `states`."""
+    return TransNormerLLM(CFG).apply({"params": params}, token[:, None], positions=position[:, None],
+                                     initial_states=states)
+
+
+@pytest.fixture(scope="module")
+def after_prompt(params):
+    """Two rows' states after 11 prompt tokens through the model, and the next token and position."""
+    cfg = CFG.replace(attention_impl="recurrent")
+    tokens = jax.random.randint(jax.random.key(11), (2, 12), 0, CFG.vocab_size)
+    _, states = jax.jit(TransNormerLLM(cfg).apply)({"params": params}, tokens[:, :11])
+    return tokens[:, 11], jnp.full((2,), 11), states
+
+
+@pytest.mark.parametrize("batch, copies", [(2, 1), (1, 1), (1, 2)])
+@pytest.mark.parametrize("fold_norms", [False, True])
+def test_the_decoding_step_is_the_models_step(params, after_prompt, batch, copies, fold_norms):
+    """TNL's step as decoding writes it (the norms folded or not, a row run once or as two copies
+    with one state row) against the model's forward pass over the same token, in float32."""
+    token, position, states = after_prompt
+    token, position, states = token[:batch], position[:batch], tuple(s[:batch] for s in states)
+    want, want_states = model_step(params, token, position, states)
+    got, got_states = decode_step(params, token, position, states, cfg=CFG, fold_norms=fold_norms,
+                                  copies=copies)
+    assert got.shape == (batch, CFG.vocab_size)
+    assert rel_err(got, want[:, 0]) <= 1e-5
+    for g, w in zip(got_states, want_states):
+        assert g.shape == w.shape and rel_err(g, w) <= 1e-5
+
+
+def test_folded_norms_in_bf16_are_as_close_to_float32_as_the_papers_order(params, after_prompt):
+    token, position, states = after_prompt
+    want = decode_step(params, token, position, states, cfg=CFG)[0]
+    bf16 = CFG.replace(dtype="bfloat16")
+    paper, folded = (decode_step(params, token, position, states, cfg=bf16, fold_norms=fold)[0]
+                     for fold in (False, True))
+    assert folded.dtype == jnp.float32
+    assert 0 < rel_err(folded, want) <= 1.5 * rel_err(paper, want)
+
+
+def test_cosformer_decodes_one_row_as_two_copies_of_its_state():
+    cfg = CFG.replace(token_mixer="cosformer")
+    variables = jax.jit(TransNormerLLM(cfg).init)(jax.random.key(2), jnp.zeros((1, 4), jnp.int32))
+    params = nn.unbox(variables)["params"]
+    # Sums of positive features over earlier tokens, as cosFormer's states hold.
+    states = tuple(jnp.abs(jax.random.normal(jax.random.key(i), s.shape)) for i, s in
+                   enumerate(state_specs(cfg, 1)))
+    token, position = jnp.asarray([17]), jnp.asarray([9])
+    alone, alone_states = decode_step(params, token, position, states, cfg=cfg)
+    twice, twice_states = decode_step(params, token, position, carried_states(cfg, states, 2),
+                                      cfg=cfg, copies=2)
+    assert twice.shape == alone.shape and rel_err(twice, alone) <= 1e-6
+    for a, t in zip(alone_states, twice_states):
+        assert t.shape == (2,) + a.shape[1:] and rel_err(t[:1], a) <= 1e-6 and rel_err(t[1:], a) <= 1e-6
+
+
+def test_decode_options_resolve_to_one_step(params):
+    """On this machine (no GPU compiles the kernels), as on any: each None decided once."""
+    bf16 = CFG.replace(dtype="bfloat16")
+    one, many = DecodeOptions().resolve(bf16, 1), DecodeOptions().resolve(bf16, 4)
+    assert many.fused is False and many.fold_norms is True and many.kernels is None
+    assert one.fold_norms is False  # folded norms did not pay at one row
+    assert one.fused == (jax.default_backend() == "gpu")
+    fused = DecodeOptions(fused=True).resolve(bf16, 1)
+    assert fused.fused and fused.kernels in ("hopper", "triton") and fused.fold_norms is False
+    assert DecodeOptions(fold_norms=True).resolve(CFG.replace(token_mixer="softmax"), 4).fold_norms is False
+    with pytest.raises(ValueError, match="the batch has 4 rows"):
+        DecodeOptions(fused=True).resolve(bf16, 4)
+    with pytest.raises(ValueError, match="DecodeOptions.kernels is 'cuda'"):
+        DecodeOptions(kernels="cuda")
+    with pytest.raises(ValueError, match="steps_per_iteration must be a positive integer"):
+        DecodeOptions(steps_per_iteration=0)
 
 
 def test_decode_state_shape_does_not_depend_on_context_length(params):
@@ -144,7 +224,7 @@ def test_decode_state_shape_does_not_depend_on_context_length(params):
 
 def test_compiles_once_per_batch_bucket_and_max_new_tokens(params):
     cfg = CFG.replace(chunk_size=4)  # a configuration no other test compiles
-    sizes = lambda: (prefill._cache_size(), decode._cache_size())  # noqa: E731
+    sizes = lambda: (prefill._cache_size(), loop.PROGRAMS[False]._cache_size())  # noqa: E731
     run = lambda prompts: generate(params, cfg, prompts, max_new_tokens=3)  # noqa: E731
     before = sizes()
     run([[1] * 5, [2] * 9])
@@ -160,9 +240,11 @@ def test_autotuned_decoding_generates_the_same(params):
     its own; the tokens are the same."""
     prompts = [[1] * 5, [2] * 9]
     plain = generate(params, CFG, prompts, max_new_tokens=NEW, return_logprobs=True)
-    before = (decode._cache_size(), decode_autotuned._cache_size())
-    tuned = generate(params, CFG, prompts, max_new_tokens=NEW, return_logprobs=True, autotune=True)
-    assert (decode._cache_size(), decode_autotuned._cache_size()) == (before[0], before[1] + 1)
+    sizes = lambda: tuple(loop.PROGRAMS[tuned]._cache_size() for tuned in (False, True))  # noqa: E731
+    before = sizes()
+    tuned = generate(params, CFG, prompts, max_new_tokens=NEW, return_logprobs=True,
+                     options=DecodeOptions(autotune=True))
+    assert sizes() == (before[0], before[1] + 1)
     np.testing.assert_array_equal(tuned.tokens, plain.tokens)
     np.testing.assert_array_equal(tuned.lengths, plain.lengths)
     # Other GEMM tilings sum in another order: float32 rounding apart.
@@ -231,6 +313,51 @@ def test_complete_refuses_a_tokenizer_larger_than_the_vocabulary(params):
         complete(params, CFG, stub, ["a"], max_new_tokens=1)
 
 
+def test_a_batch_holds_no_more_rows_than_prompts(params, monkeypatch):
+    """One prompt at --batch_size 8 decodes one row, not eight copies (eight rows' states and
+    outputs); five at 2 run as 2, 2 and 2 (the last filled up to reuse the compiled program)."""
+    rows = []
+    real = generate_module.generate
+
+    def spy(params, cfg, prompts, **kwargs):
+        rows.append(len(prompts))
+        return real(params, cfg, prompts, **kwargs)
+
+    monkeypatch.setattr(generate_module, "generate", spy)
+    # The programs of test_complete_tokenizes_batches_and_decodes.
+    complete(params, CFG, ByteStub(), ["one"], max_new_tokens=NEW, batch_size=8, prefill_chunk=CHUNK)
+    assert rows == [1]
+    rows.clear()
+    got = complete(params, CFG, ByteStub(), list("abcde"), max_new_tokens=NEW, batch_size=2,
+                   prefill_chunk=CHUNK)
+    assert rows == [2, 2, 2] and len(got) == 5
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        complete(params, CFG, ByteStub(), ["one"], max_new_tokens=2, batch_size=0)
+
+
+def test_max_new_tokens_is_bounded_by_the_memory_for_states_and_outputs(params, monkeypatch):
+    """With exactly the memory that NEW tokens of PROMPTS need, NEW runs and NEW + 1 is refused
+    with the largest count that fits."""
+    monkeypatch.setattr(generate_module, "free_memory_bytes",
+                        lambda: request_bytes(CFG, len(PROMPTS), NEW, True))
+    out = generate(params, CFG, PROMPTS, max_new_tokens=NEW, return_logprobs=True, prefill_chunk=CHUNK)
+    assert out.tokens.shape == (len(PROMPTS), NEW)
+    with pytest.raises(ValueError, match=f"free on CPU; lower max_new_tokens to at most {NEW}\\.$"):
+        generate(params, CFG, PROMPTS, max_new_tokens=NEW + 1, return_logprobs=True,
+                 prefill_chunk=CHUNK)
+    # Without log-probabilities a token takes half the memory: twice as many fit.
+    with pytest.raises(ValueError, match=f"at most {2 * NEW}\\.$"):
+        generate(params, CFG, PROMPTS, max_new_tokens=2 * NEW + 1, prefill_chunk=CHUNK)
+    monkeypatch.setattr(generate_module, "free_memory_bytes", lambda: 1000)  # not even the states
+    with pytest.raises(ValueError, match="generate fewer prompts together"):
+        generate(params, CFG, PROMPTS, max_new_tokens=1)
+
+
+def test_max_new_tokens_beyond_int32_positions_is_refused(params):
+    with pytest.raises(ValueError, match="lower max_new_tokens to at most 2147483634"):
+        generate(params, CFG, PROMPTS, max_new_tokens=3_000_000_000)
+
+
 def test_prompts_come_from_flags_and_a_file(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("first line\n\nsecond line\n")
@@ -239,6 +366,21 @@ def test_prompts_come_from_flags_and_a_file(tmp_path):
         _read_prompts([], str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="--prompt TEXT"):
         _read_prompts([], None)
+
+
+@pytest.mark.parametrize("flag, sentence", [
+    ("--batch_size=0", "error: --batch_size must be a positive integer, got 0."),
+    ("--max_new_tokens=3000000000",
+     "error: max_new_tokens 3000000000 after a prompt of 1 tokens passes the 2147483647 positions "
+     "that decoding counts in int32; lower max_new_tokens to at most 2147483646."),
+])
+def test_the_cli_refuses_bad_numbers_in_one_sentence_before_reading_the_model(tmp_path, flag,
+                                                                             sentence):
+    out = subprocess.run([sys.executable, "-m", "tnllm.generate", f"--checkpoint={tmp_path}",
+                          "--prompt=x", flag], cwd=REPO, capture_output=True, text=True,
+                         env=subprocess_env())
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [sentence]
 
 
 def test_the_cli_names_bad_input_in_one_line(tmp_path):

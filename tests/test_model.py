@@ -9,15 +9,15 @@ import pytest
 from conftest import rel_err
 
 from tnllm import config
-from tnllm.model import SGLU, TransNormerLLM, lrpe, lrpe_theta_init, srms_norm, state_specs
+from tnllm.model import TransNormerLLM, lrpe, lrpe_theta_init, srms_norm, state_specs
 
 IMPLS = ("reference", "blockwise", "recurrent", "pallas")  # pallas: interpret mode on a CPU
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "fold_norms"))
-def forward(params, tokens, positions=None, mask=None, *, cfg, initial_states=None, fold_norms=False):
+@functools.partial(jax.jit, static_argnames="cfg")
+def forward(params, tokens, positions=None, mask=None, *, cfg, initial_states=None):
     """The model compiled once per config (op-by-op dispatch is several times slower)."""
-    return TransNormerLLM(cfg, fold_norms=fold_norms).apply(
+    return TransNormerLLM(cfg).apply(
         {"params": params}, tokens, positions=positions, mask=mask, initial_states=initial_states)
 
 
@@ -58,31 +58,6 @@ def test_logit_shapes_and_states(tiny):
     assert logits.shape == (2, 21, cfg.vocab_size) and logits.dtype == jnp.float32
     assert [(s.shape, s.dtype) for s in states] == [(s.shape, s.dtype) for s in state_specs(cfg, 2)]
     assert states[0].shape[2] == 2 * cfg.head_dim  # LRPE doubles dk in layer 0
-
-
-def test_a_state_of_one_row_serves_repeated_rows(tiny):
-    """tnllm.generate.decode runs a batch-1 step as two copies of its row with one state row: each
-    copy's logits and the one new state equal those of the row alone."""
-    cfg, params = tiny
-    cfg = cfg.replace(attention_impl="recurrent")
-    prompt = _tokens(jax.random.PRNGKey(7), 1, 9, cfg.vocab_size)
-    _, states = forward(params, prompt, cfg=cfg)
-    token, position = prompt[:, :1], jnp.full((1, 1), 9)
-    alone, alone_states = forward(params, token, positions=position, cfg=cfg, initial_states=states)
-    twice, twice_states = forward(params, jnp.concatenate([token] * 2),
-                                  positions=jnp.concatenate([position] * 2), cfg=cfg,
-                                  initial_states=states)
-    assert [s.shape for s in twice_states] == [s.shape for s in states]
-    for copy in twice:
-        np.testing.assert_allclose(copy, alone[0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(twice_states, alone_states):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="one state row per input row"):
-        forward(params, jnp.concatenate([token] * 3), positions=jnp.concatenate([position] * 3),
-                cfg=cfg, initial_states=tuple(jnp.concatenate([s] * 2) for s in states))
-    with pytest.raises(ValueError, match="one state row per input row"):  # 2 rows for 4
-        forward(params, jnp.concatenate([token] * 4), positions=jnp.concatenate([position] * 4),
-                cfg=cfg, initial_states=tuple(jnp.concatenate([s] * 2) for s in states))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -144,36 +119,6 @@ def test_bf16_matches_float32(tiny):
     bf16, _ = forward(params, tokens, cfg=cfg.replace(dtype="bfloat16"))
     assert bf16.dtype == jnp.float32
     assert rel_err(bf16, f32) <= 2e-2
-
-
-def test_folded_norms_compute_the_same_function(tiny):
-    """fold_norms (the decoding step's order: each SRMSNorm's scale after the product that follows
-    it) equals the released order in float32, and in bf16 is as close to float32 as it."""
-    cfg, params = tiny
-    cfg = cfg.replace(attention_impl="recurrent")
-    tokens = _tokens(jax.random.PRNGKey(11), 2, 29, cfg.vocab_size)
-    prefix_states = forward(params, tokens[:, :11], cfg=cfg)[1]
-    run = functools.partial(forward, params, tokens[:, 11:], jnp.arange(11, 29)[None],
-                            initial_states=prefix_states)
-    want, want_states = run(cfg=cfg)
-    got, got_states = run(cfg=cfg, fold_norms=True)
-    assert rel_err(got, want) <= 1e-5
-    for a, b in zip(got_states, want_states):
-        assert rel_err(a, b) <= 1e-5
-    bf16 = cfg.replace(dtype="bfloat16")
-    released, folded = (run(cfg=bf16, fold_norms=fold)[0] for fold in (False, True))
-    assert folded.dtype == jnp.float32
-    assert rel_err(folded, want) <= 1.5 * rel_err(released, want)
-
-
-def test_folded_norms_need_the_tnl_mixer(softmax_tiny):
-    cfg, params = softmax_tiny
-    with pytest.raises(ValueError, match="fold_norms needs TNL's token mixer"):
-        forward(params, _tokens(jax.random.PRNGKey(12), 1, 4, cfg.vocab_size), cfg=cfg,
-                fold_norms=True)
-    x = jnp.ones((1, 2, cfg.d_model))
-    with pytest.raises(ValueError, match="SwiGLU cannot take a folded norm scale"):
-        SGLU(cfg, swish=True).init(jax.random.PRNGKey(0), x, row_scale=jnp.ones((1, 2, 1)))
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -40,12 +40,6 @@ def srms_norm(x: Array, eps: float = 1e-6, axes: Sequence[int] = (-1,)) -> Array
     return (x.astype(jnp.float32) * srms_scale(x, eps, axes)).astype(x.dtype)
 
 
-def scaled(x: Array, scale: Array) -> Array:
-    """x * scale computed in float32, returned in x's dtype: a folded norm's scale applied after the
-    product it was folded through (`TransNormerLLM.fold_norms`)."""
-    return (x.astype(jnp.float32) * scale).astype(x.dtype)
-
-
 def lrpe_theta_init(num_heads: int, head_dim: int):
     """theta[h, j] = 10000^(-2i/D), i = h*head_dim + j, D = num_heads*head_dim (SPEC.md §3)."""
 
@@ -101,16 +95,9 @@ class SGLU(nn.Module):
     swish: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, row_scale: Optional[Array] = None) -> Array:
-        """x: [batch, seq, d_model] -> [batch, seq, d_model].
-
-        row_scale: [batch, seq, 1] f32 or None: x is unnormalised and its SRMSNorm scale is applied
-        to the product instead, (x r W1) * (x r W2) = (x W1) * (x W2) * r^2 (SGLU only: silu does
-        not commute with the scale).
-        """
+    def __call__(self, x: Array) -> Array:
+        """x: [batch, seq, d_model] -> [batch, seq, d_model]."""
         cfg = self.cfg
-        if row_scale is not None and self.swish:
-            raise ValueError("SwiGLU cannot take a folded norm scale: silu(x r W) != silu(x W) r.")
         dense = lambda feats, names, name: nn.DenseGeneral(  # noqa: E731
             feats, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             kernel_init=_init(cfg, names), name=name)
@@ -119,8 +106,7 @@ class SGLU(nn.Module):
         x1 = nn.with_logical_constraint(x1, ("batch", "length", "mlp"))
         if self.swish:
             x1 = nn.silu(x1)
-        hidden = x1 * x2 if row_scale is None else scaled(x1 * x2, jnp.square(row_scale))
-        return dense(cfg.d_model, ("mlp", "embed"), "l3")(hidden)
+        return dense(cfg.d_model, ("mlp", "embed"), "l3")(x1 * x2)
 
 
 class GatedLinearAttention(nn.Module):
@@ -131,14 +117,10 @@ class GatedLinearAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Optional[Array],
-                 initial_state: Optional[Array], row_scale: Optional[Array] = None
-                 ) -> Tuple[Array, Array]:
+                 initial_state: Optional[Array]) -> Tuple[Array, Array]:
         """x: [batch, seq, d_model]; positions: [batch, seq] int; mask: [batch, seq] bool or None
         (False = padding: its key is zeroed so it contributes nothing); initial_state:
-        [batch, heads, dk, head_dim] f32, or [1, heads, dk, head_dim] when x's rows repeat one row, or None.
-        row_scale: [batch, seq, 1] f32 or None: x is unnormalised and its SRMSNorm scale is applied
-        to the projection's output, and the output norm's scale after out_proj
-        (`TransNormerLLM.fold_norms`).
+        [batch, heads, dk, head_dim] f32 or None.
 
         Returns the output [batch, seq, d_model] and the final state [batch, heads, dk, head_dim] f32,
         where dk = 2*head_dim in LRPE layers and head_dim elsewhere.
@@ -153,10 +135,6 @@ class GatedLinearAttention(nn.Module):
             name="qkvu_proj")(x)
         qkvu = nn.with_logical_constraint(qkvu, ("batch", "length", "qkvu", "heads", "head_dim"))
         q, k, v, u = (qkvu[:, :, i] for i in range(4))
-        if row_scale is not None:
-            # Scaled one by one, each where it is used: the scaled [.., 4, heads, head_dim] output
-            # as a whole was written to HBM by its own kernel at batch 1 (H200, 2026-11-28).
-            q, k, v, u = (scaled(t, row_scale[..., None]) for t in (q, k, v, u))
         q, k = nn.silu(q), nn.silu(k)
         if self.layer in cfg.lrpe_layers:
             theta = self.param(
@@ -166,24 +144,15 @@ class GatedLinearAttention(nn.Module):
         if mask is not None:
             k = jnp.where(mask[:, :, None, None], k, jnp.zeros_like(k))
         slopes = layer_slopes(h, self.layer, cfg.num_layers)
-        # A state of one row for several rows of x: they repeat one row (tnllm.generate.decode runs a
-        # batch-1 row twice so that its products stay matrix products); the recurrence runs it once.
-        rows = x.shape[0] if initial_state is None else initial_state.shape[0]
-        if rows not in (1, x.shape[0]):
-            raise ValueError(f"initial_state has {rows} rows for an input of {x.shape[0]}; pass one "
-                             f"state row per input row (tnllm.model.state_specs(cfg, batch)).")
-        o, state = lightning_attention(q[:rows], k[:rows], v[:rows], slopes, impl=cfg.attention_impl,
+        o, state = lightning_attention(q, k, v, slopes, impl=cfg.attention_impl,
                                        chunk_size=cfg.chunk_size, initial_state=initial_state)
-        o = jnp.tile(o, (x.shape[0] // rows, 1, 1, 1))
         o = nn.with_logical_constraint(o, ("batch", "length", "heads", "head_dim"))
         out_proj = nn.Einsum(
             (h, hd, cfg.d_model), "bthk,hkd->btd", use_bias=False, dtype=cfg.dtype,
             param_dtype=cfg.param_dtype, kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
             name="out_proj")
         # The norm spans all heads together (the released code), not each head.
-        if row_scale is None:
-            return out_proj(srms_norm(o, cfg.norm_eps, axes=(-2, -1)) * u), state
-        return scaled(out_proj(o * u), srms_scale(o, cfg.norm_eps, axes=(-2, -1))[..., 0]), state
+        return out_proj(srms_norm(o, cfg.norm_eps, axes=(-2, -1)) * u), state
 
 
 def token_mixer(cfg: ModelConfig, layer: int) -> nn.Module:
@@ -213,21 +182,14 @@ class DecoderLayer(nn.Module):
 
     cfg: ModelConfig
     layer: int
-    fold_norms: bool = False  # see TransNormerLLM
 
     @nn.compact
     def __call__(self, x, positions, mask, initial_state):
         cfg = self.cfg
-        if self.fold_norms:  # the mixers take x unnormalised and apply its scale after their products
-            y, state = token_mixer(cfg, self.layer)(x, positions, mask, initial_state,
-                                                    row_scale=srms_scale(x, cfg.norm_eps))
-            x = x + y
-            x = x + channel_mixer(cfg)(x, row_scale=srms_scale(x, cfg.norm_eps))
-        else:
-            y, state = token_mixer(cfg, self.layer)(norm(cfg, "token_mixer_norm")(x), positions,
-                                                    mask, initial_state)
-            x = x + y
-            x = x + channel_mixer(cfg)(norm(cfg, "channel_mixer_norm")(x))
+        y, state = token_mixer(cfg, self.layer)(norm(cfg, "token_mixer_norm")(x), positions, mask,
+                                                initial_state)
+        x = x + y
+        x = x + channel_mixer(cfg)(norm(cfg, "channel_mixer_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, state
 
@@ -236,16 +198,9 @@ class TransNormerLLM(nn.Module):
     """The language model: scaled tied embedding, `num_layers` decoder layers, norm, tied head.
 
     With token_mixer "softmax" it is the softmax baseline; the name stays for every mixer.
-
-    fold_norms (TNL's "gla" mixer only): every SRMSNorm's row scale r is applied after the product
-    that follows the norm, (x r) W = (x W) r: the same function, which XLA can compile with the
-    scales fused into the kernels that consume the products instead of the norms as kernels of
-    their own. It pays where a step's small kernels weigh: decoding at batch 64 (tnllm.generate.decode;
-    not at batch 1, docs/benchmarks.md). Rounding differs from the released order by bf16 rounding.
     """
 
     cfg: ModelConfig
-    fold_norms: bool = False
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Optional[Array] = None,
@@ -266,9 +221,6 @@ class TransNormerLLM(nn.Module):
           tuple of num_layers; None for softmax layers run without a cache).
         """
         cfg = self.cfg
-        if self.fold_norms and cfg.token_mixer != "gla":
-            raise ValueError(f"fold_norms needs TNL's token mixer 'gla' (SRMSNorm without a weight), "
-                             f"but config.model.token_mixer is {cfg.token_mixer!r}: leave it False.")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         embed = nn.Embed(
@@ -287,10 +239,8 @@ class TransNormerLLM(nn.Module):
         states = []
         for i in range(cfg.num_layers):
             s0 = None if initial_states is None else initial_states[i]
-            x, s = layer_cls(cfg, i, self.fold_norms, name=f"layers_{i}")(x, positions, mask, s0)
+            x, s = layer_cls(cfg, i, name=f"layers_{i}")(x, positions, mask, s0)
             states.append(s)
-        if self.fold_norms and not return_hidden:
-            return embed.attend(x).astype(jnp.float32) * srms_scale(x, cfg.norm_eps), tuple(states)
         x = norm(cfg, "final_norm")(x)
         if return_hidden:
             return x, tuple(states)

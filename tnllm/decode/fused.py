@@ -1,4 +1,5 @@
-"""TNL's decoding step for one row on fused GEMV kernels: `tnllm.generate.decode`'s GPU path at batch 1.
+"""TNL's decoding step for one row on fused GEMV kernels: the decoding loop's GPU path at batch 1
+(`tnllm.decode.loop.DecodeOptions` chooses it).
 
 At batch 1 a step reads every weight once, and XLA runs TNL's layer as ~13 kernels: four GEMMs
 and the norms, gate, GLU product and residual adds between them, each paying a launch and a ramp
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import decode_hopper
 from pallas_kernels.decode import gemv, state_step
-from tnllm.attention import layer_slopes, lightning_attention_step, pallas_compiles
+from tnllm.attention import layer_slopes, lightning_attention_step
 from tnllm.config import ModelConfig
 from tnllm.model import lrpe, srms_norm
 
@@ -49,12 +50,6 @@ def unsupported(cfg: ModelConfig, batch: int = 1) -> str:
         return (f"config.model.dtype is {cfg.dtype!r}; the fused step streams bfloat16 weights, "
                 f"set it to 'bfloat16'")
     return ""
-
-
-def by_default(cfg: ModelConfig, batch: int) -> bool:
-    """Whether `tnllm.generate.decode` steps with `step` when not told (fused=None): where it can
-    decode the batch and the kernels run compiled (a GPU; interpret mode is far slower than XLA)."""
-    return not unsupported(cfg, batch) and pallas_compiles()
 
 
 KERNELS = ("hopper", "triton")
@@ -117,13 +112,13 @@ def layer_step(p, x: Array, positions: Array, state: Array, *, cfg: ModelConfig,
 
 def step(params, tokens: Array, positions: Array, states: Sequence[Any], *, cfg: ModelConfig,
          kernels: Optional[str] = None) -> Tuple[Array, Tuple[Any, ...]]:
-    """`tnllm.generate.decode_step` for one row: tokens [1] int, positions [1] int, states as
+    """`tnllm.decode.step.decode_step` for one row: tokens [1] int, positions [1] int, states as
     `tnllm.model.state_specs(cfg, 1)`. Returns logits [1, vocab] f32 and the new states.
     kernels: the products' kernels (`layer_step`).
 
     params: the model's `params` collection with its matmul weights in cfg.dtype
-    (`tnllm.generate.serving_params`, as `generate` passes them); weights in another dtype are
-    converted at every step, which costs a pass over them."""
+    (`tnllm.generate.serving_params`, as `tnllm.generate.generate` passes them); weights in
+    another dtype are converted at every step, which costs a pass over them."""
     if tokens.shape != (1,):
         raise ValueError(f"The fused decoding step takes one row, got tokens of shape {tokens.shape}.")
     reason = unsupported(cfg)
