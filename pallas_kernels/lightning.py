@@ -433,8 +433,8 @@ def _check(q: Array, k: Array, v: Array, chunk_size: int, plan: Optional[Plan]) 
 
 
 def supports(q: Array, k: Array, v: Array, chunk_size: int) -> bool:
-    """Whether `lightning_attention` takes these inputs with its default plan (`tnllm.attention`'s
-    impl="auto" asks before choosing the kernels)."""
+    """Whether `lightning_attention` takes these inputs with its default plan (`tnllm.attention.
+    choose_impl` asks before choosing the kernels for impl="auto")."""
     try:
         _check(q, k, v, chunk_size, None)
     except ValueError:

@@ -132,7 +132,8 @@ def test_bf16_inputs_keep_dtype_and_accuracy():
 
 def test_auto_is_blockwise_without_a_gpu():
     q, k, v, slopes, s0 = _inputs(2, 50, 2, 16, 16, True)
-    assert jax.default_backend() == "cpu" and choose_impl("gla", "auto", q, k, v, chunk_size=16) == "blockwise"
+    assert jax.default_backend() == "cpu"
+    assert choose_impl("gla", "auto", q, k, v, chunk_size=16) == "blockwise"
     for got, want in zip(attend(q, k, v, slopes, s0, impl="auto", chunk_size=16),
                          attend(q, k, v, slopes, s0, impl="blockwise", chunk_size=16)):
         np.testing.assert_array_equal(got, want)

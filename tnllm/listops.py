@@ -202,8 +202,9 @@ class EncoderBlock(nn.Module):
         cfg = self.cfg
         y = nn.LayerNorm(dtype=cfg.dtype)(x)
         if cfg.token_mixer == "cosformer":
-            y, _ = CosformerAttention(cfg.cosformer_config(), causal=False,
-                                      kernel_init=nn.initializers.lecun_normal(), name="attention")(y, mask=mask)
+            cosformer = CosformerAttention(cfg.cosformer_config(), causal=False,
+                                           kernel_init=nn.initializers.lecun_normal(), name="attention")
+            y, _ = cosformer(y, mask=mask)
         else:
             # Flax's projections (with biases, no RoPE) around the language model's softmax attention.
             attend = functools.partial(softmax.encoder_attention, impl=cfg.softmax_impl)

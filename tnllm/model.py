@@ -1,8 +1,8 @@
 """TransNormerLLM in Flax Linen, as released (SPEC.md §1-3), and its softmax-attention baseline.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `qkvu`, `heads`, `head_dim`, `mlp`); only
-the sharding code maps them onto mesh axes. The attention implementation comes from the config through
-the single dispatch point `tnllm.attention.lightning_attention`.
+the sharding code maps them onto mesh axes. Every token mixer takes the form config.model.attention_impl
+names, "auto" chosen by one policy for all of them (`tnllm.attention.choose_impl`).
 
 config.model.token_mixer picks the layer's token mixer (`token_mixer`); "softmax" builds the LLaMA-style
 Transformer baseline of issue 9, whose norms (`norm`) and channel mixer (`channel_mixer`) come with it:
