@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from conftest import random_qkv, rel_err
 
-from pallas_kernels.lightning import lightning_reference
 from tnllm.attention import (alibi_slopes, choose_impl, layer_slopes, lightning_attention,
                              lightning_attention_step)
 
@@ -172,14 +171,6 @@ def test_one_auto_policy_chooses_every_mixers_form(monkeypatch):
         assert choose_impl(mixer, impl, *qkv(jnp.float32, 60)) == impl
     with pytest.raises(ValueError, match="Unknown attention impl 'pallas' for token mixer 'softmax'"):
         choose_impl("softmax", "pallas", *qkv(jnp.float32, 64))
-
-
-def test_reference_form_is_the_kernels_reference():
-    """impl="reference" is pallas_kernels.lightning.lightning_reference, the kernels' own check."""
-    q, k, v, slopes, s0 = _inputs(1, 19, 2, 8, 4, True)
-    for got, want in zip(lightning_attention(q, k, v, slopes, impl="reference", initial_state=s0),
-                         lightning_reference(q, k, v, slopes, s0)):
-        np.testing.assert_array_equal(got, want)
 
 
 def test_bad_inputs_are_refused():
