@@ -433,8 +433,8 @@ def _check(q: Array, k: Array, v: Array, chunk_size: int, plan: Optional[Plan]) 
 
 
 def supports(q: Array, k: Array, v: Array, chunk_size: int) -> bool:
-    """Whether `lightning_attention` takes these inputs with its default plan (`tnllm.attention`'s
-    impl="auto" asks before choosing the kernels)."""
+    """Whether `lightning_attention` takes these inputs with its default plan (`tnllm.attention.
+    choose_impl` asks before choosing the kernels for impl="auto")."""
     try:
         _check(q, k, v, chunk_size, None)
     except ValueError:
@@ -490,3 +490,36 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
     o, final_state = _lightning(q, k, v, jnp.asarray(slopes, jnp.float32), initial_state, seq_len,
                                 plan, segments, bool(interpret))
     return o[:, :seq_len], final_state
+
+
+# ----------------------------------------------------------------------------------------------
+# reference
+# ----------------------------------------------------------------------------------------------
+def lightning_reference(q: Array, k: Array, v: Array, slopes: Array,
+                        initial_state: Optional[Array] = None) -> Tuple[Array, Array]:
+    """The same operator in its quadratic masked form O = ((Q K^T) * D) V, D[t, j] = lambda^(t-j)
+    for j <= t: what the kernels are tested against (on float32 inputs, IEEE float32 throughout).
+
+    Takes and returns what `lightning_attention` does (any float dtype; float32 accumulation).
+    Memory grows with seq^2: for tests and short sequences.
+    """
+    slopes = jnp.asarray(slopes, jnp.float32)
+    t = q.shape[1]
+    pos = jnp.arange(t)
+    causal = pos[None, :] <= pos[:, None]  # [t, j]
+    dist = jnp.where(causal, pos[:, None] - pos[None, :], 0).astype(jnp.float32)
+    decay = jnp.where(causal[None], jnp.exp(-slopes[:, None, None] * dist[None]), 0.0)  # [h, t, j]
+    # float32 inputs must stay float32 on GPUs too (XLA would otherwise use TF32 there).
+    prec = lax.Precision.HIGHEST if jnp.float32 in (q.dtype, k.dtype, v.dtype) else None
+    scores = jnp.einsum("bthd,bjhd->bhtj", q, k, precision=prec, preferred_element_type=jnp.float32)
+    o = jnp.einsum("bhtj,bjhe->bthe", scores * decay, v.astype(jnp.float32), precision=prec)
+    # Positions counted from the initial state: token t sees it through lambda^(t+1).
+    tail = jnp.exp(-slopes[:, None] * (t - 1 - pos[None, :]).astype(jnp.float32))  # lambda^(T-1-j)
+    s_t = jnp.einsum("bjhd,bjhe,hj->bhde", k.astype(jnp.float32), v.astype(jnp.float32), tail,
+                     precision=lax.Precision.HIGHEST)
+    if initial_state is not None:
+        head_decay = jnp.exp(-slopes[:, None] * (pos[None, :] + 1).astype(jnp.float32))  # [h, t]
+        o = o + jnp.einsum("bthd,bhde,ht->bthe", q.astype(jnp.float32), initial_state, head_decay,
+                           precision=lax.Precision.HIGHEST)
+        s_t = s_t + jnp.exp(-slopes * t)[None, :, None, None] * initial_state
+    return o.astype(v.dtype), s_t

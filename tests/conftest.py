@@ -8,6 +8,7 @@ import numpy as np
 
 from tnllm.decode import decode_step, left_pad, prefill, prompt_bucket
 from tnllm.model import TransNormerLLM, state_specs
+from tnllm.testing import rel_err  # noqa: F401 -- the test files take it from here
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -19,13 +20,6 @@ def subprocess_env(**extra) -> dict:
     entries kept (on the GPU machine they hold carried packages), then `extra`."""
     path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
     return dict(os.environ, PYTHONPATH=path, **extra)
-
-
-def rel_err(a, b) -> float:
-    """‖a − b‖ / ‖b‖ in float64."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def random_qkv(key, batch, seq, heads, dk, dv, dtype=jnp.float32):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import random_qkv, rel_err
 
-from tnllm.attention import (alibi_slopes, auto_impl, layer_slopes, lightning_attention,
+from tnllm.attention import (alibi_slopes, choose_impl, layer_slopes, lightning_attention,
                              lightning_attention_step)
 
 FORMS = ("reference", "blockwise", "recurrent")
@@ -131,7 +131,8 @@ def test_bf16_inputs_keep_dtype_and_accuracy():
 
 def test_auto_is_blockwise_without_a_gpu():
     q, k, v, slopes, s0 = _inputs(2, 50, 2, 16, 16, True)
-    assert jax.default_backend() == "cpu" and auto_impl(q, k, v, 16) == "blockwise"
+    assert jax.default_backend() == "cpu"
+    assert choose_impl("gla", "auto", q, k, v, chunk_size=16) == "blockwise"
     for got, want in zip(attend(q, k, v, slopes, s0, impl="auto", chunk_size=16),
                          attend(q, k, v, slopes, s0, impl="blockwise", chunk_size=16)):
         np.testing.assert_array_equal(got, want)
@@ -142,14 +143,34 @@ def test_auto_takes_the_kernels_on_an_nvidia_gpu_where_they_fit(monkeypatch):
         jnp.zeros((1, 8, 2, dv), jnp.bfloat16),)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(compute_capability="9.0")])
-    assert auto_impl(*bf16(128, 128), 64) == "pallas"
-    assert auto_impl(*bf16(256, 128), 64) == "pallas"  # layer 0 of the releases (LRPE doubles dk)
-    assert auto_impl(*bf16(96, 96), 64) == "blockwise"  # a head dim the kernels do not take
-    assert auto_impl(*bf16(128, 128), 48) == "blockwise"  # nor this chunk size
+    auto = lambda *qkv, chunk_size=64: choose_impl("gla", "auto", *qkv, chunk_size=chunk_size)  # noqa: E731
+    assert auto(*bf16(128, 128)) == "pallas"
+    assert auto(*bf16(256, 128)) == "pallas"  # layer 0 of the releases (LRPE doubles dk)
+    assert auto(*bf16(96, 96)) == "blockwise"  # a head dim the kernels do not take
+    assert auto(*bf16(128, 128), chunk_size=48) == "blockwise"  # nor this chunk size
     half = [x.astype(jnp.float16) for x in bf16(128, 128)]
-    assert auto_impl(*half, 64) == "blockwise"  # nor float16
+    assert auto(*half) == "blockwise"  # nor float16
     monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace()])  # a GPU without CUDA
-    assert auto_impl(*bf16(128, 128), 64) == "blockwise"
+    assert auto(*bf16(128, 128)) == "blockwise"
+
+
+def test_one_auto_policy_chooses_every_mixers_form(monkeypatch):
+    """cosFormer and softmax attention ask the same policy; a named form is taken as it is."""
+    qkv = lambda dtype, hd: (jnp.zeros((1, 8, 2, hd), dtype),) * 3  # noqa: E731
+    assert choose_impl("cosformer", "auto", *qkv(jnp.bfloat16, 64)) == "linear"
+    assert choose_impl("softmax", "auto", *qkv(jnp.bfloat16, 64)) == "xla"  # no GPU here
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert choose_impl("cosformer", "auto", *qkv(jnp.bfloat16, 64)) == "linear"
+    assert choose_impl("softmax", "auto", *qkv(jnp.bfloat16, 128)) == "cudnn"
+    assert choose_impl("softmax", "auto", *qkv(jnp.float16, 64)) == "cudnn"
+    assert choose_impl("softmax", "auto", *qkv(jnp.float32, 128)) == "xla"
+    assert choose_impl("softmax", "auto", *qkv(jnp.bfloat16, 256)) == "xla"  # head too wide
+    assert choose_impl("softmax", "auto", *qkv(jnp.bfloat16, 60)) == "xla"  # not a multiple of 8
+    assert choose_impl("softmax", "auto", *qkv(jnp.bfloat16, 128), masked=True) == "xla"
+    for mixer, impl in (("gla", "recurrent"), ("cosformer", "reference"), ("softmax", "cudnn")):
+        assert choose_impl(mixer, impl, *qkv(jnp.float32, 60)) == impl
+    with pytest.raises(ValueError, match="Unknown attention impl 'pallas' for token mixer 'softmax'"):
+        choose_impl("softmax", "pallas", *qkv(jnp.float32, 64))
 
 
 def test_bad_inputs_are_refused():

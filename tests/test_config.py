@@ -35,7 +35,12 @@ def test_released_values():
     (dict(lrpe_layers=("",)), r"lrpe_layers must hold layer indices.*--config.model.lrpe_layers=0,2"),
     (dict(num_layers=0), r"config.model.num_layers must be a positive integer"),
     (dict(vocab_size=-3), r"config.model.vocab_size must be a positive integer"),
-    (dict(attention_impl="flash"), r"config.model.attention_impl: Unknown attention impl 'flash'"),
+    (dict(attention_impl="flash"), r"config.model.attention_impl: Unknown attention impl 'flash': "
+                                   r"choose one of auto, reference, blockwise, recurrent, pallas\."),
+    (dict(attention_impl="cudnn"), r"Unknown attention impl 'cudnn'"),  # softmax's, not GLA's
+    (dict(token_mixer="softmax", lrpe_layers=[], attention_impl="linear"),
+     r"Unknown attention impl 'linear': choose one of auto, reference, blockwise, recurrent, "
+     r"pallas, xla, cudnn\."),
     (dict(dtype="float8"), r"config.model.dtype is 'float8'"),
     (dict(remat_policy="sometimes"), r"config.model.remat_policy is 'sometimes'"),
     (dict(widht=3), r"Unknown config.model field\(s\) widht"),
@@ -46,6 +51,17 @@ def test_invalid_values_name_the_field(changes, message):
     with pytest.raises(ValueError, match=message):
         config.ModelConfig.from_dict(fields)
 
+
+
+def test_attention_impl_names_the_form_of_the_configured_mixer():
+    """One field for every mixer; a GLA form (generation asks every mixer for "recurrent") leaves
+    cosFormer and softmax attention on their auto choice."""
+    cfg = config.ModelConfig(lrpe_layers=())
+    assert cfg.mixer_impl == "auto" and cfg.replace(attention_impl="pallas").mixer_impl == "pallas"
+    for mixer, own in (("cosformer", "reference"), ("softmax", "cudnn")):
+        mixer_cfg = cfg.replace(token_mixer=mixer)
+        assert mixer_cfg.replace(attention_impl=own).mixer_impl == own
+        assert mixer_cfg.replace(attention_impl="recurrent").mixer_impl == "auto"
 
 def test_missing_config_file():
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -187,21 +187,24 @@ def test_bad_inputs_are_named():
 
 
 def test_module_self_cross_and_token_by_token():
+    """Built from the config as every token mixer: heads, M, chunk and form come from cfg."""
     x, mem = normal(7, 2, 21, 24), normal(8, 2, 9, 16)
-    enc = CosformerAttention(num_heads=4, head_dim=6, max_len=32, chunk_size=8)
+    cfg = config.ModelConfig(d_model=24, num_heads=4, token_mixer="cosformer", lrpe_layers=(),
+                             cosformer_max_len=32, chunk_size=8, init_std=0.3)
+    enc = CosformerAttention(cfg, causal=False)
     params = jax.jit(enc.init)(jax.random.PRNGKey(0), x)
     out, _ = jax.jit(enc.apply)(params, x)
-    out_ref, _ = jax.jit(CosformerAttention(num_heads=4, head_dim=6, max_len=32, impl="reference").apply)(
-        params, x)
+    reference = CosformerAttention(cfg.replace(attention_impl="reference"), causal=False)
+    out_ref, _ = jax.jit(reference.apply)(params, x)
     assert out.shape == (2, 21, 24) and rel_err(out, out_ref) <= TOL
 
-    cross = CosformerAttention(num_heads=4, head_dim=6, max_len=32, out_features=10)
+    cross = CosformerAttention(cfg.replace(d_model=10, hidden_dim=24), causal=False)
     params = jax.jit(cross.init)(jax.random.PRNGKey(1), x, inputs_kv=mem)
     out, state = jax.jit(cross.apply)(params, x, inputs_kv=mem)
     assert out.shape == (2, 21, 10) and state.shape == (2, 4, 12, 7)
     assert params["params"]["k_proj"]["kernel"].value.shape == (16, 4, 6)
 
-    dec = CosformerAttention(num_heads=4, head_dim=6, max_len=32, causal=True, chunk_size=8)
+    dec = CosformerAttention(cfg, 1)  # the language model's mixer: causal
     params = jax.jit(dec.init)(jax.random.PRNGKey(2), x)
     full, _ = jax.jit(dec.apply)(params, x)
     positions = jnp.broadcast_to(jnp.arange(21), (2, 21))

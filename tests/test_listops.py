@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tnllm import listops
+from tnllm import listops, softmax
 
 SMALL = listops.Grammar(max_depth=6, max_args=5, min_length=20, max_length=120)
 RULES = {"[MIN": min, "[MAX": max, "[MED": lambda a: int(np.median(a)), "[SM": lambda a: sum(a) % 10}
@@ -77,6 +77,8 @@ def test_bad_settings_are_named():
         listops.Grammar(min_length=2000)
     with pytest.raises(ValueError, match="token_mixer"):
         listops.ClassifierConfig(token_mixer="lstm")
+    with pytest.raises(ValueError, match="softmax_impl is 'flash'; choose one of auto, xla, cudnn"):
+        listops.ClassifierConfig(softmax_impl="flash")
     with pytest.raises(ValueError, match="max_len"):
         cfg = listops.ClassifierConfig(num_layers=1, d_model=8, num_heads=2, mlp_dim=8, max_len=4)
         listops.ListOpsClassifier(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 5), jnp.int32))
@@ -123,9 +125,9 @@ def test_cudnn_branch_pads_lengths_and_masks_the_padding(monkeypatch):
     rng = np.random.default_rng(0)
     query, key, value = (jnp.asarray(rng.standard_normal((2, 37, 2, 8)), jnp.float32) for _ in range(3))
     mask = (np.arange(37)[None, :] < np.array([[37], [20]]))[:, None, None, :]  # padding at the end
-    want = listops.softmax_attention(query, key, value, jnp.asarray(mask), implementation="xla")
+    want = softmax.encoder_attention(query, key, value, jnp.asarray(mask), impl="xla")
     monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
-    got = listops.softmax_attention(query, key, value, jnp.asarray(mask), implementation="cudnn")
+    got = softmax.encoder_attention(query, key, value, jnp.asarray(mask), impl="cudnn")
     assert shapes == [(64, 64)] and got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -135,7 +137,7 @@ def test_cudnn_softmax_matches_xla():
     tokens, _ = listops.generate("train", 4, grammar=listops.Grammar(4, 4, 10, 64))
     nets = [listops.ListOpsClassifier(listops.ClassifierConfig(
         token_mixer="softmax", num_layers=1, d_model=64, num_heads=2, mlp_dim=64, max_len=64,
-        dtype="bfloat16", softmax_impl=impl)) for impl in listops.SOFTMAX_IMPLS]
+        dtype="bfloat16", softmax_impl=impl)) for impl in ("xla", "cudnn")]
     params = jax.jit(nets[0].init)(jax.random.PRNGKey(0), tokens)
     xla, cudnn = (jax.jit(net.apply)(params, tokens) for net in nets)
     assert float(jnp.linalg.norm(cudnn - xla) / jnp.linalg.norm(xla)) <= 5e-3 * 4  # two bf16 runs

@@ -9,21 +9,16 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from pallas_kernels import lightning
 from tnllm import attention
 from tnllm.config import ModelConfig
 from tnllm.model import TransNormerLLM
+from tnllm.testing import rel_err
 
 F32_TOL = 1e-5  # SPEC.md §4, float32 forms
 BF16_TOL = 5e-3  # SPEC.md §4, bf16 inputs against the float32 reference
-
-
-def rel_rms(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return np.linalg.norm(x - ref) / np.linalg.norm(ref)
 
 
 def random_inputs(seed, batch, seq, heads, dk, dv, dtype, with_state):
@@ -63,18 +58,18 @@ def impl_attention(impl, slopes, chunk_size):
 def assert_matches_reference(outs, grads, q, k, v, slopes, s0, do, d_final):
     """Outputs and gradients against the float32 reference form on the same (upcast) inputs."""
     up = [x.astype(jnp.float32) for x in (q, k, v)]
-    (o_ref, final_ref), grads_ref = value_and_grads(impl_attention("reference", slopes, 16), *up,
-                                                    s0, do, d_final)
+    reference = lambda q, k, v, s0: lightning.lightning_reference(q, k, v, slopes, s0)  # noqa: E731
+    (o_ref, final_ref), grads_ref = value_and_grads(reference, *up, s0, do, d_final)
     (o, final) = outs
     tol = F32_TOL if q.dtype == jnp.float32 else BF16_TOL
     assert o.shape == o_ref.shape and o.dtype == q.dtype
     assert final.shape == final_ref.shape and final.dtype == jnp.float32
-    assert rel_rms(o, o_ref) <= tol
-    assert rel_rms(final, final_ref) <= tol
+    assert rel_err(o, o_ref) <= tol
+    assert rel_err(final, final_ref) <= tol
     names = ("dq", "dk", "dv", "d_initial_state")
     for name, g, g_ref in zip(names, grads, grads_ref):
         assert g.shape == g_ref.shape, name
-        assert rel_rms(g, g_ref) <= tol, (name, rel_rms(g, g_ref))
+        assert rel_err(g, g_ref) <= tol, (name, rel_err(g, g_ref))
 
 
 CASES = [
@@ -153,10 +148,9 @@ def test_single_token_and_many_heads():
     for batch, seq, heads in ((1, 1, 1), (2, 19, 12)):
         q, k, v, slopes, s0, _, _ = random_inputs(1, batch, seq, heads, 16, 16, jnp.float32, True)
         o, final = lightning.lightning_attention(q, k, v, slopes, initial_state=s0, chunk_size=16)
-        o_ref, final_ref = attention.lightning_attention(q, k, v, slopes, impl="reference",
-                                                         initial_state=s0)
-        assert rel_rms(o, o_ref) <= F32_TOL
-        assert rel_rms(final, final_ref) <= F32_TOL
+        o_ref, final_ref = lightning.lightning_reference(q, k, v, slopes, s0)
+        assert rel_err(o, o_ref) <= F32_TOL
+        assert rel_err(final, final_ref) <= F32_TOL
 
 
 def test_prefill_then_continue_equals_one_pass():
@@ -167,8 +161,8 @@ def test_prefill_then_continue_equals_one_pass():
                                                   chunk_size=16)
     o_tail, final = lightning.lightning_attention(q[:, 23:], k[:, 23:], v[:, 23:], slopes,
                                                   chunk_size=16, initial_state=state)
-    assert rel_rms(jnp.concatenate([o_head, o_tail], axis=1), o_all) <= F32_TOL
-    assert rel_rms(final, final_all) <= F32_TOL
+    assert rel_err(jnp.concatenate([o_head, o_tail], axis=1), o_all) <= F32_TOL
+    assert rel_err(final, final_all) <= F32_TOL
 
 
 def test_model_with_pallas_matches_blockwise_under_jit_and_grad():
@@ -186,7 +180,7 @@ def test_model_with_pallas_matches_blockwise_under_jit_and_grad():
     value_ref, grads_ref = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, "blockwise")
     assert abs(float(value) - float(value_ref)) <= F32_TOL * abs(float(value_ref))
     for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
-        assert rel_rms(g, g_ref) <= F32_TOL
+        assert rel_err(g, g_ref) <= F32_TOL
 
 
 def test_interpret_mode_warns_once_without_gpu():

@@ -25,7 +25,7 @@ from conftest import REPO, subprocess_env
 
 from tnllm import sharding, train_lib
 from tnllm.config import ModelConfig
-from tnllm.model import TransNormerLLM
+from tnllm.model import TransNormerLLM, check_sharding
 
 MESHES = ((8, 1, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8))  # (data, fsdp, tensor)
 # Eight heads so that every mesh above can split them; 20 tokens: not a multiple of the chunk.
@@ -119,19 +119,19 @@ def test_unshardable_heads_fail_with_clear_error():
     cfg = CFG.replace(num_heads=4, hidden_dim=64)
     with pytest.raises(ValueError, match=r"config.model.num_heads \(4\) is not divisible by the mesh "
                                          r"axis tensor = 8"):
-        sharding.check_model(cfg, mesh)
+        check_sharding(cfg, mesh)
 
 
 def test_unshardable_width_fails_with_clear_error():
     mesh = AbstractMesh((1, 4, 2), sharding.MESH_AXES)
     with pytest.raises(ValueError, match=r"config.model.d_model \(66\) .* fsdp = 4"):
-        sharding.check_model(CFG.replace(d_model=66, hidden_dim=64), mesh)
+        check_sharding(CFG.replace(d_model=66, hidden_dim=64), mesh)
 
 
 @pytest.mark.parametrize("mixer", MIXER_CFGS)
 def test_shardable_model_passes(mixer):
     for shape in MESHES:
-        sharding.check_model(MIXER_CFGS[mixer], AbstractMesh(shape, sharding.MESH_AXES))
+        check_sharding(MIXER_CFGS[mixer], AbstractMesh(shape, sharding.MESH_AXES))
 
 
 def test_batch_not_divisible_fails_with_clear_error():
@@ -229,7 +229,7 @@ def _case_meshes(mixer):
 
     for shape in MESHES:
         mesh = sharding.make_mesh(_mesh_sizes(shape))
-        sharding.check_model(cfg, mesh)
+        check_sharding(cfg, mesh)
         sharding.check_batch(BATCH, mesh)
         with sharding.use_mesh(mesh):
             if shape == (2, 2, 2):  # the real creation path, once: born sharded, same values

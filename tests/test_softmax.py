@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from conftest import assert_prefill_then_decode_matches_forward, param_count, rel_err
 
-from tnllm import config, convert
+from tnllm import config, convert, softmax
 from tnllm.generate import generate
 from tnllm.model import TransNormerLLM
-from tnllm.softmax import SoftmaxAttention, attention_implementation, rope
+from tnllm.softmax import SoftmaxAttention, rope
 
 # A larger init_std than training's 0.02 so that attention weights are far from uniform; a short cache
 # keeps decoding cheap.
@@ -97,11 +97,28 @@ def test_parameter_count_within_2_percent_of_tnl(name):
     assert abs(param_count(soft) / param_count(tnl) - 1) <= 0.02
 
 
-def test_implementation_is_xla_off_gpus_and_for_masks():
-    assert attention_implementation(jnp.bfloat16, 128, masked=False) == (
-        "cudnn" if jax.default_backend() == "gpu" else "xla")
-    assert attention_implementation(jnp.float32, 128, masked=False) == "xla"
-    assert attention_implementation(jnp.bfloat16, 128, masked=True) == "xla"
+@pytest.mark.parametrize("impl, want", [("auto", "xla"), ("xla", "xla"), ("cudnn", "cudnn"),
+                                        ("recurrent", "xla")])
+def test_the_config_names_the_form_and_auto_is_xla_off_gpus(monkeypatch, impl, want):
+    """config.model.attention_impl reaches jax.nn.dot_product_attention, with and without a cache;
+    a form of TNL's GLA only (generation asks every mixer for "recurrent") leaves the choice to auto."""
+    seen = []
+    attend = jax.nn.dot_product_attention
+
+    def record(*args, implementation, **kwargs):
+        seen.append(implementation)
+        return attend(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", record)
+    cfg = CFG.replace(attention_impl=impl)
+    x = jnp.ones((1, 3, cfg.d_model), jnp.float32)
+    positions = jnp.arange(3)[None]
+    layer = SoftmaxAttention(cfg, 0)
+    variables = layer.init(jax.random.key(0), x, positions, None, None)
+    layer.apply(variables, x, positions, None, None)
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), softmax.cache_spec(cfg, 1))
+    layer.apply(variables, x, positions, None, cache)
+    assert seen == [want] * 3
 
 
 def test_odd_head_dim_is_refused():

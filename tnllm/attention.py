@@ -5,7 +5,8 @@ with an optional initial state S_0 that enters as if it had been built by earlie
 o_t += lambda^(t+1) q_t S_0, and the final state is S_T = lambda^T S_0 + sum_j lambda^(T-1-j) k_j^T v_j.
 
 Forms (all exact, all agree; `impl` selects one):
-  reference  the quadratic masked form O = ((Q K^T) * D) V; for tests and short sequences.
+  reference  the quadratic masked form O = ((Q K^T) * D) V (`pallas_kernels.lightning.
+             lightning_reference`, beside the kernels it checks); for tests and short sequences.
   blockwise  Lightning Attention-2 chunks of `chunk_size`: intra-chunk masked products in parallel,
              a float32 state carried across chunks by `lax.scan`. The XLA path for training.
   recurrent  `lax.scan` over tokens with `lightning_attention_step`: only multiplications by
@@ -13,6 +14,9 @@ Forms (all exact, all agree; `impl` selects one):
   pallas     the GPU kernels of `pallas_kernels/` (interpret mode on machines without a GPU).
   auto       (the default) pallas on an NVIDIA GPU where the kernels take the inputs' dtypes,
              head dims and chunk size, blockwise everywhere else; chosen when traced.
+
+`choose_impl` is that choice, and the one every token mixer's "auto" goes through (cosFormer's and
+softmax attention's too).
 
 All decay arithmetic and every state is float32; causal masks come from token indices.
 """
@@ -26,9 +30,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-Array = jax.Array
+from pallas_kernels import lightning
+from tnllm import sharding
+from tnllm.config import check_impl
 
-IMPLS = ("auto", "reference", "blockwise", "recurrent", "pallas")
+Array = jax.Array
 
 
 def alibi_slopes(num_heads: int) -> Array:
@@ -88,29 +94,9 @@ def _dot_precision(*xs: Array):
     return lax.Precision.HIGHEST if any(x.dtype == jnp.float32 for x in xs) else None
 
 
-# ----------------------------------------------------------------------------------------------
-# reference: quadratic masked form
-# ----------------------------------------------------------------------------------------------
 def _reference(q, k, v, slopes, initial_state, chunk_size):
     del chunk_size
-    t = q.shape[1]
-    pos = jnp.arange(t)
-    causal = pos[None, :] <= pos[:, None]  # [t, j]
-    dist = jnp.where(causal, pos[:, None] - pos[None, :], 0).astype(jnp.float32)
-    decay = jnp.where(causal[None], jnp.exp(-slopes[:, None, None] * dist[None]), 0.0)  # [h, t, j]
-    prec = _dot_precision(q, k, v)
-    scores = jnp.einsum("bthd,bjhd->bhtj", q, k, precision=prec, preferred_element_type=jnp.float32)
-    o = jnp.einsum("bhtj,bjhe->bthe", scores * decay, v.astype(jnp.float32), precision=prec)
-    # Positions counted from the initial state: token t sees it through lambda^(t+1).
-    tail = jnp.exp(-slopes[:, None] * (t - 1 - pos[None, :]).astype(jnp.float32))  # lambda^(T-1-j)
-    s_t = jnp.einsum("bjhd,bjhe,hj->bhde", k.astype(jnp.float32), v.astype(jnp.float32), tail,
-                     precision=lax.Precision.HIGHEST)
-    if initial_state is not None:
-        head_decay = jnp.exp(-slopes[:, None] * (pos[None, :] + 1).astype(jnp.float32))  # [h, t]
-        o = o + jnp.einsum("bthd,bhde,ht->bthe", q.astype(jnp.float32), initial_state, head_decay,
-                           precision=lax.Precision.HIGHEST)
-        s_t = s_t + jnp.exp(-slopes * t)[None, :, None, None] * initial_state
-    return o.astype(v.dtype), s_t
+    return lightning.lightning_reference(q, k, v, slopes, initial_state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,9 +192,6 @@ def _recurrent(q, k, v, slopes, initial_state, chunk_size):
 # dispatch
 # ----------------------------------------------------------------------------------------------
 def _pallas(q, k, v, slopes, initial_state, chunk_size):
-    from pallas_kernels import lightning  # imported lazily: only this impl needs Pallas
-    from tnllm import sharding  # lazily: tnllm.sharding imports tnllm.config, which imports us
-
     def kernel(q, k, v, slopes, initial_state):
         return lightning.lightning_attention(q, k, v, slopes, initial_state=initial_state,
                                              chunk_size=chunk_size)
@@ -231,27 +214,39 @@ _FORMS: Dict[str, Callable] = {
 }
 
 
-def check_impl(impl: str) -> None:
-    """Raises a one-sentence error when `impl` names no attention implementation."""
-    if impl not in IMPLS:
-        raise ValueError(f"Unknown attention impl {impl!r}: choose one of {', '.join(IMPLS)}.")
-
-
 def pallas_compiles() -> bool:
     """Whether Pallas's Triton kernels run compiled on the default backend: an NVIDIA GPU, which
     reports a compute capability (elsewhere they run in interpret mode, far slower than XLA)."""
     return jax.default_backend() == "gpu" and bool(getattr(jax.devices()[0], "compute_capability", None))
 
 
-def auto_impl(q: Array, k: Array, v: Array, chunk_size: int) -> str:
-    """The form `impl="auto"` runs for these inputs on the default backend: "pallas" where the
-    kernels run compiled (`pallas_compiles`) and take the inputs, else "blockwise", the fastest XLA
-    form."""
-    if not pallas_compiles():
-        return "blockwise"
-    from pallas_kernels import lightning
+def choose_impl(token_mixer: str, impl: str, q: Array, k: Array, v: Array, *, chunk_size: int = 64,
+                masked: bool = False) -> str:
+    """The form a token mixer runs for these inputs on the default backend: `impl` itself unless it
+    is "auto", the one policy behind every mixer's "auto" (forms: `tnllm.config.IMPLS`).
 
-    return "pallas" if lightning.supports(q, k, v, chunk_size) else "blockwise"
+      gla        "pallas" where the kernels run compiled (`pallas_compiles`) and take the inputs'
+                 dtypes, head dims and chunk_size; else "blockwise", the fastest XLA form.
+      cosformer  "linear" (the quadratic "reference" is for tests).
+      softmax    "cudnn" (flash attention) on a GPU for bf16/f16 inputs of a head size it takes (a
+                 multiple of 8, at most 128 on every GPU generation) without a `masked` boolean
+                 mask; else "xla". cuDNN would take such a mask (left padding, the KV cache) as a
+                 dense [batch, heads, q, k] bias, which gives up what flash attention saves; key
+                 lengths (padding at the end) are no such mask.
+
+    q, k, v: the mixer's [batch, seq, heads, dim] inputs. Raises a one-sentence error when `impl`
+    is no form of `token_mixer`.
+    """
+    check_impl(impl, token_mixer)
+    if impl != "auto":
+        return impl
+    if token_mixer == "cosformer":
+        return "linear"
+    if token_mixer == "softmax":
+        flash = (jax.default_backend() == "gpu" and jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16)
+                 and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and not masked)
+        return "cudnn" if flash else "xla"
+    return "pallas" if pallas_compiles() and lightning.supports(q, k, v, chunk_size) else "blockwise"
 
 
 @functools.partial(jax.named_call, name="lightning_attention")
@@ -263,17 +258,15 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *, impl: st
     Args:
       q, k: [batch, seq, heads, dk]; v: [batch, seq, heads, dv] (any float dtype; bf16 on GPU).
       slopes: [heads] float32 decay rates s (not lambda).
-      impl: "auto" (`auto_impl`), "reference", "blockwise", "recurrent" or "pallas".
+      impl: "auto" (`choose_impl`), "reference", "blockwise", "recurrent" or "pallas".
       chunk_size: chunk length of the blockwise and Pallas forms (any seq length is allowed).
       initial_state: optional [batch, heads, dk, dv] float32 state of earlier tokens.
     Returns:
       o: [batch, seq, heads, dv] in v's dtype; final_state: [batch, heads, dk, dv] float32.
     """
-    check_impl(impl)
     slopes = jnp.asarray(slopes, jnp.float32)
     _check_inputs(q, k, v, slopes, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
-    if impl == "auto":
-        impl = auto_impl(q, k, v, chunk_size)
+    impl = choose_impl("gla", impl, q, k, v, chunk_size=chunk_size)
     return _FORMS[impl](q, k, v, slopes, initial_state, chunk_size)

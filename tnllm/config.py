@@ -12,15 +12,30 @@ from typing import Any, Mapping, Tuple
 
 import ml_collections
 
-from tnllm import attention
-
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots")
-TOKEN_MIXERS = ("gla", "cosformer", "softmax")
+# The forms each token mixer can run, named by config.model.attention_impl. "auto", the default,
+# lets `tnllm.attention.choose_impl` pick the fastest form for the inputs and the device.
+#   gla        reference, blockwise, recurrent: XLA (tnllm.attention); pallas: the GPU kernels.
+#   cosformer  reference (quadratic, for tests); linear (tnllm.cosformer).
+#   softmax    xla; cudnn: cuDNN flash attention (jax.nn.dot_product_attention).
+IMPLS = {
+    "gla": ("auto", "reference", "blockwise", "recurrent", "pallas"),
+    "cosformer": ("auto", "reference", "linear"),
+    "softmax": ("auto", "xla", "cudnn"),
+}
+TOKEN_MIXERS = tuple(IMPLS)
 # The loss slice of the released sizes: 8,192 tokens x 64,000 words of float32 logits (2 GB) at a
 # time. On the H100 it trains as fast as all logits at once (±4 %) and holds 8.4 GiB less at 32K
 # tokens per step (docs/benchmarks.md); the tiny configs keep 0, all at once.
 LOSS_CHUNK = 8192
+
+
+def check_impl(impl: str, token_mixer: str = "gla") -> None:
+    """Raises a one-sentence error when `impl` names no form of `token_mixer` (`IMPLS`)."""
+    if impl not in IMPLS[token_mixer]:
+        raise ValueError(f"Unknown attention impl {impl!r} for token mixer {token_mixer!r}: choose "
+                         f"one of {', '.join(IMPLS[token_mixer])}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +43,7 @@ class ModelConfig:
     """The TransNormerLLM architecture (SPEC.md §1, §5) and how to compute it.
 
     hidden_dim (h) defaults to d_model when 0; head_dim = hidden_dim // num_heads. token_mixer "gla" is
-    TransNormerLLM's gated linear attention (lrpe_layers and attention_impl apply to it); "cosformer"
+    TransNormerLLM's gated linear attention (lrpe_layers apply to it); "cosformer"
     is causal cosFormer attention (SPEC.md §10) with the fixed horizon M = cosformer_max_len, which
     must cover the longest context (prompt and generated tokens together). "softmax" is the LLaMA-style
     Transformer baseline (softmax attention with RoPE, RMSNorm with a learned weight, SwiGLU of width
@@ -37,6 +52,7 @@ class ModelConfig:
     evaluation loss that many tokens at a time (tnllm.loss) instead of materialising all logits;
     train_segment > 0 runs training and evaluation that many positions at a time, carrying the
     recurrent states (GLA and cosFormer), so activation memory does not grow with seq_len.
+    attention_impl names the form every layer's token mixer runs (`IMPLS`; "auto" chooses).
     """
 
     vocab_size: int = 256
@@ -85,12 +101,16 @@ class ModelConfig:
                     f"config.model.lrpe_layers holds {i}, out of range for num_layers="
                     f"{self.num_layers}; use indices 0..{self.num_layers - 1}."
                 )
+        if self.token_mixer not in TOKEN_MIXERS:
+            raise ValueError(
+                f"config.model.token_mixer is {self.token_mixer!r}; choose one of {', '.join(TOKEN_MIXERS)}."
+            )
         if not self.init_std > 0 or not self.norm_eps > 0:
             raise ValueError("config.model.init_std and config.model.norm_eps must be positive.")
-        try:
-            attention.check_impl(self.attention_impl)
-        except ValueError as e:
-            raise ValueError(f"config.model.attention_impl: {e}") from None
+        if self.attention_impl not in IMPLS["gla"] + IMPLS[self.token_mixer]:
+            raise ValueError(
+                f"config.model.attention_impl: Unknown attention impl {self.attention_impl!r}: choose "
+                f"one of {', '.join(dict.fromkeys(IMPLS['gla'] + IMPLS[self.token_mixer]))}.")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(
@@ -110,10 +130,6 @@ class ModelConfig:
                 f"config.model.remat_policy is {self.remat_policy!r}; choose one of "
                 f"{', '.join(REMAT_POLICIES)}."
             )
-        if self.token_mixer not in TOKEN_MIXERS:
-            raise ValueError(
-                f"config.model.token_mixer is {self.token_mixer!r}; choose one of {', '.join(TOKEN_MIXERS)}."
-            )
         if self.token_mixer == "softmax" and self.head_dim % 2:
             raise ValueError(
                 f"config.model.token_mixer 'softmax' rotates feature pairs (RoPE), but head_dim = "
@@ -123,6 +139,13 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_dim // self.num_heads
+
+    @property
+    def mixer_impl(self) -> str:
+        """The form of the configured token mixer that attention_impl names: attention_impl itself,
+        or "auto" where it names a form of TNL's GLA only (generation asks every mixer for the
+        "recurrent" form; cosFormer and softmax have none and choose as for "auto")."""
+        return self.attention_impl if self.attention_impl in IMPLS[self.token_mixer] else "auto"
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> "ModelConfig":

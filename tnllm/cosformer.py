@@ -15,6 +15,7 @@ Forms (`impl`), all exact:
   linear     bidirectional/cross: one state over all keys. Causal: a `lax.scan` over chunks that
              carries S, so the forward holds O(length * d + chunk^2 + d^2) per head, never the
              length x 2d x dv prefix sums of the official code. (Its gradient keeps one S per chunk.)
+  auto       (the default) linear (`tnllm.attention.choose_impl`).
 `cosformer_attention_step` is one decoding step; it equals the causal form at the same M and positions.
 
 Padded keys (key_mask False) are dropped from numerator and denominator alike. M is fixed by the
@@ -25,16 +26,19 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from tnllm.attention import choose_impl
+from tnllm.config import ModelConfig
+
 Array = jax.Array
 
-IMPLS = ("reference", "linear")
+EPS = 1e-6  # the denominator's floor in the language model and the ListOps encoder
 
 
 def _precision(x: Array):
@@ -143,9 +147,7 @@ def state_shape(batch: int, heads: int, head_dim: int, value_dim: Optional[int] 
     return (batch, heads, 2 * head_dim, dv + 1)
 
 
-def _check_inputs(q, k, v, m, causal, key_mask, q_positions, k_positions, initial_state, impl):
-    if impl not in _FORMS:
-        raise ValueError(f"Unknown cosFormer impl {impl!r}: choose one of {', '.join(IMPLS)}.")
+def _check_inputs(q, k, v, m, causal, key_mask, q_positions, k_positions, initial_state):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError("cosformer_attention expects q, k, v of shape [batch, seq, heads, dim], got "
                          f"{q.shape}, {k.shape}, {v.shape}.")
@@ -184,8 +186,8 @@ def _default_positions(x: Array, positions: Optional[Array]) -> Array:
 def cosformer_attention(q: Array, k: Array, v: Array, *, m: float, causal: bool,
                         key_mask: Optional[Array] = None, q_positions: Optional[Array] = None,
                         k_positions: Optional[Array] = None, initial_state: Optional[Array] = None,
-                        impl: str = "linear", chunk_size: int = 64,
-                        eps: float = 1e-6) -> Tuple[Array, Array]:
+                        impl: str = "auto", chunk_size: int = 64,
+                        eps: float = EPS) -> Tuple[Array, Array]:
     """cosFormer attention of projected queries, keys and values (ReLU is applied here).
 
     Args:
@@ -196,16 +198,17 @@ def cosformer_attention(q: Array, k: Array, v: Array, *, m: float, causal: bool,
       key_mask: [batch, tk] bool, False at padded keys, which then count in neither sum.
       q_positions, k_positions: [batch, tq] / [batch, tk] int positions i, j; default 0..len-1.
       initial_state: [batch, heads, 2d, dv+1] f32 sums of earlier keys (from a prefill).
-      impl: "linear" or "reference" (quadratic, for tests).
+      impl: "auto" (`choose_impl`: linear), "linear" or "reference" (quadratic, for tests).
       chunk_size: chunk length of the causal scan.
       eps: floor of the denominator (a clamp, as in the paper's code, not an addition).
     Returns:
       o: [batch, tq, heads, dv] in v's dtype; state: [batch, heads, 2d, dv+1] f32, the key sums
       (all keys, plus initial_state): the prefix state for decoding, or a cache of cross-attention keys.
     """
-    _check_inputs(q, k, v, m, causal, key_mask, q_positions, k_positions, initial_state, impl)
+    _check_inputs(q, k, v, m, causal, key_mask, q_positions, k_positions, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    impl = choose_impl("cosformer", impl, q, k, v, chunk_size=chunk_size)
     q_positions = _default_positions(q, q_positions)
     k_positions = _default_positions(k, k_positions)
     key_mask = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask
@@ -222,7 +225,7 @@ def cosformer_attention(q: Array, k: Array, v: Array, *, m: float, causal: bool,
 
 
 def cosformer_attention_step(q: Array, k: Array, v: Array, position: Array, state: Array, *,
-                             m: float, eps: float = 1e-6) -> Tuple[Array, Array]:
+                             m: float, eps: float = EPS) -> Tuple[Array, Array]:
     """One causal decoding step: S <- S + k~^T [v, 1], o = q~ S (numerator / clamped denominator).
 
     Args:
@@ -247,29 +250,25 @@ def cosformer_attention_step(q: Array, k: Array, v: Array, position: Array, stat
 class CosformerAttention(nn.Module):
     """Multi-head cosFormer attention with q/k/v/out projections, all with biases (SPEC.md §10).
 
-    Heads are contiguous head_dim slices of the projections. Self attention by default, also the token
-    mixer of the language model (causal=True); pass `inputs_kv` for cross attention. Parameters carry
-    the logical axis names `embed`, `heads`, `head_dim`.
+    Built from the config as every token mixer is, `CosformerAttention(cfg, layer)`: cfg.num_heads
+    heads of cfg.head_dim (contiguous slices of the projections), the horizon M =
+    cfg.cosformer_max_len (at least the longest context, query or key length), an output of
+    cfg.d_model features, the causal scan's cfg.chunk_size and the form cfg.attention_impl names
+    (`ModelConfig.mixer_impl`). Parameters carry the logical axis names `embed`, `heads`, `head_dim`.
 
     Attributes:
-      num_heads, head_dim: heads and their width (the projections are num_heads * head_dim wide).
-      max_len: the re-weighting horizon M, at least the longest context (query or key length).
-      causal: causal self attention (a prefix scan; the state enables decoding).
-      out_features: width of the output; default the width of inputs_q.
-      chunk_size: chunk length of the causal scan; impl: "linear" or "reference".
+      cfg: the model config; layer: unused (cosFormer layers are all alike).
+      causal: causal self attention, the language model's token mixer (a prefix scan; the state
+        enables decoding); False for bidirectional self attention or, with `inputs_kv`, cross
+        attention (the ListOps encoder).
+      kernel_init: the projections' initialiser; default normal(cfg.init_std), as every weight of
+        the language model.
     """
 
-    num_heads: int
-    head_dim: int
-    max_len: int
-    causal: bool = False
-    out_features: Optional[int] = None
-    chunk_size: int = 64
-    impl: str = "linear"
-    eps: float = 1e-6
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    kernel_init: Callable = nn.initializers.lecun_normal()
+    cfg: ModelConfig
+    layer: int = 0
+    causal: bool = True
+    kernel_init: Optional[Callable] = None
 
     @nn.compact
     def __call__(self, inputs_q: Array, positions: Optional[Array] = None, mask: Optional[Array] = None,
@@ -285,7 +284,7 @@ class CosformerAttention(nn.Module):
           kv_positions: [batch, tk] int key positions; default `positions` in self attention,
             0..tk-1 in cross attention.
         Returns:
-          out: [batch, tq, out_features] in `dtype`, and the state [batch, heads, 2*head_dim,
+          out: [batch, tq, cfg.d_model] in cfg.dtype, and the state [batch, heads, 2*head_dim,
           head_dim+1] f32 (see `cosformer_attention`).
         """
         if inputs_kv is None:
@@ -294,27 +293,29 @@ class CosformerAttention(nn.Module):
         elif self.causal:
             raise ValueError("Causal cosFormer attends within one sequence; pass no inputs_kv, or set "
                              "causal=False for cross attention.")
+        cfg = self.cfg
         names = ("embed", "heads", "head_dim")
+        kernel_init = self.kernel_init or nn.initializers.normal(stddev=cfg.init_std)
 
         # nn.Einsum, not nn.DenseGeneral, for the reason given in tnllm.model.GatedLinearAttention.
         def project(x, name):
             return nn.Einsum(
-                (x.shape[-1], self.num_heads, self.head_dim), "btd,dhk->bthk", dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=nn.with_logical_partitioning(self.kernel_init, names),
+                (x.shape[-1], cfg.num_heads, cfg.head_dim), "btd,dhk->bthk", dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                kernel_init=nn.with_logical_partitioning(kernel_init, names),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[1:]),
                 name=name)(x)
 
         q, k, v = project(inputs_q, "q_proj"), project(inputs_kv, "k_proj"), project(inputs_kv, "v_proj")
         o, state = cosformer_attention(
-            q, k, v, m=self.max_len, causal=self.causal, key_mask=mask, q_positions=positions,
-            k_positions=kv_positions, initial_state=initial_state, impl=self.impl,
-            chunk_size=self.chunk_size, eps=self.eps)
+            q, k, v, m=cfg.cosformer_max_len, causal=self.causal, key_mask=mask, q_positions=positions,
+            k_positions=kv_positions, initial_state=initial_state, impl=cfg.mixer_impl,
+            chunk_size=cfg.chunk_size)
         o = nn.with_logical_constraint(o, ("batch", "length", "heads", "head_dim"))
         out = nn.Einsum(
-            (self.num_heads, self.head_dim, self.out_features or inputs_q.shape[-1]), "bthk,hkd->btd",
-            dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(self.kernel_init, names[1:] + names[:1]),
+            (cfg.num_heads, cfg.head_dim, cfg.d_model), "bthk,hkd->btd",
+            dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            kernel_init=nn.with_logical_partitioning(kernel_init, names[1:] + names[:1]),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[:1]),
             name="out_proj")(o)
         return out, state

@@ -14,8 +14,8 @@ examples are the same whatever its size.
 
 The classifier (the LRA ListOps model: 4 layers, width 512, 8 heads) is a pre-LayerNorm Transformer
 encoder with sinusoidal positions, mean pooling over real tokens and an MLP head; its token mixer is
-bidirectional cosFormer (`tnllm.cosformer`) or softmax attention (`jax.nn.dot_product_attention`,
-XLA or cuDNN flash attention).
+bidirectional cosFormer (`tnllm.cosformer`) or softmax attention (`tnllm.softmax.encoder_attention`,
+XLA or cuDNN flash attention), each chosen by the language model's policy for "auto".
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tnllm import softmax
+from tnllm.config import IMPLS, ModelConfig
 from tnllm.cosformer import CosformerAttention
 
 Array = jax.Array
@@ -44,9 +46,6 @@ _CLOSE = VOCAB.index("]")
 NUM_CLASSES = 10
 SPLITS = {"train": 96_000, "validation": 2_000, "test": 2_000}
 TOKEN_MIXERS = ("cosformer", "softmax")
-SOFTMAX_IMPLS = ("xla", "cudnn")
-# jax's cuDNN check wants even lengths when training; 64 also fills its attention tiles.
-CUDNN_LENGTH_MULTIPLE = 64
 _OPERATOR_P = 0.25  # LRA's VALUE_P: a node is a digit when a uniform draw exceeds it
 
 
@@ -150,7 +149,11 @@ def generate(split: str, num_examples: Optional[int] = None, *, seed: int = 0,
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
-    """The LRA ListOps encoder; `max_len` bounds the sequence length and is cosFormer's M."""
+    """The LRA ListOps encoder; `max_len` bounds the sequence length and is cosFormer's M.
+
+    softmax_impl: the form of softmax attention, "auto" (`tnllm.attention.choose_impl`), "xla" or
+    "cudnn"; cosFormer runs its "auto" form.
+    """
 
     token_mixer: str = "cosformer"
     num_layers: int = 4
@@ -161,42 +164,23 @@ class ClassifierConfig:
     vocab_size: int = len(VOCAB)
     num_classes: int = NUM_CLASSES
     dtype: str = "float32"
-    softmax_impl: str = "xla"
+    softmax_impl: str = "auto"
 
     def __post_init__(self):
         if self.token_mixer not in TOKEN_MIXERS:
             raise ValueError(f"config.model.token_mixer is {self.token_mixer!r}; choose one of "
                              f"{', '.join(TOKEN_MIXERS)}.")
-        if self.softmax_impl not in SOFTMAX_IMPLS:
+        if self.softmax_impl not in IMPLS["softmax"]:
             raise ValueError(f"config.model.softmax_impl is {self.softmax_impl!r}; choose one of "
-                             f"{', '.join(SOFTMAX_IMPLS)}.")
+                             f"{', '.join(IMPLS['softmax'])}.")
         if self.d_model % self.num_heads:
             raise ValueError(f"config.model.d_model ({self.d_model}) must be divisible by "
                              f"config.model.num_heads ({self.num_heads}).")
 
-
-def softmax_attention(query: Array, key: Array, value: Array, mask: Array, *,
-                      implementation: str = "xla") -> Array:
-    """Softmax attention through `jax.nn.dot_product_attention` (the attention_fn of Flax's module).
-
-    query: [batch, tq, heads, d]; key, value: [batch, tk, heads, d]; mask: [batch, 1, 1, tk] bool,
-    False at padded keys. implementation "xla" materialises the [batch, heads, tq, tk] float32 logits;
-    "cudnn" (GPU, bf16) is flash attention, which takes key lengths instead of a mask, so there the
-    padding must come after the real tokens (as `generate` makes it). cuDNN refuses odd lengths in
-    training ("Unsupported sequence length Q 1999, KV 1999"), so both lengths are padded up to a
-    multiple of CUDNN_LENGTH_MULTIPLE; the key lengths exclude the extra keys and the extra queries'
-    rows are cut off.
-    """
-    if implementation == "cudnn":
-        lengths = jnp.sum(mask[:, 0, 0, :], axis=-1, dtype=jnp.int32)
-
-        def pad(x):
-            return jnp.pad(x, ((0, 0), (0, -x.shape[1] % CUDNN_LENGTH_MULTIPLE), (0, 0), (0, 0)))
-
-        out = jax.nn.dot_product_attention(pad(query), pad(key), pad(value),
-                                           key_value_seq_lengths=lengths, implementation="cudnn")
-        return out[:, :query.shape[1]]
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
+    def cosformer_config(self) -> ModelConfig:
+        """cosFormer's part as a language-model config, from which every token mixer is built."""
+        return ModelConfig(vocab_size=self.vocab_size, d_model=self.d_model, num_heads=self.num_heads,
+                           token_mixer="cosformer", cosformer_max_len=self.max_len, dtype=self.dtype)
 
 
 def sinusoidal_positions(length: int, width: int) -> Array:
@@ -218,10 +202,12 @@ class EncoderBlock(nn.Module):
         cfg = self.cfg
         y = nn.LayerNorm(dtype=cfg.dtype)(x)
         if cfg.token_mixer == "cosformer":
-            y, _ = CosformerAttention(num_heads=cfg.num_heads, head_dim=cfg.d_model // cfg.num_heads,
-                                      max_len=cfg.max_len, dtype=cfg.dtype, name="attention")(y, mask=mask)
+            cosformer = CosformerAttention(cfg.cosformer_config(), causal=False,
+                                           kernel_init=nn.initializers.lecun_normal(), name="attention")
+            y, _ = cosformer(y, mask=mask)
         else:
-            attend = functools.partial(softmax_attention, implementation=cfg.softmax_impl)
+            # Flax's projections (with biases, no RoPE) around the language model's softmax attention.
+            attend = functools.partial(softmax.encoder_attention, impl=cfg.softmax_impl)
             y = nn.MultiHeadDotProductAttention(cfg.num_heads, dtype=cfg.dtype, attention_fn=attend,
                                                 name="attention")(y, mask=mask[:, None, None, :])
         x = x + y

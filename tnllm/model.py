@@ -1,8 +1,8 @@
 """TransNormerLLM in Flax Linen, as released (SPEC.md §1-3), and its softmax-attention baseline.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `qkvu`, `heads`, `head_dim`, `mlp`); only
-the sharding code maps them onto mesh axes. The attention implementation comes from the config through
-the single dispatch point `tnllm.attention.lightning_attention`.
+the sharding code maps them onto mesh axes. Every token mixer takes the form config.model.attention_impl
+names, "auto" chosen by one policy for all of them (`tnllm.attention.choose_impl`).
 
 config.model.token_mixer picks the layer's token mixer (`token_mixer`); "softmax" builds the LLaMA-style
 Transformer baseline of issue 9, whose norms (`norm`) and channel mixer (`channel_mixer`) come with it:
@@ -16,8 +16,9 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
-from tnllm import cosformer, softmax
+from tnllm import cosformer, sharding, softmax
 from tnllm.attention import layer_slopes, lightning_attention
 from tnllm.config import ModelConfig
 
@@ -155,21 +156,18 @@ class GatedLinearAttention(nn.Module):
         return out_proj(srms_norm(o, cfg.norm_eps, axes=(-2, -1)) * u), state
 
 
+_TOKEN_MIXERS = {"gla": GatedLinearAttention, "cosformer": cosformer.CosformerAttention,
+                 "softmax": softmax.SoftmaxAttention}
+
+
 def token_mixer(cfg: ModelConfig, layer: int) -> nn.Module:
     """The token mixer of layer `layer` named by config.model.token_mixer, the one place that chooses it.
 
-    Every mixer is called as mixer(x, positions, mask, initial_state) -> (y, final_state), with x and y
-    [batch, seq, d_model] and its own state (`state_specs`).
+    Every mixer is built as Mixer(cfg, layer), picks its form from cfg.attention_impl through
+    `tnllm.attention.choose_impl`, and is called as mixer(x, positions, mask, initial_state) ->
+    (y, final_state), with x and y [batch, seq, d_model] and its own state (`state_specs`).
     """
-    if cfg.token_mixer == "softmax":
-        return softmax.SoftmaxAttention(cfg, name="token_mixer")
-    if cfg.token_mixer == "cosformer":
-        return cosformer.CosformerAttention(
-            num_heads=cfg.num_heads, head_dim=cfg.head_dim, max_len=cfg.cosformer_max_len, causal=True,
-            out_features=cfg.d_model, chunk_size=cfg.chunk_size, dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype, kernel_init=nn.initializers.normal(stddev=cfg.init_std),
-            name="token_mixer")
-    return GatedLinearAttention(cfg, layer, name="token_mixer")
+    return _TOKEN_MIXERS[cfg.token_mixer](cfg, layer, name="token_mixer")
 
 
 def channel_mixer(cfg: ModelConfig) -> SGLU:
@@ -268,3 +266,10 @@ def state_specs(cfg: ModelConfig, batch: int) -> Tuple[Any, ...]:
 def zero_states(cfg: ModelConfig, batch: int) -> Tuple[Any, ...]:
     """The states before any token (`state_specs` filled with zeros): what a prefill starts from."""
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state_specs(cfg, batch))
+
+
+def check_sharding(cfg: ModelConfig, mesh: Mesh) -> None:
+    """Raises a one-sentence error, before anything compiles, when the model's parameters cannot be
+    split over `mesh` (`sharding.check_params` on their shapes; nothing is allocated)."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    sharding.check_params(jax.eval_shape(TransNormerLLM(cfg).init, jax.random.key(0), tokens), mesh)

@@ -16,7 +16,7 @@ exact all-reduce across tensor shards. `docs/parallelism.md` counts the collecti
 Typical use:
 
     mesh = sharding.make_mesh(cfg.mesh)
-    sharding.check_model(model_cfg, mesh)
+    sharding.check_params(jax.eval_shape(model.init, rng, tokens), mesh)  # tnllm.model.check_sharding
     sharding.check_batch(batch_size, mesh)
     with sharding.use_mesh(mesh):
         state, state_sharding = sharding.init_sharded(create_state, mesh, rng)  # boxed params inside
@@ -31,10 +31,7 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, T
 
 import flax.linen as nn
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-
-from tnllm.config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel axes
@@ -151,15 +148,14 @@ def check_batch(batch_size: int, mesh: Mesh, field: str = "config.batch_size") -
                          f"data*fsdp = {n} of config.mesh; change one of them.")
 
 
-def check_model(cfg: ModelConfig, mesh: Mesh) -> None:
-    """Raises a one-sentence error, before anything compiles, when the model cannot be sharded.
+def check_params(boxed: Any, mesh: Mesh) -> None:
+    """Raises a one-sentence error, before anything compiles, when the parameters cannot be sharded.
 
-    Every parameter dimension split by the rules must divide by the size of its mesh axes.
+    boxed: the parameter tree with its logical axis names (`nn.LogicallyPartitioned` leaves), e.g.
+    `jax.eval_shape(model.init, rng, tokens)`, which allocates nothing. Every parameter dimension
+    split by the rules must divide by the size of its mesh axes; the error names the config field
+    that sets it.
     """
-    from tnllm.model import TransNormerLLM  # the model imports nothing from here; keep it that way
-
-    boxed = jax.eval_shape(lambda: TransNormerLLM(cfg).init(
-        jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 1), np.int32)))
     checked = set()
     for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)):
         if not isinstance(leaf, nn.LogicallyPartitioned):

@@ -1,11 +1,13 @@
 """Softmax attention with rotary positions: the token mixer of the LLaMA-style Transformer baseline.
 
-config.model.token_mixer = "softmax" (issue 9) builds the model the paper compares TransNormerLLM
+config.model.token_mixer = "softmax" builds the model the paper compares TransNormerLLM
 against: causal multi-head attention softmax(q kᵀ / √head_dim) v with RoPE on q and k, in a layer
 stack with RMSNorm (learned weight) and SwiGLU (`tnllm.model` chooses those). Its decoding state is a
 KV cache of fixed length `config.model.max_cache_len`: slot t of a row holds the key and value of the
 row's token at position t, so the cache, like the linear mixers' states, has the same shape whatever
-the context length (but bounds it).
+the context length (but bounds it). `encoder_attention` is the bidirectional form that the ListOps
+encoder (`tnllm.listops`) runs. Every form runs jax.nn.dot_product_attention with the implementation
+(XLA or cuDNN flash attention) that `tnllm.attention.choose_impl` picks for "auto".
 """
 from __future__ import annotations
 
@@ -15,11 +17,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tnllm.attention import choose_impl
 from tnllm.config import ModelConfig
 
 Array = jax.Array
 
 ROPE_BASE = 10000.0
+# jax's cuDNN check wants even lengths when training; 64 also fills its attention tiles.
+CUDNN_LENGTH_MULTIPLE = 64
 
 
 class KVCache(NamedTuple):
@@ -51,27 +56,13 @@ def rope(x: Array, positions: Array, base: float = ROPE_BASE) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_implementation(dtype, head_dim: int, masked: bool) -> str:
-    """The `implementation` of jax.nn.dot_product_attention for these inputs, the one place that
-    chooses it: cuDNN flash attention on a GPU for bf16/f16 inputs of a head size it supports
-    (a multiple of 8, at most 128 on every GPU generation) and a plain causal mask; XLA otherwise.
-
-    Masked calls (left padding, the KV cache) stay on XLA: cuDNN would take the boolean mask as a
-    dense [batch, heads, q, k] bias, which gives up what flash attention saves.
-    """
-    if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and head_dim % 8 == 0 and head_dim <= 128 and not masked):
-        return "cudnn"
-    return "xla"
-
-
-def causal_attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
+def causal_attention(q: Array, k: Array, v: Array, mask: Optional[Array], impl: str = "auto") -> Array:
     """Causal softmax attention over one sequence, scale 1/√head_dim.
 
     q, k, v: [batch, seq, heads, head_dim]; mask: [batch, seq] bool (False = padding, never attended
-    to) or None. Returns [batch, seq, heads, head_dim] in q's dtype.
+    to) or None; impl: "auto", "xla" or "cudnn". Returns [batch, seq, heads, head_dim] in q's dtype.
     """
-    impl = attention_implementation(q.dtype, q.shape[-1], mask is not None)
+    impl = choose_impl("softmax", impl, q, k, v, masked=mask is not None)
     if mask is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
     seq = q.shape[1]
@@ -94,18 +85,43 @@ def write_cache(cache: KVCache, k: Array, v: Array, positions: Array, mask: Opti
                    cache.v.at[rows, slots].set(v.astype(cache.v.dtype), mode="drop"))
 
 
-def cached_attention(q: Array, cache: KVCache, positions: Array) -> Array:
+def cached_attention(q: Array, cache: KVCache, positions: Array, impl: str = "auto") -> Array:
     """Softmax attention of queries at `positions` over the cache slots 0..position.
 
     q: [batch, seq, heads, head_dim]; positions: [batch, seq] int. Slot j ≤ t of a row was written
     before query t attends: positions count the row's real tokens, and every real token writes its
     own slot (`write_cache`) before it attends, so the mask needs no separate record of writes.
-    Returns [batch, seq, heads, head_dim] in q's dtype.
+    impl: "auto", "xla" or "cudnn". Returns [batch, seq, heads, head_dim] in q's dtype.
     """
     slots = jnp.arange(cache.k.shape[1])
     allowed = slots[None, None, None, :] <= positions[:, None, :, None]  # [batch, 1, query, slot]
-    impl = attention_implementation(q.dtype, q.shape[-1], masked=True)
+    impl = choose_impl("softmax", impl, q, cache.k, cache.v, masked=True)
     return jax.nn.dot_product_attention(q, cache.k, cache.v, mask=allowed, implementation=impl)
+
+
+def encoder_attention(query: Array, key: Array, value: Array, mask: Array, impl: str = "auto") -> Array:
+    """Bidirectional softmax attention over each row's real keys, which come first (padding at the
+    end); in the signature of Flax's attention_fn (nn.MultiHeadDotProductAttention).
+
+    query: [batch, tq, heads, d]; key, value: [batch, tk, heads, d]; mask: [batch, 1, 1, tk] bool,
+    False at padded keys; impl: "auto", "xla" or "cudnn". Returns [batch, tq, heads, d] in query's
+    dtype. "xla" materialises the [batch, heads, tq, tk] float32 logits. "cudnn" (flash attention)
+    takes key lengths instead of the mask, so it needs the padding at the end; it refuses odd lengths
+    in training ("Unsupported sequence length Q 1999, KV 1999"), so both lengths are padded up to a
+    multiple of CUDNN_LENGTH_MULTIPLE: the key lengths exclude the extra keys and the extra queries'
+    rows are cut off.
+    """
+    impl = choose_impl("softmax", impl, query, key, value)  # key lengths: no mask for cuDNN
+    if impl == "cudnn":
+        lengths = jnp.sum(mask[:, 0, 0, :], axis=-1, dtype=jnp.int32)
+
+        def pad(x):
+            return jnp.pad(x, ((0, 0), (0, -x.shape[1] % CUDNN_LENGTH_MULTIPLE), (0, 0), (0, 0)))
+
+        out = jax.nn.dot_product_attention(pad(query), pad(key), pad(value),
+                                           key_value_seq_lengths=lengths, implementation="cudnn")
+        return out[:, :query.shape[1]]
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
 
 
 class SoftmaxAttention(nn.Module):
@@ -116,6 +132,7 @@ class SoftmaxAttention(nn.Module):
     """
 
     cfg: ModelConfig
+    layer: int = 0  # every token mixer is built as Mixer(cfg, layer); softmax layers are all alike
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Optional[Array],
@@ -140,10 +157,10 @@ class SoftmaxAttention(nn.Module):
         q, k, v = (qkv[:, :, i] for i in range(3))
         q, k = rope(q, positions), rope(k, positions)
         if cache is None:
-            o = causal_attention(q, k, v, mask)
+            o = causal_attention(q, k, v, mask, cfg.mixer_impl)
         else:
             cache = write_cache(cache, k, v, positions, mask)
-            o = cached_attention(q, cache, positions)
+            o = cached_attention(q, cache, positions, cfg.mixer_impl)
         o = nn.with_logical_constraint(o, ("batch", "length", "heads", "head_dim"))
         out = nn.Einsum(
             (h, hd, cfg.d_model), "bthk,hkd->btd", use_bias=False, dtype=cfg.dtype,

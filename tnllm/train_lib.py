@@ -34,7 +34,7 @@ from tnllm import config as config_lib
 from tnllm import data, distributed, generate, sharding
 from tnllm.checkpoint import TrainCheckpoints, abstract_params
 from tnllm.loss import cross_entropy_sum, sequence_slices
-from tnllm.model import TransNormerLLM, zero_states
+from tnllm.model import TransNormerLLM, check_sharding, zero_states
 from tnllm.sampling import make_sampler
 from tnllm.tokenizer import BYTE_SPEC, load_tokenizer
 
@@ -346,7 +346,7 @@ class _Setup:
         self.loader = data.Loader(self.store, cfg.data.seq_len, t.batch_size, t.seed)
         self.val = data.Windows(self.store.splits["val"], cfg.data.seq_len, "val")
         self.mesh = sharding.make_mesh(cfg.mesh)
-        sharding.check_model(self.model_cfg, self.mesh)
+        check_sharding(self.model_cfg, self.mesh)
         if self.micro_batch % sharding.batch_parallelism(self.mesh):
             raise ValueError(
                 f"The micro-batch (config.train.batch_size / grad_accum_steps = {self.micro_batch}) "
