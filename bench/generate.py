@@ -1,34 +1,17 @@
-"""Decoding speed against context length: time per generated token after a prompt of 1K..128K tokens.
+"""Decoding speed: time per generated token after a prompt of 1K..128K tokens, and prefill speed.
 
-For each config, batch size and context length: a random prompt of that length is prefilled (the
-parallel form in segments of --prefill_chunk tokens), then --new_tokens tokens are decoded greedily
-with the one-token recurrence, EOS off. The decode time is the median of --repeats runs after a
-warm-up, divided by the model steps it takes (new_tokens - 1: the first token comes from the prefill
-logits). Parameters are random bf16 (speed does not depend on their values).
+For each config, batch size and context: a random prompt is prefilled (segments of --prefill_chunk
+tokens), then --new_tokens tokens are decoded greedily, EOS off. The decode time is the median of
+--repeats runs after a warm-up over the model steps it takes (new_tokens - 1), also given as a
+multiple of the time XLA takes to read the parameters' bytes once in the same run (row sums over as
+many contiguous bf16 elements, timed back to back). Parameters are random bf16.
 
-  python bench/generate.py                       # 385m and 1b, contexts 1K-128K, batch 1 and 64
-  python bench/generate.py --configs=385m --batches=1
-  python bench/generate.py --configs=385m,softmax_385m --contexts=1024,8192,32768 --prefill_chunk=512
-                                                 # TNL against the softmax baseline and its KV cache
-  python bench/generate.py --smoke               # tiny configs, tiny contexts: checks the logic on CPU
-  python bench/generate.py --configs=1b --batches=1 --contexts=1024 --profile --dump_hlo
-                                                 # where a decode step's time goes (GPU trace, and
-                                                 # the compiled program's HLO in $OUT)
-  python bench/generate.py --configs=1b --batches=1 --contexts=1024 --fold_norms=true,false
-                                                 # the norms folded into the products, and not
-  python bench/generate.py --configs=1b --batches=1 --contexts=1024 --fused=true,false
-                                                 # the fused one-row step, and the model's layers
-  python bench/generate.py --configs=1b --batches=1 --contexts=1024 \
-      --decode_xla_options=xla_gpu_exhaustive_tiling_search=true   # decode compiled with options
+    python -m bench.generate --configs=1b,385m --batches=1 --contexts=1024 --fused=true,false --profile
+    python -m bench.generate --configs=385m,softmax_385m --contexts=1024,8192,32768 --prefill_chunk=512
+    python -m bench.generate --smoke               # tiny configs and contexts on a CPU
 
-Each config's decode times are also given as multiples of the time XLA takes to read its parameters'
-bytes once in the same run (`weight_read_ms`: row sums over as many contiguous bf16 elements).
-
-Prints a table; writes $OUT/generate.json (rewritten after every case, so a cut-off run keeps what it
-measured) and $OUT/generate.png. OUT defaults to ./bench_out. A case that fails (e.g. out of memory)
-is recorded with its error and the run goes on. The softmax baseline's KV cache is sized to the context
-plus the new tokens; a case whose decoding state exceeds the device's memory is recorded as such
-without being run.
+Prints a table; writes $OUT/generate.json (after every case; OUT defaults to ./bench_out). A case that
+fails is recorded with its error; one whose decoding state exceeds the device's memory is not run.
 """
 import json
 import math
@@ -44,13 +27,11 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from bench import profiling, timing  # noqa: E402
-from tnllm import config as config_lib, fused_decode  # noqa: E402
-from tnllm.generate import decode, prefill  # noqa: E402
-from tnllm.model import TransNormerLLM, state_specs  # noqa: E402
-from tnllm.sampling import Greedy  # noqa: E402
+from bench import profiling, timing
+from tnllm import config as config_lib, fused_decode
+from tnllm.generate import decode, prefill
+from tnllm.model import TransNormerLLM, state_specs
+from tnllm.sampling import Greedy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +45,6 @@ flags.DEFINE_list("impls", ["blockwise"], "Parallel forms of TNL's prefill (bloc
                   "decoding step is XLA's in every case.")
 flags.DEFINE_bool("profile", False, "Trace one more decode run per case: GPU busy time, span and "
                   "kernel count per token, by kernel kind (bench/profiling.py).")
-flags.DEFINE_bool("dump_hlo", False, "Write each decode program's optimized HLO to $OUT.")
 flags.DEFINE_list("decode_xla_options", [], "XLA options for compiling the decode program only, "
                   "NAME=VALUE, e.g. xla_gpu_exhaustive_tiling_search=true (autotunes its GEMMs "
                   "over every tiling without doing so for the rest of the run).")
@@ -106,7 +86,7 @@ def measure_prefill(cfg, params, batch, context, prefill_chunk):
 
 
 def measure_decode(cfg, params, prefilled, new_tokens, repeats, decode_options, fold_norms, fused,
-                   fused_kernels, out_dir):
+                   fused_kernels):
     """Times decoding `new_tokens` tokens after `prefilled`."""
     batch = prefilled.logits.shape[0]
     # Compiled here, not by a first call, so that --decode_xla_options apply to it alone.
@@ -118,11 +98,6 @@ def measure_decode(cfg, params, prefilled, new_tokens, repeats, decode_options, 
     decode_compile_s = time.perf_counter() - start
     run_decode = lambda: decode_exe(params, prefilled, jax.random.key(0))  # noqa: E731
     out, first_s = timed(run_decode)
-    if FLAGS.dump_hlo:
-        fold = "_fold" if fold_norms else ""
-        fold += "_fused" if fused else ""
-        (out_dir / f"decode_{cfg.token_mixer}_{cfg.attention_impl}_b{batch}{fold}.hlo.txt").write_text(
-            decode_exe.as_text())
     if int(out.lengths.min()) != new_tokens:
         raise RuntimeError(f"decode stopped early: lengths {out.lengths}")
     times = [timed(run_decode)[1] for _ in range(repeats)]
@@ -142,11 +117,9 @@ def measure_decode(cfg, params, prefilled, new_tokens, repeats, decode_options, 
 def weight_read_ms(params, repeats):
     """The time XLA takes to read the parameters' bytes once from HBM: row sums over one contiguous
     [rows, 4096] bf16 array of as many elements (one pass, no per-array launches; on the H100 no
-    other sum tried was faster, 2026-11-28), timed as bench/kernels.py times (`timing.time_ms`:
-    back-to-back calls, median of `repeats` groups, at least 7). Single timed calls, used until
-    2026-11-28, gave 0.605-0.996 ms for the 1B on H200s; timed back to back it is 0.448 ms there
-    (4.57 TB/s, 95 % of the peak, faster than the step's GEMMs), a strict yardstick. Returns (GB
-    read, ms)."""
+    other sum tried was faster), timed back to back as the kernels are (`timing.time_ms`): single
+    timed calls carry launch and clock ramp-up and understate the memory's rate. Returns (GB read,
+    ms)."""
     width = 4096
     elements = sum(x.size for x in jax.tree.leaves(params))
     flat = jnp.ones((-(-elements // width), width), jnp.bfloat16)
@@ -198,38 +171,6 @@ def print_table(rows):
         print(f"{case} {r['prefill_s']:>10.3f} "
               f"{r['prefill_tokens_per_s']:>14,.0f} {r['decode_ms_per_token']:>9.3f} "
               f"{r['decode_tokens_per_s']:>13,.0f} {r['decode_per_weight_read']:>11.3f}")
-
-
-def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_decode, ax_prefill) = plt.subplots(1, 2, figsize=(11, 4.2))
-    key = lambda r: (r["config"], r["impl"], r["batch"], str(r["fold_norms"]),  # noqa: E731
-                     r.get("fused_kernels") or str(r["fused"]))
-    for name, impl, batch, fold, fused in sorted({key(r) for r in rows if "error" not in r}):
-        ok = sorted((r for r in rows if key(r) == (name, impl, batch, fold, fused) and "error" not in r),
-                    key=lambda r: r["context"])
-        contexts = [r["context"] for r in ok]
-        label = (f"{name} ({impl}{', norms unfolded' if fold == 'False' else ''}"
-                 f"{'' if fused == 'False' else f', fused step ({fused})'}), batch {batch}")
-        ax_decode.plot(contexts, [r["decode_ms_per_token"] for r in ok], "o-", label=label)
-        ax_prefill.plot(contexts, [r["prefill_tokens_per_s"] for r in ok], "o-", label=label)
-    for ax, title, ylabel in ((ax_decode, "Decode: time per generated token", "ms per step"),
-                              (ax_prefill, "Prefill throughput", "tokens / s")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"TransNormerLLM generation, bf16, {jax.devices()[0].device_kind}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv):
@@ -301,8 +242,7 @@ def main(argv):
                                                                            context, prefill_chunk)
                             row.update(prefill_stats)
                             row.update(measure_decode(case_cfg, params, prefilled, new_tokens, repeats,
-                                                      decode_options, folded, fused, kernels or None,
-                                                      out_dir))
+                                                      decode_options, folded, fused, kernels or None))
                             row["decode_per_weight_read"] = row["decode_ms_per_token"] / read_ms
                         except Exception as e:  # noqa: BLE001 - keep measuring the other cases
                             traceback.print_exc()
@@ -315,8 +255,7 @@ def main(argv):
         del params
     print()
     print_table(rows)
-    plot(rows, out_dir / "generate.png")
-    print(f"\nwrote {out_dir / 'generate.json'} and {out_dir / 'generate.png'}")
+    print(f"\nwrote {out_dir / 'generate.json'}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """ListOps (Long-Range Arena): the encoder classifier with cosFormer vs softmax attention, same budget.
 
-    python bench/listops.py [--steps N] [--batch_size B] [--token_mixers softmax] [--smoke]
+    python -m bench.listops [--steps N] [--batch_size B] [--token_mixers softmax] [--smoke]
                             [--config.train.learning_rate=...]
 
 Generates the data (tnllm/listops.py; all CPU cores), trains one classifier per token mixer with the
@@ -22,7 +22,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as a script from anywhere; spawned data workers inherit the path
 # Room for XLA's softmax attention should cuDNN's be unavailable (4 GiB of logits per layer).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
@@ -31,7 +30,7 @@ from absl import app, flags  # noqa: E402
 try:
     from ml_collections import config_flags  # noqa: E402
 except ImportError:  # the GPU image lacks it
-    sys.exit("bench/listops.py needs ml_collections: pip install ml-collections==1.1.0 (or its wheel).")
+    sys.exit("bench.listops needs ml_collections: pip install ml-collections==1.1.0 (or its wheel).")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

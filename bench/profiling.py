@@ -85,12 +85,3 @@ def idle_time(kernels, short_us: float = 5.0) -> dict:
     return {"idle_short_ms": short / 1e3, "idle_long_ms": long / 1e3,
             "idle_before_ms": [[name[:120], sum(g) / 1e3, len(g), sorted(g)[len(g) // 2]] for name, g in top]}
 
-
-def per_call(trace: dict, calls: int, unit: str) -> dict:
-    """A `gpu_time` trace of `calls` calls as GPU µs (busy), span µs and kernels per call, keyed
-    e.g. gpu_us_per_layer for unit "layer"; {} for a trace with an error."""
-    if "error" in trace:
-        return {}
-    return {f"gpu_us_per_{unit}": 1e3 * trace["gpu_ms"] / calls,
-            f"span_us_per_{unit}": 1e3 * trace["span_ms"] / calls,
-            f"kernels_per_{unit}": trace["kernels"] / calls}

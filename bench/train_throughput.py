@@ -1,33 +1,21 @@
 """Training speed and memory against sequence length: TransNormerLLM against the softmax baseline.
 
-For each config (configs/NAME.py) and, for TNL's "gla" mixer, each attention impl, the real training
-step (`tnllm.train_lib.make_train_step`: AdamW, bf16 compute on float32 parameters, donated state)
-runs at sequence lengths 1K..32K with the same number of tokens per step (batch = tokens / length),
-as in the TransNormerLLM paper's Figure 1. Every case is lowered first, then all are compiled at once
-on a thread pool (XLA compiles outside the GIL; a 24-layer step takes tens of seconds to compile and
-there are dozens of cases), then timed one after another: --steps steps after one warm-up step, the
-median step time reported. Memory is the compiled executable's (arguments + outputs + temporaries -
-donated aliases), the per-case number; a case that fails is recorded with its error. --remat and
---loss_chunk take lists: every case runs with each value (rematerialisation policy; the loss over
-the vocabulary all at once or in slices, tnllm.loss). --profile traces one more step of each case
-and records its GPU time by kernel kind (matrix products, attention kernels, XLA fusions);
---dump_hlo writes each timed case's optimized HLO.
+The real training step (`tnllm.train_lib.make_train_step`) of each config at lengths 1K..32K with
+the same tokens per step (batch = tokens / length): all cases lowered, compiled at once on a thread
+pool, then timed one after another (median of --steps steps after a warm-up). Memory is the compiled
+step's (arguments + outputs + temporaries - donated aliases). --remat and --loss_chunk take lists;
+--profile adds each case's GPU time by kernel kind; --probe_* compiles (only) at batch 1 to find the
+longest sequence that fits.
 
-The longest trainable sequence at batch 1 is probed by compiling only (no run) at --probe_lengths:
-a length fits when the compiled memory is within the device's limit.
+    python -m bench.train_throughput --configs=385m,softmax_385m --impls=pallas --remat=save_dots
+    python -m bench.train_throughput --replot=a.json,b.json  # one plot and table of earlier runs
+    python -m bench.train_throughput --smoke                 # tiny configs and lengths on a CPU
 
-    python3 bench/train_throughput.py                         # the H100 run (about 8 minutes)
-    python3 bench/train_throughput.py --configs=385m,softmax_385m --impls=pallas
-    python3 bench/train_throughput.py --smoke                 # tiny configs, tiny lengths, on a CPU
-    python3 bench/train_throughput.py --replot=a.json,b.json  # one plot and table of earlier runs
-
-Writes $OUT/train_throughput.json (rewritten after every case) and $OUT/train_throughput.png
-(tokens/s against length, one line per config, impl and option); prints a table last. OUT defaults to
-./bench_out. On the GPU machine ml_collections comes from the repository's wheel (bench/NOTES.md).
+Writes $OUT/train_throughput.json (after every case) and $OUT/train_throughput.png (OUT defaults to
+./bench_out) and prints a table.
 """
 import concurrent.futures
 import datetime
-import gzip
 import json
 import os
 import statistics
@@ -40,12 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from bench import profiling  # noqa: E402
-from tnllm import config as config_lib  # noqa: E402
-from tnllm import train_lib  # noqa: E402
-from tnllm.model import TransNormerLLM  # noqa: E402
+from bench import profiling
+from tnllm import config as config_lib
+from tnllm import train_lib
+from tnllm.model import TransNormerLLM
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,8 +48,6 @@ flags.DEFINE_list("loss_chunk", [], "config.model.loss_chunk values (0: all logi
 flags.DEFINE_integer("train_segment", None, "config.model.train_segment of TNL's cases (positions "
                      "per segment, carrying the states); default the config's.")
 flags.DEFINE_bool("profile", False, "Profile one more step of every case: GPU time by kernel kind.")
-flags.DEFINE_bool("dump_hlo", False, "Write each timed case's optimized HLO to $OUT, gzipped: what "
-                  "a kernel of the profile computes, and where in the model it comes from.")
 flags.DEFINE_list("probe_configs", ["385m", "softmax_385m"], "Configs of the batch-1 length probe.")
 flags.DEFINE_list("probe_lengths", ["65536", "131072", "262144"], "Lengths the probe compiles at batch 1.")
 flags.DEFINE_integer("probe_loss_chunk", None, "config.model.loss_chunk of the probe; default the "
@@ -96,8 +80,7 @@ _INITS = {}
 def initialiser(model, tx, model_cfg, pool):
     """The state initialiser, jitted and compiled on the pool once per model: every length of
     a config shares it (the state's static fields come from it, so the steps take its output),
-    and no case compiles while it is timed (device session 2 saw ~45 s of untimed work per case;
-    run_case now records its parts). Returns (jitted function, future of the compiled one)."""
+    and no case compiles while it is timed. Returns (jitted function, future of the compiled one)."""
     if model_cfg not in _INITS:
         init = jax.jit(lambda rng: train_lib.init_state(model, tx, rng))
         _INITS[model_cfg] = init, pool.submit(init.lower(jax.random.key(0)).compile)
@@ -278,9 +261,6 @@ def main(argv):
             if isinstance(job, Exception):
                 raise job
             compiled = job.result()
-            if FLAGS.dump_hlo:
-                name = f"train_{case['config']}_{case['impl']}_{case['remat']}_{case['seq_len']}.hlo.txt.gz"
-                (out / name).write_bytes(gzip.compress(compiled.as_text().encode()))
             case["memory_gib"] = (memory_bytes(compiled) or 0) / 2**30 or None
             step_s, loss = run_case(compiled, init.result(), cfg, case)
             tokens_per_s = cfg.train.batch_size * cfg.data.seq_len / step_s
