@@ -1,17 +1,11 @@
-"""Decoding speed: time per generated token after a prompt of 1K..128K tokens, and prefill speed.
-
-For each config, batch size and context: a random prompt is prefilled (segments of --prefill_chunk
-tokens), then --new_tokens tokens are decoded greedily, EOS off. The decode time is the median of
---repeats runs after a warm-up over the model steps it takes (new_tokens - 1), also given as a
-multiple of the time XLA takes to read the parameters' bytes once in the same run (row sums over as
-many contiguous bf16 elements, timed back to back). Parameters are random bf16.
+"""Decoding speed: ms per generated token after a prompt, as a multiple of the time XLA takes to read
+the parameters once (row sums over as many bf16 bytes, timed back to back), and prefill speed.
+Random bf16 parameters; greedy, EOS off; the median of --repeats runs over new_tokens - 1 steps.
 
     python -m bench.generate --configs=1b,385m --batches=1 --contexts=1024 --fused=true,false --profile
-    python -m bench.generate --configs=385m,softmax_385m --contexts=1024,8192,32768 --prefill_chunk=512
-    python -m bench.generate --smoke               # tiny configs and contexts on a CPU
+    python -m bench.generate --smoke                 # tiny configs on a CPU
 
-Prints a table; writes $OUT/generate.json (after every case; OUT defaults to ./bench_out). A case that
-fails is recorded with its error; one whose decoding state exceeds the device's memory is not run.
+Writes $OUT/generate.json (OUT defaults to ./bench_out) after every case; a failed case is recorded.
 """
 import json
 import math
@@ -27,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from bench import profiling, timing
+from bench import profiling, report, timing
 from tnllm import config as config_lib, fused_decode
 from tnllm.generate import decode, prefill
 from tnllm.model import TransNormerLLM, state_specs
@@ -41,20 +35,14 @@ flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
 flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per timed run.")
 flags.DEFINE_integer("repeats", 5, "Timed decode runs per case (the median is reported).")
 flags.DEFINE_integer("prefill_chunk", 2048, "Prompt tokens per prefill segment.")
-flags.DEFINE_list("impls", ["blockwise"], "Parallel forms of TNL's prefill (blockwise, pallas); the "
-                  "decoding step is XLA's in every case.")
+flags.DEFINE_list("impls", ["blockwise"], "Parallel forms of TNL's prefill (blockwise, pallas).")
 flags.DEFINE_bool("profile", False, "Trace one more decode run per case: GPU busy time, span and "
                   "kernel count per token, by kernel kind (bench/profiling.py).")
-flags.DEFINE_list("decode_xla_options", [], "XLA options for compiling the decode program only, "
-                  "NAME=VALUE, e.g. xla_gpu_exhaustive_tiling_search=true (autotunes its GEMMs "
-                  "over every tiling without doing so for the rest of the run).")
-flags.DEFINE_integer("steps_per_iteration", 4, "Decoding steps per iteration of the decode loop.")
-flags.DEFINE_list("fold_norms", ["auto"], "TNL's decoding step with the SRMSNorm scales folded "
-                  "into the products (true), in the released order (false), as tnllm.generate "
-                  "chooses (auto: folded when batch > 1), or several: true,false.")
 flags.DEFINE_list("fused", ["auto"], "At batch 1, TNL's decoding step on fused Pallas GEMVs "
                   "(tnllm.fused_decode: true), through the model's layers (false), as tnllm.generate "
                   "chooses (auto: fused on a GPU), or several: true,false.")
+flags.register_validator("fused", lambda v: set(v) <= {"auto", "true", "false"},
+                         "--fused takes auto, true and/or false, comma-separated.")
 flags.DEFINE_list("fused_kernels", ["auto"], "The fused step's products: hopper, triton, auto "
                   "(hopper on a Hopper GPU), or several: hopper,triton.")
 flags.DEFINE_bool("smoke", False, "Tiny config and contexts, few tokens: a quick check of this script.")
@@ -85,16 +73,13 @@ def measure_prefill(cfg, params, batch, context, prefill_chunk):
                            prefill_tokens_per_s=batch * context / prefill_s)
 
 
-def measure_decode(cfg, params, prefilled, new_tokens, repeats, decode_options, fold_norms, fused,
-                   fused_kernels):
+def measure_decode(cfg, params, prefilled, new_tokens, repeats, fused, fused_kernels):
     """Times decoding `new_tokens` tokens after `prefilled`."""
     batch = prefilled.logits.shape[0]
-    # Compiled here, not by a first call, so that --decode_xla_options apply to it alone.
     lowered = decode.lower(params, prefilled, jax.random.key(0), cfg=cfg, sampler=Greedy(),
-                           max_new_tokens=new_tokens, steps_per_iteration=FLAGS.steps_per_iteration,
-                           fold_norms=fold_norms, fused=fused, fused_kernels=fused_kernels)
+                           max_new_tokens=new_tokens, fused=fused, fused_kernels=fused_kernels)
     start = time.perf_counter()
-    decode_exe = lowered.compile(compiler_options=decode_options)
+    decode_exe = lowered.compile()
     decode_compile_s = time.perf_counter() - start
     run_decode = lambda: decode_exe(params, prefilled, jax.random.key(0))  # noqa: E731
     out, first_s = timed(run_decode)
@@ -127,58 +112,26 @@ def weight_read_ms(params, repeats):
     return flat.nbytes / 1e9, timing.time_ms(read, [(flat,)], group_ms=50.0, groups=max(repeats, 7))
 
 
-def xla_options(pairs):
-    """["name=value", ...] -> {name: value} for `Lowered.compile`, which wants typed values: JSON
-    literals (true, 4, 0.5) become bool, int or float, anything else stays a string."""
-    options = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--decode_xla_options takes NAME=VALUE pairs, got {pair!r}.")
-        try:
-            options[name] = json.loads(value)
-        except json.JSONDecodeError:
-            options[name] = value
-    return options
-
-
-def parse_choice(flag, text):
-    """--fold_norms or --fused value -> decode's argument: True, False or None (its default)."""
-    choices = {"true": True, "false": False, "auto": None}
-    if text.lower() not in choices:
-        raise ValueError(f"--{flag} takes auto, true and/or false, got {text!r}.")
-    return choices[text.lower()]
-
-
 def state_mb_per_sequence(cfg):
     leaves = jax.tree.leaves(state_specs(cfg, 1))
     return sum(math.prod(s.shape) * s.dtype.itemsize for s in leaves) / 1e6
 
 
 def print_table(rows):
-    head = (f"{'config':>12} {'impl':>9} {'fold':>5} {'fused':>6} {'batch':>5} {'context':>8} "
-            f"{'prefill s':>10} {'prefill tok/s':>14} {'ms/token':>9} {'decode tok/s':>13} "
-            f"{'x sum read':>11}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        fused = r.get("fused_kernels") or str(r["fused"])  # the fused step's kernels, or False
-        case = (f"{r['config']:>12} {r['impl']:>9} {str(r['fold_norms']):>5} {fused:>6} "
-                f"{r['batch']:>5} {r['context']:>8}")
-        if "error" in r:
-            print(f"{case}  failed: {r['error']}")
-            continue
-        print(f"{case} {r['prefill_s']:>10.3f} "
-              f"{r['prefill_tokens_per_s']:>14,.0f} {r['decode_ms_per_token']:>9.3f} "
-              f"{r['decode_tokens_per_s']:>13,.0f} {r['decode_per_weight_read']:>11.3f}")
+    for r in rows:  # the fused step's kernels, or False
+        r["step"] = r.get("fused_kernels") or str(r["fused"])
+    print(report.markdown(rows, [
+        ("config", "config", ""), ("impl", "impl", ""), ("fused", "step", ""),
+        ("batch", "batch", ""), ("context", "context", ""), ("prefill s", "prefill_s", ".3f"),
+        ("prefill tok/s", "prefill_tokens_per_s", ",.0f"), ("ms/token", "decode_ms_per_token", ".3f"),
+        ("decode tok/s", "decode_tokens_per_s", ",.0f"), ("÷ read", "decode_per_weight_read", ".2f")]))
 
 
 def main(argv):
     del argv
     if FLAGS.smoke:
-        names, contexts, batches = ["tiny", "softmax_tiny"], [16, 64], [1, 2]
-        impls = ["blockwise", "pallas"]
-        new_tokens, repeats, prefill_chunk = 8, 2, 32
+        names, contexts, batches, impls = ["tiny", "softmax_tiny"], [16], [1], ["blockwise"]
+        new_tokens, repeats, prefill_chunk = 4, 1, 32
     else:
         names = FLAGS.configs
         contexts, batches = [int(c) for c in FLAGS.contexts], [int(b) for b in FLAGS.batches]
@@ -188,12 +141,10 @@ def main(argv):
         raise ValueError("--new_tokens must be at least 2: the first token comes from the prefill.")
     out_dir = Path(os.environ.get("OUT", "bench_out"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    decode_options = xla_options(FLAGS.decode_xla_options)
     meta = dict(date=time.strftime("%Y-%m-%d"), device=jax.devices()[0].device_kind,
                 backend=jax.default_backend(), jax_version=jax.__version__, command=" ".join(sys.argv),
                 new_tokens=new_tokens, repeats=repeats, prefill_chunk=prefill_chunk,
-                dtype="bfloat16", decode_xla_options=decode_options,
-                steps_per_iteration=FLAGS.steps_per_iteration)
+                dtype="bfloat16")
     print(json.dumps(meta))
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     rows = []
@@ -204,9 +155,7 @@ def main(argv):
         weights_gb, read_ms = weight_read_ms(params, repeats)
         print(f"{name}: {weights_gb:.3f} GB of bf16 parameters, read once in {read_ms:.3f} ms "
               f"({weights_gb / read_ms:.2f} TB/s)", flush=True)
-        folds = ([parse_choice("fold_norms", f) for f in FLAGS.fold_norms] if cfg.token_mixer == "gla"
-                 else [False])
-        fuseds = [parse_choice("fused", f) for f in FLAGS.fused]
+        fuseds = [{"true": True, "false": False, "auto": None}[f] for f in FLAGS.fused]
         kernel_choices = sorted({fused_decode.default_kernels() if k == "auto" else k
                                  for k in FLAGS.fused_kernels})
         # The impl picks the parallel form of TNL's prefill.
@@ -222,17 +171,14 @@ def main(argv):
                                 weight_read_ms=read_ms)
                     prefilled = None
                     # One prefill for every variant of the decoding step, each resolved as decode
-                    # resolves it (auto: by the batch and the device); the norms are not folded
-                    # in the fused step.
+                    # resolves it (auto: by the batch and the device).
                     fused_ok = not fused_decode.unsupported(case_cfg, batch)
-                    variants = {(False if fused else batch > 1 if fold is None else fold, fused, k)
-                                for fold in folds for f in fuseds
+                    variants = {(fused, k) for f in fuseds
                                 for fused in [fused_decode.by_default(case_cfg, batch) if f is None
                                               else f and fused_ok]
                                 for k in (kernel_choices if fused else [""])}
-                    for folded, fused, kernels in sorted(variants):
-                        row = dict(case, fold_norms=folded if cfg.token_mixer == "gla" else None,
-                                   fused=fused, fused_kernels=kernels or None)
+                    for fused, kernels in sorted(variants):
+                        row = dict(case, fused=fused, fused_kernels=kernels or None)
                         try:
                             if limit is not None and batch * state_mb * 1e6 > limit:
                                 raise MemoryError(f"the decoding state needs {batch * state_mb / 1e3:.0f} "
@@ -242,7 +188,7 @@ def main(argv):
                                                                            context, prefill_chunk)
                             row.update(prefill_stats)
                             row.update(measure_decode(case_cfg, params, prefilled, new_tokens, repeats,
-                                                      decode_options, folded, fused, kernels or None))
+                                                      fused, kernels or None))
                             row["decode_per_weight_read"] = row["decode_ms_per_token"] / read_ms
                         except Exception as e:  # noqa: BLE001 - keep measuring the other cases
                             traceback.print_exc()

@@ -1,12 +1,9 @@
-"""The Lightning Attention Pallas kernels against FLA's `chunk_simple_gla`, the blockwise XLA form
-and cuDNN flash attention: correctness first, then forward and forward+backward times, the block
-sweep, sequence segments and peak memory against length (docs/benchmarks.md, docs/kernels.md).
+"""The Lightning Attention Pallas kernels against FLA's `chunk_simple_gla` (in its own process), the
+blockwise XLA form and cuDNN flash attention: checked against float32 first, then timed (bench.timing).
 
     python -m bench.kernels --out /tmp/k --stages check,table,fla,memory,plots
     python -m bench.kernels --out /tmp/k --stages sweep --sweep 64:64:4:4,64:128:8:3
     python -m bench.kernels --out /tmp/k --smoke          # tiny shapes on a CPU, interpret mode
-
-Writes results.json, table.md and memory_vs_length.png under --out. Timings: bench.timing.
 """
 from __future__ import annotations
 
@@ -20,18 +17,19 @@ import sys
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from bench import report
+from bench.timing import time_ms
+from pallas_kernels import lightning
+from tnllm import attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SHAPES = [  # batch, seq, heads, head dim: the shapes of FLA's public benchmarks
-    (1, 8192, 96, 128),
-    (2, 16384, 16, 128),
-    (4, 4096, 64, 128),
-    (4, 2048, 16, 128),
-    (4, 8192, 32, 128),
-    (8, 2048, 32, 128),
-]
+SHAPES = [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 4096, 64, 128),  # batch, seq, heads, head
+          (4, 2048, 16, 128), (4, 8192, 32, 128), (8, 2048, 32, 128)]   # dim: FLA's benchmark shapes
 # Few (batch x head) programs, where splitting the sequence matters most: the 385M (8 heads) and
 # the 1B (16 heads) at batch 1 and 32K tokens, the longest rows of bench/train_throughput.py.
 SEGMENT_SHAPES = [(1, 32768, 8, 128), (1, 32768, 16, 128)]
@@ -54,20 +52,6 @@ def log(*args):
     print(*args, flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# JAX side
-# ----------------------------------------------------------------------------------------------
-def jax_setup():
-    # Imported here: the FLA worker process of this script runs torch without JAX.
-    global jax, jnp, attention, lightning, time_ms
-    import jax  # noqa: F811
-    import jax.numpy as jnp  # noqa: F811
-
-    from bench.timing import time_ms  # noqa: F811
-    from pallas_kernels import lightning  # noqa: F811
-    from tnllm import attention  # noqa: F811
-
-
 def make_inputs(seed, batch, seq, heads, dk, dtype, dv=None):
     """q, k (silu features, like the model's), v and an output cotangent dO: random, never zeros."""
     dv = dk if dv is None else dv
@@ -86,17 +70,10 @@ def rel_rms(x, ref):
 
 def variant_fns(slopes):
     """name -> o = f(q, k, v) for every timed variant."""
-
-    def ours(q, k, v):
-        return lightning.lightning_attention(q, k, v, slopes)[0]
-
-    def blockwise(q, k, v):
-        return attention.lightning_attention(q, k, v, slopes, impl="blockwise")[0]
-
-    def cudnn(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-
-    return {"ours": ours, "blockwise": blockwise, "cudnn": cudnn}
+    return {"ours": lambda q, k, v: lightning.lightning_attention(q, k, v, slopes)[0],
+            "blockwise": lambda q, k, v: attention.lightning_attention(q, k, v, slopes, impl="blockwise")[0],
+            "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                  implementation="cudnn")}
 
 
 def fwd_and_fwd_bwd(f):
@@ -204,7 +181,8 @@ def stage_segments(results, shapes):
         programs = dim // base.fwd.block_v * heads * batch
         chunks = seq // base.fwd.chunk
         auto = lightning.default_segments(programs, chunks, cores)
-        counts = [1] + [2 ** i for i in range(1, 12) if programs * 2 ** i <= 4 * cores and chunks >= 2 ** (i + 1)]
+        counts = [n for n in (2 ** i for i in range(12))  # up to four waves, two chunks a segment
+                  if n == 1 or (programs * n <= 4 * cores and chunks >= 2 * n)]
         results["segments"] += time_plans(shape, [({"shape": shape, "segments": n, "default": n == auto},
                                                     dataclasses.replace(base, segments=n)) for n in counts],
                                           seed=12)
@@ -246,23 +224,21 @@ def peak_mib(fwd_bwd, shape):
     return (total - m.alias_size_in_bytes) / 2**20
 
 
-def stage_lengths(results, key, unit, measure):
-    """measure(forward+backward, shape) of every variant at every length of the length sweep."""
-    log(f"== {key} of forward+backward against length ({unit}), batch, heads =", LENGTH_BH)
+def stage_memory(results):
+    """Peak memory of every variant's forward+backward at every length of LENGTHS."""
+    log("== memory of forward+backward against length (MiB), batch, heads =", LENGTH_BH)
     batch, heads = LENGTH_BH
-    rows = []
+    results["memory"] = []
     for seq in LENGTHS:
-        shape = (batch, seq, heads, 128)
         row = {"seq": seq}
         for name, f in variant_fns(attention.alibi_slopes(heads)).items():
             try:
-                row[name] = measure(fwd_and_fwd_bwd(f)[1], shape)
+                row[name] = peak_mib(fwd_and_fwd_bwd(f)[1], (batch, seq, heads, 128))
             except Exception as e:
                 row[name] = None
                 log(f"{name} at {seq} failed: {type(e).__name__}: {str(e)[:200]}")
-        rows.append(row)
+        results["memory"].append(row)
         log(json.dumps(row))
-    results[key] = rows
 
 
 def write_fla_check(path):
@@ -279,9 +255,6 @@ def write_fla_check(path):
     np.savez(path, **{n: np.asarray(a, np.float32) for n, a in arrays.items()})
 
 
-# ----------------------------------------------------------------------------------------------
-# FLA side (its own process: torch and XLA each manage device memory)
-# ----------------------------------------------------------------------------------------------
 def fla_worker(out):
     import torch
     from fla.ops.simple_gla import chunk_simple_gla
@@ -348,61 +321,38 @@ def stage_fla(results):
     results["fla"]["returncode"] = proc.returncode
 
 
-# ----------------------------------------------------------------------------------------------
-# report
-# ----------------------------------------------------------------------------------------------
-def fmt(x, spec=".3f"):
-    return "n/a" if x is None else format(x, spec)
-
-
 def markdown_table(results):
     """Times in ms; FLA / ours > 1 means ours is faster; floor: the HBM bytes at the copy rate."""
     fla = {tuple(r["shape"]): r for r in results.get("fla", {}).get("rows", [])}
-    cols = ["ours fwd", "ours fwd+bwd", "blockwise fwd+bwd", "cuDNN flash fwd+bwd", "FLA fwd",
-            "FLA fwd+bwd", "FLA / ours, fwd+bwd", "floor fwd", "ours fwd / floor"]
-    lines = ["| B, T, H, D | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    rows = []
     for r in results.get("table", []):
-        f = fla.get(tuple(r["shape"]), {})
-
-        def ratio(a, b):
-            return None if a is None or b is None else a / b
-
-        cells = [r.get("ours_fwd"), r.get("ours_fwd_bwd"), r.get("blockwise_fwd_bwd"),
-                 r.get("cudnn_fwd_bwd"), f.get("fla_fwd"), f.get("fla_fwd_bwd"),
-                 ratio(f.get("fla_fwd_bwd"), r.get("ours_fwd_bwd")), r["floor_fwd"],
-                 ratio(r.get("ours_fwd"), r["floor_fwd"])]
-        lines.append("| " + ", ".join(map(str, r["shape"])) + " | "
-                     + " | ".join("n/a" if c is None else f"{c:.3f}" for c in cells) + " |")
-    return "\n".join(lines)
+        row = {**r, **fla.get(tuple(r["shape"]), {}), "shape": ", ".join(map(str, r["shape"]))}
+        if row.get("fla_fwd_bwd") and row.get("ours_fwd_bwd"):
+            row["fla_ratio"] = row["fla_fwd_bwd"] / row["ours_fwd_bwd"]
+        if row.get("ours_fwd"):
+            row["of_floor"] = row["ours_fwd"] / row["floor_fwd"]
+        rows.append(row)
+    return report.markdown(rows, [(h, k, "" if k == "shape" else ".3f") for h, k in (
+        ("B, T, H, D", "shape"), ("ours fwd", "ours_fwd"), ("ours fwd+bwd", "ours_fwd_bwd"),
+        ("blockwise fwd+bwd", "blockwise_fwd_bwd"), ("cuDNN flash fwd+bwd", "cudnn_fwd_bwd"),
+        ("FLA fwd", "fla_fwd"), ("FLA fwd+bwd", "fla_fwd_bwd"), ("FLA / ours, fwd+bwd", "fla_ratio"),
+        ("floor fwd", "floor_fwd"), ("ours fwd / floor", "of_floor"))])
 
 
 def plot_memory(rows, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, label in (("ours", "ours (Pallas)"), ("blockwise", "blockwise XLA"),
-                        ("cudnn", "cuDNN softmax flash attention")):
-        pts = [(r["seq"], r[name]) for r in rows if r.get(name) is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel(f"sequence length (batch {LENGTH_BH[0]}, {LENGTH_BH[1]} heads, head dim 128, bf16)")
-    ax.set_ylabel("peak memory of forward+backward (MiB)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "memory_vs_length.png"), dpi=120)
-    plt.close(fig)
+    report.line_plot({label: [(r["seq"], r[name]) for r in rows if r.get(name) is not None]
+                      for name, label in (("ours", "ours (Pallas)"), ("blockwise", "blockwise XLA"),
+                                          ("cudnn", "cuDNN softmax flash attention"))},
+                     os.path.join(out, "memory_vs_length.png"), logy=True,
+                     xlabel="sequence length (batch {}, {} heads, head dim 128, bf16)".format(*LENGTH_BH),
+                     ylabel="peak memory of forward+backward (MiB)")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for results.json, table.md, plots")
-    parser.add_argument("--stages", default="check,table,fla,memory,plots",
-                        help="of check, sweep, segments, table, fla, memory, plots")
+    parser.add_argument("--stages", default=None, help="of check, sweep, segments, table, fla, memory, "
+                        "plots; default check,table,fla,memory,plots (--smoke: all but fla)")
     parser.add_argument("--sweep", default="", help="block configs C:bv:warps:stages,... for 'sweep'")
     parser.add_argument("--sweep_shapes", default="0,1,2",
                         help="indices into SHAPES of the shapes 'sweep' runs")
@@ -416,12 +366,13 @@ def main():
         SEGMENT_SHAPES = []
         EXTRA_CHECKS = [((1, 50, 2, 32, 16), "float32", True)]
         FLA_CHECK_SHAPE = (1, 64, 2, 64)
+        args.sweep = args.sweep or "64:64:4:1"
     os.makedirs(args.out, exist_ok=True)
     if args.fla_worker:
         return fla_worker(args.out)
 
-    jax_setup()
-    stages = args.stages.split(",")
+    stages = (args.stages or ("check,sweep,segments,table,memory,plots" if args.smoke else
+                              "check,table,fla,memory,plots")).split(",")
     results = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
                "cores": getattr(jax.devices()[0], "core_count", None),
                "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
@@ -451,7 +402,7 @@ def main():
         elif stage == "fla":
             stage_fla(results)
         elif stage == "memory":
-            stage_lengths(results, "memory", "MiB", peak_mib)
+            stage_memory(results)
         elif stage == "plots":
             if results.get("memory"):
                 plot_memory(results["memory"], args.out)

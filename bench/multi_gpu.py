@@ -1,17 +1,13 @@
-"""Training on one host's GPUs: FSDP and tensor parallelism against one GPU, through `train.py`.
-
-Each case is a fresh `train.py` process with the same global batch, seed and data: 1gpu, fsdpN,
-tensor2 (and tensorN), and two one-GPU noise references whose updates equal 1gpu's in exact
-arithmetic: 1gpu_accum2 (sums in another order) and 1gpu_f32 (float32 at the highest matmul
-precision). A mesh case is within bf16 noise when its largest loss difference from 1gpu is at most
-the references'. The FSDP checkpoint is then restored on one GPU by `tnllm.generate`.
+"""Training on one host's GPUs through `train.py`, one process per case: 1gpu, fsdpN, tensor2 and two
+one-GPU noise references (1gpu_accum2: sums reordered; 1gpu_f32: float32). A mesh case is within
+bf16 noise when its largest loss difference from 1gpu is at most the references'. The FSDP
+checkpoint is then restored and generated from on one GPU.
 
     NCCL_NVLS_ENABLE=0 python -m bench.multi_gpu --cases=1gpu,1gpu_accum2,1gpu_f32,fsdp2,tensor2
-    python -m bench.multi_gpu --report --results=a.jsonl,b.jsonl   # the report of earlier runs
-    python -m bench.multi_gpu --smoke                             # two fake CPU devices, tiny
+    python -m bench.multi_gpu --smoke                 # two fake CPU devices, the tiny model
 
-Appends one JSON line per case to --results (default $OUT/multi_gpu.jsonl), runs in $OUT/multi_gpu.
-NVLink multicast stays off (NCCL_NVLS_ENABLE=0): on shared hosts it can take the GPUs down.
+Appends a JSON line per case to --results (default $OUT/multi_gpu.jsonl). NVLink multicast stays
+off (NCCL_NVLS_ENABLE=0): on shared hosts it can take the GPUs down.
 """
 import concurrent.futures
 import json
@@ -27,6 +23,7 @@ from typing import NamedTuple
 
 from absl import app, flags
 
+from bench.report import markdown
 from tnllm import config as config_lib
 from tnllm import data
 from tnllm.tokenizer import load_tokenizer
@@ -47,8 +44,7 @@ flags.DEFINE_enum("platform", "gpu", ["gpu", "cpu"],
 flags.DEFINE_string("attention_impl", "pallas", "config.model.attention_impl of every case.")
 flags.DEFINE_integer("warmup_steps", 5, "config.optim.warmup_steps (short, so that 20 steps move).")
 flags.DEFINE_multi_string("set", [], "More config overrides for every case, e.g. model.dtype=bfloat16.")
-flags.DEFINE_string("results", None, "JSON lines file(s); default $OUT/multi_gpu.jsonl.")
-flags.DEFINE_bool("report", False, "Only print the report of --results (comma-separated files).")
+flags.DEFINE_string("results", None, "JSON lines file; default $OUT/multi_gpu.jsonl.")
 flags.DEFINE_integer("timeout", 300, "Seconds allowed to each train.py run.")
 flags.DEFINE_bool("smoke", False, "Two fake CPU devices, the tiny model on a small corpus, 2 steps.")
 FLAGS = flags.FLAGS
@@ -153,24 +149,20 @@ def loss_diffs(run: dict, ref: dict) -> tuple:
 def report(records: list) -> None:
     runs = [r for r in records if "seq_len" in r]
     one = {r["seq_len"]: r for r in runs if r["case"] == "1gpu" and "tokens_per_s" in r}
-    print("\n| case | GPUs | seq | batch | tokens/s | tokens/s per GPU | MFU | peak GiB per GPU | "
-          "scaling eff. | max loss diff vs 1 GPU |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        if "tokens_per_s" not in r:
-            print(f"| {r['case']} | {r['gpus']} | {r['seq_len']} | {r['batch']} | failed (rc {r['rc']}): "
-                  f"{(r['log_tail'] or [''])[-1][:100]} | | | | | |")
-            continue
         ref = one.get(r["seq_len"])
-        eff = diff = ""
-        if ref is not None and r is not ref:
+        if "tokens_per_s" not in r:
+            r["error"] = f"failed (rc {r['rc']}): {(r['log_tail'] or [''])[-1][:100]}"
+        elif ref is not None and r is not ref:
+            r["diff"] = f"{loss_diffs(r, ref)[0]:.2e} ({min(len(r['losses']), len(ref['losses']))} steps)"
             if r["gpus"] > 1:
-                eff = f"{r['tokens_per_s'] / (r['gpus'] * ref['tokens_per_s']):.1%}"
-            diff = f"{loss_diffs(r, ref)[0]:.2e} ({min(len(r['losses']), len(ref['losses']))} steps)"
-        mfu = "" if r.get("mfu") is None else f"{r['mfu']:.1%}"
-        peak = "" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
-        print(f"| {r['case']} | {r['gpus']} | {r['seq_len']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
-              f"{r['tokens_per_s'] / r['gpus']:,.0f} | {mfu} | {peak} | {eff} | {diff} |")
+                r["eff"] = r["tokens_per_s"] / (r["gpus"] * ref["tokens_per_s"])
+        r["per_gpu"] = r.get("tokens_per_s", 0) / r["gpus"]
+    print("\n" + markdown(runs, [
+        ("case", "case", ""), ("GPUs", "gpus", ""), ("seq", "seq_len", ""), ("batch", "batch", ""),
+        ("tokens/s", "tokens_per_s", ",.0f"), ("tokens/s per GPU", "per_gpu", ",.0f"), ("MFU", "mfu", ".1%"),
+        ("peak GiB per GPU", "peak_gib", ".1f"), ("scaling eff.", "eff", ".1%"),
+        ("max loss diff vs 1 GPU", "diff", "")]))
     for length, ref in one.items():
         done = [r for r in runs if r["seq_len"] == length and "losses" in r]
         print(f"\nLosses at {length}:")
@@ -208,11 +200,8 @@ def main(argv):
     out = os.environ.get("OUT", "bench_out")
     if FLAGS.smoke:
         smoke(out)
-    paths = (FLAGS.results or os.path.join(out, "multi_gpu.jsonl")).split(",")
-    if FLAGS.report:
-        report([json.loads(line) for p in paths for line in open(p) if line.strip()])
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(paths[0])), exist_ok=True)
+    path = FLAGS.results or os.path.join(out, "multi_gpu.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     gpus = FLAGS.gpus or (2 if FLAGS.platform == "cpu" else gpu_count())
     cases = all_cases(gpus)
     chosen = FLAGS.cases or list(cases)
@@ -223,24 +212,18 @@ def main(argv):
     print(f"{gpus} {FLAGS.platform.upper()}s; cases {', '.join(chosen)}; config {FLAGS.config}", flush=True)
     records = []
 
-    def emit(record: dict) -> None:  # appended as it comes: a run cut short keeps what it measured
+    def done(record: dict) -> None:  # appended as it comes: a run cut short keeps what it measured
         records.append(record)
-        with open(paths[0], "a") as f:
+        with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-    def done(record: dict) -> None:
-        emit(record)
-        print(f"{record['case']} at {record['seq_len']}: rc {record['rc']}, "
-              f"{record.get('tokens_per_s', 0):,.0f} tokens/s, {record['wall_s']:.0f} s", flush=True)
+        print(f"{record['case']}: rc {record['rc']}, {record.get('tokens_per_s', 0):,.0f} tok/s", flush=True)
 
     lengths = list(zip(map(int, FLAGS.lengths), map(int, FLAGS.steps)))
     # The corpus is tokenized here once, not by runs racing to build the same token store.
     cfg = config_lib.load(os.path.join(ROOT, FLAGS.config))
-    for override in FLAGS.set:  # the data overrides matter here
-        section_field, value = override.split("=", 1)
-        section, field = section_field.split(".")
-        if section == "data":
-            cfg.data[field] = type(cfg.data[field])(value)
+    for override in (o[len("data."):] for o in FLAGS.set if o.startswith("data.")):
+        field, value = override.split("=", 1)
+        cfg.data[field] = type(cfg.data[field])(value)
     data.TokenStore(cfg.data, load_tokenizer(cfg.data.tokenizer))
     single = [n for n in chosen if cases[n].gpus == 1]
     if single:  # the one-GPU runs of all lengths at once, each on a GPU of its own (CPU: one by one)
@@ -266,11 +249,11 @@ def main(argv):
             record = train(name, cases[name], list(range(cases[name].gpus)), length, steps)
             done(record)
             if name == f"fsdp{gpus}" and length == lengths[0][0] and record["rc"] == 0:
-                emit(restore_and_generate(record["workdir"]))
+                done(restore_and_generate(record["workdir"]))
     report(records)
     failed = [f"{r['case']} (rc {r['rc']})" for r in records if r["rc"] != 0]
     if failed:
-        raise SystemExit(f"error: {', '.join(failed)} failed; their logs' tails are in {paths[0]}.")
+        raise SystemExit(f"error: {', '.join(failed)} failed; their logs' tails are in {path}.")
 
 
 if __name__ == "__main__":

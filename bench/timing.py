@@ -1,8 +1,6 @@
-"""Wall-clock time of a jitted call on the device: the method every benchmark here times with.
-
-`time_ms(f, arg_sets)` warms f up, sizes groups of back-to-back calls to about `group_ms` (async
-dispatch keeps the device busy, so the host's per-call overhead and the clocks' ramp-up stay out of
-the result), and returns the median over `groups` of each group's mean time per call.
+"""Wall-clock time of a jitted call: `time_ms(f, arg_sets)` warms f up, then returns the median over
+`groups` of the mean time of back-to-back calls in groups of about `group_ms` (async dispatch keeps
+the device busy, so per-call host overhead and clock ramp-up stay out). Every benchmark times so.
 """
 import statistics
 import time
@@ -26,3 +24,4 @@ def time_ms(f, arg_sets, group_ms=30.0, groups=7, sync=jax.block_until_ready):
         sync(out)
         means.append((time.perf_counter() - t) * 1e3 / n)
     return statistics.median(means)
+

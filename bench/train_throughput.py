@@ -1,18 +1,12 @@
-"""Training speed and memory against sequence length: TransNormerLLM against the softmax baseline.
-
-The real training step (`tnllm.train_lib.make_train_step`) of each config at lengths 1K..32K with
-the same tokens per step (batch = tokens / length): all cases lowered, compiled at once on a thread
-pool, then timed one after another (median of --steps steps after a warm-up). Memory is the compiled
-step's (arguments + outputs + temporaries - donated aliases). --remat and --loss_chunk take lists;
---profile adds each case's GPU time by kernel kind; --probe_* compiles (only) at batch 1 to find the
-longest sequence that fits.
+"""Training step time, tokens/s, MFU and compiled memory against sequence length at a constant number
+of tokens per step: TransNormerLLM against the softmax baseline. All cases are compiled at once on a
+thread pool, then timed one by one (median of --steps steps after a warm-up). --probe_* compiles
+only, at batch 1, to find the longest sequence that fits.
 
     python -m bench.train_throughput --configs=385m,softmax_385m --impls=pallas --remat=save_dots
-    python -m bench.train_throughput --replot=a.json,b.json  # one plot and table of earlier runs
-    python -m bench.train_throughput --smoke                 # tiny configs and lengths on a CPU
+    python -m bench.train_throughput --smoke          # tiny configs on a CPU
 
-Writes $OUT/train_throughput.json (after every case) and $OUT/train_throughput.png (OUT defaults to
-./bench_out) and prints a table.
+Writes $OUT/train_throughput.json and .png (OUT defaults to ./bench_out); prints the tables.
 """
 import concurrent.futures
 import datetime
@@ -28,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bench import profiling
+from bench import profiling, report
 from tnllm import config as config_lib
 from tnllm import train_lib
 from tnllm.model import TransNormerLLM
@@ -69,6 +63,8 @@ def case_config(name: str, impl: str, remat: str, loss_chunk, length: int, batch
     if cfg.model.token_mixer == "gla":
         cfg.model.attention_impl = impl
     cfg.data.seq_len = length
+    if FLAGS.smoke:
+        cfg.model.num_layers = 1
     cfg.train.update(batch_size=batch, grad_accum_steps=1, steps=1000)
     cfg.optim.warmup_steps = 10
     return cfg
@@ -138,52 +134,28 @@ def run_case(compiled, init, cfg, case):
 def plot(results, path):
     """Tokens/s against length, one line per config and impl (and remat and loss chunk where the
     cases differ in them)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     timed = [r for r in results["cases"] if "tokens_per_s" in r]
     varies = [key for key in ("remat", "loss_chunk") if len({r[key] for r in timed}) > 1]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     series = {}
     for r in timed:
         label = ", ".join([f"{r['config']} ({r['impl']}"] + [f"{k} {r[k]}" for k in varies]) + ")"
         series.setdefault(label, []).append((r["seq_len"], r["tokens_per_s"]))
-    for label, points in series.items():
-        points.sort()
-        ax.plot(*zip(*points), marker="o", label=label)
-    ax.set(xlabel="sequence length (tokens)", ylabel="training tokens/s",
-           title=f"Training throughput, {results['tokens_per_step']:,} tokens per step, "
-                 f"{results['device']}")
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    report.line_plot(series, path, xlabel="sequence length (tokens)", ylabel="training tokens/s",
+                     title=f"Training throughput, {results['tokens_per_step']:,} tokens per step, "
+                           f"{results['device']}")
 
 
 def print_tables(results):
     print(f"\n{results['device']}, jax {results['jax']}, {results['tokens_per_step']:,} tokens per step\n")
-    print("| config | impl | remat | loss chunk | seq | batch | step ms | tokens/s | MFU | memory GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for c in results["cases"]:
-        head = (f"| {c['config']} | {c['impl']} | {c['remat']} | {c['loss_chunk']} | {c['seq_len']} | "
-                f"{c['batch']} |")
-        if "tokens_per_s" not in c:
-            print(f"{head} {c.get('error') or c.get('skipped')} | | | |")
-            continue
-        mfu = "" if c["mfu"] is None else f"{c['mfu']:.1%}"
-        mem = "" if c.get("memory_gib") is None else f"{c['memory_gib']:.1f}"
-        print(f"{head} {c['step_ms']:.1f} | {c['tokens_per_s']:,.0f} | {mfu} | {mem} |")
+    head = [("config", "config", ""), ("impl", "impl", ""), ("remat", "remat", ""),
+            ("loss chunk", "loss_chunk", ""), ("train segment", "train_segment", ""), ("seq", "seq_len", "")]
+    print(report.markdown(results["cases"], head + [
+        ("batch", "batch", ""), ("step ms", "step_ms", ".1f"), ("tokens/s", "tokens_per_s", ",.0f"),
+        ("MFU", "mfu", ".1%"), ("memory GiB", "memory_gib", ".1f")]))
     if results["longest"]:
         print("\nLongest sequence at batch 1 (compiled memory against the device limit):\n")
-        print("| config | impl | remat | loss chunk | train segment | seq | memory GiB | fits |")
-        print("|---|---|---|---|---|---|---|---|")
-        for p in results["longest"]:
-            mem = f"{p['memory_gib']:.1f}" if "memory_gib" in p else p.get("error", "")
-            print(f"| {p['config']} | {p['impl']} | {p['remat']} | {p['loss_chunk']} | "
-                  f"{p.get('train_segment', 0)} | {p['seq_len']} | {mem} | {p['fits']} |")
+        print(report.markdown(results["longest"], head + [("memory GiB", "memory_gib", ".1f"),
+                                                          ("fits", "fits", "")]))
     sys.stdout.flush()
 
 
@@ -191,8 +163,8 @@ def main(argv):
     del argv
     if FLAGS.smoke:
         FLAGS.configs = [c for c in ("tiny", "softmax_tiny") if (REPO / "configs" / f"{c}.py").exists()]
-        FLAGS.impls, FLAGS.lengths, FLAGS.tokens, FLAGS.steps = ["blockwise"], ["64", "128"], 256, 1
-        FLAGS.probe_configs, FLAGS.probe_lengths = FLAGS.configs, ["256", "512"]
+        FLAGS.impls, FLAGS.lengths, FLAGS.tokens, FLAGS.steps = ["blockwise"], ["64"], 128, 1
+        FLAGS.probe_configs, FLAGS.probe_lengths = FLAGS.configs[:1], ["128"]
     out = Path(os.environ.get("OUT", "bench_out"))
     out.mkdir(parents=True, exist_ok=True)
     if FLAGS.replot:  # several runs' cases in one plot and table (the first run's header)
