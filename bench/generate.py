@@ -130,7 +130,7 @@ def print_table(rows):
 def main(argv):
     del argv
     if FLAGS.smoke:
-        names, contexts, batches, impls = ["tiny", "softmax_tiny"], [16], [1], ["blockwise"]
+        names, contexts, batches, impls = ["tiny"], [16], [1], ["blockwise"]
         new_tokens, repeats, prefill_chunk = 4, 1, 32
     else:
         names = FLAGS.configs

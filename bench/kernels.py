@@ -362,7 +362,7 @@ def main():
     args = parser.parse_args()
     if args.smoke:
         global SHAPES, LENGTHS, LENGTH_BH, FLA_CHECK_SHAPE, EXTRA_CHECKS, SEGMENT_SHAPES
-        SHAPES, LENGTHS, LENGTH_BH = [(1, 128, 2, 64)], [64, 128], (1, 2)
+        SHAPES, LENGTHS, LENGTH_BH = [(1, 128, 2, 64)], [64], (1, 2)
         SEGMENT_SHAPES = []
         EXTRA_CHECKS = [((1, 50, 2, 32, 16), "float32", True)]
         FLA_CHECK_SHAPE = (1, 64, 2, 64)

@@ -53,7 +53,7 @@ _OUT = flags.DEFINE_string("out", None, "Output folder; default $OUT, else ./ben
 
 def smoke(cfg) -> None:
     cfg.model.update(num_layers=1, d_model=32, num_heads=2, mlp_dim=64, max_len=64)
-    cfg.data.update(min_length=10, max_length=64, num_test=10, workers=1)
+    cfg.data.update(min_length=10, max_length=64, num_test=4, workers=1)
     cfg.train.update(steps=2, batch_size=4, warmup_steps=1)
 
 

@@ -190,7 +190,7 @@ def smoke(out: str) -> None:
         if name.endswith(".py"):
             shutil.copy(os.path.join(ROOT, "tnllm", name), os.path.join(corpus, name + ".txt"))
     FLAGS.platform, FLAGS.gpus, FLAGS.config, FLAGS.attention_impl = "cpu", 2, "configs/tiny.py", "blockwise"
-    FLAGS.cases, FLAGS.lengths, FLAGS.steps, FLAGS.tokens = ["1gpu", "fsdp2"], ["32"], ["2"], 128
+    FLAGS.cases, FLAGS.lengths, FLAGS.steps, FLAGS.tokens = ["fsdp2"], ["32"], ["2"], 128
     FLAGS.set = [f"data.path={corpus}", f"data.cache_dir={out}/cache", "data.val_fraction=0.25",
                  "model.num_layers=1"]
 
