@@ -256,10 +256,9 @@ def write_fla_check(path):
 
 
 def fla_worker(out):
+    """FLA's check and timings, in a process of its own: torch and XLA each manage device memory."""
     import torch
     from fla.ops.simple_gla import chunk_simple_gla
-
-    from bench.timing import time_ms
 
     dev = "cuda"
     res = {"version": __import__("fla").__version__, "rows": []}
@@ -279,7 +278,8 @@ def fla_worker(out):
     res["check"] = {"o": rel(o, t["o"]), "dq": rel(q.grad, t["dq"]), "dk": rel(k.grad, t["dk"]),
                     "dv": rel(v.grad, t["dv"])}
     print("FLA check", res["check"], flush=True)
-    def b2b_ms(f, arg_sets):  # time_ms's method on the torch side
+
+    def b2b_ms(f, arg_sets):  # bench.timing's method, waiting on torch's stream
         return time_ms(f, arg_sets, sync=lambda _: torch.cuda.synchronize())
 
     for shape in SHAPES:
