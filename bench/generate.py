@@ -23,7 +23,7 @@ from absl import app, flags
 
 from bench import profiling, report, timing
 from tnllm import config as config_lib, fused_decode
-from tnllm.generate import decode, prefill
+from tnllm.generate import AUTOTUNE_OPTIONS, decode, prefill
 from tnllm.model import TransNormerLLM, state_specs
 from tnllm.sampling import Greedy
 
@@ -45,14 +45,10 @@ flags.register_validator("fused", lambda v: set(v) <= {"auto", "true", "false"},
                          "--fused takes auto, true and/or false, comma-separated.")
 flags.DEFINE_list("fused_kernels", ["auto"], "The fused step's products: hopper, triton, auto "
                   "(hopper on a Hopper GPU), or several: hopper,triton.")
+flags.DEFINE_bool("autotune", False, "Compile the decoding loop with XLA's exhaustive GEMM tiling "
+                  "search, as generate(..., autotune=True) does.")
 flags.DEFINE_bool("smoke", False, "Tiny config and contexts, few tokens: a quick check of this script.")
 FLAGS = flags.FLAGS
-
-
-def random_params(cfg, seed=0):
-    model = TransNormerLLM(cfg)
-    variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))
-    return nn.unbox(variables)["params"]
 
 
 def timed(fn, *args):
@@ -79,7 +75,7 @@ def measure_decode(cfg, params, prefilled, new_tokens, repeats, fused, fused_ker
     lowered = decode.lower(params, prefilled, jax.random.key(0), cfg=cfg, sampler=Greedy(),
                            max_new_tokens=new_tokens, fused=fused, fused_kernels=fused_kernels)
     start = time.perf_counter()
-    decode_exe = lowered.compile()
+    decode_exe = lowered.compile(compiler_options=AUTOTUNE_OPTIONS if FLAGS.autotune else None)
     decode_compile_s = time.perf_counter() - start
     run_decode = lambda: decode_exe(params, prefilled, jax.random.key(0))  # noqa: E731
     out, first_s = timed(run_decode)
@@ -151,7 +147,8 @@ def main(argv):
     for name in names:
         cfg = config_lib.model_config(config_lib.load(str(REPO / "configs" / f"{name}.py")))
         cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
-        params = random_params(cfg)
+        variables = jax.jit(TransNormerLLM(cfg).init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+        params = nn.unbox(variables)["params"]
         weights_gb, read_ms = weight_read_ms(params, repeats)
         print(f"{name}: {weights_gb:.3f} GB of bf16 parameters, read once in {read_ms:.3f} ms "
               f"({weights_gb / read_ms:.2f} TB/s)", flush=True)
