@@ -1,34 +1,11 @@
-"""Decoding speed against context length: time per generated token after a prompt of 1K..128K tokens.
+"""Decoding speed: ms per generated token after a prompt, as a multiple of the time XLA takes to read
+the parameters once (row sums over as many bf16 bytes, timed back to back), and prefill speed.
+Random bf16 parameters; greedy, EOS off; the median of --repeats runs over new_tokens - 1 steps.
 
-For each config, batch size and context length: a random prompt of that length is prefilled (the
-parallel form in segments of --prefill_chunk tokens), then --new_tokens tokens are decoded greedily
-with the one-token recurrence, EOS off. The decode time is the median of --repeats runs after a
-warm-up, divided by the model steps it takes (new_tokens - 1: the first token comes from the prefill
-logits). Parameters are random bf16 (speed does not depend on their values).
+    python -m bench.generate --configs=1b,385m --batches=1 --contexts=1024 --fused=true,false --profile
+    python -m bench.generate --smoke                 # tiny configs on a CPU
 
-  python bench/generate.py                       # 385m and 1b, contexts 1K-128K, batch 1 and 64
-  python bench/generate.py --configs=385m --batches=1
-  python bench/generate.py --configs=385m,softmax_385m --contexts=1024,8192,32768 --prefill_chunk=512
-                                                 # TNL against the softmax baseline and its KV cache
-  python bench/generate.py --smoke               # tiny configs, tiny contexts: checks the logic on CPU
-  python bench/generate.py --configs=1b --batches=1 --contexts=1024 --profile --dump_hlo
-                                                 # where a decode step's time goes (GPU trace, and
-                                                 # the compiled program's HLO in $OUT)
-  python bench/generate.py --configs=1b --batches=1 --contexts=1024 --fold_norms=true,false
-                                                 # the norms folded into the products, and not
-  python bench/generate.py --configs=1b --batches=1 --contexts=1024 --fused=true,false
-                                                 # the fused one-row step, and the model's layers
-  python bench/generate.py --configs=1b --batches=1 --contexts=1024 \
-      --decode_xla_options=xla_gpu_exhaustive_tiling_search=true   # decode compiled with options
-
-Each config's decode times are also given as multiples of the time XLA takes to read its parameters'
-bytes once in the same run (`weight_read_ms`: row sums over as many contiguous bf16 elements).
-
-Prints a table; writes $OUT/generate.json (rewritten after every case, so a cut-off run keeps what it
-measured) and $OUT/generate.png. OUT defaults to ./bench_out. A case that fails (e.g. out of memory)
-is recorded with its error and the run goes on. The softmax baseline's KV cache is sized to the context
-plus the new tokens; a case whose decoding state exceeds the device's memory is recorded as such
-without being run.
+Writes $OUT/generate.json (OUT defaults to ./bench_out) after every case; a failed case is recorded.
 """
 import json
 import math
@@ -44,13 +21,11 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from bench import profiling, timing  # noqa: E402
-from tnllm import config as config_lib, fused_decode  # noqa: E402
-from tnllm.generate import decode, prefill  # noqa: E402
-from tnllm.model import TransNormerLLM, state_specs  # noqa: E402
-from tnllm.sampling import Greedy  # noqa: E402
+from bench import profiling, report, timing
+from tnllm import config as config_lib, fused_decode
+from tnllm.generate import AUTOTUNE_OPTIONS, decode, prefill
+from tnllm.model import TransNormerLLM, state_specs
+from tnllm.sampling import Greedy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,31 +35,20 @@ flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
 flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per timed run.")
 flags.DEFINE_integer("repeats", 5, "Timed decode runs per case (the median is reported).")
 flags.DEFINE_integer("prefill_chunk", 2048, "Prompt tokens per prefill segment.")
-flags.DEFINE_list("impls", ["blockwise"], "Parallel forms of TNL's prefill (blockwise, pallas); the "
-                  "decoding step is XLA's in every case.")
+flags.DEFINE_list("impls", ["blockwise"], "Parallel forms of TNL's prefill (blockwise, pallas).")
 flags.DEFINE_bool("profile", False, "Trace one more decode run per case: GPU busy time, span and "
                   "kernel count per token, by kernel kind (bench/profiling.py).")
-flags.DEFINE_bool("dump_hlo", False, "Write each decode program's optimized HLO to $OUT.")
-flags.DEFINE_list("decode_xla_options", [], "XLA options for compiling the decode program only, "
-                  "NAME=VALUE, e.g. xla_gpu_exhaustive_tiling_search=true (autotunes its GEMMs "
-                  "over every tiling without doing so for the rest of the run).")
-flags.DEFINE_integer("steps_per_iteration", 4, "Decoding steps per iteration of the decode loop.")
-flags.DEFINE_list("fold_norms", ["auto"], "TNL's decoding step with the SRMSNorm scales folded "
-                  "into the products (true), in the released order (false), as tnllm.generate "
-                  "chooses (auto: folded when batch > 1), or several: true,false.")
 flags.DEFINE_list("fused", ["auto"], "At batch 1, TNL's decoding step on fused Pallas GEMVs "
                   "(tnllm.fused_decode: true), through the model's layers (false), as tnllm.generate "
                   "chooses (auto: fused on a GPU), or several: true,false.")
+flags.register_validator("fused", lambda v: set(v) <= {"auto", "true", "false"},
+                         "--fused takes auto, true and/or false, comma-separated.")
 flags.DEFINE_list("fused_kernels", ["auto"], "The fused step's products: hopper, triton, auto "
                   "(hopper on a Hopper GPU), or several: hopper,triton.")
+flags.DEFINE_bool("autotune", False, "Compile the decoding loop with XLA's exhaustive GEMM tiling "
+                  "search, as generate(..., autotune=True) does.")
 flags.DEFINE_bool("smoke", False, "Tiny config and contexts, few tokens: a quick check of this script.")
 FLAGS = flags.FLAGS
-
-
-def random_params(cfg, seed=0):
-    model = TransNormerLLM(cfg)
-    variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))
-    return nn.unbox(variables)["params"]
 
 
 def timed(fn, *args):
@@ -105,24 +69,16 @@ def measure_prefill(cfg, params, batch, context, prefill_chunk):
                            prefill_tokens_per_s=batch * context / prefill_s)
 
 
-def measure_decode(cfg, params, prefilled, new_tokens, repeats, decode_options, fold_norms, fused,
-                   fused_kernels, out_dir):
+def measure_decode(cfg, params, prefilled, new_tokens, repeats, fused, fused_kernels):
     """Times decoding `new_tokens` tokens after `prefilled`."""
     batch = prefilled.logits.shape[0]
-    # Compiled here, not by a first call, so that --decode_xla_options apply to it alone.
     lowered = decode.lower(params, prefilled, jax.random.key(0), cfg=cfg, sampler=Greedy(),
-                           max_new_tokens=new_tokens, steps_per_iteration=FLAGS.steps_per_iteration,
-                           fold_norms=fold_norms, fused=fused, fused_kernels=fused_kernels)
+                           max_new_tokens=new_tokens, fused=fused, fused_kernels=fused_kernels)
     start = time.perf_counter()
-    decode_exe = lowered.compile(compiler_options=decode_options)
+    decode_exe = lowered.compile(compiler_options=AUTOTUNE_OPTIONS if FLAGS.autotune else None)
     decode_compile_s = time.perf_counter() - start
     run_decode = lambda: decode_exe(params, prefilled, jax.random.key(0))  # noqa: E731
     out, first_s = timed(run_decode)
-    if FLAGS.dump_hlo:
-        fold = "_fold" if fold_norms else ""
-        fold += "_fused" if fused else ""
-        (out_dir / f"decode_{cfg.token_mixer}_{cfg.attention_impl}_b{batch}{fold}.hlo.txt").write_text(
-            decode_exe.as_text())
     if int(out.lengths.min()) != new_tokens:
         raise RuntimeError(f"decode stopped early: lengths {out.lengths}")
     times = [timed(run_decode)[1] for _ in range(repeats)]
@@ -142,39 +98,14 @@ def measure_decode(cfg, params, prefilled, new_tokens, repeats, decode_options, 
 def weight_read_ms(params, repeats):
     """The time XLA takes to read the parameters' bytes once from HBM: row sums over one contiguous
     [rows, 4096] bf16 array of as many elements (one pass, no per-array launches; on the H100 no
-    other sum tried was faster, 2026-11-28), timed as bench/kernels.py times (`timing.time_ms`:
-    back-to-back calls, median of `repeats` groups, at least 7). Single timed calls, used until
-    2026-11-28, gave 0.605-0.996 ms for the 1B on H200s; timed back to back it is 0.448 ms there
-    (4.57 TB/s, 95 % of the peak, faster than the step's GEMMs), a strict yardstick. Returns (GB
-    read, ms)."""
+    other sum tried was faster), timed back to back as the kernels are (`timing.time_ms`): single
+    timed calls carry launch and clock ramp-up and understate the memory's rate. Returns (GB read,
+    ms)."""
     width = 4096
     elements = sum(x.size for x in jax.tree.leaves(params))
     flat = jnp.ones((-(-elements // width), width), jnp.bfloat16)
     read = jax.jit(lambda x: jnp.sum(x, axis=1, dtype=jnp.float32))
     return flat.nbytes / 1e9, timing.time_ms(read, [(flat,)], group_ms=50.0, groups=max(repeats, 7))
-
-
-def xla_options(pairs):
-    """["name=value", ...] -> {name: value} for `Lowered.compile`, which wants typed values: JSON
-    literals (true, 4, 0.5) become bool, int or float, anything else stays a string."""
-    options = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--decode_xla_options takes NAME=VALUE pairs, got {pair!r}.")
-        try:
-            options[name] = json.loads(value)
-        except json.JSONDecodeError:
-            options[name] = value
-    return options
-
-
-def parse_choice(flag, text):
-    """--fold_norms or --fused value -> decode's argument: True, False or None (its default)."""
-    choices = {"true": True, "false": False, "auto": None}
-    if text.lower() not in choices:
-        raise ValueError(f"--{flag} takes auto, true and/or false, got {text!r}.")
-    return choices[text.lower()]
 
 
 def state_mb_per_sequence(cfg):
@@ -183,61 +114,20 @@ def state_mb_per_sequence(cfg):
 
 
 def print_table(rows):
-    head = (f"{'config':>12} {'impl':>9} {'fold':>5} {'fused':>6} {'batch':>5} {'context':>8} "
-            f"{'prefill s':>10} {'prefill tok/s':>14} {'ms/token':>9} {'decode tok/s':>13} "
-            f"{'x sum read':>11}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        fused = r.get("fused_kernels") or str(r["fused"])  # the fused step's kernels, or False
-        case = (f"{r['config']:>12} {r['impl']:>9} {str(r['fold_norms']):>5} {fused:>6} "
-                f"{r['batch']:>5} {r['context']:>8}")
-        if "error" in r:
-            print(f"{case}  failed: {r['error']}")
-            continue
-        print(f"{case} {r['prefill_s']:>10.3f} "
-              f"{r['prefill_tokens_per_s']:>14,.0f} {r['decode_ms_per_token']:>9.3f} "
-              f"{r['decode_tokens_per_s']:>13,.0f} {r['decode_per_weight_read']:>11.3f}")
-
-
-def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_decode, ax_prefill) = plt.subplots(1, 2, figsize=(11, 4.2))
-    key = lambda r: (r["config"], r["impl"], r["batch"], str(r["fold_norms"]),  # noqa: E731
-                     r.get("fused_kernels") or str(r["fused"]))
-    for name, impl, batch, fold, fused in sorted({key(r) for r in rows if "error" not in r}):
-        ok = sorted((r for r in rows if key(r) == (name, impl, batch, fold, fused) and "error" not in r),
-                    key=lambda r: r["context"])
-        contexts = [r["context"] for r in ok]
-        label = (f"{name} ({impl}{', norms unfolded' if fold == 'False' else ''}"
-                 f"{'' if fused == 'False' else f', fused step ({fused})'}), batch {batch}")
-        ax_decode.plot(contexts, [r["decode_ms_per_token"] for r in ok], "o-", label=label)
-        ax_prefill.plot(contexts, [r["prefill_tokens_per_s"] for r in ok], "o-", label=label)
-    for ax, title, ylabel in ((ax_decode, "Decode: time per generated token", "ms per step"),
-                              (ax_prefill, "Prefill throughput", "tokens / s")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"TransNormerLLM generation, bf16, {jax.devices()[0].device_kind}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    for r in rows:  # the fused step's kernels, or False
+        r["step"] = r.get("fused_kernels") or str(r["fused"])
+    print(report.markdown(rows, [
+        ("config", "config", ""), ("impl", "impl", ""), ("fused", "step", ""),
+        ("batch", "batch", ""), ("context", "context", ""), ("prefill s", "prefill_s", ".3f"),
+        ("prefill tok/s", "prefill_tokens_per_s", ",.0f"), ("ms/token", "decode_ms_per_token", ".3f"),
+        ("decode tok/s", "decode_tokens_per_s", ",.0f"), ("÷ read", "decode_per_weight_read", ".2f")]))
 
 
 def main(argv):
     del argv
     if FLAGS.smoke:
-        names, contexts, batches = ["tiny", "softmax_tiny"], [16, 64], [1, 2]
-        impls = ["blockwise", "pallas"]
-        new_tokens, repeats, prefill_chunk = 8, 2, 32
+        names, contexts, batches, impls = ["tiny"], [16], [1], ["blockwise"]
+        new_tokens, repeats, prefill_chunk = 4, 1, 32
     else:
         names = FLAGS.configs
         contexts, batches = [int(c) for c in FLAGS.contexts], [int(b) for b in FLAGS.batches]
@@ -247,25 +137,22 @@ def main(argv):
         raise ValueError("--new_tokens must be at least 2: the first token comes from the prefill.")
     out_dir = Path(os.environ.get("OUT", "bench_out"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    decode_options = xla_options(FLAGS.decode_xla_options)
     meta = dict(date=time.strftime("%Y-%m-%d"), device=jax.devices()[0].device_kind,
                 backend=jax.default_backend(), jax_version=jax.__version__, command=" ".join(sys.argv),
                 new_tokens=new_tokens, repeats=repeats, prefill_chunk=prefill_chunk,
-                dtype="bfloat16", decode_xla_options=decode_options,
-                steps_per_iteration=FLAGS.steps_per_iteration)
+                dtype="bfloat16")
     print(json.dumps(meta))
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     rows = []
     for name in names:
         cfg = config_lib.model_config(config_lib.load(str(REPO / "configs" / f"{name}.py")))
         cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
-        params = random_params(cfg)
+        variables = jax.jit(TransNormerLLM(cfg).init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+        params = nn.unbox(variables)["params"]
         weights_gb, read_ms = weight_read_ms(params, repeats)
         print(f"{name}: {weights_gb:.3f} GB of bf16 parameters, read once in {read_ms:.3f} ms "
               f"({weights_gb / read_ms:.2f} TB/s)", flush=True)
-        folds = ([parse_choice("fold_norms", f) for f in FLAGS.fold_norms] if cfg.token_mixer == "gla"
-                 else [False])
-        fuseds = [parse_choice("fused", f) for f in FLAGS.fused]
+        fuseds = [{"true": True, "false": False, "auto": None}[f] for f in FLAGS.fused]
         kernel_choices = sorted({fused_decode.default_kernels() if k == "auto" else k
                                  for k in FLAGS.fused_kernels})
         # The impl picks the parallel form of TNL's prefill.
@@ -281,17 +168,14 @@ def main(argv):
                                 weight_read_ms=read_ms)
                     prefilled = None
                     # One prefill for every variant of the decoding step, each resolved as decode
-                    # resolves it (auto: by the batch and the device); the norms are not folded
-                    # in the fused step.
+                    # resolves it (auto: by the batch and the device).
                     fused_ok = not fused_decode.unsupported(case_cfg, batch)
-                    variants = {(False if fused else batch > 1 if fold is None else fold, fused, k)
-                                for fold in folds for f in fuseds
+                    variants = {(fused, k) for f in fuseds
                                 for fused in [fused_decode.by_default(case_cfg, batch) if f is None
                                               else f and fused_ok]
                                 for k in (kernel_choices if fused else [""])}
-                    for folded, fused, kernels in sorted(variants):
-                        row = dict(case, fold_norms=folded if cfg.token_mixer == "gla" else None,
-                                   fused=fused, fused_kernels=kernels or None)
+                    for fused, kernels in sorted(variants):
+                        row = dict(case, fused=fused, fused_kernels=kernels or None)
                         try:
                             if limit is not None and batch * state_mb * 1e6 > limit:
                                 raise MemoryError(f"the decoding state needs {batch * state_mb / 1e3:.0f} "
@@ -301,8 +185,7 @@ def main(argv):
                                                                            context, prefill_chunk)
                             row.update(prefill_stats)
                             row.update(measure_decode(case_cfg, params, prefilled, new_tokens, repeats,
-                                                      decode_options, folded, fused, kernels or None,
-                                                      out_dir))
+                                                      fused, kernels or None))
                             row["decode_per_weight_read"] = row["decode_ms_per_token"] / read_ms
                         except Exception as e:  # noqa: BLE001 - keep measuring the other cases
                             traceback.print_exc()
@@ -315,8 +198,7 @@ def main(argv):
         del params
     print()
     print_table(rows)
-    plot(rows, out_dir / "generate.png")
-    print(f"\nwrote {out_dir / 'generate.json'} and {out_dir / 'generate.png'}")
+    print(f"\nwrote {out_dir / 'generate.json'}")
 
 
 if __name__ == "__main__":

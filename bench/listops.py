@@ -1,17 +1,14 @@
-"""ListOps (Long-Range Arena): the encoder classifier with cosFormer vs softmax attention, same budget.
+"""ListOps (Long-Range Arena): the encoder classifier with cosFormer and softmax attention, the same
+steps, data order and seed for each; test accuracy next to the cosFormer paper's.
 
-    python bench/listops.py [--steps N] [--batch_size B] [--token_mixers softmax] [--smoke]
-                            [--config.train.learning_rate=...]
+    python -m bench.listops [--steps N] [--batch_size B] [--token_mixers softmax] [--smoke]
 
-Generates the data (tnllm/listops.py; all CPU cores), trains one classifier per token mixer with the
-same steps, batch size, data order and seed, evaluates each on the 2,000 test examples, prints a
-table next to the cosFormer paper's ListOps accuracies and writes listops.json and listops_loss.png
-to --out (default $OUT, else ./bench_out), rewritten after each token mixer so that a run cut off
-later keeps what has finished. --smoke runs a tiny model on tiny data in a minute on a CPU.
+Writes listops.json and listops_loss.png to --out (default $OUT, else ./bench_out).
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -22,7 +19,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as a script from anywhere; spawned data workers inherit the path
 # Room for XLA's softmax attention should cuDNN's be unavailable (4 GiB of logits per layer).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
@@ -31,7 +27,7 @@ from absl import app, flags  # noqa: E402
 try:
     from ml_collections import config_flags  # noqa: E402
 except ImportError:  # the GPU image lacks it
-    sys.exit("bench/listops.py needs ml_collections: pip install ml-collections==1.1.0 (or its wheel).")
+    sys.exit("bench.listops needs ml_collections: pip install ml-collections==1.1.0 (or its wheel).")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -39,6 +35,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from bench import report  # noqa: E402
 from tnllm import listops  # noqa: E402
 
 # cosFormer paper (arXiv 2202.08791), Long-Range Arena ListOps test accuracy, %.
@@ -56,8 +53,8 @@ _OUT = flags.DEFINE_string("out", None, "Output folder; default $OUT, else ./ben
 
 def smoke(cfg) -> None:
     cfg.model.update(num_layers=1, d_model=32, num_heads=2, mlp_dim=64, max_len=64)
-    cfg.data.update(min_length=10, max_length=64, num_test=10, workers=2)
-    cfg.train.update(steps=4, batch_size=4, warmup_steps=1)
+    cfg.data.update(min_length=10, max_length=64, num_test=4, workers=1)
+    cfg.train.update(steps=2, batch_size=4, warmup_steps=1)
 
 
 def grammar(cfg) -> listops.Grammar:
@@ -137,39 +134,19 @@ def train_and_evaluate(cfg, token_mixer: str, train, test) -> dict:
 
 
 def run(cfg, token_mixer: str, train, test) -> dict:
-    """`train_and_evaluate`, retried on XLA if cuDNN attention fails; a failure (e.g. out of memory)
-    is returned as {"error": ...} so that the other token mixer's result still comes out."""
+    """`train_and_evaluate`; a failure (e.g. out of memory) is returned as {"error": ...} so that the
+    other token mixer's result still comes out."""
     try:
-        try:
-            return train_and_evaluate(cfg, token_mixer, train, test)
-        except (NotImplementedError, RuntimeError) as e:
-            if token_mixer != "softmax" or cfg.model.softmax_impl != "cudnn":
-                raise
-            print(f"cuDNN attention failed ({str(e).splitlines()[0][:200]}); retrying on XLA.")
-            cfg = cfg.copy_and_resolve_references()
-            cfg.model.softmax_impl = "xla"
-            return train_and_evaluate(cfg, token_mixer, train, test)
-    except jax.errors.JaxRuntimeError as e:
+        return train_and_evaluate(cfg, token_mixer, train, test)
+    except (jax.errors.JaxRuntimeError, NotImplementedError, RuntimeError) as e:
         print(f"{token_mixer} failed: {e}")
         return {"token_mixer": token_mixer, "softmax_impl": cfg.model.softmax_impl, "error": str(e)}
 
 
 def plot(results, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is missing: no loss plot.")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in (r for r in results if "loss_curve" in r):
-        steps, losses = zip(*r["loss_curve"])
-        ax.plot(steps, losses, label=f"{r['token_mixer']} (test acc {r['test_accuracy']:.2f}%)")
-    ax.set(xlabel="step", ylabel="training loss", title="ListOps, same budget per token mixer")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    report.line_plot({f"{r['token_mixer']} (test acc {r['test_accuracy']:.2f}%)": r["loss_curve"]
+                      for r in results if "loss_curve" in r}, path, xlabel="step", ylabel="training loss",
+                     title="ListOps, same budget per token mixer", logx=False)
 
 
 def main(argv):
@@ -195,7 +172,8 @@ def main(argv):
     t0 = time.perf_counter()
     num_train = min(cfg.train.steps * cfg.train.batch_size, listops.SPLITS["train"])
     spawn = multiprocessing.get_context("spawn")  # never fork a process that has started JAX
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn) as pool:
+    with (concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn) if workers > 1
+          else contextlib.nullcontext()) as pool:  # one worker: this process
         train = listops.generate("train", num_train, seed=cfg.data.seed, grammar=gram, executor=pool)
         test = listops.generate("test", cfg.data.num_test, seed=cfg.data.seed, grammar=gram,
                                 executor=pool)
@@ -216,28 +194,25 @@ def main(argv):
 def print_table(cfg, results) -> None:
     device = jax.devices()[0].device_kind
     print(f"\nListOps test accuracy, {cfg.train.steps} steps x {cfg.train.batch_size} sequences, {device}")
-    print("| token mixer | test acc. (%) | paper (%) | final train loss | train s | padded tokens/s |")
-    print("|---|---|---|---|---|---|")
     for r in results:
-        name, paper = PAPER[r["token_mixer"]]
-        if "error" in r:
-            error = r["error"].splitlines()[0][:80]
-            print(f"| {r['token_mixer']} | failed: {error} | {paper} ({name}) | | | |")
-            continue
-        print(f"| {r['token_mixer']} | {r['test_accuracy']:.2f} | {paper} ({name}) | "
-              f"{r['final_train_loss']:.3f} | {r['train_s']:.1f} | {r['padded_tokens_per_s']:,.0f} |")
+        r["paper"] = "{1} ({0})".format(*PAPER[r["token_mixer"]])
+    print(report.markdown(results, [
+        ("token mixer", "token_mixer", ""), ("test acc. (%)", "test_accuracy", ".2f"),
+        ("paper (%)", "paper", ""),
+        ("final train loss", "final_train_loss", ".3f"), ("train s", "train_s", ".1f"),
+        ("padded tokens/s", "padded_tokens_per_s", ",.0f")]))
 
 
 def write_report(cfg, results, out: str, *, data_s: float, num_train: int) -> None:
     """listops.json and the loss plot for the token mixers finished so far (rewritten each time)."""
-    report = {
+    summary = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
         "smoke": _SMOKE.value, "data_s": data_s, "num_train_examples": num_train,
         "config": cfg.to_dict(), "paper": {k: v[1] for k, v in PAPER.items()}, "results": results,
     }
     with open(os.path.join(out, "listops.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
+        json.dump(summary, f, indent=1, default=str)
     plot(results, os.path.join(out, "listops_loss.png"))
     print(f"wrote {out}/listops.json and {out}/listops_loss.png ({len(results)} of "
           f"{len(cfg.token_mixers)} token mixers)")

@@ -1,31 +1,13 @@
-"""Training on one host's GPUs: FSDP and tensor parallelism against one GPU, through `train.py`.
+"""Training on one host's GPUs through `train.py`, one process per case: 1gpu, fsdpN, tensor2 and two
+one-GPU noise references (1gpu_accum2: sums reordered; 1gpu_f32: float32). A mesh case is within
+bf16 noise when its largest loss difference from 1gpu is at most the references'. The FSDP
+checkpoint is then restored and generated from on one GPU.
 
-Each case is a fresh `train.py` process (so its peak memory is its own; the one-GPU runs of the
-different lengths run side by side, one per GPU) on the 1B config with the
-Pallas kernels, the same global batch of --tokens tokens per step at every sequence length, the same
-seed and data: one GPU (CUDA_VISIBLE_DEVICES=0), FSDP over all GPUs, tensor parallelism of 2, and of
-all GPUs when there are more than 2. After the FSDP case at the first length, its checkpoint (written
-on the multi-GPU mesh) is restored on one GPU by `python -m tnllm.generate`, which generates from it.
+    NCCL_NVLS_ENABLE=0 python -m bench.multi_gpu --cases=1gpu,1gpu_accum2,1gpu_f32,fsdp2,tensor2
+    python -m bench.multi_gpu --smoke                 # two fake CPU devices, the tiny model
 
-Two one-GPU cases measure the bf16 noise the mesh cases are judged against, each an update equal to
-1gpu's in exact arithmetic: 1gpu_accum2 (the global batch in two micro-batches: the sums in another
-order) and 1gpu_f32 (activations and products in float32 at the highest matmul precision: how far
-bf16 rounding itself takes the run). A mesh case's losses are within bf16 noise when its largest
-difference from 1gpu is at most the largest of the references'.
-
-    python3 bench/multi_gpu.py                          # every case, then the report
-    python3 bench/multi_gpu.py --cases=1gpu,1gpu_f32    # a subset (1gpu, 1gpu_accum2, 1gpu_f32, fsdpN, tensorN)
-    python3 bench/multi_gpu.py --report --results=a.jsonl,b.jsonl   # the report of earlier runs
-    python3 bench/multi_gpu.py --platform=cpu --gpus=2 --config=configs/tiny.py \
-        --set=model.vocab_size=260 --set=model.dtype=bfloat16 --attention_impl=blockwise ...
-                                                        # the same cases on fake CPU devices
-
-Writes one JSON line per case to --results (default $OUT/multi_gpu.jsonl) as each ends: per-step
-losses and gradient norms, tokens/s (median over steps), MFU, the peak memory of the busiest GPU and
-the log's tail. The report prints tokens/s per GPU, MFU, peak GiB per GPU, the scaling efficiency
-(tokens/s over N × the one-GPU tokens/s at the same length), the largest loss difference from the
-one-GPU run and, per length, the noise and whether each mesh case stays within it.
-NVLink multicast stays off (NCCL_NVLS_ENABLE=0): on shared hosts it can take the GPUs down.
+Appends a JSON line per case to --results (default $OUT/multi_gpu.jsonl). NVLink multicast stays
+off (NCCL_NVLS_ENABLE=0): on shared hosts it can take the GPUs down.
 """
 import concurrent.futures
 import json
@@ -41,12 +23,12 @@ from typing import NamedTuple
 
 from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as a script from anywhere
+from bench.report import markdown
+from tnllm import config as config_lib
+from tnllm import data
+from tnllm.tokenizer import load_tokenizer
 
-from tnllm import config as config_lib  # noqa: E402
-from tnllm import data  # noqa: E402
-from tnllm.tokenizer import load_tokenizer  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                 "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -62,9 +44,9 @@ flags.DEFINE_enum("platform", "gpu", ["gpu", "cpu"],
 flags.DEFINE_string("attention_impl", "pallas", "config.model.attention_impl of every case.")
 flags.DEFINE_integer("warmup_steps", 5, "config.optim.warmup_steps (short, so that 20 steps move).")
 flags.DEFINE_multi_string("set", [], "More config overrides for every case, e.g. model.dtype=bfloat16.")
-flags.DEFINE_string("results", None, "JSON lines file(s); default $OUT/multi_gpu.jsonl.")
-flags.DEFINE_bool("report", False, "Only print the report of --results (comma-separated files).")
+flags.DEFINE_string("results", None, "JSON lines file; default $OUT/multi_gpu.jsonl.")
 flags.DEFINE_integer("timeout", 300, "Seconds allowed to each train.py run.")
+flags.DEFINE_bool("smoke", False, "Two fake CPU devices, the tiny model on a small corpus, 2 steps.")
 FLAGS = flags.FLAGS
 
 
@@ -105,9 +87,9 @@ def device_env(devices: list) -> dict:
 
 
 def train(name: str, case: Case, devices: list, length: int, steps: int) -> dict:
-    workdir = f"/tmp/multi_gpu/{name}-{length}"
+    workdir = os.path.join(os.environ.get("OUT", "bench_out"), "multi_gpu", f"{name}-{length}")
     shutil.rmtree(workdir, ignore_errors=True)
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={FLAGS.config}",
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={os.path.join(ROOT, FLAGS.config)}",
            f"--workdir={workdir}", f"--config.data.seq_len={length}",
            f"--config.train.batch_size={FLAGS.tokens // length}",
            f"--config.train.grad_accum_steps={case.accum}",
@@ -167,24 +149,20 @@ def loss_diffs(run: dict, ref: dict) -> tuple:
 def report(records: list) -> None:
     runs = [r for r in records if "seq_len" in r]
     one = {r["seq_len"]: r for r in runs if r["case"] == "1gpu" and "tokens_per_s" in r}
-    print("\n| case | GPUs | seq | batch | tokens/s | tokens/s per GPU | MFU | peak GiB per GPU | "
-          "scaling eff. | max loss diff vs 1 GPU |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        if "tokens_per_s" not in r:
-            print(f"| {r['case']} | {r['gpus']} | {r['seq_len']} | {r['batch']} | failed (rc {r['rc']}): "
-                  f"{(r['log_tail'] or [''])[-1][:100]} | | | | | |")
-            continue
         ref = one.get(r["seq_len"])
-        eff = diff = ""
-        if ref is not None and r is not ref:
+        if "tokens_per_s" not in r:
+            r["error"] = f"failed (rc {r['rc']}): {(r['log_tail'] or [''])[-1][:100]}"
+        elif ref is not None and r is not ref:
+            r["diff"] = f"{loss_diffs(r, ref)[0]:.2e} ({min(len(r['losses']), len(ref['losses']))} steps)"
             if r["gpus"] > 1:
-                eff = f"{r['tokens_per_s'] / (r['gpus'] * ref['tokens_per_s']):.1%}"
-            diff = f"{loss_diffs(r, ref)[0]:.2e} ({min(len(r['losses']), len(ref['losses']))} steps)"
-        mfu = "" if r.get("mfu") is None else f"{r['mfu']:.1%}"
-        peak = "" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
-        print(f"| {r['case']} | {r['gpus']} | {r['seq_len']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
-              f"{r['tokens_per_s'] / r['gpus']:,.0f} | {mfu} | {peak} | {eff} | {diff} |")
+                r["eff"] = r["tokens_per_s"] / (r["gpus"] * ref["tokens_per_s"])
+        r["per_gpu"] = r.get("tokens_per_s", 0) / r["gpus"]
+    print("\n" + markdown(runs, [
+        ("case", "case", ""), ("GPUs", "gpus", ""), ("seq", "seq_len", ""), ("batch", "batch", ""),
+        ("tokens/s", "tokens_per_s", ",.0f"), ("tokens/s per GPU", "per_gpu", ",.0f"), ("MFU", "mfu", ".1%"),
+        ("peak GiB per GPU", "peak_gib", ".1f"), ("scaling eff.", "eff", ".1%"),
+        ("max loss diff vs 1 GPU", "diff", "")]))
     for length, ref in one.items():
         done = [r for r in runs if r["seq_len"] == length and "losses" in r]
         print(f"\nLosses at {length}:")
@@ -204,14 +182,26 @@ def report(records: list) -> None:
             print(f"\nRestored {r['from']} on one GPU: rc {r['rc']}; output: {r['output']!r}")
 
 
+def smoke(out: str) -> None:
+    """Flags for a check of this script on a CPU, on a corpus of the library's own sources."""
+    corpus = os.path.join(out, "corpus")
+    os.makedirs(corpus, exist_ok=True)
+    for name in sorted(os.listdir(os.path.join(ROOT, "tnllm"))):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(ROOT, "tnllm", name), os.path.join(corpus, name + ".txt"))
+    FLAGS.platform, FLAGS.gpus, FLAGS.config, FLAGS.attention_impl = "cpu", 2, "configs/tiny.py", "blockwise"
+    FLAGS.cases, FLAGS.lengths, FLAGS.steps, FLAGS.tokens = ["fsdp2"], ["32"], ["2"], 128
+    FLAGS.set = [f"data.path={corpus}", f"data.cache_dir={out}/cache", "data.val_fraction=0.25",
+                 "model.num_layers=1"]
+
+
 def main(argv):
     del argv
     out = os.environ.get("OUT", "bench_out")
-    paths = (FLAGS.results or os.path.join(out, "multi_gpu.jsonl")).split(",")
-    if FLAGS.report:
-        report([json.loads(line) for p in paths for line in open(p) if line.strip()])
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(paths[0])), exist_ok=True)
+    if FLAGS.smoke:
+        smoke(out)
+    path = FLAGS.results or os.path.join(out, "multi_gpu.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     gpus = FLAGS.gpus or (2 if FLAGS.platform == "cpu" else gpu_count())
     cases = all_cases(gpus)
     chosen = FLAGS.cases or list(cases)
@@ -222,19 +212,18 @@ def main(argv):
     print(f"{gpus} {FLAGS.platform.upper()}s; cases {', '.join(chosen)}; config {FLAGS.config}", flush=True)
     records = []
 
-    def emit(record: dict) -> None:  # appended as it comes: a run cut short keeps what it measured
+    def done(record: dict) -> None:  # appended as it comes: a run cut short keeps what it measured
         records.append(record)
-        with open(paths[0], "a") as f:
+        with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-    def done(record: dict) -> None:
-        emit(record)
-        print(f"{record['case']} at {record['seq_len']}: rc {record['rc']}, "
-              f"{record.get('tokens_per_s', 0):,.0f} tokens/s, {record['wall_s']:.0f} s", flush=True)
+        print(f"{record['case']}: rc {record['rc']}, {record.get('tokens_per_s', 0):,.0f} tok/s", flush=True)
 
     lengths = list(zip(map(int, FLAGS.lengths), map(int, FLAGS.steps)))
     # The corpus is tokenized here once, not by runs racing to build the same token store.
-    cfg = config_lib.load(FLAGS.config)
+    cfg = config_lib.load(os.path.join(ROOT, FLAGS.config))
+    for override in (o[len("data."):] for o in FLAGS.set if o.startswith("data.")):
+        field, value = override.split("=", 1)
+        cfg.data[field] = type(cfg.data[field])(value)
     data.TokenStore(cfg.data, load_tokenizer(cfg.data.tokenizer))
     single = [n for n in chosen if cases[n].gpus == 1]
     if single:  # the one-GPU runs of all lengths at once, each on a GPU of its own (CPU: one by one)
@@ -260,8 +249,11 @@ def main(argv):
             record = train(name, cases[name], list(range(cases[name].gpus)), length, steps)
             done(record)
             if name == f"fsdp{gpus}" and length == lengths[0][0] and record["rc"] == 0:
-                emit(restore_and_generate(record["workdir"]))
+                done(restore_and_generate(record["workdir"]))
     report(records)
+    failed = [f"{r['case']} (rc {r['rc']})" for r in records if r["rc"] != 0]
+    if failed:
+        raise SystemExit(f"error: {', '.join(failed)} failed; their logs' tails are in {path}.")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,7 @@
-"""GPU time of one call by kernel kind, from a JAX profiler trace: what a benchmark step spends where.
-
-`gpu_time(fn)` runs fn once under `jax.profiler.trace` with a Perfetto trace (plain JSON, no
-TensorBoard needed), then sums the GPU's kernel durations by kind (matrix products, cuDNN attention,
-the Pallas kernels, XLA's fusions by kind) and lists the longest kernels. It also counts the kernels
-and measures the span from the first kernel's start to the last one's end: busy time well below the
-span means the GPU waits between kernels (launches, host work), not on them. Where it waits: the idle
-time before each kernel (from the end of the latest earlier kernel), summed by the kernel's name,
-and split into short gaps (under 5 µs, a launch inside a stream or command buffer) and long ones
-(the host). JAX turns XLA's command buffers off while it traces unless XLA_FLAGS has
---xla_enable_command_buffers_during_profiling=true, so by default the gaps are those without them.
+"""GPU time of one call by kernel kind, from a JAX profiler (Perfetto) trace: busy time, span and
+kernel count (busy well below span: the GPU waits between kernels) and the longest kernels. JAX
+turns XLA's command buffers off while it traces unless XLA_FLAGS has
+--xla_enable_command_buffers_during_profiling=true.
 """
 import gzip
 import json
@@ -61,36 +54,4 @@ def gpu_time(fn) -> dict:
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
     return {"gpu_ms": sum(by_kind.values()), "span_ms": (end - start) / 1e3, "kernels": len(kernels),
             "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-            "top_kernels_ms": [[name[:120], ms] for name, ms in top], **idle_time(kernels)}
-
-
-def idle_time(kernels, short_us: float = 5.0) -> dict:
-    """Idle GPU time between trace events `kernels` (ts, dur in µs): idle_short_ms (gaps under
-    short_us), idle_long_ms, and idle_before_ms: the 10 kernel names with most idle time before them,
-    as [name, ms, count, median gap µs]."""
-    ordered = sorted(kernels, key=lambda e: float(e["ts"]))
-    latest_end = float(ordered[0]["ts"])
-    short = long = 0.0
-    before = {}
-    for e in ordered:
-        ts = float(e["ts"])
-        gap = max(0.0, ts - latest_end)
-        latest_end = max(latest_end, ts + float(e.get("dur", 0)))
-        if gap < short_us:
-            short += gap
-        else:
-            long += gap
-        before.setdefault(e["name"], []).append(gap)
-    top = sorted(before.items(), key=lambda kv: -sum(kv[1]))[:10]
-    return {"idle_short_ms": short / 1e3, "idle_long_ms": long / 1e3,
-            "idle_before_ms": [[name[:120], sum(g) / 1e3, len(g), sorted(g)[len(g) // 2]] for name, g in top]}
-
-
-def per_call(trace: dict, calls: int, unit: str) -> dict:
-    """A `gpu_time` trace of `calls` calls as GPU µs (busy), span µs and kernels per call, keyed
-    e.g. gpu_us_per_layer for unit "layer"; {} for a trace with an error."""
-    if "error" in trace:
-        return {}
-    return {f"gpu_us_per_{unit}": 1e3 * trace["gpu_ms"] / calls,
-            f"span_us_per_{unit}": 1e3 * trace["span_ms"] / calls,
-            f"kernels_per_{unit}": trace["kernels"] / calls}
+            "top_kernels_ms": [[name[:120], ms] for name, ms in top]}

@@ -1,39 +1,37 @@
-"""A benchmark's result rows: each printed as a JSON line when it is measured and the whole list
-rewritten to its file with the run's metadata (a run cut short keeps what it measured), and a
-table of them printed last."""
-import json
-from pathlib import Path
-from typing import Callable, Sequence, Tuple
+"""What the benchmarks print and draw: markdown tables and line plots of their result rows."""
 
 
-def record(rows: list, row: dict, path: Path, meta: dict) -> None:
-    """Appends row to rows, prints it and writes {**meta, "results": rows} to path."""
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-    path.write_text(json.dumps(dict(meta, results=rows), indent=1))
-
-
-def measure(rows: list, row: dict, run: Callable[[dict], None], path: Path, meta: dict) -> None:
-    """run(row) fills row with its checks and timings; an exception it raises (a variant that does
-    not compile or check) becomes the row's error. Then the row is recorded."""
-    try:
-        run(row)
-    except Exception as e:  # noqa: BLE001 - a variant that fails is a result
-        row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
-    record(rows, row, path, meta)
-
-
-def table(rows: Sequence[dict], columns: Sequence[Tuple[str, str, str]]) -> None:
-    """Prints rows under columns (header, key, format spec with a width at least the header's, e.g.
-    ("GPU µs/layer", "gpu_us_per_layer", ">13.2f")): a row's error in place of all but its first
-    cell, an absent key as -."""
-    widths = [int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0) for _, _, spec in columns]
-    print("\n" + " ".join(f"{h:>{w}}" for (h, _, _), w in zip(columns, widths)))
+def markdown(rows, columns) -> str:
+    """rows (dicts) as a markdown table; columns are (header, key, format spec). A row's "error" or
+    "skipped" fills the cells after the first; an absent or None value is blank."""
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|---" * len(columns) + "|"]
     for r in rows:
-        (_, key, spec), rest = columns[0], zip(columns[1:], widths[1:])
-        cells = [f"{r.get(key, ''):{spec}}"]
-        if "error" in r:
-            cells.append(r["error"][:200])
-        else:
-            cells += [f"{r[k]:{s}}" if k in r else f"{'-':>{w}}" for (_, k, s), w in rest]
-        print(" ".join(cells))
+        cells = ["" if r.get(k) is None else format(r[k], f) for _, k, f in columns]
+        if r.get("error") or r.get("skipped"):
+            cells[1:] = [str(r.get("error") or r.get("skipped"))[:120]] + [""] * (len(cells) - 2)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+
+def line_plot(series, path, *, xlabel, ylabel, title="", logx=True, logy=False) -> None:
+    """series: {label: [(x, y), ...]} drawn as one line each (x log 2 by default) into path (png)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in series.items():
+        ax.plot(*zip(*sorted(points)), marker="o" if len(points) < 50 else None, label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

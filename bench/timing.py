@@ -1,8 +1,6 @@
-"""Wall-clock time of a jitted call on the device: the method every benchmark here times with.
-
-`time_ms(f, arg_sets)` warms f up, sizes groups of back-to-back calls to about `group_ms` (async
-dispatch keeps the device busy, so the host's per-call overhead and the clocks' ramp-up stay out of
-the result), and returns the median over `groups` of each group's mean time per call.
+"""Wall-clock time of a jitted call: `time_ms(f, arg_sets)` warms f up, then returns the median over
+`groups` of the mean time of back-to-back calls in groups of about `group_ms` (async dispatch keeps
+the device busy, so per-call host overhead and clock ramp-up stay out). Every benchmark times so.
 """
 import statistics
 import time
@@ -10,18 +8,20 @@ import time
 import jax
 
 
-def time_ms(f, arg_sets, group_ms=30.0, groups=7):
-    """Median over `groups` of the mean time of back-to-back calls, alternating input sets."""
-    jax.block_until_ready(f(*arg_sets[0]))  # compile and warm up
-    jax.block_until_ready(f(*arg_sets[-1]))
+def time_ms(f, arg_sets, group_ms=30.0, groups=7, sync=jax.block_until_ready):
+    """Median over `groups` of the mean time of back-to-back calls, alternating input sets.
+    sync(out) waits for out (torch: `lambda _: torch.cuda.synchronize()`)."""
+    sync(f(*arg_sets[0]))  # compile and warm up
+    sync(f(*arg_sets[-1]))
     t = time.perf_counter()
-    jax.block_until_ready(f(*arg_sets[0]))
+    sync(f(*arg_sets[0]))
     n = max(2, int(group_ms / max((time.perf_counter() - t) * 1e3, 1e-3)))
     means = []
     for _ in range(groups):
         t = time.perf_counter()
         for i in range(n):  # one stream: the last result is ready when all are
             out = f(*arg_sets[i % len(arg_sets)])
-        jax.block_until_ready(out)
+        sync(out)
         means.append((time.perf_counter() - t) * 1e3 / n)
     return statistics.median(means)
+

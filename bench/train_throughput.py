@@ -1,33 +1,15 @@
-"""Training speed and memory against sequence length: TransNormerLLM against the softmax baseline.
+"""Training step time, tokens/s, MFU and compiled memory against sequence length at a constant number
+of tokens per step: TransNormerLLM against the softmax baseline. All cases are compiled at once on a
+thread pool, then timed one by one (median of --steps steps after a warm-up). --probe_* compiles
+only, at batch 1, to find the longest sequence that fits.
 
-For each config (configs/NAME.py) and, for TNL's "gla" mixer, each attention impl, the real training
-step (`tnllm.train_lib.make_train_step`: AdamW, bf16 compute on float32 parameters, donated state)
-runs at sequence lengths 1K..32K with the same number of tokens per step (batch = tokens / length),
-as in the TransNormerLLM paper's Figure 1. Every case is lowered first, then all are compiled at once
-on a thread pool (XLA compiles outside the GIL; a 24-layer step takes tens of seconds to compile and
-there are dozens of cases), then timed one after another: --steps steps after one warm-up step, the
-median step time reported. Memory is the compiled executable's (arguments + outputs + temporaries -
-donated aliases), the per-case number; a case that fails is recorded with its error. --remat and
---loss_chunk take lists: every case runs with each value (rematerialisation policy; the loss over
-the vocabulary all at once or in slices, tnllm.loss). --profile traces one more step of each case
-and records its GPU time by kernel kind (matrix products, attention kernels, XLA fusions);
---dump_hlo writes each timed case's optimized HLO.
+    python -m bench.train_throughput --configs=385m,softmax_385m --impls=pallas --remat=save_dots
+    python -m bench.train_throughput --smoke          # tiny configs on a CPU
 
-The longest trainable sequence at batch 1 is probed by compiling only (no run) at --probe_lengths:
-a length fits when the compiled memory is within the device's limit.
-
-    python3 bench/train_throughput.py                         # the H100 run (about 8 minutes)
-    python3 bench/train_throughput.py --configs=385m,softmax_385m --impls=pallas
-    python3 bench/train_throughput.py --smoke                 # tiny configs, tiny lengths, on a CPU
-    python3 bench/train_throughput.py --replot=a.json,b.json  # one plot and table of earlier runs
-
-Writes $OUT/train_throughput.json (rewritten after every case) and $OUT/train_throughput.png
-(tokens/s against length, one line per config, impl and option); prints a table last. OUT defaults to
-./bench_out. On the GPU machine ml_collections comes from the repository's wheel (bench/NOTES.md).
+Writes $OUT/train_throughput.json and .png (OUT defaults to ./bench_out); prints the tables.
 """
 import concurrent.futures
 import datetime
-import gzip
 import json
 import os
 import statistics
@@ -40,12 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from bench import profiling  # noqa: E402
-from tnllm import config as config_lib  # noqa: E402
-from tnllm import train_lib  # noqa: E402
-from tnllm.model import TransNormerLLM  # noqa: E402
+from bench import profiling, report
+from tnllm import config as config_lib
+from tnllm import train_lib
+from tnllm.model import TransNormerLLM
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,8 +42,6 @@ flags.DEFINE_list("loss_chunk", [], "config.model.loss_chunk values (0: all logi
 flags.DEFINE_integer("train_segment", None, "config.model.train_segment of TNL's cases (positions "
                      "per segment, carrying the states); default the config's.")
 flags.DEFINE_bool("profile", False, "Profile one more step of every case: GPU time by kernel kind.")
-flags.DEFINE_bool("dump_hlo", False, "Write each timed case's optimized HLO to $OUT, gzipped: what "
-                  "a kernel of the profile computes, and where in the model it comes from.")
 flags.DEFINE_list("probe_configs", ["385m", "softmax_385m"], "Configs of the batch-1 length probe.")
 flags.DEFINE_list("probe_lengths", ["65536", "131072", "262144"], "Lengths the probe compiles at batch 1.")
 flags.DEFINE_integer("probe_loss_chunk", None, "config.model.loss_chunk of the probe; default the "
@@ -85,6 +63,8 @@ def case_config(name: str, impl: str, remat: str, loss_chunk, length: int, batch
     if cfg.model.token_mixer == "gla":
         cfg.model.attention_impl = impl
     cfg.data.seq_len = length
+    if FLAGS.smoke:
+        cfg.model.num_layers = 1
     cfg.train.update(batch_size=batch, grad_accum_steps=1, steps=1000)
     cfg.optim.warmup_steps = 10
     return cfg
@@ -96,8 +76,7 @@ _INITS = {}
 def initialiser(model, tx, model_cfg, pool):
     """The state initialiser, jitted and compiled on the pool once per model: every length of
     a config shares it (the state's static fields come from it, so the steps take its output),
-    and no case compiles while it is timed (device session 2 saw ~45 s of untimed work per case;
-    run_case now records its parts). Returns (jitted function, future of the compiled one)."""
+    and no case compiles while it is timed. Returns (jitted function, future of the compiled one)."""
     if model_cfg not in _INITS:
         init = jax.jit(lambda rng: train_lib.init_state(model, tx, rng))
         _INITS[model_cfg] = init, pool.submit(init.lower(jax.random.key(0)).compile)
@@ -155,52 +134,28 @@ def run_case(compiled, init, cfg, case):
 def plot(results, path):
     """Tokens/s against length, one line per config and impl (and remat and loss chunk where the
     cases differ in them)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     timed = [r for r in results["cases"] if "tokens_per_s" in r]
     varies = [key for key in ("remat", "loss_chunk") if len({r[key] for r in timed}) > 1]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     series = {}
     for r in timed:
         label = ", ".join([f"{r['config']} ({r['impl']}"] + [f"{k} {r[k]}" for k in varies]) + ")"
         series.setdefault(label, []).append((r["seq_len"], r["tokens_per_s"]))
-    for label, points in series.items():
-        points.sort()
-        ax.plot(*zip(*points), marker="o", label=label)
-    ax.set(xlabel="sequence length (tokens)", ylabel="training tokens/s",
-           title=f"Training throughput, {results['tokens_per_step']:,} tokens per step, "
-                 f"{results['device']}")
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    report.line_plot(series, path, xlabel="sequence length (tokens)", ylabel="training tokens/s",
+                     title=f"Training throughput, {results['tokens_per_step']:,} tokens per step, "
+                           f"{results['device']}")
 
 
 def print_tables(results):
     print(f"\n{results['device']}, jax {results['jax']}, {results['tokens_per_step']:,} tokens per step\n")
-    print("| config | impl | remat | loss chunk | seq | batch | step ms | tokens/s | MFU | memory GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for c in results["cases"]:
-        head = (f"| {c['config']} | {c['impl']} | {c['remat']} | {c['loss_chunk']} | {c['seq_len']} | "
-                f"{c['batch']} |")
-        if "tokens_per_s" not in c:
-            print(f"{head} {c.get('error') or c.get('skipped')} | | | |")
-            continue
-        mfu = "" if c["mfu"] is None else f"{c['mfu']:.1%}"
-        mem = "" if c.get("memory_gib") is None else f"{c['memory_gib']:.1f}"
-        print(f"{head} {c['step_ms']:.1f} | {c['tokens_per_s']:,.0f} | {mfu} | {mem} |")
+    head = [("config", "config", ""), ("impl", "impl", ""), ("remat", "remat", ""),
+            ("loss chunk", "loss_chunk", ""), ("train segment", "train_segment", ""), ("seq", "seq_len", "")]
+    print(report.markdown(results["cases"], head + [
+        ("batch", "batch", ""), ("step ms", "step_ms", ".1f"), ("tokens/s", "tokens_per_s", ",.0f"),
+        ("MFU", "mfu", ".1%"), ("memory GiB", "memory_gib", ".1f")]))
     if results["longest"]:
         print("\nLongest sequence at batch 1 (compiled memory against the device limit):\n")
-        print("| config | impl | remat | loss chunk | train segment | seq | memory GiB | fits |")
-        print("|---|---|---|---|---|---|---|---|")
-        for p in results["longest"]:
-            mem = f"{p['memory_gib']:.1f}" if "memory_gib" in p else p.get("error", "")
-            print(f"| {p['config']} | {p['impl']} | {p['remat']} | {p['loss_chunk']} | "
-                  f"{p.get('train_segment', 0)} | {p['seq_len']} | {mem} | {p['fits']} |")
+        print(report.markdown(results["longest"], head + [("memory GiB", "memory_gib", ".1f"),
+                                                          ("fits", "fits", "")]))
     sys.stdout.flush()
 
 
@@ -208,8 +163,8 @@ def main(argv):
     del argv
     if FLAGS.smoke:
         FLAGS.configs = [c for c in ("tiny", "softmax_tiny") if (REPO / "configs" / f"{c}.py").exists()]
-        FLAGS.impls, FLAGS.lengths, FLAGS.tokens, FLAGS.steps = ["blockwise"], ["64", "128"], 256, 1
-        FLAGS.probe_configs, FLAGS.probe_lengths = FLAGS.configs, ["256", "512"]
+        FLAGS.impls, FLAGS.lengths, FLAGS.tokens, FLAGS.steps = ["blockwise"], ["64"], 128, 1
+        FLAGS.probe_configs, FLAGS.probe_lengths = FLAGS.configs[:1], ["128"]
     out = Path(os.environ.get("OUT", "bench_out"))
     out.mkdir(parents=True, exist_ok=True)
     if FLAGS.replot:  # several runs' cases in one plot and table (the first run's header)
@@ -278,9 +233,6 @@ def main(argv):
             if isinstance(job, Exception):
                 raise job
             compiled = job.result()
-            if FLAGS.dump_hlo:
-                name = f"train_{case['config']}_{case['impl']}_{case['remat']}_{case['seq_len']}.hlo.txt.gz"
-                (out / name).write_bytes(gzip.compress(compiled.as_text().encode()))
             case["memory_gib"] = (memory_bytes(compiled) or 0) / 2**30 or None
             step_s, loss = run_case(compiled, init.result(), cfg, case)
             tokens_per_s = cfg.train.batch_size * cfg.data.seq_len / step_s

@@ -1,0 +1,36 @@
+"""Every benchmark script runs end to end in its --smoke mode (tiny shapes, a CPU, interpret mode),
+so that none of them rots between the GPU runs that produce docs/benchmarks.md."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HELPERS = {"__init__", "profiling", "report", "timing"}  # imported by the scripts, not run
+# script -> (extra arguments, the results file it must write under $OUT)
+SMOKES = {
+    "generate": ([], "generate.json"),
+    "kernels": (["--out", "{out}"], "results.json"),
+    "listops": (["--out", "{out}"], "listops.json"),
+    "multi_gpu": ([], "multi_gpu.jsonl"),
+    "train_throughput": ([], "train_throughput.json"),
+}
+
+
+def test_every_script_has_a_smoke_run():
+    scripts = {p.stem for p in (ROOT / "bench").glob("*.py")} - HELPERS
+    assert scripts == set(SMOKES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SMOKES))
+def test_smoke_run_exits_0_and_writes_its_results(script, tmp_path):
+    args, results = SMOKES[script]
+    env = dict(os.environ, OUT=str(tmp_path), JAX_PLATFORMS="cpu", TNLLM_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", f"bench.{script}", "--smoke",
+                           *(a.format(out=tmp_path) for a in args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / results).stat().st_size > 0
