@@ -22,8 +22,10 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from bench import profiling, report, timing
-from tnllm import config as config_lib, fused_decode
-from tnllm.generate import AUTOTUNE_OPTIONS, decode, prefill
+from tnllm import config as config_lib
+from tnllm.decode import fused as fused_step
+from tnllm.decode.loop import PROGRAMS, DecodeOptions, Sampling
+from tnllm.decode.prefill import prefill
 from tnllm.model import TransNormerLLM, state_specs
 from tnllm.sampling import Greedy
 
@@ -39,14 +41,14 @@ flags.DEFINE_list("impls", ["blockwise"], "Parallel forms of TNL's prefill (bloc
 flags.DEFINE_bool("profile", False, "Trace one more decode run per case: GPU busy time, span and "
                   "kernel count per token, by kernel kind (bench/profiling.py).")
 flags.DEFINE_list("fused", ["auto"], "At batch 1, TNL's decoding step on fused Pallas GEMVs "
-                  "(tnllm.fused_decode: true), through the model's layers (false), as tnllm.generate "
+                  "(tnllm.decode.fused: true), XLA's step (tnllm.decode.step: false), as tnllm.generate "
                   "chooses (auto: fused on a GPU), or several: true,false.")
 flags.register_validator("fused", lambda v: set(v) <= {"auto", "true", "false"},
                          "--fused takes auto, true and/or false, comma-separated.")
 flags.DEFINE_list("fused_kernels", ["auto"], "The fused step's products: hopper, triton, auto "
                   "(hopper on a Hopper GPU), or several: hopper,triton.")
 flags.DEFINE_bool("autotune", False, "Compile the decoding loop with XLA's exhaustive GEMM tiling "
-                  "search, as generate(..., autotune=True) does.")
+                  "search, as generate(..., options=DecodeOptions(autotune=True)) does.")
 flags.DEFINE_bool("smoke", False, "Tiny config and contexts, few tokens: a quick check of this script.")
 FLAGS = flags.FLAGS
 
@@ -72,10 +74,13 @@ def measure_prefill(cfg, params, batch, context, prefill_chunk):
 def measure_decode(cfg, params, prefilled, new_tokens, repeats, fused, fused_kernels):
     """Times decoding `new_tokens` tokens after `prefilled`."""
     batch = prefilled.logits.shape[0]
-    lowered = decode.lower(params, prefilled, jax.random.key(0), cfg=cfg, sampler=Greedy(),
-                           max_new_tokens=new_tokens, fused=fused, fused_kernels=fused_kernels)
+    options = DecodeOptions(fused=fused, kernels=fused_kernels, autotune=FLAGS.autotune).resolve(
+        cfg, batch)
+    lowered = PROGRAMS[options.autotune].lower(params, prefilled, jax.random.key(0), cfg=cfg,
+                                               sampling=Sampling(new_tokens, Greedy()),
+                                               options=options)
     start = time.perf_counter()
-    decode_exe = lowered.compile(compiler_options=AUTOTUNE_OPTIONS if FLAGS.autotune else None)
+    decode_exe = lowered.compile()
     decode_compile_s = time.perf_counter() - start
     run_decode = lambda: decode_exe(params, prefilled, jax.random.key(0))  # noqa: E731
     out, first_s = timed(run_decode)
@@ -153,7 +158,7 @@ def main(argv):
         print(f"{name}: {weights_gb:.3f} GB of bf16 parameters, read once in {read_ms:.3f} ms "
               f"({weights_gb / read_ms:.2f} TB/s)", flush=True)
         fuseds = [{"true": True, "false": False, "auto": None}[f] for f in FLAGS.fused]
-        kernel_choices = sorted({fused_decode.default_kernels() if k == "auto" else k
+        kernel_choices = sorted({fused_step.default_kernels() if k == "auto" else k
                                  for k in FLAGS.fused_kernels})
         # The impl picks the parallel form of TNL's prefill.
         for impl in impls if cfg.token_mixer == "gla" else [cfg.attention_impl]:
@@ -169,10 +174,10 @@ def main(argv):
                     prefilled = None
                     # One prefill for every variant of the decoding step, each resolved as decode
                     # resolves it (auto: by the batch and the device).
-                    fused_ok = not fused_decode.unsupported(case_cfg, batch)
+                    fused_ok = not fused_step.unsupported(case_cfg, batch)
                     variants = {(fused, k) for f in fuseds
-                                for fused in [fused_decode.by_default(case_cfg, batch) if f is None
-                                              else f and fused_ok]
+                                for fused in [DecodeOptions(fused=f if f is None else f and fused_ok)
+                                              .resolve(case_cfg, batch).fused]
                                 for k in (kernel_choices if fused else [""])}
                     for fused, kernels in sorted(variants):
                         row = dict(case, fused=fused, fused_kernels=kernels or None)
