@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,8 +186,8 @@ def test_multiple_choice_task_end_to_end_through_lm_eval(model, tmp_path, monkey
     out = tmp_path / "results"
     from tnllm.eval import harness
 
-    harness.cli(["--model", "tnllm", "--model_args", f"checkpoint={lm.checkpoint_path}",
-                 "--batch_size", "4", "--tasks", "tiny_choice", "--include_path", str(tmp_path),
+    harness.cli(["--model", "tnllm", "--model_args", f"checkpoint={lm.checkpoint_path},batch_size=4",
+                 "--tasks", "tiny_choice", "--include_path", str(tmp_path),
                  "--output_path", str(out)])
     [path] = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.startswith("results")]
     reported = json.load(open(path))["results"]["tiny_choice"]["acc,none"]
@@ -198,3 +199,34 @@ def test_multiple_choice_task_end_to_end_through_lm_eval(model, tmp_path, monkey
     scores = np.array([lp[-len(c):].sum() for (lp, _), c in zip(reference, conts)]).reshape(-1, 4)
     correct = sum(int(np.argmax(s) == d["answer"]) for s, d in zip(scores, docs))
     assert reported == pytest.approx(correct / len(docs))
+
+
+def test_softmax_baseline_recomputes_contexts_and_refuses_to_carry_a_state_it_lacks():
+    cfg = config.ModelConfig(vocab_size=259, d_model=32, num_layers=1, num_heads=2, glu_dim=64,
+                             token_mixer="softmax", max_cache_len=64, attention_impl="reference")
+    params = nn.unbox(TransNormerLLM(cfg).init(jax.random.key(0),
+                                               jnp.zeros((1, 1), jnp.int32))["params"])
+    pairs = [([1, 2, 3, 4, 5], [6, 7]), ([9], [10, 11, 12])]
+    got = continuation_logprobs(params, cfg, pairs, batch_size=2)
+    for (ctx, cont), (logprob, _), (want, _) in zip(pairs, got, _forward_pass(
+            params, cfg, [c + x for c, x in pairs])):
+        assert logprob == pytest.approx(float(want[-len(cont):].sum()), abs=1e-5)
+    with pytest.raises(ValueError, match="softmax baseline carries no state"):
+        stream_logprobs(params, cfg, [np.arange(40, dtype=np.int32)], context=16)
+    with pytest.raises(ValueError, match="reuse_context"):
+        continuation_logprobs(params, cfg, pairs, reuse_context=True)
+
+
+def test_bad_input_is_one_sentence(run, tmp_path):
+    workdir, _ = run
+    for args, message in [(["--checkpoint=" + str(tmp_path)], "neither an export"),
+                          ([f"--checkpoint={workdir}", "--split=documents", "--nocarry_state"],
+                           "drop --nocarry_state"),
+                          ([f"--checkpoint={workdir}", "--context=0"], "--context must be")]:
+        with pytest.raises(SystemExit) as exit_:
+            _perplexity_cli(*args)
+        assert str(exit_.value).startswith("error: ") and message in str(exit_.value)
+    with pytest.raises(ValueError, match="no argument 'checkpont'"):
+        TnllmLM.create_from_arg_string(f"checkpont={workdir}")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 'auto'"):
+        TnllmLM.create_from_arg_string(f"checkpoint={workdir}", {"batch_size": "auto"})

@@ -20,6 +20,7 @@ Requests map onto `tnllm.eval.score` and `tnllm.generate`:
 """
 from __future__ import annotations
 
+import inspect
 import json
 from typing import List, Optional
 
@@ -50,6 +51,8 @@ class TnllmLM(TemplateLM):
         model's state carries the context, i.e. not for the softmax baseline).
       prefix_token: "eos" (default: what precedes a document in tnllm's training stream) or "bos":
         the token an empty context and every rolling text start with.
+      add_bos: start every non-empty context with BOS too (the harness's `hf` model does where
+        the tokenizer adds BOS by default, as the released SentencePiece tokenizer's may).
       max_length: tokens per window of loglikelihood_rolling (default config.data.seq_len).
       max_gen_toks: generate_until's default token budget.
       seed: seeds sampled generation.
@@ -58,7 +61,7 @@ class TnllmLM(TemplateLM):
     """
 
     def __init__(self, checkpoint: str, batch_size=8, reuse_context: Optional[bool] = None,
-                 prefix_token: str = "eos", max_length: Optional[int] = None,
+                 prefix_token: str = "eos", add_bos: bool = False, max_length: Optional[int] = None,
                  max_gen_toks: int = 256, seed: int = 0, attention_impl: Optional[str] = None,
                  device=None, max_batch_size=None, params=None, config=None):
         super().__init__()
@@ -85,9 +88,30 @@ class TnllmLM(TemplateLM):
         self.params = serving_params(params, self.cfg)
         self.tokenizer_ = load_tokenizer(config.data.tokenizer)
         self.prefix = prefix_token
+        self.add_bos = bool(add_bos)
         self._max_length = _positive("max_length", max_length or int(config.data.seq_len))
         self.reuse_context = reuse_context
         self.seed = int(seed)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config=None) -> "TnllmLM":
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None) -> "TnllmLM":
+        """The model of --model_args; the harness's own settings (--batch_size, --device) fill in
+        what they do not name, so `--model_args checkpoint=DIR,batch_size=16` works as well as
+        `--batch_size 16`."""
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "params", "config"}
+        unknown = sorted(set(arg_dict) - known)
+        if unknown:
+            raise ValueError(f"The tnllm model has no argument {unknown[0]!r}; it takes "
+                             f"{', '.join(sorted(known))}.")
+        extra = {k: v for k, v in (additional_config or {}).items()
+                 if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
 
     @classmethod
     def from_params(cls, params, config, **kwargs) -> "TnllmLM":
@@ -113,7 +137,8 @@ class TnllmLM(TemplateLM):
         return str(self.config.data.tokenizer)
 
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> List[int]:
-        return list(self.tokenizer_.encode(string))
+        bos = self.add_bos if add_special_tokens is None else add_special_tokens
+        return [self.tokenizer_.bos_id] * bool(bos and string) + list(self.tokenizer_.encode(string))
 
     def tok_decode(self, tokens) -> str:
         return self.tokenizer_.decode(list(tokens))
@@ -196,4 +221,7 @@ def cli(argv: List[str]) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval"] + list(argv)
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line naming the fix
+        raise SystemExit(f"error: {e}") from None

@@ -53,7 +53,8 @@ def token_logprobs(params, inputs: Array, targets: Array, positions: Array, mask
     # The tied head with float32 accumulation, as the training loss applies it (tnllm.loss).
     table = params["embed_tokens"]["embedding"].astype(hidden.dtype)
     logits = jnp.einsum("bpd,vd->bpv", hidden, table, preferred_element_type=jnp.float32)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+    target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    logprobs = target - jax.nn.logsumexp(logits, axis=-1)
     return logprobs, jnp.argmax(logits, axis=-1) == targets, states
 
 
