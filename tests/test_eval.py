@@ -9,18 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lm_eval.api.instance import Instance
 
 from tnllm import checkpoint, config, train_lib
 from tnllm.eval import perplexity
+from tnllm.eval.harness import TnllmLM
 from tnllm.eval.score import continuation_logprobs, stream_logprobs
 from tnllm.generate import complete
 from tnllm.model import TransNormerLLM
 from tnllm.sampling import Greedy
-
-lm_eval = pytest.importorskip("lm_eval", reason="the harness tests need the [eval] extra")
-from lm_eval.api.instance import Instance  # noqa: E402
-
-from tnllm.eval.harness import TnllmLM  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ["def add(a, b):\n    return a + b\n" * 3, "x = 1\n", "print('hello, world')  # é\n"]

@@ -94,8 +94,7 @@ def stream_logprobs(params, cfg: ModelConfig, streams: Sequence[np.ndarray], *, 
     window = min(context, prompt_bucket(int(lengths.max()) - 1, context))
     order = np.argsort(-lengths, kind="stable")  # similar lengths share a batch
     out: List[Optional[np.ndarray]] = [None] * len(streams)
-    total_windows = sum(-(-(int(lengths[order[s:s + batch_size]].max()) - 1) // window)
-                        for s in range(0, len(order), batch_size))
+    total_windows = int(sum(-(-(lengths[order] - 1) // window)))
     bar = tqdm(total=total_windows, desc=desc, unit="window", disable=not progress)
     for rows, real in _batches(order, batch_size):
         longest = int(lengths[rows].max())
@@ -114,7 +113,7 @@ def stream_logprobs(params, cfg: ModelConfig, streams: Sequence[np.ndarray], *, 
             logprobs, _, states = token_logprobs(params, inputs, targets, positions, None, states,
                                                  cfg=cfg)
             pieces.append(np.asarray(logprobs))
-            bar.update()
+            bar.update(int(np.sum(lengths[rows[:real]] - 1 > start)))  # rows not yet ended
         logprobs = np.concatenate(pieces, axis=1)
         for r, i in enumerate(rows[:real]):
             out[i] = logprobs[r, :lengths[i] - 1]
