@@ -223,6 +223,8 @@ def test_bad_input_is_one_sentence(run, tmp_path):
         with pytest.raises(SystemExit) as exit_:
             _perplexity_cli(*args)
         assert str(exit_.value).startswith("error: ") and message in str(exit_.value)
+    with pytest.raises(ValueError, match="needs a checkpoint"):
+        TnllmLM.create_from_arg_string("batch_size=2")
     with pytest.raises(ValueError, match="no argument 'checkpont'"):
         TnllmLM.create_from_arg_string(f"checkpont={workdir}")
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 'auto'"):

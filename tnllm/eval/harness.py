@@ -109,6 +109,9 @@ class TnllmLM(TemplateLM):
         if unknown:
             raise ValueError(f"The tnllm model has no argument {unknown[0]!r}; it takes "
                              f"{', '.join(sorted(known))}.")
+        if "checkpoint" not in arg_dict:
+            raise ValueError("The tnllm model needs a checkpoint; pass --model_args "
+                             "checkpoint=WORKDIR_OR_EXPORT.")
         extra = {k: v for k, v in (additional_config or {}).items()
                  if v is not None and k not in arg_dict}
         return cls(**arg_dict, **extra)

@@ -106,15 +106,16 @@ def stream_logprobs(params, cfg: ModelConfig, streams: Sequence[np.ndarray], *, 
         for start in range(0, padded.shape[1] - 1, window):
             inputs = padded[:, start:start + window]
             targets = padded[:, start + 1:start + window + 1]
-            positions = np.broadcast_to(np.arange(start if carry else 0, (start if carry else 0)
-                                                  + window, dtype=np.int32), inputs.shape)
+            first = start if carry else 0  # a fresh window counts positions from 0, as training
+            positions = np.broadcast_to(np.arange(first, first + window, dtype=np.int32),
+                                        inputs.shape)
             if not carry and carries_state(cfg):
                 states = zero_states(cfg, len(rows))
             logprobs, _, states = token_logprobs(params, inputs, targets, positions, None, states,
                                                  cfg=cfg)
-            pieces.append(np.asarray(logprobs))
+            pieces.append(logprobs)  # fetched once per batch: the device runs ahead of the host
             bar.update(int(np.sum(lengths[rows[:real]] - 1 > start)))  # rows not yet ended
-        logprobs = np.concatenate(pieces, axis=1)
+        logprobs = np.concatenate(jax.device_get(pieces), axis=1)
         for r, i in enumerate(rows[:real]):
             out[i] = logprobs[r, :lengths[i] - 1]
     bar.close()
