@@ -198,20 +198,24 @@ def test_multiple_choice_task_end_to_end_through_lm_eval(model, tmp_path, monkey
     assert reported == pytest.approx(correct / len(docs))
 
 
-def test_softmax_baseline_recomputes_contexts_and_refuses_to_carry_a_state_it_lacks():
+@pytest.mark.parametrize("mixer", ["cosformer", "softmax"])
+def test_other_mixers_loglikelihood_equals_one_forward_pass(mixer):
+    """cosFormer reuses each context's prefill (its state carries the context); the softmax
+    baseline recomputes every context and refuses to carry a state it does not have."""
     cfg = config.ModelConfig(vocab_size=259, d_model=32, num_layers=1, num_heads=2, glu_dim=64,
-                             token_mixer="softmax", max_cache_len=64, attention_impl="reference")
+                             token_mixer=mixer, max_cache_len=64, attention_impl="reference")
     params = nn.unbox(TransNormerLLM(cfg).init(jax.random.key(0),
                                                jnp.zeros((1, 1), jnp.int32))["params"])
-    pairs = [([1, 2, 3, 4, 5], [6, 7]), ([9], [10, 11, 12])]
+    pairs = [([1, 2, 3, 4, 5], [6, 7]), ([9], [10, 11, 12]), ([1, 2, 3, 4, 5], [8])]
     got = continuation_logprobs(params, cfg, pairs, batch_size=2)
     for (ctx, cont), (logprob, _), (want, _) in zip(pairs, got, _forward_pass(
             params, cfg, [c + x for c, x in pairs])):
         assert logprob == pytest.approx(float(want[-len(cont):].sum()), abs=1e-5)
-    with pytest.raises(ValueError, match="softmax baseline carries no state"):
-        stream_logprobs(params, cfg, [np.arange(40, dtype=np.int32)], context=16)
-    with pytest.raises(ValueError, match="reuse_context"):
-        continuation_logprobs(params, cfg, pairs, reuse_context=True)
+    if mixer == "softmax":
+        with pytest.raises(ValueError, match="softmax baseline carries no state"):
+            stream_logprobs(params, cfg, [np.arange(40, dtype=np.int32)], context=16)
+        with pytest.raises(ValueError, match="reuse_context"):
+            continuation_logprobs(params, cfg, pairs, reuse_context=True)
 
 
 def test_bad_input_is_one_sentence(run, tmp_path):
