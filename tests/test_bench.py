@@ -12,6 +12,7 @@ HELPERS = {"__init__", "profiling", "report", "timing"}  # imported by the scrip
 # script -> (extra arguments, the results file it must write under $OUT)
 SMOKES = {
     "generate": ([], "generate.json"),
+    "eval": ([], "eval.json"),
     "kernels": (["--out", "{out}"], "results.json"),
     "listops": (["--out", "{out}"], "listops.json"),
     "multi_gpu": ([], "multi_gpu.jsonl"),

@@ -1,0 +1,102 @@
+"""Log-likelihood throughput of multiple-choice requests: each context prefilled once for its
+choices (`reuse_context`), against recomputing every context with every choice.
+
+A request is (context, continuation) as lm-evaluation-harness sends them for a multiple-choice
+question: --questions random contexts of --context tokens, each with --choices continuations of
+random lengths in [--min_choice, --max_choice] tokens. `tnllm.eval.score.continuation_logprobs`
+scores them all, in batches of --batch_sizes rows; the time is the median of --repeats calls after
+a warm-up call that compiles every shape. Both ways' log-likelihoods are compared (max abs
+difference, `max_diff`). Parameters are random, in the config's dtype (speed does not depend on
+their values).
+
+  python -m bench.eval                      # 1b, context 512, 4 choices, batches 16 and 64
+  python -m bench.eval --configs=385m,1b --batch_sizes=32
+  python -m bench.eval --smoke              # tiny config on CPU: checks the logic in seconds
+
+Prints a table; writes $OUT/eval.json (rewritten after every case). OUT defaults to ./bench_out.
+"""
+import os
+import statistics
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from bench import report
+from tnllm import config as config_lib
+from tnllm.eval.score import continuation_logprobs
+from tnllm.generate import serving_params
+from tnllm.model import TransNormerLLM
+
+REPO = Path(__file__).resolve().parents[1]
+
+flags.DEFINE_list("configs", ["1b"], "Config files (configs/NAME.py) to measure.")
+flags.DEFINE_integer("context", 512, "Context tokens per question.")
+flags.DEFINE_integer("choices", 4, "Continuations per context.")
+flags.DEFINE_integer("min_choice", 4, "Shortest continuation, tokens.")
+flags.DEFINE_integer("max_choice", 24, "Longest continuation, tokens.")
+flags.DEFINE_integer("questions", 256, "Contexts per timed call.")
+flags.DEFINE_list("batch_sizes", ["16", "64"], "Rows per batch.")
+flags.DEFINE_integer("repeats", 3, "Timed calls per case (the median is reported).")
+flags.DEFINE_bool("smoke", False, "Tiny config, short contexts, few requests: checks this script.")
+FLAGS = flags.FLAGS
+
+
+def _requests(cfg, rng):
+    out = []
+    for _ in range(FLAGS.questions):
+        context = rng.integers(0, cfg.vocab_size, FLAGS.context).tolist()
+        for _ in range(FLAGS.choices):
+            n = int(rng.integers(FLAGS.min_choice, FLAGS.max_choice + 1))
+            out.append((context, rng.integers(0, cfg.vocab_size, n).tolist()))
+    return out
+
+
+def main(argv):
+    del argv
+    if FLAGS.smoke:
+        FLAGS.configs, FLAGS.context, FLAGS.questions = ["tiny"], 40, 8
+        FLAGS.batch_sizes, FLAGS.repeats = ["4"], 1
+    out = Path(os.environ.get("OUT", "bench_out"))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "eval.json"
+    meta = dict(device=jax.devices()[0].device_kind, context=FLAGS.context, choices=FLAGS.choices,
+                choice_tokens=[FLAGS.min_choice, FLAGS.max_choice], questions=FLAGS.questions)
+    rows = []
+    for name in FLAGS.configs:
+        cfg = config_lib.model_config(config_lib.load(str(REPO / "configs" / f"{name}.py")))
+        params = jax.jit(lambda key, cfg=cfg: nn.unbox(TransNormerLLM(cfg).init(
+            key, jnp.zeros((1, 1), jnp.int32))["params"]))(jax.random.key(0))
+        params = serving_params(params, cfg)
+        requests = _requests(cfg, np.random.default_rng(0))
+        for batch in map(int, FLAGS.batch_sizes):
+            results = {}
+            for reuse in (True, False):
+                row = dict(config=name, batch=batch, reuse_context=reuse)
+
+                def run(row, reuse=reuse, batch=batch):
+                    call = lambda: continuation_logprobs(params, cfg, requests, batch_size=batch,  # noqa: E731
+                                                         reuse_context=reuse)
+                    results[reuse] = np.array([lp for lp, _ in call()])  # compiles every shape
+                    times = []
+                    for _ in range(FLAGS.repeats):
+                        t = time.perf_counter()
+                        call()
+                        times.append(time.perf_counter() - t)
+                    row["seconds"] = statistics.median(times)
+                    row["requests_per_s"] = len(requests) / row["seconds"]
+                    if len(results) == 2:
+                        row["max_diff"] = float(np.abs(results[True] - results[False]).max())
+
+                report.measure(rows, row, run, path, meta)
+    report.table(rows, [("config", "config", "<8"), ("batch", "batch", ">6"),
+                        ("reuse", "reuse_context", ">6"), ("requests/s", "requests_per_s", ">11.1f"),
+                        ("s", "seconds", ">8.2f"), ("max_diff", "max_diff", ">9.2e")])
+
+
+if __name__ == "__main__":
+    app.run(main)
