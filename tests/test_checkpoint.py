@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO, subprocess_env
 
@@ -124,7 +123,7 @@ def test_damaged_latest_checkpoint_is_skipped_for_the_previous_one(tmp_path):
     assert (work / "checkpoints" / "2").exists()
     ckpts = checkpoint.TrainCheckpoints(str(work))
     expected = checkpoint.abstract_params(config.model_config(cfg))
-    step, items = ckpts.restore_latest(dict(params=ocp.args.StandardRestore(expected)), expected)
+    step, items = ckpts.restore_latest(dict(params=expected))
     assert step == 1 and ckpts.steps() == [1]
     _assert_same(items["params"], _params(cfg, seed=1))
     assert [d.split("-")[0] for d in os.listdir(work / "damaged_checkpoints")] == ["2"]
@@ -143,7 +142,7 @@ def test_failed_or_interrupted_saves_never_remove_a_good_checkpoint(tmp_path):
     reopened = checkpoint.TrainCheckpoints(str(work), keep=1)
     assert reopened.steps() == [1]
     expected = checkpoint.abstract_params(config.model_config(cfg))
-    step, items = reopened.restore_latest(dict(params=ocp.args.StandardRestore(expected)), expected)
+    step, items = reopened.restore_latest(dict(params=expected))
     assert step == 1
     _assert_same(items["params"], _params(cfg, seed=1))
     reopened.close()
