@@ -17,6 +17,7 @@ _EARLY_SIGNALS = []
 for _s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(_s, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
+import logging as py_logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -77,6 +78,10 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; pass settings as --config.x=y flags.")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
         logging.set_verbosity(logging.WARNING)
+        # A failed save also reaches the loop, which says it in one sentence: Orbax's own
+        # tracebacks of it (hundreds of lines on a full disk) would bury that sentence.
+        logging.get_absl_logger().addFilter(
+            lambda record: record.levelno < py_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname)
     config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
         flags.FLAGS["config"])))[0]
     workdir = _WORKDIR.value or os.path.join("runs", config_name)

@@ -303,6 +303,7 @@ class TrainCheckpoints:
         The arrays' fingerprints are taken first, on the devices, before training can donate them."""
         if step in self.manager.all_steps():
             return
+        self.wait()  # a failed earlier save is reported under its own step, before this one starts
         meta = dict(step=step, loader=loader,
                     fingerprints=dict(params=fingerprints(params), opt_state=fingerprints(opt_state)))
         with self._disk_errors(step):
