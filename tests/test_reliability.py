@@ -2,7 +2,6 @@
 bytes flipped on disk, a changed optimizer setting on resume, two runs in one directory, a stale lock,
 a work directory that is a file or read-only, a full disk. docs/training.md ("Reliability") lists the
 promise each test stands behind."""
-import json
 import os
 import random
 import shutil
@@ -100,7 +99,7 @@ def test_signals_at_random_moments_always_save_the_reported_step(corpus, tmp_pat
     env, steps = _env(tmp_path / "jax-cache"), 2000  # far more steps than the chain reaches
     workdir = tmp_path / "chain"
     flags = _flags(corpus, workdir, steps, every=7, eval_every=5)
-    valid, first_step_after, saved = 0, None, None
+    valid, first_step_after, saved, phases = 0, None, None, []
     for trial in range(40):
         if valid >= 20:
             break
@@ -109,7 +108,8 @@ def test_signals_at_random_moments_always_save_the_reported_step(corpus, tmp_pat
         proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         signum = rng.choice([signal.SIGTERM, signal.SIGINT])
-        if first_step_after is None or rng.random() < 0.5:  # during the steps, 0-6 after the first
+        during_steps = first_step_after is None or rng.random() < 0.5
+        if during_steps:  # during the steps, 0-6 after the first
             target = before + 1 + rng.randint(0, 6)
             while _metric_lines(workdir) <= before and proc.poll() is None:
                 time.sleep(0.005)
@@ -119,7 +119,8 @@ def test_signals_at_random_moments_always_save_the_reported_step(corpus, tmp_pat
         else:  # any moment from the interpreter's start to a little after the first step
             time.sleep(rng.uniform(0.05, first_step_after + 0.3))
         proc.send_signal(signum)
-        if rng.random() < 0.3:  # a second signal, often while the first one's save runs
+        twice = rng.random() < 0.3
+        if twice:  # a second signal, often while the first one's save runs
             time.sleep(rng.uniform(0.0, 0.3))
             proc.send_signal(rng.choice([signal.SIGTERM, signal.SIGINT]))
         out, err = proc.communicate(timeout=300)
@@ -141,6 +142,9 @@ def test_signals_at_random_moments_always_save_the_reported_step(corpus, tmp_pat
             assert max(_losses(workdir)) == reported  # nothing logged beyond what is saved
             saved = reported
         valid += 1
+        phases.append(("steps" if during_steps else "start") + (" twice" if twice else ""))
+    print(f"signals: {len(phases)} trials ({', '.join(f'{phases.count(p)} {p}' for p in set(phases))})"
+          f"; the chain reached step {saved}")
     assert valid >= 20
     # The chain's last checkpoint and an uninterrupted run of as many steps (stopped past it).
     reference = tmp_path / "reference"

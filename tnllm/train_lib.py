@@ -15,7 +15,6 @@ docs/training.md ("Reliability") lists what survives which fault.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import signal
