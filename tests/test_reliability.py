@@ -223,6 +223,8 @@ def test_all_checkpoints_damaged_stops_and_never_silently_starts_over(corpus, re
     assert len(kept) == 1  # the earlier metrics are kept, not overwritten
     with pytest.raises(checkpoint.StorageError, match="holds a readable checkpoint"):
         train_lib.train(_cfg(corpus), str(workdir), from_scratch=True)
+    assert len([f for f in os.listdir(workdir) if f.startswith("metrics-before-")]) == 1
+    assert _losses(workdir) == reference[1]  # a refused --from_scratch moves nothing
 
 
 # ----------------------------------------------------------------------------- the lock

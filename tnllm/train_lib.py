@@ -288,6 +288,9 @@ class _Setup:
                 raise StorageError(
                     f"Work directory {workdir} holds no readable checkpoint but {earlier}; pass "
                     "--from_scratch to train again from step 0 there, or pass a new --workdir.")
+            if from_scratch and distributed.is_main_process() and os.path.isfile(
+                    os.path.join(workdir, METRICS)):
+                _set_metrics_aside(workdir)
             self.state, _ = sharding.init_sharded(self._init_state, self.mesh, rng)
             self.resumed_from = None
             return
@@ -357,8 +360,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, from_scratch: bool = Fal
     with StopSignals(early_signals) as stop:
         lock = WorkdirLock(workdir) if main else None
         try:
-            if from_scratch and main and os.path.isfile(os.path.join(workdir, METRICS)):
-                _set_metrics_aside(workdir)
             return _train(cfg, workdir, from_scratch, stop)
         finally:
             if lock is not None:
@@ -368,7 +369,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, from_scratch: bool = Fal
 def _set_metrics_aside(workdir: str) -> None:
     """--from_scratch keeps the old metrics under another name rather than appending to them."""
     old = os.path.join(workdir, METRICS)
-    kept = os.path.join(workdir, f"metrics-before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    kept = os.path.join(workdir, f"metrics-before-{stamp}.jsonl")
+    for n in range(2, 1000):  # never over an earlier one
+        if not os.path.exists(kept):
+            break
+        kept = os.path.join(workdir, f"metrics-before-{stamp}-{n}.jsonl")
     os.replace(old, kept)
     print(f"Starting from step 0: the earlier metrics are kept as {kept}.", file=sys.stderr)
 
