@@ -5,17 +5,28 @@
         --config.data.path='corpus/*.jsonl' --config.data.tokenizer=tokenizer.model  (one line)
 
 Any config field can be overridden with --config.<section>.<field>=<value>. Rerunning with the same
---workdir resumes from its latest checkpoint; SIGTERM or Ctrl-C saves one and stops.
+--workdir resumes from its latest checkpoint; SIGTERM or Ctrl-C, at any moment, finishes the step in
+flight, saves it and stops. --from_scratch starts again from step 0 in a work directory whose
+checkpoints are all damaged.
 """
-import math
-import os
-import sys
+import signal
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# Recorded from the first moment, before the imports below (seconds), so that a signal during them
+# still stops the run cleanly once training starts instead of killing it mid-way.
+_EARLY_SIGNALS = []
+for _s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(_s, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
-from tnllm import config as config_lib
-from tnllm import distributed, train_lib
+import logging as py_logging  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from tnllm import config as config_lib  # noqa: E402
+from tnllm import distributed, metrics, train_lib  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
 
@@ -31,6 +42,10 @@ def _define_flags():
                         "environment, e.g. SLURM or JAX_COORDINATOR_ADDRESS).")
     flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
     flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+    flags.DEFINE_bool("from_scratch", False,
+                      "Train from step 0 in a work directory that shows earlier training but holds no "
+                      "readable checkpoint (all damaged); its old metrics.jsonl is kept under "
+                      "another name. Never overrides a readable checkpoint.")
     return config, workdir
 
 
@@ -63,18 +78,26 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; pass settings as --config.x=y flags.")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
         logging.set_verbosity(logging.WARNING)
+        # A failed save also reaches the loop, which says it in one sentence: Orbax's own
+        # tracebacks of it (hundreds of lines on a full disk) would bury that sentence.
+        logging.get_absl_logger().addFilter(
+            lambda record: record.levelno < py_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname)
     config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
         flags.FLAGS["config"])))[0]
     workdir = _WORKDIR.value or os.path.join("runs", config_name)
     f = flags.FLAGS
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
     try:
-        result = train_lib.train(_CONFIG.value, workdir)
+        result = train_lib.train(_CONFIG.value, workdir, f.from_scratch, _EARLY_SIGNALS)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     if result.interrupted_by is not None:
-        print(f"Stopped by signal {result.interrupted_by} after step {result.step}; the checkpoint is "
-              f"saved, so the same command resumes from it.")
+        if result.saved_step is None:
+            print(f"Stopped by signal {result.interrupted_by} before the first step; nothing was "
+                  "trained, so nothing was saved.")
+        else:  # saved_step is read back from the directory listing after the save committed
+            print(f"Stopped by signal {result.interrupted_by}; the checkpoint of step "
+                  f"{result.saved_step} is saved in {workdir}, so the same command resumes from it.")
         sys.exit(128 + result.interrupted_by)
     if not distributed.is_main_process():
         return
@@ -93,7 +116,7 @@ def main(argv):
               "held).")
     if result.sample:
         print(f"Sample (prompt\u2502continuation):\n{result.sample}")
-    print(f"Checkpoints, metrics.jsonl, TensorBoard events and {train_lib.LOSS_PNG} are in {workdir}.")
+    print(f"Checkpoints, metrics.jsonl, TensorBoard events and {metrics.LOSS_PNG} are in {workdir}.")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from absl import app, flags
 
 from bench import profiling, report
 from tnllm import config as config_lib
-from tnllm import train_lib
+from tnllm import metrics, train_lib
 from tnllm.model import TransNormerLLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,8 +236,8 @@ def main(argv):
             case["memory_gib"] = (memory_bytes(compiled) or 0) / 2**30 or None
             step_s, loss = run_case(compiled, init.result(), cfg, case)
             tokens_per_s = cfg.train.batch_size * cfg.data.seq_len / step_s
-            peak = train_lib.peak_flops([device], 0.0)
-            flops = train_lib.flops_per_token(config_lib.check(cfg), cfg.data.seq_len)
+            peak = metrics.peak_flops([device], 0.0)
+            flops = metrics.flops_per_token(config_lib.check(cfg), cfg.data.seq_len)
             case.update(step_ms=step_s * 1e3, tokens_per_s=tokens_per_s, loss=loss,
                         mfu=None if peak is None else tokens_per_s * flops / peak)
         except Exception as e:  # noqa: BLE001

@@ -1,5 +1,7 @@
 """Orbax checkpoints and exports: reload, shape checks, damaged and failed saves."""
+import errno
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -10,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO, subprocess_env
 
@@ -124,7 +125,7 @@ def test_damaged_latest_checkpoint_is_skipped_for_the_previous_one(tmp_path):
     assert (work / "checkpoints" / "2").exists()
     ckpts = checkpoint.TrainCheckpoints(str(work))
     expected = checkpoint.abstract_params(config.model_config(cfg))
-    step, items = ckpts.restore_latest(dict(params=ocp.args.StandardRestore(expected)), expected)
+    step, items = ckpts.restore_latest(dict(params=expected))
     assert step == 1 and ckpts.steps() == [1]
     _assert_same(items["params"], _params(cfg, seed=1))
     assert [d.split("-")[0] for d in os.listdir(work / "damaged_checkpoints")] == ["2"]
@@ -143,7 +144,7 @@ def test_failed_or_interrupted_saves_never_remove_a_good_checkpoint(tmp_path):
     reopened = checkpoint.TrainCheckpoints(str(work), keep=1)
     assert reopened.steps() == [1]
     expected = checkpoint.abstract_params(config.model_config(cfg))
-    step, items = reopened.restore_latest(dict(params=ocp.args.StandardRestore(expected)), expected)
+    step, items = reopened.restore_latest(dict(params=expected))
     assert step == 1
     _assert_same(items["params"], _params(cfg, seed=1))
     reopened.close()
@@ -152,3 +153,55 @@ def test_failed_or_interrupted_saves_never_remove_a_good_checkpoint(tmp_path):
 def test_load_model_names_what_it_needs(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither an export"):
         checkpoint.load_model(str(tmp_path))
+
+
+def test_transient_read_errors_are_retried_then_stop_without_moving_anything(tmp_path, monkeypatch):
+    cfg, work = _cfg(), tmp_path / "work"
+    _save_steps(work, cfg, [1, 2]).close()
+    ckpts = checkpoint.TrainCheckpoints(str(work))
+    expected = checkpoint.abstract_params(config.model_config(cfg))
+    real, calls = ckpts.manager.restore, []
+
+    def flaky(step, args):  # an I/O error on the first two reads, as a busy network disk gives
+        calls.append(step)
+        if len(calls) <= 2:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(step, args=args)
+
+    monkeypatch.setattr(ckpts.manager, "restore", lambda step, args: flaky(step, args))
+    step, items = ckpts.restore_latest(dict(params=expected))
+    assert step == 2 and calls == [2, 2, 2]
+    _assert_same(items["params"], _params(cfg, seed=2))
+    monkeypatch.setattr(ckpts.manager, "restore", lambda step, args: (_ for _ in ()).throw(
+        OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(checkpoint.StorageError, match=r"step 2 .* failed 3 times .*nothing was moved"):
+        ckpts.restore_latest(dict(params=expected))
+    assert ckpts.steps() == [1, 2] and not (work / checkpoint.DAMAGED).exists()
+    ckpts.close()
+
+
+def test_non_finite_parameters_are_refused_as_damaged(tmp_path, capsys):
+    """A step whose saved values are NaN (fingerprints agree: it was written so) is set aside."""
+    cfg, work = _cfg(), tmp_path / "work"
+    ckpts = _save_steps(work, cfg, [1])
+    params = jax.tree.map(lambda x: x * jnp.nan, _params(cfg, seed=2))
+    ckpts.save(2, params, optax.adam(1e-3).init(params), dict(next_batch=2), cfg)
+    ckpts.wait()
+    step, _ = ckpts.restore_latest(dict(params=checkpoint.abstract_params(config.model_config(cfg))))
+    assert step == 1
+    assert "holds NaN or infinite values" in capsys.readouterr().err
+    ckpts.close()
+
+
+def test_reading_a_workdir_logs_no_read_only_warning(tmp_path, caplog):
+    cfg, work = _cfg(), tmp_path / "work"
+    _save_steps(work, cfg, [1]).close()
+    with caplog.at_level(logging.WARNING):
+        checkpoint.load_model(str(work))
+    assert not [r for r in caplog.records if "read only" in r.getMessage()]
+
+
+def test_export_cli_parses_absl_flags(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tnllm.checkpoint", "export", "--workdir",
+                          str(tmp_path)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    assert out.returncode != 0 and "Flag --out must have a value other than None" in out.stderr

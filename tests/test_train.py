@@ -17,7 +17,7 @@ import pytest
 from flax.training.train_state import TrainState
 from conftest import REPO, subprocess_env
 
-from tnllm import checkpoint, config, data, train_lib
+from tnllm import checkpoint, config, data, metrics, train_lib
 from tnllm.model import TransNormerLLM
 
 STEPS = 8
@@ -45,7 +45,7 @@ def _cfg(corpus, **train):
 
 
 def _losses(workdir):
-    return {r["step"]: r["loss"] for r in train_lib.read_metrics(str(workdir)) if "loss" in r}
+    return {r["step"]: r["loss"] for r in metrics.read_metrics(str(workdir)) if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_checkpoint_written_mid_run_resumes_with_identical_losses(corpus, refere
     shutil.rmtree(tmp_path / "run" / "checkpoints" / str(STEPS))  # as if killed before step 8's save
     train_lib.train(_cfg(corpus), str(tmp_path / "run"))
     assert _losses(tmp_path / "run") == want
-    logged = [r["step"] for r in train_lib.read_metrics(str(tmp_path / "run")) if "loss" in r]
+    logged = [r["step"] for r in metrics.read_metrics(str(tmp_path / "run")) if "loss" in r]
     assert logged == list(range(1, STEPS + 1))  # the redone steps replaced, not repeated
 
 
@@ -144,8 +144,8 @@ def test_flops_are_the_projections_of_spec_plus_linear_attention():
                            lrpe_layers=(0,), chunk_size=c)
     projections = 3 * 2 * (4 * d * h + h * d + 3 * d * g) + 2 * d * v  # SPEC.md §1, tied head
     attention = sum(2 * (2 * c * (dk + hd) + 4 * dk * hd) for dk in (2 * hd, hd, hd))
-    assert train_lib.flops_per_token(m, 4096) == 3 * (projections + attention)
-    assert train_lib.flops_per_token(m, 4096) == train_lib.flops_per_token(m, 512)  # linear in length
+    assert metrics.flops_per_token(m, 4096) == 3 * (projections + attention)
+    assert metrics.flops_per_token(m, 4096) == metrics.flops_per_token(m, 512)  # linear in length
 
 
 def test_cli_trains_logs_plots_and_samples(corpus, tmp_path):

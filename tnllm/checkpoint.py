@@ -1,11 +1,18 @@
-"""Checkpoints and exports with Orbax.
+"""Checkpoints and exports with Orbax, and the lock of a training work directory.
 
 Training work directory: `WORKDIR/checkpoints/<step>/` is an Orbax `CheckpointManager` step with four
-items: `params` and `opt_state` (array trees), `meta` (JSON: step and loader position) and `config`
-(JSON: the full ml_collections config). Orbax writes each step into a temporary directory and renames
-it into place once complete, and deletes old steps only after a new one is committed, so a failed save
-never replaces or removes a good checkpoint. A step directory that cannot be read (truncated, damaged)
-is moved to `WORKDIR/damaged_checkpoints/` and the previous step is used instead.
+items: `params` and `opt_state` (array trees), `meta` (JSON: step, loader position and a fingerprint
+of every array) and `config` (JSON: the full ml_collections config). Orbax writes each step into a
+temporary directory and renames it into place once complete, and deletes old steps only after a new
+one is committed, so a failed or killed save never replaces or removes a good checkpoint.
+
+Resuming tells three faults apart:
+  - a damaged step (unreadable or missing files, a fingerprint that does not match, non-finite
+    values) is moved to `WORKDIR/damaged_checkpoints/` and the previous step is used;
+  - a step that does not fit the current config (parameter shapes, optimizer state layout) stops the
+    run with the differing config fields; nothing is moved;
+  - a read error that may pass (I/O, timeouts) is retried, then stops the run; nothing is moved.
+`WORKDIR/lock` is held (flock) by the training run that owns the directory.
 
 Export directory (parameters only, for inference): `config.json` (the full config), `params/` (an Orbax
 array tree, float32 or bfloat16) and, for file-based tokenizers, a copy of the tokenizer file that
@@ -16,19 +23,22 @@ name and renamed into place.
 """
 from __future__ import annotations
 
-import argparse
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import uuid
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from tnllm import config as config_lib
@@ -37,10 +47,27 @@ from tnllm.tokenizer import BYTE_SPEC
 
 CHECKPOINTS = "checkpoints"
 DAMAGED = "damaged_checkpoints"
+LOCK = "lock"
 EXPORT_CONFIG = "config.json"
 EXPORT_PARAMS = "params"
+ARRAY_ITEMS = ("params", "opt_state")
 # Files copied with a Hugging Face tokenizer.json when present: they name its special tokens.
 _TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json")
+# Read errors worth another try: the file system may answer next time (network disks, a busy server).
+_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.EIO, errno.ETIMEDOUT, errno.EBUSY,
+                     errno.ESTALE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENETUNREACH,
+                     errno.EHOSTUNREACH, errno.ENOMEM}
+_TRANSIENT_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED")
+READ_TRIES = 3
+
+
+class StorageError(ValueError):
+    """A problem with a work or export directory or its checkpoints, said in one sentence that names
+    the path and the fix. A ValueError, so that every command line reports it as bad input."""
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint step that exists but whose bytes cannot be trusted."""
 
 
 def abstract_params(model_cfg: config_lib.ModelConfig) -> Any:
@@ -54,22 +81,23 @@ def _key_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def check_shapes(expected: Any, found: Any, where: str, fix: str) -> None:
+def check_shapes(expected: Any, found: Any, where: str, fix: str, item: str = "params") -> None:
     """Raises a ValueError naming the first key whose presence or shape differs between two trees.
 
-    expected, found: trees with `.shape` leaves (arrays, ShapeDtypeStructs or Orbax metadata).
+    expected, found: trees with `.shape` leaves (arrays, ShapeDtypeStructs or Orbax metadata);
+    item: the name the keys are shown under.
     """
     want = {_key_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
     have = {_key_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(found)}
     for key in sorted(want.keys() | have.keys()):
         if key not in have:
-            raise ValueError(f"{where} lacks params/{key} (shape {want[key]}) that the config "
+            raise ValueError(f"{where} lacks {item}/{key} (shape {want[key]}) that the config "
                              f"expects; {fix}.")
         if key not in want:
-            raise ValueError(f"{where} holds params/{key} (shape {have[key]}) that the config does "
+            raise ValueError(f"{where} holds {item}/{key} (shape {have[key]}) that the config does "
                              f"not have; {fix}.")
         if want[key] != have[key]:
-            raise ValueError(f"{where} holds params/{key} of shape {have[key]} but the config "
+            raise ValueError(f"{where} holds {item}/{key} of shape {have[key]} but the config "
                              f"expects {want[key]}; {fix}.")
 
 
@@ -82,7 +110,161 @@ def _read_json(path: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return type(error).__name__ + (f": {text.splitlines()[0]}" if text else "")
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _errno(error: BaseException) -> Optional[int]:
+    """The first OS error number in `error`'s chain (Orbax and tensorstore wrap them)."""
+    for e in _causes(error):
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.errno
+        if "No space left on device" in str(e):
+            return errno.ENOSPC
+    return None
+
+
+def _is_transient(error: BaseException) -> bool:
+    return _errno(error) in _TRANSIENT_ERRNOS or any(
+        status in str(e) for e in _causes(error) for status in _TRANSIENT_STATUS)
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    """Two uint32 sums over the bits of `x`: Σ bits·(2i+1) and Σ mix(bits)+i, wrapping mod 2³².
+
+    Any change of one element changes the first (an odd multiplier keeps every bit flip visible);
+    the second, non-linear, catches what cancels in the first. Integer sums wrap identically in any
+    order, so the value does not depend on how the array is sharded or which mesh restores it.
+    """
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+    i = jax.lax.iota(jnp.uint32, bits.size)
+    mixed = bits * jnp.uint32(0x9E3779B1)
+    mixed = (mixed ^ (mixed >> 15)) * jnp.uint32(0x85EBCA77)
+    return jnp.stack([jnp.sum(bits * (2 * i + 1), dtype=jnp.uint32),
+                      jnp.sum((mixed ^ (mixed >> 13)) + i, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _fingerprints_and_finite(tree: Any) -> Tuple[Any, Any]:
+    finite = jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.floating)
+                          else jnp.bool_(True), tree)
+    return jax.tree.map(_leaf_fingerprint, tree), finite
+
+
+def fingerprints(tree: Any) -> Dict[str, List[int]]:
+    """{key: [two uint32 sums]} of every array of `tree`, computed where the arrays live.
+
+    Why fingerprints of the arrays and not checksums of Orbax's files: they are computed on the
+    devices in one pass at save time (no file is read back), do not depend on Orbax's file layout or
+    compression, hold for arrays sharded over many hosts (each host writes only its shards), and
+    check the values that training actually gets after a restore, whatever path they took.
+    """
+    sums, _ = jax.device_get(_fingerprints_and_finite(tree))
+    return {_key_name(p): [int(v) for v in np.asarray(s)]
+            for p, s in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def verify(tree: Any, saved: Optional[Dict[str, List[int]]], item: str) -> None:
+    """Raises DamagedCheckpoint when a restored tree holds non-finite values or differs from the
+    fingerprints saved with it (`saved` None: a checkpoint written before fingerprints existed)."""
+    sums, finite = jax.device_get(_fingerprints_and_finite(tree))
+    for path, ok in jax.tree_util.tree_leaves_with_path(finite):
+        if not ok:
+            raise DamagedCheckpoint(f"{item}/{_key_name(path)} holds NaN or infinite values")
+    if saved is None:
+        return
+    for path, s in jax.tree_util.tree_leaves_with_path(sums):
+        key = _key_name(path)
+        if saved.get(key) != [int(v) for v in np.asarray(s)]:
+            raise DamagedCheckpoint(f"the fingerprint of {item}/{key} differs from the one saved "
+                                    "with it")
+
+
+# ----------------------------------------------------------------------------- the work-directory lock
+
+
+class WorkdirLock:
+    """An exclusive flock on WORKDIR/lock, which holds "pid host" of the owner for messages.
+
+    The kernel drops a flock when its process dies, however it dies, so a lock left by a killed run
+    is free to take; its stale "pid host" line is how we know one was left.
+    """
+
+    def __init__(self, workdir: str):
+        check_writable_dir(workdir, "work directory", "--workdir")
+        self.path = os.path.join(workdir, LOCK)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().split() or ["?", "?"]
+            self._file.close()
+            raise StorageError(
+                f"Work directory {workdir} is in use by another training run (pid {holder[0]} on "
+                f"host {holder[-1]}); wait for it to end or pass another --workdir.") from None
+        self._file.seek(0)
+        stale = self._file.read().split()
+        if stale:
+            print(f"Took over {self.path} from pid {stale[0]} on host {stale[-1]}, which ended "
+                  "without releasing it.", file=sys.stderr)
+        self._file.truncate(0)
+        self._file.write(f"{os.getpid()} {socket.gethostname()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        self._file.truncate(0)  # an empty lock file says its last owner ended cleanly
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+
+
+def check_writable_dir(path: str, what: str, flag: str) -> None:
+    """Creates directory `path` if needed; a one-sentence StorageError when it is a file or cannot be
+    written (a read-only or full disk, missing permissions)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StorageError(f"The {what} {path} is an existing file; pass a directory as {flag}.")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{uuid.uuid4().hex[:8]}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise StorageError(f"The {what} {path} cannot be written ({e.strerror}); pass a writable "
+                           f"{flag}.") from None
+
+
 # ----------------------------------------------------------------------------- training checkpoints
+
+
+def _config_diffs(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict) -> List[str]:
+    """'config.a.b (X in the checkpoint, Y now)' for each field that differs, model and optim first."""
+    def flat(d, prefix="config"):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}.{k}")
+            else:
+                yield f"{prefix}.{k}", v
+    a, b = dict(flat(saved.to_dict())), dict(flat(current.to_dict()))
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 -- JSON turns tuples to lists
+    keys = [k for k in sorted(a.keys() | b.keys()) if norm(a.get(k)) != norm(b.get(k))]
+    keys.sort(key=lambda k: (not k.startswith(("config.model.", "config.optim.")), k))
+    return [f"{k} ({a.get(k)!r} in the checkpoint, {b.get(k)!r} now)" for k in keys]
 
 
 class TrainCheckpoints:
@@ -93,6 +275,8 @@ class TrainCheckpoints:
         """read_only: for readers beside a possibly running training, which must neither create
         nor clean up anything (the cleanup would delete an in-progress save)."""
         self.workdir = workdir
+        # A reader does not use Orbax's read_only option, which warns on every open: creating,
+        # cleaning and deleting are off, and a reader never saves.
         self.manager = ocp.CheckpointManager(
             os.path.abspath(os.path.join(workdir, CHECKPOINTS)),
             # Named handlers let a fresh manager read item metadata before any restore.
@@ -100,90 +284,171 @@ class TrainCheckpoints:
                                opt_state=ocp.StandardCheckpointHandler(),
                                meta=ocp.JsonCheckpointHandler(), config=ocp.JsonCheckpointHandler()),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
-                save_interval_steps=0 if read_only else 1,  # Orbax warns when a reader keeps 1
+                max_to_keep=None if read_only else keep, create=not read_only,
                 cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save))
+        self._saving: Optional[int] = None
 
-    def steps(self):
+    def steps(self) -> List[int]:
         return sorted(self.manager.all_steps())
+
+    def committed_steps(self) -> List[int]:
+        """The steps on disk now, read afresh (not the manager's cached list)."""
+        self.manager.reload()
+        return self.steps()
 
     def save(self, step: int, params: Any, opt_state: Any, loader: dict,
              cfg: ml_collections.ConfigDict) -> None:
-        """Starts saving (in the background when async); a step that exists already is left alone."""
+        """Starts saving (in the background when async); a step that exists already is left alone.
+
+        The arrays' fingerprints are taken first, on the devices, before training can donate them."""
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(dict(step=step, loader=loader)),
-            config=ocp.args.JsonSave(json.loads(cfg.to_json()))))
+        self.wait()  # a failed earlier save is reported under its own step, before this one starts
+        meta = dict(step=step, loader=loader,
+                    fingerprints=dict(params=fingerprints(params), opt_state=fingerprints(opt_state)))
+        with self._disk_errors(step):
+            self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta),
+                config=ocp.args.JsonSave(json.loads(cfg.to_json()))))
+        self._saving = step
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Returns once the last save is committed; a failed save raises its StorageError here."""
+        with self._disk_errors(self._saving):
+            self.manager.wait_until_finished()
+        self._saving = None
+
+    def _disk_errors(self, step: Optional[int]):
+        return _DiskErrors(self, step)
 
     def close(self) -> None:
         self.manager.close()
 
-    def _quarantine(self, step: int, error: Exception) -> None:
+    def _quarantine(self, step: int, error: DamagedCheckpoint) -> None:
         src = os.path.join(self.workdir, CHECKPOINTS, str(step))
         dst = os.path.join(self.workdir, DAMAGED, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         shutil.move(src, dst)
         self.manager.reload()
-        print(f"Checkpoint step {step} in {self.workdir} cannot be read ({_first_line(error)}); "
-              f"moved it to {dst} and using the previous one.", file=sys.stderr)
+        print(f"Checkpoint step {step} in {self.workdir} is damaged ({error}); "
+              f"moved it to {dst}.", file=sys.stderr)
 
     def read_config(self, step: int) -> ml_collections.ConfigDict:
         """The config saved with `step`; raises DamagedCheckpoint when it cannot be read."""
-        try:
-            return ml_collections.ConfigDict(self.manager.restore(
-                step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
-        except Exception as e:  # noqa: BLE001 -- whatever fails, the step is unusable
-            raise DamagedCheckpoint(e) from e
+        return ml_collections.ConfigDict(self._restore(
+            step, dict(config=ocp.args.JsonRestore()))["config"])
 
-    def read(self, step: int, items: dict, expected_params: Any) -> dict:
-        """Restores `items` (name -> Orbax restore args) of `step` once its parameter shapes match
-        `expected_params`. Raises DamagedCheckpoint when the step cannot be read, and ValueError
-        (naming the key and both shapes) when it holds a different model."""
-        try:
-            found = _metadata_tree(self.manager.item_metadata(step)["params"])
-            if not jax.tree_util.tree_leaves(found):
-                raise ValueError("the params item has no array metadata")
-        except Exception as e:  # noqa: BLE001
-            raise DamagedCheckpoint(e) from e
-        check_shapes(expected_params, found,
-                     f"Work directory {self.workdir} (checkpoint step {step})",
-                     "pass another --workdir or the model settings it was trained with")
-        try:
-            return self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # noqa: BLE001
-            raise DamagedCheckpoint(e) from e
-
-    def restore_latest(self, items: dict, expected_params: Any) -> Optional[Tuple[int, dict]]:
-        """Restores `items` from the newest readable step, moving unreadable steps aside.
-
-        Returns (step, restored items), or None when the directory holds no checkpoint.
-        """
-        for step in reversed(self.steps()):
+    def _restore(self, step: int, items: dict) -> dict:
+        """manager.restore with retries: an error that may pass is tried READ_TRIES times and then
+        stops the run (StorageError); any other error means damaged bytes (DamagedCheckpoint)."""
+        for attempt in range(READ_TRIES):
             try:
-                return step, self.read(step, items, expected_params)
+                return self.manager.restore(step, args=ocp.args.Composite(**items))
+            except Exception as e:  # noqa: BLE001 -- classified below
+                if _errno(e) in (errno.EACCES, errno.EPERM):
+                    raise StorageError(f"Checkpoint step {step} in {self.workdir} cannot be read "
+                                       f"({_first_line(e)}); fix its permissions and rerun.") from e
+                if not _is_transient(e):
+                    raise DamagedCheckpoint(_first_line(e)) from e
+                if attempt + 1 == READ_TRIES:
+                    raise StorageError(
+                        f"Reading checkpoint step {step} in {self.workdir} failed {READ_TRIES} times "
+                        f"({_first_line(e)}); nothing was moved or changed, so check the disk and "
+                        "rerun the same command.") from e
+                time.sleep(0.5 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def read(self, step: int, targets: Dict[str, Any],
+             cfg: Optional[ml_collections.ConfigDict] = None) -> dict:
+        """Restores and verifies the array items `targets` (name -> tree of ShapeDtypeStructs with
+        shardings) of `step`, plus its `meta`.
+
+        Raises DamagedCheckpoint when the step cannot be trusted; StorageError when it holds arrays
+        that do not fit the targets (naming the first key and, given the current `cfg`, the config
+        fields that differ from the saved ones) or when reading keeps failing.
+        """
+        try:
+            metadata = self.manager.item_metadata(step)
+            found = {name: _metadata_tree(metadata[name]) for name in targets}
+            if not all(jax.tree_util.tree_leaves(tree) for tree in found.values()):
+                raise ValueError("an array item has no metadata")
+        except Exception as e:  # noqa: BLE001 -- missing or unreadable metadata: a damaged step
+            raise DamagedCheckpoint(_first_line(e)) from e
+        where = f"Work directory {self.workdir} (checkpoint step {step})"
+        for name, target in targets.items():
+            try:
+                check_shapes(target, found[name], where, "", item=name)
+            except ValueError as mismatch:
+                raise StorageError(self._mismatch(step, str(mismatch).rstrip("; ."), cfg)) from None
+        restored = self._restore(step, dict(meta=ocp.args.JsonRestore(), **{
+            name: ocp.args.StandardRestore(target) for name, target in targets.items()}))
+        saved = restored["meta"].get("fingerprints", {})
+        for name in targets:
+            verify(restored[name], saved.get(name), name)
+        return restored
+
+    def _mismatch(self, step: int, what: str, cfg: Optional[ml_collections.ConfigDict]) -> str:
+        fix = "pass another --workdir or the model settings it was trained with"
+        if cfg is None:
+            return f"{what}; {fix}."
+        try:
+            diffs = _config_diffs(self.read_config(step), cfg)
+        except DamagedCheckpoint:
+            diffs = []
+        if not diffs:
+            return (f"{what}, although its saved config matches this one (it was written by another "
+                    f"version of tnllm); pass a new --workdir.")
+        shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+        return (f"{what}: it was trained with other settings ({shown}); rerun with the checkpoint's "
+                "values of these fields to resume, or pass a new --workdir to start another run.")
+
+    def restore_latest(self, targets: Dict[str, Any],
+                       cfg: Optional[ml_collections.ConfigDict] = None) -> Optional[Tuple[int, dict]]:
+        """Restores `targets` (see `read`) from the newest good step, moving damaged steps aside.
+
+        Returns (step, restored items), or None when the directory holds no checkpoint. Raises
+        StorageError when every step is damaged, when a step does not fit the config, or when reading
+        keeps failing; none of these moves a readable step.
+        """
+        steps = self.steps()
+        for step in reversed(steps):
+            try:
+                return step, self.read(step, targets, cfg)
             except DamagedCheckpoint as damaged:
-                self._quarantine(step, damaged.__cause__)
+                self._quarantine(step, damaged)
+        if steps:
+            raise StorageError(
+                f"All {len(steps)} checkpoints in {self.workdir} are damaged (moved to "
+                f"{os.path.join(self.workdir, DAMAGED)}); restore them from a backup, or pass "
+                "--from_scratch to train again from step 0 in this directory.")
         return None
 
 
-class DamagedCheckpoint(Exception):
-    """A checkpoint step that exists but cannot be read."""
+class _DiskErrors:
+    """Turns a full or read-only disk during a save into one StorageError naming the last good step."""
 
+    def __init__(self, checkpoints: TrainCheckpoints, step: Optional[int]):
+        self.checkpoints, self.step = checkpoints, step
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return type(error).__name__ + (f": {text.splitlines()[0]}" if text else "")
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or not isinstance(error, Exception) or _errno(error) not in (
+                errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            return False
+        good = [s for s in self.checkpoints.committed_steps() if s != self.step]
+        kept = (f"the last good checkpoint (step {good[-1]}) is kept" if good
+                else "no checkpoint was written before")
+        raise StorageError(
+            f"Saving checkpoint step {self.step} in {self.checkpoints.workdir} failed "
+            f"({os.strerror(_errno(error))}); {kept}; free space on that disk or pass a --workdir on "
+            "another one, then rerun.") from None
 
 
 # ----------------------------------------------------------------------------- exports
-
-
 def _on_one_device(tree: Any) -> Any:
     """Restore targets for `tree`'s shapes and dtypes on the first local device, whatever mesh the
     arrays were saved from."""
@@ -214,7 +479,11 @@ def save_export(out_dir: str, cfg: ml_collections.ConfigDict, params: Any,
             lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     tmp = f"{out_dir}.tmp-{uuid.uuid4().hex[:8]}"
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise StorageError(f"The export directory {out_dir} cannot be written ({e.strerror}); pass "
+                           "an --out on a writable disk.") from None
     try:
         tokenizer_path = tokenizer_path or (None if cfg.data.tokenizer == BYTE_SPEC
                                             else cfg.data.tokenizer)
@@ -251,21 +520,18 @@ def _load_export(export_dir: str) -> Tuple[ml_collections.ConfigDict, Any]:
 
 
 def _load_workdir(workdir: str) -> Tuple[ml_collections.ConfigDict, Any]:
-    """The newest readable step of a work directory; damaged steps are skipped, not moved, since a
+    """The newest good step of a work directory; damaged steps are skipped, not moved, since a
     training run may own the directory."""
     checkpoints = TrainCheckpoints(workdir, read_only=True)
     try:
         for step in reversed(checkpoints.steps()):
             try:
                 cfg = checkpoints.read_config(step)
-                expected = abstract_params(config_lib.model_config(cfg))
-                params = checkpoints.read(
-                    step, dict(params=ocp.args.StandardRestore(_on_one_device(expected))),
-                    expected)["params"]
-                return cfg, params
+                expected = _on_one_device(abstract_params(config_lib.model_config(cfg)))
+                return cfg, checkpoints.read(step, dict(params=expected))["params"]
             except DamagedCheckpoint as damaged:
-                print(f"Skipping unreadable checkpoint step {step} of {workdir} "
-                      f"({_first_line(damaged.__cause__)}).", file=sys.stderr)
+                print(f"Skipping damaged checkpoint step {step} of {workdir} ({damaged}).",
+                      file=sys.stderr)
     finally:
         checkpoints.close()
     raise FileNotFoundError(f"{workdir} holds no readable checkpoint; train into it first or pass "
@@ -297,22 +563,34 @@ def export_workdir(workdir: str, out_dir: str, dtype: Optional[str] = None) -> s
     return save_export(out_dir, cfg, params, dtype=dtype)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tnllm.checkpoint", description=__doc__.split(
-        "\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="export parameters of a training work directory")
-    export.add_argument("--workdir", required=True, help="training work directory")
-    export.add_argument("--out", required=True, help="new export directory")
-    export.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="cast the parameters (default: as trained)")
-    args = parser.parse_args(argv)
+def _define_flags():
+    # Defined only when run as a program, so importing this module adds no global absl flags.
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "Training work directory to export.", required=True)
+    flags.DEFINE_string("out", None, "New export directory.", required=True)
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                      "Cast the parameters (default: as trained).")
+
+
+def main(argv) -> None:
+    from absl import app, flags, logging
+
+    if argv[1:] != ["export"]:
+        raise app.UsageError("Usage: python -m tnllm.checkpoint export --workdir DIR --out EXPORT_DIR "
+                             "[--dtype bfloat16]")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every checkpoint it opens at INFO
+        logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
     try:
-        out = export_workdir(args.workdir, args.out, args.dtype)
+        out = export_workdir(f.workdir, f.out, f.dtype)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        sys.exit(f"error: {e}")
-    print(f"Exported {args.workdir} to {out}.")
+        raise SystemExit(f"error: {e}") from None
+    print(f"Exported {f.workdir} to {out}.")
 
 
 if __name__ == "__main__":
-    main()
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,52 +1,48 @@
-"""Training: the optimizer, one pure `train_step`, evaluation, FLOPs and MFU, and the training loop.
+"""Training: the optimizer, one pure `train_step`, evaluation, and the training loop.
 
-`train(cfg, workdir)` tokenizes the data once (tnllm.data), builds or restores the TrainState, compiles
-`train_step` once with shardings over the configured mesh and a donated state, then loops: a tqdm bar
-(step, loss, tokens/s), metrics to WORKDIR/metrics.jsonl and TensorBoard (WORKDIR/tensorboard),
-validation loss and perplexity, asynchronous Orbax checkpoints (tnllm.checkpoint); at the end a loss
-curve (WORKDIR/loss.png) and a sampled continuation of a validation prompt (tnllm.generate).
-SIGTERM or Ctrl-C finishes the current step, saves and returns; rerunning with the same work
-directory resumes exactly where it stopped.
+`train(cfg, workdir)` takes the work directory's lock, tokenizes the data once (tnllm.data), builds
+or restores the TrainState, compiles `train_step` once with shardings over the configured mesh and a
+donated state, then loops: a tqdm bar (step, loss, tokens/s), metrics to WORKDIR/metrics.jsonl and
+TensorBoard (tnllm.metrics), validation loss and perplexity, asynchronous Orbax checkpoints
+(tnllm.checkpoint); at the end a loss curve (WORKDIR/loss.png) and a sampled continuation of a
+validation prompt (tnllm.generate).
+
+SIGTERM or SIGINT (Ctrl-C), whenever it comes (while compiling, stepping, evaluating or saving),
+lets the step in flight finish, saves it and waits until the save is committed; a second signal
+meanwhile only says so. Rerunning with the same work directory resumes exactly where it stopped.
+docs/training.md ("Reliability") lists what survives which fault.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import matplotlib
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax.training.train_state import TrainState
 from tqdm import tqdm
 
 from tnllm import config as config_lib
 from tnllm import data, distributed, generate, sharding
-from tnllm.checkpoint import TrainCheckpoints, abstract_params
+from tnllm.checkpoint import DAMAGED, StorageError, TrainCheckpoints, WorkdirLock
 from tnllm.loss import cross_entropy_sum, sequence_slices
+from tnllm.metrics import (METRICS, MetricsLog, flops_per_token, peak_flops, peak_memory_bytes,
+                           plot_losses)
 from tnllm.model import TransNormerLLM, check_sharding, zero_states
 from tnllm.sampling import make_sampler
 from tnllm.tokenizer import BYTE_SPEC, load_tokenizer
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 -- after choosing the file-only backend
-
-METRICS = "metrics.jsonl"
-LOSS_PNG = "loss.png"
 SAMPLE_PROMPT_TOKENS = 64
 SAMPLE_TEMPERATURE = 0.7
-# Dense bf16 tensor-core peaks (vendor data sheets, SXM parts) by device-kind substring, for MFU.
-_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("B200", 2250.0))
 
 
 # ----------------------------------------------------------------------------- optimizer and steps
@@ -149,117 +145,6 @@ def make_eval_step(model: TransNormerLLM):
     return eval_step
 
 
-# ----------------------------------------------------------------------------- FLOPs and MFU
-
-
-def flops_per_token(model_cfg: config_lib.ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), matrix products only.
-
-    Forward: 2 per weight of every projection kernel (2(4dh + hd + 3dg) per GLA layer) plus 2dV for
-    the tied head, and per layer and head the chunked linear attention with C = min(chunk_size,
-    seq_len): 2C(dk + dv) inside the chunk, 2 dk dv for the inter-chunk product and 2 dk dv for the
-    state update, so linear in sequence length. dk = 2 hd where LRPE or cosFormer's cos/sin features
-    double it; cosFormer's state carries one more column (its normaliser). The softmax baseline
-    instead has per layer and head the causal half of q kᵀ and of the weights times v: on average
-    seq_len/2 keys per token, 2 · 2 · (seq_len/2) · head_dim, quadratic in length.
-    """
-    m = model_cfg
-    kernels = sum(math.prod(x.shape) for path, x in
-                  jax.tree_util.tree_leaves_with_path(abstract_params(m))
-                  if getattr(path[-1], "key", None) == "kernel")
-    forward = 2 * kernels + 2 * m.d_model * m.vocab_size
-    c, hd = min(m.chunk_size, seq_len), m.head_dim
-    if m.token_mixer == "softmax":
-        return 3.0 * (forward + m.num_layers * m.num_heads * 2 * seq_len * hd)
-    cosformer = m.token_mixer == "cosformer"
-    for layer in range(m.num_layers):
-        dk = 2 * hd if cosformer or layer in m.lrpe_layers else hd
-        dv = hd + 1 if cosformer else hd
-        forward += m.num_heads * (2 * c * (dk + dv) + 4 * dk * dv)
-    return 3.0 * forward
-
-
-def peak_flops(devices: Sequence[jax.Device], override_tflops: float) -> Optional[float]:
-    """Peak FLOP/s of `devices` together, or None when unknown (CPUs, unlisted accelerators)."""
-    if override_tflops > 0:
-        return override_tflops * 1e12 * len(devices)
-    kind = devices[0].device_kind
-    tflops = next((t for name, t in _PEAK_TFLOPS if name in kind), None)
-    return None if tflops is None else tflops * 1e12 * len(devices)
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-class MetricsLog:
-    """Appends metrics to WORKDIR/metrics.jsonl and TensorBoard event files (WORKDIR/tensorboard).
-
-    Only the main process of a multi-process run writes; the others' logs do nothing."""
-
-    def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
-        self.path = os.path.join(workdir, METRICS)
-        self.enabled = enabled
-        self.writer = None
-        if not enabled:
-            return
-        if os.path.isfile(self.path):
-            # Lines a killed run wrote after its last checkpoint describe steps about to be redone.
-            with open(self.path) as f:
-                kept = [line for line in f if line.endswith("\n")  # not one cut short by a kill
-                        and json.loads(line)["step"] <= resume_step]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(self.path + ".tmp", self.path)
-        try:
-            import tensorboardX
-        except ImportError:  # e.g. an offline GPU machine without it: metrics.jsonl still has it all
-            print("Warning: tensorboardX is not installed, so no TensorBoard event files are "
-                  "written; `pip install tensorboardX` to get them.")
-            self.writer = None
-        else:
-            self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-    def write(self, step: int, values: Dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(dict(step=step, **values)) + "\n")
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def read_metrics(workdir: str) -> List[dict]:
-    path = os.path.join(workdir, METRICS)
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def plot_losses(workdir: str) -> str:
-    """Writes WORKDIR/loss.png: training and validation loss against step. Returns its path."""
-    records = read_metrics(workdir)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train"), ("val_loss", "validation")):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    path = os.path.join(workdir, LOSS_PNG)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -269,6 +154,7 @@ class Result:
 
     step: int
     interrupted_by: Optional[int] = None  # the signal that stopped the run early
+    saved_step: Optional[int] = None  # after a signal: the step whose checkpoint is committed
     val_loss: float = math.nan
     val_nats_per_byte: float = math.nan
     unigram_nats_per_byte: float = math.nan
@@ -278,16 +164,9 @@ class Result:
     sample: str = ""
 
 
-def peak_memory_bytes(devices: Sequence[jax.Device]) -> Optional[int]:
-    """The largest `peak_bytes_in_use` of this process's `devices` since it started, or None where
-    the backend keeps no such count (the CPU)."""
-    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devices
-             if d.process_index == jax.process_index()]
-    peaks = [p for p in peaks if p is not None]
-    return max(peaks) if peaks else None
-
-
 def _check_finite(records: List[Tuple[int, Dict[str, float]]], last_checkpoint: Optional[int]) -> None:
+    """Stops at a non-finite loss. Restored states are checked finite (tnllm.checkpoint.verify), so
+    the loss went bad in this run's own steps and the learning rate is the likely cause."""
     for step, values in records:
         if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
             kept = ("no checkpoint was written" if last_checkpoint is None
@@ -298,22 +177,35 @@ def _check_finite(records: List[Tuple[int, Dict[str, float]]], last_checkpoint: 
                 "config.optim.warmup_steps.")
 
 
-class _StopSignals:
-    """Turns the first SIGTERM / SIGINT into a request to stop after the current step; a second one
-    gets the default behaviour."""
+class StopSignals:
+    """Turns SIGTERM / SIGINT into a request to stop after the current step, for the whole run.
 
-    def __init__(self):
+    The handler only records the signal: the loop looks at `received` between steps, after each
+    blocking wait (device_get, evaluation, compilation), so a signal that arrives during any of them
+    is acted on at the next step boundary. Later signals do not kill the run while it saves (a kill
+    could not damage a committed checkpoint, but would lose the one being written); SIGKILL still
+    stops it at once. `early` holds signals that a caller recorded before this was installed.
+    """
+
+    def __init__(self, early: Sequence[int] = ()):
         self.received: Optional[int] = None
+        self._early = early
         self._previous = {}
 
     def __enter__(self):
         for s in (signal.SIGTERM, signal.SIGINT):
             self._previous[s] = signal.signal(s, self._handle)
+        if self._early and self.received is None:
+            self.received = self._early[0]
         return self
 
     def _handle(self, signum, frame):
-        self.received = signum
-        signal.signal(signum, self._previous[signum])
+        if self.received is None:
+            self.received = signum
+            return
+        print(f"Signal {signum} again: still finishing the current step and saving it; training "
+              "stops once the checkpoint is committed (SIGKILL stops at once and keeps the "
+              "previous checkpoint).", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
@@ -327,10 +219,26 @@ def _global_array(rows: np.ndarray, sharding_: jax.sharding.Sharding, batch_dim:
     return jax.make_array_from_process_local_data(sharding_, local, rows.shape)
 
 
-class _Setup:
-    """Everything `train` builds before the loop: data, mesh, model, compiled steps, state."""
+def _earlier_training(workdir: str) -> str:
+    """What in `workdir` shows an earlier run though no checkpoint is readable; "" when nothing."""
+    damaged = os.path.join(workdir, DAMAGED)
+    if os.path.isdir(damaged) and os.listdir(damaged):
+        return f"damaged checkpoints in {damaged}"
+    if os.path.isfile(os.path.join(workdir, METRICS)) and os.path.getsize(
+            os.path.join(workdir, METRICS)):
+        return f"the metrics of earlier steps in {os.path.join(workdir, METRICS)}"
+    return ""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
+
+class _Setup:
+    """Everything `train` builds before the loop: data, mesh, model, compiled steps, state.
+
+    from_scratch: start from step 0 although the work directory shows earlier training (its
+    checkpoints all damaged, or metrics without a checkpoint); a readable checkpoint is never
+    ignored.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, from_scratch: bool = False):
         self.model_cfg = config_lib.check(cfg)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         if self.tokenizer.vocab_size > self.model_cfg.vocab_size:
@@ -347,42 +255,49 @@ class _Setup:
         self.val = data.Windows(self.store.splits["val"], cfg.data.seq_len, "val")
         self.mesh = sharding.make_mesh(cfg.mesh)
         check_sharding(self.model_cfg, self.mesh)
-        if self.micro_batch % sharding.batch_parallelism(self.mesh):
-            raise ValueError(
-                f"The micro-batch (config.train.batch_size / grad_accum_steps = {self.micro_batch}) "
-                f"must split evenly over {sharding.batch_parallelism(self.mesh)} data-parallel "
-                "devices; change config.train.batch_size or config.mesh.")
+        sharding.check_batch(self.micro_batch, self.mesh, "The micro-batch (config.train.batch_size "
+                                                          "/ config.train.grad_accum_steps)")
         self.model = TransNormerLLM(self.model_cfg)
         self.tx, schedule = make_optimizer(cfg)
         self.checkpoints = TrainCheckpoints(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
         try:
             # Traced under the mesh, so that the model's logical constraints place its activations.
             with sharding.use_mesh(self.mesh):
-                self._build_state(cfg)
+                self._build_state(cfg, workdir, from_scratch)
                 self._compile(cfg, schedule)
         except BaseException:
             self.checkpoints.close()
             raise
 
-    def _init_state(self, rng: jax.Array, boxed: bool = False) -> TrainState:
-        return init_state(self.model, self.tx, rng, boxed)
+    def _init_state(self, rng: jax.Array) -> TrainState:
+        return init_state(self.model, self.tx, rng, boxed=True)
 
-    def _build_state(self, cfg: ml_collections.ConfigDict) -> None:
+    def _build_state(self, cfg: ml_collections.ConfigDict, workdir: str, from_scratch: bool) -> None:
         rng = jax.random.key(cfg.train.seed)
-        specs = nn.get_partition_spec(jax.eval_shape(functools.partial(self._init_state, boxed=True), rng))
-        self.state_sharding = sharding.logical_to_sharding(specs, self.mesh)
+        # The shardings init_sharded would give, needed first to restore onto them.
+        self.state_sharding = sharding.logical_to_sharding(
+            nn.get_partition_spec(jax.eval_shape(self._init_state, rng)), self.mesh)
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            jax.eval_shape(self._init_state, rng), self.state_sharding)
+            jax.eval_shape(lambda r: nn.meta.unbox(self._init_state(r)), rng), self.state_sharding)
         a = self.abstract_state
-        restored = self.checkpoints.restore_latest(
-            dict(params=ocp.args.StandardRestore(a.params),
-                 opt_state=ocp.args.StandardRestore(a.opt_state), meta=ocp.args.JsonRestore()),
-            expected_params=a.params)
+        restored = self.checkpoints.restore_latest(dict(params=a.params, opt_state=a.opt_state), cfg)
         if restored is None:
-            self.state = jax.jit(self._init_state, out_shardings=self.state_sharding)(rng)
+            earlier = _earlier_training(workdir)
+            if earlier and not from_scratch:
+                raise StorageError(
+                    f"Work directory {workdir} holds no readable checkpoint but {earlier}; pass "
+                    "--from_scratch to train again from step 0 there, or pass a new --workdir.")
+            if from_scratch and distributed.is_main_process() and os.path.isfile(
+                    os.path.join(workdir, METRICS)):
+                _set_metrics_aside(workdir)
+            self.state, _ = sharding.init_sharded(self._init_state, self.mesh, rng)
             self.resumed_from = None
             return
+        if from_scratch:
+            raise StorageError(
+                f"--from_scratch was given but work directory {workdir} holds a readable checkpoint "
+                f"(step {restored[0]}); drop the flag to resume from it, or pass a new --workdir.")
         step, items = restored
         self.state = TrainState(
             step=jax.device_put(np.int32(step), sharding.replicated(self.mesh)),
@@ -432,11 +347,43 @@ class _Setup:
         return total / len(windows)
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
-    """Trains (or resumes training) per `cfg` in `workdir`; see the module docstring."""
+def train(cfg: ml_collections.ConfigDict, workdir: str, from_scratch: bool = False,
+          early_signals: Sequence[int] = ()) -> Result:
+    """Trains (or resumes training) per `cfg` in `workdir`; see the module docstring.
+
+    from_scratch: see `_Setup`. early_signals: SIGTERM / SIGINT numbers a caller recorded before
+    this call (train.py records them while it imports); they stop the run like later ones.
+    Raises StorageError (a ValueError) with one sentence for work-directory and checkpoint faults.
+    """
     cfg = cfg.copy_and_resolve_references()
-    os.makedirs(workdir, exist_ok=True)
-    s = _Setup(cfg, workdir)
+    main = distributed.is_main_process()
+    with StopSignals(early_signals) as stop:
+        lock = WorkdirLock(workdir) if main else None
+        try:
+            return _train(cfg, workdir, from_scratch, stop)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _set_metrics_aside(workdir: str) -> None:
+    """--from_scratch keeps the old metrics under another name rather than appending to them."""
+    old = os.path.join(workdir, METRICS)
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    kept = os.path.join(workdir, f"metrics-before-{stamp}.jsonl")
+    for n in range(2, 1000):  # never over an earlier one
+        if not os.path.exists(kept):
+            break
+        kept = os.path.join(workdir, f"metrics-before-{stamp}-{n}.jsonl")
+    os.replace(old, kept)
+    print(f"Starting from step 0: the earlier metrics are kept as {kept}.", file=sys.stderr)
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str, from_scratch: bool,
+           stop: StopSignals) -> Result:
+    if distributed.is_main_process():
+        os.makedirs(workdir, exist_ok=True)
+    s = _Setup(cfg, workdir, from_scratch)
     t = cfg.train
     start = int(s.state.step)
     meta = s.store.meta
@@ -472,55 +419,70 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
     pending: List[Tuple[int, Dict[str, jax.Array]]] = []
     speeds: List[float] = []
     clock, clock_step = time.perf_counter(), start
+
+    def flush(step: int) -> None:
+        """Waits for the pending steps' metrics (the device catches up here) and logs them."""
+        nonlocal pending, clock, clock_step
+        records = [(i, {k: float(v) for k, v in m.items()}) for i, m in jax.device_get(pending)]
+        pending = []
+        _check_finite(records, last_checkpoint)
+        now = time.perf_counter()
+        values = dict(records[-1][1], tokens_per_s=tokens_per_step * (step - clock_step) /
+                      (now - clock))
+        speeds.append(values["tokens_per_s"])
+        postfix = dict(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:,.0f}")
+        if peak is not None:
+            values["mfu"] = values["tokens_per_s"] * flops / peak
+            postfix["mfu"] = f"{values['mfu']:.1%}"
+        log.write(step, values)
+        bar.set_postfix(postfix)
+        clock, clock_step = now, step
+
+    step = start
     try:
-        with _StopSignals() as stop:
-            for step in range(start + 1, t.steps + 1):
-                s.state, metrics = s.train_step(s.state, s.next_batch())
-                pending.append((step, metrics))
-                bar.update()
-                due_eval = step % t.eval_every == 0 or step == t.steps
-                due_save = step % cfg.checkpoint.every == 0 or step == t.steps or stop.received
-                if not (step % t.log_every == 0 or due_eval or due_save):
-                    continue
-                records = [(i, {k: float(v) for k, v in m.items()}) for i, m in jax.device_get(pending)]
-                pending = []
-                _check_finite(records, last_checkpoint)
-                now = time.perf_counter()
-                values = dict(records[-1][1], tokens_per_s=tokens_per_step * (step - clock_step) /
-                              (now - clock))
-                speeds.append(values["tokens_per_s"])
-                postfix = dict(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:,.0f}")
-                if peak is not None:
-                    values["mfu"] = values["tokens_per_s"] * flops / peak
-                    postfix["mfu"] = f"{values['mfu']:.1%}"
-                log.write(step, values)
-                bar.set_postfix(postfix)
-                if due_eval:
-                    evaluate(step)
-                    if main:
-                        tqdm.write(f"step {step}: validation loss {result.val_loss:.4f} nats/token, "
-                                   f"perplexity {math.exp(result.val_loss):.3f}")
-                if due_save:
-                    save(step)
-                result.step = step
-                if stop.received:
-                    result.interrupted_by = stop.received
-                    break
-                clock, clock_step = time.perf_counter(), step
-        if result.interrupted_by is None and start >= t.steps:
+        # The stop request is read only here, at a step boundary, after every wait of the step
+        # before: a signal that came during a device_get, an evaluation or a save is seen now.
+        while stop.received is None and step < t.steps:
+            step += 1
+            s.state, metrics = s.train_step(s.state, s.next_batch())
+            pending.append((step, metrics))
+            bar.update()
+            due_eval = step % t.eval_every == 0 or step == t.steps
+            due_save = step % cfg.checkpoint.every == 0 or step == t.steps
+            if step % t.log_every == 0 or due_eval or due_save or stop.received is not None:
+                flush(step)
+            if due_eval:
+                evaluate(step)
+                if main:
+                    tqdm.write(f"step {step}: validation loss {result.val_loss:.4f} nats/token, "
+                               f"perplexity {math.exp(result.val_loss):.3f}")
+            if due_save:
+                save(step)
+        result.step = step
+        if stop.received is not None:
+            if pending:
+                flush(step)
+            if step > start:
+                save(step)
+        elif start >= t.steps:
             evaluate(start, record=False)  # a finished run still reports where it ended
+        s.checkpoints.wait()
+        if stop.received is not None:
+            result.interrupted_by = stop.received
+            if step > 0:  # a fresh run stopped before its first step has nothing to save
+                result.saved_step = _committed(s.checkpoints, step)
     finally:
         bar.close()
-        s.checkpoints.wait()
-        s.checkpoints.close()
-        log.close()
+        try:
+            s.checkpoints.wait()
+        finally:
+            s.checkpoints.close()
+            log.close()
     result.peak_memory_bytes = peak_memory_bytes(s.mesh.devices.flatten().tolist())
     if speeds:
         result.tokens_per_s = float(np.median(speeds))
         result.mfu = None if peak is None else result.tokens_per_s * flops / peak
-    if result.interrupted_by is not None:
-        return result
-    if not main:
+    if result.interrupted_by is not None or not main:
         return result
     plot_losses(workdir)
     if t.sample_tokens > 0 and jax.process_count() == 1:  # the sample needs all parameters here
@@ -535,3 +497,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
             continuation = continuation[:-1]
         result.sample = s.tokenizer.decode(prompt) + "\u2502" + s.tokenizer.decode(continuation)
     return result
+
+
+def _committed(checkpoints: TrainCheckpoints, step: int) -> int:
+    """`step`, once the directory listing shows its checkpoint committed; never claims a save that
+    is not on disk."""
+    if step not in checkpoints.committed_steps():
+        raise StorageError(f"The checkpoint of step {step} is not in {checkpoints.workdir} after "
+                           "saving it; the previous checkpoints are kept, so rerun the same command.")
+    return step
