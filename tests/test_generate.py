@@ -342,7 +342,9 @@ def test_max_new_tokens_is_bounded_by_the_memory_for_states_and_outputs(params, 
                         lambda: request_bytes(CFG, len(PROMPTS), NEW, True))
     out = generate(params, CFG, PROMPTS, max_new_tokens=NEW, return_logprobs=True, prefill_chunk=CHUNK)
     assert out.tokens.shape == (len(PROMPTS), NEW)
-    with pytest.raises(ValueError, match=f"free on CPU; lower max_new_tokens to at most {NEW}\\.$"):
+    platform = jax.local_devices()[0].platform.upper()  # the message names the device's memory
+    with pytest.raises(ValueError, match=f"free on {platform}; lower max_new_tokens to at most "
+                                         f"{NEW}\\.$"):
         generate(params, CFG, PROMPTS, max_new_tokens=NEW + 1, return_logprobs=True,
                  prefill_chunk=CHUNK)
     # Without log-probabilities a token takes half the memory: twice as many fit.
