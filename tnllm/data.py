@@ -329,7 +329,7 @@ def read_documents(path: str, text_field: str) -> Iterator[str]:
 
 @dataclasses.dataclass
 class _Tokenized:
-    """A block's documents as token ids ([n] int64 each) with their UTF-8 sizes."""
+    """A block's documents as token ids ([n] int32 each) with their UTF-8 sizes."""
     ids: List[np.ndarray]
     num_bytes: List[int]
     skipped: _Skipped
@@ -342,7 +342,7 @@ def _tokenize(block: _Block, text_field: str, tokenizer) -> _Tokenized:
     except NotText:
         skipped.files.append(block.path)
         texts = []
-    ids = [np.asarray(t, np.int64) for t in tokenizer.encode_batch(texts)] if texts else []
+    ids = [np.asarray(t, np.int32) for t in tokenizer.encode_batch(texts)] if texts else []
     return _Tokenized(ids, [len(t.encode("utf-8")) for t in texts], skipped)
 
 
@@ -485,7 +485,7 @@ def _build_store(files: Sequence[str], data_cfg, tokenizer, directory: str) -> N
         writers = {s: _SplitWriter(os.path.join(tmp, s), dtype) for s in SPLITS}
         counts = np.zeros(tokenizer.vocab_size, np.int64)
         documents, piece, long_documents, skipped = 0, 0, 0, _Skipped()
-        eos = np.array([tokenizer.eos_id], np.int64)
+        eos = np.array([tokenizer.eos_id], np.int32)
         blocks = (block for path in files for block in _blocks(path, data_cfg.text_field))
         total = sum(map(_source_size, files))
         # No more processes than blocks: starting one costs about a second.
@@ -493,6 +493,9 @@ def _build_store(files: Sequence[str], data_cfg, tokenizer, directory: str) -> N
         bar = tqdm(total=total, desc="tokenizing", unit="B", unit_scale=True, leave=False)
         with bar:
             for block, result in _tokenized_blocks(blocks, data_cfg.text_field, tokenizer, workers):
+                if result.ids:  # one count per block: a count per document costs vocab_size each
+                    counts += np.bincount(np.concatenate(result.ids), minlength=tokenizer.vocab_size)
+                    counts[tokenizer.eos_id] += len(result.ids)
                 for ids, num_bytes in zip(result.ids, result.num_bytes):
                     n = max(len(ids), 1)
                     long_documents += len(ids) > data_cfg.seq_len
@@ -503,8 +506,6 @@ def _build_store(files: Sequence[str], data_cfg, tokenizer, directory: str) -> N
                         writers["val" if val else "train"].add(
                             np.concatenate([ids[start:end], eos[:int(ends_with_eos)]]), share)
                         piece += 1
-                    counts += np.bincount(ids, minlength=tokenizer.vocab_size)
-                    counts[tokenizer.eos_id] += 1
                 documents += len(result.ids)
                 skipped.add(result.skipped)
                 bar.update(block.disk_bytes)
