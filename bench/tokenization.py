@@ -6,7 +6,7 @@
 
 The corpus is generated: JSON lines whose texts are the Python standard library's sources, cut into
 documents of a few kB and repeated until the corpus has the size asked for. The default tokenizer is
-a SentencePiece model (vocabulary 8000) trained on the first MB of that corpus, the kind of tokenizer
+a SentencePiece model (vocabulary up to 8000) trained on the first 2 MB of that corpus, the kind of tokenizer
 the released models use; `--tokenizer=byte` or a `.model`/`tokenizer.json` path takes another. Each
 worker count builds the store from scratch in its own cache directory, and the stores must agree bit
 for bit. (Named tokenization, not tokenize, so that running it as a file cannot shadow the standard
@@ -58,10 +58,11 @@ def train_sentencepiece(corpus: str, prefix: str) -> str:
 
     sample = prefix + ".sample.txt"
     with open(corpus, encoding="utf-8") as f, open(sample, "w", encoding="utf-8") as out:
-        out.write(f.read(1 << 20))
+        while out.tell() < 2 << 20:
+            out.write(json.loads(f.readline())["text"])
     sentencepiece.SentencePieceTrainer.train(
-        input=sample, model_prefix=prefix, vocab_size=8000, model_type="unigram",
-        max_sentence_length=1 << 16, minloglevel=2, eos_id=2, bos_id=1, pad_id=-1, unk_id=0)
+        input=sample, model_prefix=prefix, vocab_size=8000, hard_vocab_limit=False,
+        model_type="unigram", max_sentence_length=1 << 16, minloglevel=2)
     return prefix + ".model"
 
 

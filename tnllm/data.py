@@ -379,6 +379,10 @@ def _tokenized_blocks(blocks: Iterable[_Block], text_field: str, tokenizer, work
         while pending:
             block, future = pending.popleft()
             yield block, future.result()
+    except concurrent.futures.process.BrokenProcessPool:
+        raise RuntimeError("A tokenizer process died (out of memory, or killed) and nothing was "
+                           "stored; run again, with a lower config.data.num_workers if memory is "
+                           "short.") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
