@@ -59,6 +59,8 @@ import numpy as np
 import tensorstore as ts
 from tqdm import tqdm
 
+from tnllm.tokenizer import BYTE_SPEC, load_tokenizer
+
 STORE_VERSION = 2  # 2: documents cut into pieces of seq_len tokens before the split
 SPLITS = ("train", "val")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -349,9 +351,14 @@ def _tokenize(block: _Block, text_field: str, tokenizer) -> _Tokenized:
 _worker_tokenizer = None  # set in each tokenizer process by _start_worker
 
 
-def _start_worker(tokenizer) -> None:
+def _start_worker(spec: str, fingerprint: str) -> None:
+    """Loads the tokenizer in a worker from its file, not a pickled copy: a process starts while
+    the next one boots only when what it is sent fits in a pipe's buffer."""
     global _worker_tokenizer
-    _worker_tokenizer = tokenizer
+    _worker_tokenizer = load_tokenizer(spec)
+    if _worker_tokenizer.fingerprint != fingerprint:
+        raise ValueError(f"The tokenizer file {spec!r} changed while the corpus was tokenized; run "
+                         "again once it stays put.")
 
 
 def _tokenize_in_worker(block: _Block, text_field: str) -> _Tokenized:
@@ -368,7 +375,7 @@ def _tokenized_blocks(blocks: Iterable[_Block], text_field: str, tokenizer, work
     # Spawned, not forked: this process may hold JAX's threads, which a fork would copy mid-work.
     pool = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-        initargs=(tokenizer,))
+        initargs=(tokenizer.path or BYTE_SPEC, tokenizer.fingerprint))
     pending = collections.deque()
     try:
         for block in blocks:
@@ -489,6 +496,7 @@ def _build_store(files: Sequence[str], data_cfg, tokenizer, directory: str) -> N
         writers = {s: _SplitWriter(os.path.join(tmp, s), dtype) for s in SPLITS}
         counts = np.zeros(tokenizer.vocab_size, np.int64)
         documents, piece, long_documents, skipped = 0, 0, 0, _Skipped()
+        seq_len, val_fraction = data_cfg.seq_len, data_cfg.val_fraction  # read once: per document
         eos = np.array([tokenizer.eos_id], np.int32)
         blocks = (block for path in files for block in _blocks(path, data_cfg.text_field))
         total = sum(map(_source_size, files))
@@ -502,9 +510,9 @@ def _build_store(files: Sequence[str], data_cfg, tokenizer, directory: str) -> N
                     counts[tokenizer.eos_id] += len(result.ids)
                 for ids, num_bytes in zip(result.ids, result.num_bytes):
                     n = max(len(ids), 1)
-                    long_documents += len(ids) > data_cfg.seq_len
-                    for start, end, val, ends_with_eos in pieces(len(ids), data_cfg.seq_len, piece,
-                                                                 data_cfg.val_fraction):
+                    long_documents += len(ids) > seq_len
+                    for start, end, val, ends_with_eos in pieces(len(ids), seq_len, piece,
+                                                                 val_fraction):
                         # A piece's bytes are its share of the document's; the shares sum to the whole.
                         share = num_bytes * end // n - num_bytes * start // n
                         writers["val" if val else "train"].add(
