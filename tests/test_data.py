@@ -307,6 +307,8 @@ def test_every_format_gives_the_tokens_of_the_same_jsonl(tmp_path, monkeypatch):
         for split, tokens in _tokens(want).items():
             np.testing.assert_array_equal(_tokens(store)[split], tokens, err_msg=name)
         assert store.meta["splits"] == want.meta["splits"], name
+        read = [block.disk_bytes for block in data._blocks(str(path), "content")]  # the progress bar's
+        assert len(read) > 1 and min(read) >= 0 and sum(read) == data._source_size(str(path)), name
     assert sorted(data.find_files(str(tmp_path / "corpus"))) == sorted(str(p) for p in paths.values())
 
 

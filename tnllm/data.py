@@ -203,12 +203,13 @@ def _jsonl_lines(path: str) -> Iterator[Tuple[bytes, int, int]]:
 
 def _column(path: str, values: Iterator[Tuple[list, float]]) -> Iterator[Tuple[object, int, int]]:
     """(value, size, position) from batches of column values, each with the share of the source
-    read once it is done."""
-    size = _source_size(path)
+    read once it is done; a batch's records count as read when its last one is."""
+    size, position = _source_size(path), 0
     for batch, fraction in values:
         for k, value in enumerate(batch):
-            yield value, len(value) if isinstance(value, str) else 0, int(
-                size * fraction) if k == len(batch) - 1 else 0
+            if k == len(batch) - 1:
+                position = int(size * fraction)
+            yield value, len(value) if isinstance(value, str) else 0, position
 
 
 def _missing_column(path: str, field: str, columns: Sequence[str]) -> ValueError:
