@@ -330,6 +330,10 @@ def test_one_and_two_workers_build_identical_stores(tmp_path, monkeypatch):
         np.testing.assert_array_equal(_tokens(stores[1])[split], _tokens(stores[2])[split])
     assert stores[1].meta == stores[2].meta and stores[1].meta["skipped_files"] == 1
     assert stores[1].key == stores[2].key  # the worker count is no part of what is stored
+    with pytest.raises(ValueError, match=r"config.data.num_workers must be 0 \(one per core\) or a "
+                                         r"positive integer, got -1"):
+        data.TokenStore(_data_cfg(tmp_path, root, num_workers=-1, cache_dir=str(tmp_path / "c")),
+                        ByteTokenizer())
 
 
 def test_skipped_records_get_one_warning_each_kind(tmp_path, capsys):

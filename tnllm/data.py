@@ -79,7 +79,11 @@ def cache_root(data_cfg: ml_collections.ConfigDict) -> str:
 
 def num_workers(data_cfg: ml_collections.ConfigDict) -> int:
     """Tokenizer processes: data.num_workers, or 0 for every core this process may run on."""
-    return data_cfg.num_workers or len(os.sched_getaffinity(0))
+    workers = data_cfg.num_workers
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise ValueError(f"config.data.num_workers must be 0 (one per core) or a positive integer, "
+                         f"got {workers!r}.")
+    return workers or len(os.sched_getaffinity(0))
 
 
 def stdlib_files() -> List[str]:
