@@ -81,17 +81,25 @@ def run(out: str) -> None:
     for workers in map(int, FLAGS.workers):
         cfg = config.base_config().data
         cfg.update(path=corpus, cache_dir=os.path.join(out, f"cache-{workers}"), num_workers=workers)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), os.times()
         store = data.TokenStore(cfg, tokenizer)
-        seconds = time.perf_counter() - start
+        seconds, cpu_end = time.perf_counter() - start, os.times()
+        # CPU seconds of this process and of the workers (counted once they have exited): with
+        # fewer free cores than processes, the wall time cannot fall however the work is split.
+        main_cpu = cpu_end.user + cpu_end.system - cpu.user - cpu.system
+        worker_cpu = (cpu_end.children_user + cpu_end.children_system - cpu.children_user
+                      - cpu.children_system)
         tokens = {s: store.splits[s].read().result() for s in data.SPLITS}
         if first is None:
             first = tokens
         assert all((tokens[s] == first[s]).all() for s in data.SPLITS), "stores differ"
-        results.append(dict(workers=workers, seconds=round(seconds, 2), mb_per_s=round(size / 1e6 / seconds, 2),
-                            tokens=int(sum(len(t) for t in tokens.values()))))
+        results.append(dict(workers=workers, seconds=round(seconds, 2),
+                            mb_per_s=round(size / 1e6 / seconds, 2),
+                            tokens=int(sum(len(t) for t in tokens.values())),
+                            main_cpu_s=round(main_cpu, 1), worker_cpu_s=round(worker_cpu, 1)))
         print(f"{workers} worker(s): {seconds:.1f} s, {size / 1e6 / seconds:.2f} MB/s, "
-              f"{results[-1]['tokens'] / seconds / 1e6:.2f} M tokens/s")
+              f"{results[-1]['tokens'] / seconds / 1e6:.2f} M tokens/s; CPU s: this process "
+              f"{main_cpu:.1f}, workers {worker_cpu:.1f}; load average {os.getloadavg()[0]:.1f}")
     with open(os.path.join(out, "tokenization.json"), "w") as f:
         json.dump(dict(corpus_bytes=size, tokenizer=spec, results=results), f, indent=1)
 
