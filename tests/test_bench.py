@@ -16,6 +16,7 @@ SMOKES = {
     "kernels": (["--out", "{out}"], "results.json"),
     "listops": (["--out", "{out}"], "listops.json"),
     "multi_gpu": ([], "multi_gpu.jsonl"),
+    "tokenization": (["--out", "{out}"], "tokenization.json"),
     "train_throughput": ([], "train_throughput.json"),
 }
 

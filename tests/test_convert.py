@@ -337,7 +337,7 @@ def test_missing_files_are_named(tmp_path):
 def test_bin_without_torch_says_how_to_fix_it(tmp_path, monkeypatch):
     write_checkpoint(tmp_path, hf_config(), released_state_dict(hf_config()), "bin")
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
-    with pytest.raises(ImportError, match=r"needs PyTorch, an optional dependency: `pip install torch`"):
+    with pytest.raises(ImportError, match=r"needs PyTorch: install tnllm's hf extra"):
         convert.load_hf(str(tmp_path))
 
 

@@ -1,10 +1,13 @@
 """Token store and windows: file discovery, tokenize-once caching, splits, deterministic batches."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from conftest import subprocess_env
 from tnllm import config, data
 from tnllm.tokenizer import ByteTokenizer
 
@@ -185,7 +188,7 @@ def test_files_that_are_not_utf8_text_are_skipped_with_one_warning(tmp_path, cap
     (root / "d.txt").write_bytes("UTF-16 text".encode("utf-16"))  # valid UTF-8 bytes, but NULs
     tok = ByteTokenizer()
     store = data.TokenStore(_data_cfg(tmp_path, root, val_fraction=0.5), tok)
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "not UTF-8" in line]
     assert len(warnings) == 1 and "skipped 3 of the 4 data files" in warnings[0]
     assert "b.txt" in warnings[0] and "config.data.path" in warnings[0]
     tokens = np.concatenate([store.splits[s].read().result() for s in data.SPLITS])
@@ -203,9 +206,6 @@ def test_a_corpus_of_only_binary_files_is_refused(tmp_path):
 
 def test_jsonl_errors_name_file_and_line(tmp_path):
     bad = tmp_path / "c.jsonl"
-    bad.write_bytes(json.dumps({"text": "ok"}).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
-    with pytest.raises(ValueError, match=r"c.jsonl:2 is not UTF-8 text"):
-        list(data.read_documents(str(bad), "text"))
     bad.write_text(json.dumps({"text": "ok"}) + "\n" + '{"text": "unterminated\n')
     with pytest.raises(ValueError, match=r"c.jsonl:2 is not a JSON object"):
         list(data.read_documents(str(bad), "text"))
@@ -252,3 +252,175 @@ def test_damaged_tokenizer_files_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"tokenizer_config.json is not valid JSON \(Expecting value "
                                          r"at line 2\)"):
         load_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+# Documents of every kind the readers must keep apart: unicode, newlines, an empty record, a long one.
+_RECORDS = ["first document", "", "caf\u00e9 \u4e2d\u6587 \U0001f600", "line one\nline two\n",
+            "x" * 100, "last"]
+
+
+def _write_jsonl(path, records, field="text", opener=open):
+    with opener(path, "wb") as f:
+        f.write(b"".join(json.dumps({field: r, "id": i}).encode() + b"\n" for i, r in enumerate(records)))
+
+
+def _write_every_format(root, records, field):
+    """The same records as .jsonl, .jsonl.gz, .jsonl.zst (two frames), parquet (two row groups)
+    and a saved `datasets` directory; returns their paths."""
+    import gzip
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    root.mkdir()
+    paths = {s: root / f"corpus{s}" for s in (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")}
+    _write_jsonl(paths[".jsonl"], records, field)
+    _write_jsonl(paths[".jsonl.gz"], records, field, gzip.open)
+    lines = paths[".jsonl"].read_bytes().splitlines(keepends=True)
+    half = len(lines) // 2
+    paths[".jsonl.zst"].write_bytes(b"".join(zstandard.ZstdCompressor().compress(b"".join(part))
+                                              for part in (lines[:half], lines[half:])))
+    pq.write_table(pa.table({"id": list(range(len(records))), field: records}), paths[".parquet"],
+                   row_group_size=half)
+    paths["datasets"] = root / "saved"
+    datasets.Dataset.from_dict({field: records}).save_to_disk(str(paths["datasets"]))
+    return paths
+
+
+def _tokens(store):
+    return {s: store.splits[s].read().result() for s in data.SPLITS}
+
+
+def test_every_format_gives_the_tokens_of_the_same_jsonl(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_BLOCK_BYTES", 40)  # blocks end inside every source
+    paths = _write_every_format(tmp_path / "corpus", _RECORDS, "content")
+    tok = ByteTokenizer()
+    # One worker: the blocks are what this test is about; the workers have their own test.
+    want = data.TokenStore(_data_cfg(tmp_path, paths[".jsonl"], text_field="content", num_workers=1),
+                           tok)
+    assert want.meta["documents"] == len(_RECORDS) - 1 and want.meta["skipped_records"]["empty"] == 1
+    for name, path in paths.items():
+        store = data.TokenStore(_data_cfg(tmp_path, path, text_field="content", num_workers=1,
+                                          cache_dir=str(tmp_path / name)), tok)
+        for split, tokens in _tokens(want).items():
+            np.testing.assert_array_equal(_tokens(store)[split], tokens, err_msg=name)
+        assert store.meta["splits"] == want.meta["splits"], name
+        read = [block.disk_bytes for block in data._blocks(str(path), "content")]  # the progress bar's
+        assert len(read) > 1 and min(read) >= 0 and sum(read) == data._source_size(str(path)), name
+    assert sorted(data.find_files(str(tmp_path / "corpus"))) == sorted(str(p) for p in paths.values())
+
+
+def test_one_and_two_workers_build_identical_stores(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_BLOCK_BYTES", 300)  # many blocks, so both workers get some
+    root = tmp_path / "corpus"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "\u00e9t\u00e9", "\u4e2d"]
+    docs = [" ".join(rng.choice(words, rng.integers(0, 60))) for _ in range(120)]
+    _write_jsonl(root / "a.jsonl", docs[:80])
+    for i, doc in enumerate(docs[80:]):
+        (root / f"b{i:02d}.txt").write_text(doc)
+    (root / "c.txt").write_bytes(b"\xff\xfe binary")
+    stores = {n: data.TokenStore(_data_cfg(tmp_path, root, num_workers=n, val_fraction=0.1,
+                                           cache_dir=str(tmp_path / f"cache{n}")), ByteTokenizer())
+              for n in (1, 2)}
+    for split in data.SPLITS:
+        np.testing.assert_array_equal(_tokens(stores[1])[split], _tokens(stores[2])[split])
+    assert stores[1].meta == stores[2].meta and stores[1].meta["skipped_files"] == 1
+    assert stores[1].key == stores[2].key  # the worker count is no part of what is stored
+    with pytest.raises(ValueError, match=r"config.data.num_workers must be 0 \(one per core\) or a "
+                                         r"positive integer, got -1"):
+        data.TokenStore(_data_cfg(tmp_path, root, num_workers=-1, cache_dir=str(tmp_path / "c")),
+                        ByteTokenizer())
+
+
+def test_skipped_records_get_one_warning_each_kind(tmp_path, capsys):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"text": "ok, a document longer than sixteen bytes"}\n{"text": "caf\xe9"}\n'
+                     b'{"text": ""}\n{"text": "\xff"}\n{"text": ""}\n')
+    store = data.TokenStore(_data_cfg(tmp_path, path, val_fraction=0.5), ByteTokenizer())
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 3, warnings
+    assert "skipped 2 records that are not UTF-8 (first " in warnings[0] and "c.jsonl:2" in warnings[0]
+    assert "skipped 2 empty records" in warnings[1]
+    assert "cut 1 documents longer than config.data.seq_len (16 tokens)" in warnings[2]
+    assert store.meta["documents"] == 1
+
+
+def test_unreadable_sources_are_one_sentence(tmp_path, monkeypatch):
+    paths = _write_every_format(tmp_path / "corpus", _RECORDS, "text")
+    tok = ByteTokenizer()
+    with pytest.raises(ValueError, match=r"corpus.parquet has no column 'body' \(it has id, text\); "
+                                         r"set config.data.text_field"):
+        data.TokenStore(_data_cfg(tmp_path, paths[".parquet"], text_field="body"), tok)
+    with pytest.raises(ValueError, match=r"saved has no column 'body' \(it has text\)"):
+        data.TokenStore(_data_cfg(tmp_path, paths["datasets"], text_field="body"), tok)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(paths[".jsonl.gz"].read_bytes()[:-12])
+    with pytest.raises(ValueError, match=r"cut.jsonl.gz is damaged .*download or compress it again"):
+        data.TokenStore(_data_cfg(tmp_path, cut), tok)
+    import datasets
+
+    datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": ["a"]})).save_to_disk(
+        str(tmp_path / "dict"))
+    with pytest.raises(ValueError, match=r"is a DatasetDict with splits train; point it at one split"):
+        data.find_files(str(tmp_path / "dict"))
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # as if the data extra were not installed
+    with pytest.raises(ValueError, match=r"^Reading .*corpus.jsonl.zst \(a .zst file\) needs the "
+                                         r"zstandard package; install tnllm's data extra"):
+        data.TokenStore(_data_cfg(tmp_path, paths[".jsonl.zst"]), tok)
+
+
+class _FailingTokenizer(ByteTokenizer):
+    def encode_batch(self, texts):
+        raise KeyboardInterrupt  # as Ctrl-C in the middle of tokenization
+
+
+def test_an_interrupted_build_leaves_no_store_and_the_next_builds_it(tmp_path):
+    root, _ = _corpus(tmp_path)
+    cfg = _data_cfg(tmp_path, root)
+    with pytest.raises(KeyboardInterrupt):
+        data.TokenStore(cfg, _FailingTokenizer())
+    assert not [d for d in os.listdir(tmp_path / "cache") if d.startswith("tokens-")]
+    key = data.store_key(data.find_files(str(root)), cfg, ByteTokenizer())
+    killed = tmp_path / "cache" / f"tokens-{key}.tmp-dead"  # what a SIGKILLed build leaves
+    (killed / "train").mkdir(parents=True)
+    store = data.TokenStore(cfg, ByteTokenizer())
+    assert store.built and not killed.exists()
+
+
+def test_a_second_process_waits_for_the_store_instead_of_building_it(tmp_path):
+    root, _ = _corpus(tmp_path)
+    cfg = _data_cfg(tmp_path, root)
+    files = data.find_files(str(root))
+    directory = os.path.join(cfg.cache_dir, f"tokens-{data.store_key(files, cfg, ByteTokenizer())}")
+    os.makedirs(cfg.cache_dir)
+    script = ("import json, sys; from ml_collections import ConfigDict; from tnllm import data; "
+              "from tnllm.tokenizer import ByteTokenizer; "
+              "s = data.TokenStore(ConfigDict(json.loads(sys.argv[1])), ByteTokenizer()); "
+              "print('built' if s.built else 'waited', s.meta['documents'])")
+    with data._build_lock(directory) as exclusive:
+        assert exclusive
+        other = subprocess.Popen([sys.executable, "-c", script, json.dumps(cfg.to_dict())],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=subprocess_env())
+        err = ""
+        while "Waiting for another process" not in err:
+            line = other.stderr.readline()
+            assert line or other.poll() is None, err
+            err += line
+        data._build_store(files, cfg, ByteTokenizer(), directory)  # the first process's build
+    out, err = other.communicate(timeout=120)
+    assert other.returncode == 0, err
+    assert out.split() == ["waited", "8"]
+
+
+def test_a_host_reads_only_its_rows_of_each_batch(tmp_path):
+    root, _ = _corpus(tmp_path, n=40)
+    store = data.TokenStore(_data_cfg(tmp_path, root), ByteTokenizer())
+    whole, mine = (data.Loader(store, SEQ, batch_size=8, seed=3) for _ in range(2))
+    for _ in range(3):
+        np.testing.assert_array_equal(mine.next_rows(range(2, 5)), next(whole)[2:5])
+    assert mine.state() == whole.state()

@@ -191,8 +191,10 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.model = ml_collections.ConfigDict(ModelConfig().to_dict())
     cfg.model.hidden_dim = 0  # 0 = d_model, whatever size file overrides d_model
     cfg.data = ml_collections.ConfigDict(dict(
-        path="",            # a text file, a directory or a glob (.txt, .jsonl); "" = Python's stdlib sources
-        text_field="text",  # the field of each .jsonl record that holds its text
+        path="",            # a file, a directory or a glob (.txt, .jsonl[.gz|.zst], .parquet, a saved
+                            # `datasets` directory); "" = Python's stdlib sources
+        text_field="text",  # the field of each JSON record, or the column, that holds its text
+        num_workers=0,      # tokenizer processes; 0 = one per core
         tokenizer="byte",   # "byte", a SentencePiece .model or a Hugging Face tokenizer.json
         cache_dir="",       # where token stores live; "" = $TNLLM_CACHE or ~/.cache/tnllm
         val_fraction=0.05,  # share of documents held out for validation

@@ -239,8 +239,9 @@ def _read_torch(path: str) -> Dict[str, np.ndarray]:
     try:
         import torch  # optional: only the .bin format needs it
     except ImportError:
-        raise ImportError(f"Reading {path} needs PyTorch, an optional dependency: `pip install torch` "
-                          "(the CPU wheel is enough), or convert from a .safetensors copy.") from None
+        raise ImportError(f"Reading {path} needs PyTorch: install tnllm's hf extra "
+                          "(`pip install 'tnllm[hf]'`; the CPU wheel of torch is enough), or convert "
+                          "from a .safetensors copy of the checkpoint.") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as e:
