@@ -236,7 +236,7 @@ def base_config() -> ml_collections.ConfigDict:
 def _check_context(cfg: ml_collections.ConfigDict, model: ModelConfig) -> None:
     """The context axis splits every sequence (and every training segment) into equal slices, and
     only TNL's Lightning Attention can combine slices from their states."""
-    n = cfg.mesh.context
+    n = cfg.mesh.get("context", 1)  # configs saved before the axis existed have none
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"config.mesh.context must be a positive number of devices (not -1: the "
                          f"sequence length must divide by it), got {n!r}.")

@@ -58,6 +58,8 @@ _FIELDS = {"vocab": "vocab_size", "heads": "num_heads", "mlp": "glu_dim", "embed
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> Dict[str, int]:
     """Resolves the mesh section (`data`, `fsdp`, `context`, `tensor`; at most one -1 = fill) for
     `num_devices`."""
+    # Configs saved before the context axis existed have none: one device along it.
+    sizes = {"context": 1, **sizes}
     missing = [a for a in MESH_AXES if a not in sizes]
     if missing:
         raise ValueError(f"config.mesh lacks {', '.join(missing)}; give each of {', '.join(MESH_AXES)} "

@@ -1,0 +1,253 @@
+"""Context parallelism (the `context` mesh axis): one sequence split over devices, exact against one
+device, one exchange of [heads, dk, dv] states per layer and pass, and `train.py` on it.
+
+The multi-device cases run in a subprocess, `python tests/test_context_parallel.py CASE`, with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (set before JAX starts its CPU backend; the rest
+of the suite keeps one device), as in tests/test_sharding.py.
+"""
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import pytest
+from conftest import REPO, subprocess_env
+
+from tnllm import config, sharding
+from tnllm.config import ModelConfig
+
+# Two heads (tensor 2 splits them), an LRPE layer and a plain one, chunks of 16: the sequences of 24
+# split into slices of 12, 6 and 3 positions, none a multiple of the chunk.
+CFG = ModelConfig(vocab_size=256, d_model=32, num_layers=2, num_heads=2, glu_dim=64,
+                  lrpe_layers=(0,), chunk_size=16)
+BATCH, SEQ = 4, 24
+# (data, fsdp, context, tensor): the context axis alone at 2, 4 and 8, and with fsdp, tensor, data.
+MESHES = ((1, 1, 2, 1), (1, 1, 4, 1), (1, 1, 8, 1), (1, 2, 2, 2), (2, 1, 2, 2), (1, 2, 4, 1))
+
+
+def _mesh(shape):
+    return sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
+
+
+def _run_on_8_devices(case):
+    flags = "--xla_force_host_platform_device_count=8"
+    if case == "collectives":  # every collective keeps its own op and name (see test_sharding.py)
+        flags += " --xla_disable_hlo_passes=cpu-all-reduce-combiner"
+    env = subprocess_env(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), case], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"case {case} failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process tests (one device): the config's checks.
+# ------------------------------------------------------------------------------------------------
+def _cfg(**changes):
+    cfg = config.base_config()
+    cfg.model.update(CFG.to_dict())
+    for path, value in changes.items():
+        section, field = path.split("__")
+        cfg[section][field] = value
+    return cfg
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(mesh__context=-1), r"config.mesh.context must be a positive number of devices \(not -1"),
+    (dict(mesh__context=5), r"config.data.seq_len \(2048\) must be divisible by config.mesh.context "
+                            r"\(5\)"),
+    (dict(mesh__context=4, model__train_segment=6), r"config.model.train_segment \(6\) must be "
+                                                    r"divisible by config.mesh.context \(4\)"),
+    (dict(mesh__context=2, model__token_mixer="cosformer"), r"config.mesh.context \(2\) splits "
+     r"sequences for TNL's gla token mixer only, not 'cosformer'; set config.mesh.context to 1."),
+])
+def test_config_refuses_what_the_context_axis_cannot_split(changes, message):
+    with pytest.raises(ValueError, match=message):
+        config.check(_cfg(**changes))
+
+
+def test_config_accepts_a_context_axis_and_configs_saved_without_one():
+    config.check(_cfg(mesh__context=4, model__train_segment=512))
+    old = _cfg()
+    old.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    config.check(old)
+    assert sharding.mesh_shape(old.mesh, 8) == dict(data=1, fsdp=1, context=1, tensor=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# On 8 fake devices.
+# ------------------------------------------------------------------------------------------------
+def test_operator_on_context_meshes_matches_reference():
+    _run_on_8_devices("operator")
+
+
+def test_model_on_context_meshes_matches_one_device():
+    _run_on_8_devices("model")
+
+
+def test_one_state_exchange_per_layer_and_none_without_the_axis():
+    _run_on_8_devices("collectives")
+
+
+def _case_operator():
+    """lightning_attention under context meshes, with an initial state and a cotangent on the final
+    state: o, the final state and the gradients of q, k, v and the initial state equal the float32
+    reference form's on one device, for the blockwise form and the Pallas kernels (interpret mode)."""
+    from conftest import random_qkv, rel_err
+
+    from tnllm.attention import layer_slopes, lightning_attention
+
+    q, k, v = random_qkv(jax.random.PRNGKey(0), 2, SEQ, 2, 32, 16)
+    slopes = layer_slopes(2, 0, 2)  # the fastest decay: lambda^L matters
+    s0 = jax.random.normal(jax.random.PRNGKey(1), (2, 2, 32, 16))
+    do = jax.random.normal(jax.random.PRNGKey(2), v.shape)
+    ds = jax.random.normal(jax.random.PRNGKey(3), s0.shape)
+
+    def loss(impl, q, k, v, s0):
+        o, final = lightning_attention(q, k, v, slopes, impl=impl, chunk_size=16, initial_state=s0)
+        return jnp.sum(o * do) + jnp.sum(final * ds), (o, final)
+
+    grad = lambda impl: jax.jit(jax.grad(functools.partial(loss, impl), argnums=(0, 1, 2, 3),  # noqa: E731
+                                         has_aux=True))
+    want = jax.tree.leaves(grad("reference")(q, k, v, s0))
+    cases = [(shape, "blockwise") for shape in MESHES] + [((1, 1, 4, 2), "pallas")]
+    for shape, impl in cases:
+        with sharding.use_mesh(_mesh(shape)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no GPU: interpret mode"
+            f = grad(impl)
+            assert "all_gather" in str(jax.make_jaxpr(f)(q, k, v, s0))  # the split path ran
+            got = jax.tree.leaves(f(q, k, v, s0))
+        for name, a, b in zip(("dq", "dk", "dv", "ds0", "o", "final"), got, want):
+            assert rel_err(a, b) <= 1e-5, (shape, impl, name, rel_err(a, b))
+
+
+def _model_loss(model, params, tokens):
+    from tnllm import train_lib
+
+    weights = jnp.full(tokens[:, 1:].shape, 1.0 / tokens[:, 1:].size)
+    return train_lib.weighted_loss(model, params, tokens, weights)
+
+
+def _case_model():
+    """The tiny model's loss and gradients on every mesh of MESHES equal one device's within 1e-5,
+    whole and trained in segments of 8 positions carrying the states (train_segment: each segment
+    split again over the context axis, its initial state the previous segment's final one)."""
+    from conftest import rel_err
+
+    from tnllm.model import TransNormerLLM, check_sharding
+
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (BATCH, SEQ + 1), 0, CFG.vocab_size)
+    whole = ((1, 1, 2, 1), (1, 1, 4, 1), (1, 1, 8, 1), (1, 2, 2, 2), (2, 1, 2, 2))
+    for cfg, meshes in ((CFG, whole), (CFG.replace(train_segment=8), ((1, 2, 4, 1),))):
+        model = TransNormerLLM(cfg)
+        params = nn.meta.unbox(model.init(jax.random.PRNGKey(5), tokens[:, :-1])["params"])
+        step = jax.value_and_grad(functools.partial(_model_loss, model))
+        want_loss, want_grads = jax.jit(step)(params, tokens)
+        for shape in meshes:
+            mesh = _mesh(shape)
+            check_sharding(cfg, mesh)
+            with sharding.use_mesh(mesh):
+                shardings = sharding.logical_to_sharding(nn.get_partition_spec(jax.eval_shape(
+                    model.init, jax.random.PRNGKey(5), tokens[:, :-1]))["params"], mesh)
+                params_on_mesh = jax.device_put(params, shardings)
+                lowered = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh))).lower(
+                    params_on_mesh, tokens)
+                assert "all_gather" in lowered.as_text()  # the split path ran (GSPMD adds fsdp's later)
+                loss, grads = lowered.compile()(params_on_mesh, tokens)
+            assert rel_err(loss, want_loss) <= 1e-5, (cfg.train_segment, shape, loss, want_loss)
+            for (path, g), g_want in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                         jax.tree.leaves(want_grads)):
+                assert rel_err(g, g_want) <= 1e-5, (cfg.train_segment, shape,
+                                                   jax.tree_util.keystr(path), rel_err(g, g_want))
+
+
+def _case_collectives():
+    """Per layer, the training step on a context axis of 8 exchanges states only: one all-gather of
+    the n slices' [b, h, dk, dv] states forward and its reduce-scatter backward, the same at 16 and
+    at 32 positions; the rest are the gradient all-reduces that data parallelism has too. A context
+    axis of 1 traces none of it (no all-gather, no shard_map: the program of a mesh without the axis)."""
+    from test_sharding import _collectives
+
+    from tnllm.model import TransNormerLLM
+
+    def compiled(shape, seq):
+        mesh = _mesh(shape)
+        model = TransNormerLLM(CFG)
+        tokens = jax.random.randint(jax.random.PRNGKey(6), (4, seq + 1), 0, CFG.vocab_size)
+        step = jax.grad(functools.partial(_model_loss, model))
+        with sharding.use_mesh(mesh):
+            params, shardings = sharding.init_sharded(
+                lambda key: model.init(key, tokens[:, :-1])["params"], mesh, jax.random.PRNGKey(0))
+            f = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)))
+            return str(jax.make_jaxpr(f)(params, tokens)), f.lower(params, tokens).compile().as_text()
+
+    b, h, hd, n = 4, CFG.num_heads, CFG.head_dim, 8
+    state = {i: b * h * hd * (2 if i in CFG.lrpe_layers else 1) * hd for i in range(CFG.num_layers)}
+    found = {}
+    for seq in (16, 32):
+        _, hlo = compiled((1, 1, n, 1), seq)
+        found[seq] = _collectives(hlo, {})
+        for i, size in state.items():
+            assert found[seq][(f"layers_{i}", "forward")] == {("all-gather", n * size): 1}, found[seq]
+            backward = found[seq][(f"layers_{i}", "backward")]
+            exchanges = {key: count for key, count in backward.items() if key[0] != "all-reduce"}
+            assert exchanges == {("reduce-scatter", size): 1}, backward
+    layers = lambda f: {k: v for k, v in f.items() if k[0] != "outside"}  # noqa: E731
+    assert layers(found[16]) == layers(found[32])  # nothing in a layer grows with the length
+    for shape in ((2, 2, 1, 2), (4, 1, 1, 2)):
+        jaxpr, hlo = compiled(shape, 16)
+        assert "all_gather" not in jaxpr and "shard_map" not in jaxpr and "axis_index" not in jaxpr
+        if shape[1] == 1:  # without fsdp, whose weights are gathered, nothing gathers at all
+            assert "all-gather" not in hlo and "reduce-scatter" not in hlo
+
+
+# ------------------------------------------------------------------------------------------------
+# train.py on a context axis: runs, evaluates, and resumes exactly.
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(8):
+        (root / f"m{i}.txt").write_text("".join(f"def h{i}_{j}(z):\n    return z + {j}\n"
+                                                for j in range(40)))
+    return root
+
+
+def _train(corpus, workdir):
+    flags = ["train.py", f"--workdir={workdir}", f"--config.data.path={corpus}",
+             f"--config.data.cache_dir={corpus}-cache", "--config.data.seq_len=24",
+             "--config.data.val_fraction=0.25", "--config.train.batch_size=4",
+             "--config.train.steps=4", "--config.train.log_every=1", "--config.train.eval_every=2",
+             "--config.train.eval_batches=1", "--config.train.sample_tokens=0",
+             "--config.checkpoint.every=2", "--config.checkpoint.async_save=False",
+             "--config.optim.warmup_steps=1", "--config.model.d_model=32",
+             "--config.model.num_heads=2", "--config.model.glu_dim=64",
+             "--config.model.vocab_size=260", "--config.model.num_layers=2",
+             "--config.model.chunk_size=16", "--config.mesh.data=2", "--config.mesh.context=4"]
+    env = subprocess_env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = subprocess.run([sys.executable, *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_train_cli_on_a_context_axis_resumes_exactly(corpus, tmp_path):
+    """Batches of 4 sequences of 24 tokens on a (data 2, context 4) mesh; a run whose last
+    checkpoint (step 4) is lost resumes from step 2 and logs the uninterrupted run's losses."""
+    want = _train(corpus, tmp_path / "run")
+    assert sorted(want) == [1, 2, 3, 4]
+    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")  # as if killed before step 4's save
+    assert _train(corpus, tmp_path / "resumed") == want
+
+
+if __name__ == "__main__":  # conftest, imported above, sets float32 matmuls to full precision here too
+    globals()[f"_case_{sys.argv[1]}"]()
