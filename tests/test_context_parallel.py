@@ -92,6 +92,10 @@ def test_model_on_context_meshes_matches_one_device():
     _run_on_8_devices("model")
 
 
+def test_prefill_on_a_context_axis_matches_one_device():
+    _run_on_8_devices("prefill")
+
+
 def test_one_state_exchange_per_layer_and_none_without_the_axis():
     _run_on_8_devices("collectives")
 
@@ -166,6 +170,33 @@ def _case_model():
                                          jax.tree.leaves(want_grads)):
                 assert rel_err(g, g_want) <= 1e-5, (cfg.train_segment, shape,
                                                    jax.tree_util.keystr(path), rel_err(g, g_want))
+
+
+def _case_prefill():
+    """Left-padded prompts prefilled on a (data 2, context 4) mesh, segments of 16 split into slices
+    of 4: the next token's logits and every layer's state equal one device's prefill. The softmax
+    and cosFormer mixers refuse the axis with one sentence."""
+    from conftest import rel_err
+
+    from tnllm.decode import left_pad, prefill, prompt_bucket
+    from tnllm.model import TransNormerLLM
+
+    rng = jax.random.PRNGKey(7)
+    prompts = [list(range(3, 30)), list(range(40, 52)), [7] * 20, list(range(100, 131))]
+    tokens, mask = left_pad(prompts, prompt_bucket(31, 16))
+    params = nn.meta.unbox(TransNormerLLM(CFG).init(rng, tokens)["params"])
+    want = prefill(params, tokens, mask, cfg=CFG, prefill_chunk=16)
+    on_mesh = dict(cfg=CFG, prefill_chunk=16, mesh=_mesh((2, 1, 4, 1)))
+    got = prefill(params, tokens, mask, **on_mesh)
+    assert "all_gather" in prefill.lower(params, tokens, mask, **on_mesh).as_text()  # split
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert rel_err(a, b) <= 1e-5, rel_err(a, b)
+    for mixer in ("softmax", "cosformer"):
+        cfg = CFG.replace(token_mixer=mixer, lrpe_layers=())
+        with sharding.use_mesh(_mesh((1, 1, 2, 1))), pytest.raises(
+                ValueError, match=rf"config.mesh.context \(2\) splits sequences for TNL's gla token "
+                                  rf"mixer only, not '{mixer}'; set config.mesh.context to 1."):
+            jax.eval_shape(TransNormerLLM(cfg).init, rng, tokens)
 
 
 def _case_collectives():

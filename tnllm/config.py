@@ -233,6 +233,14 @@ def base_config() -> ml_collections.ConfigDict:
     return cfg
 
 
+def check_context_mixer(parts: int, token_mixer: str) -> None:
+    """Raises a one-sentence error when `parts` > 1 devices would split the sequences of a token
+    mixer other than TNL's gla: only Lightning Attention combines slices from their states."""
+    if parts > 1 and token_mixer != "gla":
+        raise ValueError(f"config.mesh.context ({parts}) splits sequences for TNL's gla token mixer "
+                         f"only, not {token_mixer!r}; set config.mesh.context to 1.")
+
+
 def _check_context(cfg: ml_collections.ConfigDict, model: ModelConfig) -> None:
     """The context axis splits every sequence (and every training segment) into equal slices, and
     only TNL's Lightning Attention can combine slices from their states."""
@@ -242,9 +250,7 @@ def _check_context(cfg: ml_collections.ConfigDict, model: ModelConfig) -> None:
                          f"sequence length must divide by it), got {n!r}.")
     if n == 1:
         return
-    if model.token_mixer != "gla":
-        raise ValueError(f"config.mesh.context ({n}) splits sequences for TNL's gla token mixer only, "
-                         f"not {model.token_mixer!r}; set config.mesh.context to 1.")
+    check_context_mixer(n, model.token_mixer)
     for field, length in (("config.data.seq_len", cfg.data.seq_len),
                           ("config.model.train_segment", model.train_segment)):
         if length % n:

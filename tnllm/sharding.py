@@ -109,6 +109,15 @@ def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
         yield mesh
 
 
+@contextlib.contextmanager
+def trace_on(mesh: Mesh) -> Iterator[Mesh]:
+    """`use_mesh` for use inside a jitted function while it is traced (where `jax.set_mesh` is
+    refused): the model's constraints and per-shard operators then place its work on `mesh`. The
+    jitted function must take `mesh` as a static argument, so that it compiles once per mesh."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        yield mesh
+
+
 def spec(logical_axes: Sequence[Optional[str]]) -> PartitionSpec:
     """The mesh PartitionSpec of an array whose dimensions have these logical names."""
     return nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_AXIS_RULES)
