@@ -1,4 +1,4 @@
-"""Lightning Attention: causal linear attention with a constant per-head decay (SPEC.md §4).
+"""Lightning Attention: causal linear attention with a constant per-head decay (docs/spec.md §4).
 
 For every (batch, head):  o_t = sum_{j <= t} lambda^(t-j) (q_t . k_j) v_j,  lambda = exp(-s),
 with an optional initial state S_0 that enters as if it had been built by earlier tokens:
@@ -48,7 +48,7 @@ Array = jax.Array
 
 
 def alibi_slopes(num_heads: int) -> Array:
-    """Base decay rates s_h of SPEC.md §2 (the ALiBi slopes): [num_heads] float32."""
+    """Base decay rates s_h of docs/spec.md §2 (the ALiBi slopes): [num_heads] float32."""
     if num_heads < 1:
         raise ValueError(f"num_heads must be positive, got {num_heads}.")
 
