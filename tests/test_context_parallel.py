@@ -17,9 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 import pytest
 from conftest import REPO, subprocess_env
+from test_distributed import _env, _losses, _train_flags, corpus  # noqa: F401 -- corpus: a fixture
 
 from tnllm import config, sharding
 from tnllm.config import ModelConfig
@@ -148,8 +148,8 @@ def _model_loss(model, params, tokens):
 
 
 def _case_model():
-    """The tiny model's loss and gradients equal one device's within 1e-5: whole sequences on
-    context axes of 8 (alone) and 2 (with fsdp and tensor, with data and tensor), and in segments of
+    """The tiny model's loss and gradients equal one device's within 1e-5: whole sequences on a
+    context axis of 2 with fsdp and tensor, and in segments of
     8 positions carrying the states (train_segment) on a context axis of 4 with fsdp: each segment
     split again, its initial state the previous segment's final one."""
     from conftest import rel_err
@@ -157,7 +157,7 @@ def _case_model():
     from tnllm.model import TransNormerLLM, check_sharding
 
     tokens = jax.random.randint(jax.random.PRNGKey(4), (BATCH, SEQ + 1), 0, CFG.vocab_size)
-    whole = ((1, 1, 8, 1), (1, 2, 2, 2), (2, 1, 2, 2))
+    whole = ((1, 2, 2, 2),)  # a context axis of 8 alone: _case_collectives
     for cfg, meshes in ((CFG, whole), (CFG.replace(train_segment=8), ((1, 2, 4, 1),))):
         model = TransNormerLLM(cfg)
         params = nn.meta.unbox(model.init(jax.random.PRNGKey(5), tokens[:, :-1])["params"])
@@ -210,29 +210,39 @@ def _case_prefill():
 
 def _case_collectives():
     """Per layer, the training step on a context axis of 8 exchanges states only: one all-gather of
-    the n slices' [b, h, dk, dv] states forward and its reduce-scatter backward, the same at 16 and
-    at 32 positions; the rest are the gradient all-reduces that data parallelism has too. A context
-    axis of 1 traces none of it (no all-gather, no shard_map: the program of a mesh without the axis)."""
+    the n slices' [b, h, dk, dv] states forward and its reduce-scatter backward, the same at 24 and
+    at 48 positions; the rest are the gradient all-reduces that data parallelism has too. A context
+    axis of 1 traces none of it (no all-gather, no shard_map: the program of a mesh without the axis).
+    Each step's gradients equal one device's within 1e-5."""
     from test_sharding import _collectives
 
     from tnllm.model import TransNormerLLM
 
+    from conftest import rel_err
+
+    model = TransNormerLLM(CFG)
+    step = jax.grad(functools.partial(_model_loss, model))
+
     def compiled(shape, seq):
+        """The gradient step's jaxpr, its compiled HLO, and its gradients against one device's."""
         mesh = _mesh(shape)
-        model = TransNormerLLM(CFG)
         tokens = jax.random.randint(jax.random.PRNGKey(6), (4, seq + 1), 0, CFG.vocab_size)
-        step = jax.grad(functools.partial(_model_loss, model))
         with sharding.use_mesh(mesh):
             params, shardings = sharding.init_sharded(
                 lambda key: model.init(key, tokens[:, :-1])["params"], mesh, jax.random.PRNGKey(0))
             f = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)))
-            return str(jax.make_jaxpr(f)(params, tokens)), f.lower(params, tokens).compile().as_text()
+            exe = f.lower(params, tokens).compile()
+            jaxpr = str(jax.make_jaxpr(f)(params, tokens))
+        want = jax.jit(step)(jax.device_get(params), tokens)
+        errors = [rel_err(a, b) for a, b in zip(jax.tree.leaves(exe(params, tokens)), jax.tree.leaves(want))]
+        return jaxpr, exe.as_text(), max(errors)
 
     b, h, hd, n = 4, CFG.num_heads, CFG.head_dim, 8
     state = {i: b * h * hd * (2 if i in CFG.lrpe_layers else 1) * hd for i in range(CFG.num_layers)}
     found = {}
-    for seq in (16, 32):
-        _, hlo = compiled((1, 1, n, 1), seq)
+    for seq in (SEQ, 2 * SEQ):  # slices of 3 and 6 positions
+        _, hlo, error = compiled((1, 1, n, 1), seq)
+        assert error <= 1e-5, (seq, error)  # the gradients on a context axis of 8 alone
         found[seq] = _collectives(hlo, {})
         for i, size in state.items():
             assert found[seq][(f"layers_{i}", "forward")] == {("all-gather", n * size): 1}, found[seq]
@@ -240,8 +250,9 @@ def _case_collectives():
             exchanges = {key: count for key, count in backward.items() if key[0] != "all-reduce"}
             assert exchanges == {("reduce-scatter", size): 1}, backward
     layers = lambda f: {k: v for k, v in f.items() if k[0] != "outside"}  # noqa: E731
-    assert layers(found[16]) == layers(found[32])  # nothing in a layer grows with the length
-    jaxpr, hlo = compiled((4, 1, 1, 2), 16)
+    assert layers(found[SEQ]) == layers(found[2 * SEQ])  # nothing in a layer grows with the length
+    jaxpr, hlo, error = compiled((4, 1, 1, 2), SEQ)
+    assert error <= 1e-5, error
     assert "all_gather" not in jaxpr and "shard_map" not in jaxpr and "axis_index" not in jaxpr
     assert "all-gather" not in hlo and "reduce-scatter" not in hlo
 
@@ -249,42 +260,24 @@ def _case_collectives():
 # ------------------------------------------------------------------------------------------------
 # train.py on a context axis: runs, evaluates, and resumes exactly.
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(8):
-        (root / f"m{i}.txt").write_text("".join(f"def h{i}_{j}(z):\n    return z + {j}\n"
-                                                for j in range(40)))
-    return root
-
-
-def _train(corpus, workdir):
-    flags = ["train.py", f"--workdir={workdir}", f"--config.data.path={corpus}",
-             f"--config.data.cache_dir={corpus}-cache", "--config.data.seq_len=24",
-             "--config.data.val_fraction=0.25", "--config.train.batch_size=4",
-             "--config.train.steps=4", "--config.train.log_every=1", "--config.train.eval_every=2",
-             "--config.train.eval_batches=1", "--config.train.sample_tokens=0",
-             "--config.checkpoint.every=2", "--config.checkpoint.async_save=False",
-             "--config.optim.warmup_steps=1", "--config.model.d_model=32",
-             "--config.model.num_heads=2", "--config.model.glu_dim=64",
-             "--config.model.vocab_size=260", "--config.model.num_layers=2",
-             "--config.model.chunk_size=16", "--config.mesh.data=2", "--config.mesh.context=4"]
-    env = subprocess_env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    out = subprocess.run([sys.executable, *flags], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
-
-
 def test_train_cli_on_a_context_axis_resumes_exactly(corpus, tmp_path):
-    """Batches of 4 sequences of 24 tokens on a (data 2, context 4) mesh; a run whose last
-    checkpoint (step 4) is lost resumes from step 2 and logs the uninterrupted run's losses."""
-    want = _train(corpus, tmp_path / "run")
-    assert sorted(want) == [1, 2, 3, 4]
+    """Batches of 4 sequences of 24 tokens on a (data 2, context 4) mesh, slices of 6 positions
+    (chunks of 8); a run whose last checkpoint (step 4) is lost resumes from the one at step 2 and
+    logs the uninterrupted run's losses."""
+    def train(workdir):
+        flags = _train_flags(corpus, workdir, 4, "--config.checkpoint.every=2", "--config.mesh.data=2",
+                             "--config.mesh.context=4", "--config.train.batch_size=4",
+                             "--config.model.d_model=32", "--config.model.glu_dim=64")
+        out = subprocess.run([sys.executable, *flags], cwd=REPO, env=_env(8), capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-4000:]
+        return _losses(workdir)
+
+    want = train(tmp_path / "run")
+    assert len(want) == 4
     shutil.copytree(tmp_path / "run", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")  # as if killed before step 4's save
-    assert _train(corpus, tmp_path / "resumed") == want
+    assert train(tmp_path / "resumed") == want
 
 
 if __name__ == "__main__":  # conftest, imported above, sets float32 matmuls to full precision here too
