@@ -138,6 +138,16 @@ def _case_operator():
             got = jax.tree.leaves(f(q, k, v, s0))
         for name, a, b in zip(("dq", "dk", "dv", "ds0", "o", "final"), got, want):
             assert rel_err(a, b) <= 1e-5, (shape, impl, name, rel_err(a, b))
+    # bf16 inputs (float32 states) against the float32 reference on the same values: docs/spec.md §4.
+    low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    want = lightning_attention(*(x.astype(jnp.float32) for x in low), slopes, impl="reference",
+                               initial_state=s0)
+    with sharding.use_mesh(_mesh((1, 1, 4, 1))):
+        got = jax.jit(functools.partial(lightning_attention, impl="blockwise", chunk_size=16))(
+            *low, slopes, initial_state=s0)
+    assert got[0].dtype == jnp.bfloat16
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 5e-3, rel_err(a, b)
 
 
 def _model_loss(model, params, tokens):

@@ -249,11 +249,13 @@ def _context_parallel(form, q, k, v, slopes, initial_state, chunk_size):
     def local(q, k, v, slopes, s0):
         length = q.shape[1]
         r = lax.axis_index(axes)
-        # This slice's own state from zero: (lambda^(L-1-j) K)^T V, j the position in the slice.
+        # This slice's own state from zero: (lambda^(L-1-j) K)^T V, j the position in the slice;
+        # operands in the inputs' dtype, float32 accumulation, as the chunked forms do.
         k_exp = jnp.arange(length - 1, -1, -1, dtype=jnp.float32)
         k_decay = jnp.exp(-slopes[None, :] * k_exp[:, None])  # [L, h]
-        own = jnp.einsum("bthd,bthe->bhde", k.astype(jnp.float32) * k_decay[None, :, :, None],
-                         v.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+        decayed = (k.astype(jnp.float32) * k_decay[None, :, :, None]).astype(k.dtype)
+        own = jnp.einsum("bthd,bthe->bhde", decayed, v.astype(k.dtype), precision=_dot_precision(k, v),
+                         preferred_element_type=jnp.float32)
         states = lax.all_gather(own, axes)  # [n, b, h, dk, dv]: the one exchange
 
         def combine(before: Array, s0_exp: Array) -> Array:

@@ -80,8 +80,9 @@ def prefill(params, tokens: Array, mask: Array, *, cfg: ModelConfig, prefill_chu
     """
     batch, bucket = tokens.shape
     if mesh is not None:  # places the program on the mesh's devices, rows split over its batch axes
-        tokens, mask = (lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
-                        for x in (tokens, mask))
+        rows = (sharding.batch_sharding(mesh) if batch % sharding.batch_parallelism(mesh) == 0
+                else sharding.replicated(mesh))
+        tokens, mask = (lax.with_sharding_constraint(x, rows) for x in (tokens, mask))
     segment = min(prefill_chunk, bucket)
     if bucket % segment:
         raise ValueError(
