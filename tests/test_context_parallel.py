@@ -193,7 +193,8 @@ def _case_model():
 
 def _case_prefill():
     """Left-padded prompts prefilled on a (data 2, context 4) mesh, segments of 16 split into slices
-    of 4: the next token's logits and every layer's state equal one device's prefill. The softmax
+    of 4: the next token's logits and every layer's state equal one device's prefill, for four
+    prompts and for one. The softmax
     and cosFormer mixers refuse the axis with one sentence."""
     from conftest import rel_err
 
@@ -210,6 +211,10 @@ def _case_prefill():
     assert "all_gather" in prefill.lower(params, tokens, mask, **on_mesh).as_text()  # split
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert rel_err(a, b) <= 1e-5, rel_err(a, b)
+    # One prompt, which the data axis of 2 cannot split: it stays whole, its length still split.
+    one = prefill(params, tokens[:1], mask[:1], **on_mesh)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(want)):
+        assert rel_err(a, b[:1]) <= 1e-5, rel_err(a, b[:1])
     for mixer in ("softmax", "cosformer"):
         cfg = CFG.replace(token_mixer=mixer, lrpe_layers=())
         with sharding.use_mesh(_mesh((1, 1, 2, 1))), pytest.raises(
