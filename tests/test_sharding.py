@@ -27,7 +27,8 @@ from tnllm import sharding, train_lib
 from tnllm.config import ModelConfig
 from tnllm.model import TransNormerLLM, check_sharding
 
-MESHES = ((8, 1, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8))  # (data, fsdp, tensor)
+MESHES = ((8, 1, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8))  # (data, fsdp, tensor); context: see
+# tests/test_context_parallel.py
 # Eight heads so that every mesh above can split them; 20 tokens: not a multiple of the chunk.
 CFG = ModelConfig(vocab_size=256, d_model=64, num_layers=2, num_heads=8, glu_dim=128,
                   lrpe_layers=(0,), chunk_size=8)
@@ -59,18 +60,24 @@ EXPECTED_SPECS["gla_segments_sliced_loss"] = EXPECTED_SPECS["gla"]
 
 
 def _mesh_sizes(shape):
-    return dict(zip(sharding.MESH_AXES, shape))
+    return dict(zip(("data", "fsdp", "tensor"), shape), context=1)
+
+
+def _abstract_mesh(shape):
+    return AbstractMesh(tuple(_mesh_sizes(shape)[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
 
 
 # ------------------------------------------------------------------------------------------------
 # In-process tests (one device): mesh sizes, rules and the errors.
 # ------------------------------------------------------------------------------------------------
 def test_mesh_shape_fills_one_axis():
-    assert sharding.mesh_shape(dict(data=-1, fsdp=2, tensor=2), 8) == dict(data=2, fsdp=2, tensor=2)
-    assert sharding.mesh_shape(dict(data=1, fsdp=1, tensor=-1), 8) == dict(data=1, fsdp=1, tensor=8)
-    assert sharding.mesh_shape(dict(data=1, fsdp=2, tensor=4), 8) == dict(data=1, fsdp=2, tensor=4)
+    shape = lambda **sizes: sharding.mesh_shape(dict(context=1, **sizes), 8)  # noqa: E731
+    assert shape(data=-1, fsdp=2, tensor=2) == dict(data=2, fsdp=2, context=1, tensor=2)
+    assert shape(data=1, fsdp=1, tensor=-1) == dict(data=1, fsdp=1, context=1, tensor=8)
+    assert shape(data=1, fsdp=2, tensor=4) == dict(data=1, fsdp=2, context=1, tensor=4)
+    assert sharding.mesh_shape(dict(data=1, fsdp=1, context=-1, tensor=2), 8)["context"] == 4
     # One process may use only its first devices (the default config asks for one).
-    assert sharding.mesh_shape(dict(data=1, fsdp=1, tensor=1), 8) == dict(data=1, fsdp=1, tensor=1)
+    assert shape(data=1, fsdp=1, tensor=1) == dict(data=1, fsdp=1, context=1, tensor=1)
 
 
 @pytest.mark.parametrize("sizes, message", [
@@ -86,15 +93,15 @@ def test_mesh_shape_errors(sizes, message):
 
 
 def test_make_mesh_on_one_device():
-    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-    assert mesh.axis_names == sharding.MESH_AXES and mesh.devices.shape == (1, 1, 1)
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, context=1, tensor=1))
+    assert mesh.axis_names == sharding.MESH_AXES and mesh.devices.shape == (1, 1, 1, 1)
 
 
 def test_activation_specs():
-    assert sharding.spec(("batch", "length", "embed")) == P(("data", "fsdp"), None, None)
+    assert sharding.spec(("batch", "length", "embed")) == P(("data", "fsdp"), "context", None)
     assert sharding.spec(("batch", "length", "qkvu", "heads", "head_dim")) == P(
-        ("data", "fsdp"), None, None, "tensor", None)
-    assert sharding.spec(("batch", "length", "mlp")) == P(("data", "fsdp"), None, "tensor")
+        ("data", "fsdp"), "context", None, "tensor", None)
+    assert sharding.spec(("batch", "length", "mlp")) == P(("data", "fsdp"), "context", "tensor")
 
 
 @pytest.mark.parametrize("mixer", EXPECTED_SPECS)
@@ -103,7 +110,7 @@ def test_param_specs_follow_rules(mixer):
     boxed = jax.eval_shape(lambda: TransNormerLLM(MIXER_CFGS[mixer]).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
     specs = sharding.logical_to_sharding(nn.get_partition_spec(boxed),
-                                         sharding.make_mesh(dict(data=1, fsdp=1, tensor=1)))
+                                         sharding.make_mesh(_mesh_sizes((1, 1, 1))))
     found = {}
     for path, s in jax.tree_util.tree_leaves_with_path(specs):
         name = "/".join(k.key for k in path[-3:])
@@ -115,7 +122,7 @@ def test_param_specs_follow_rules(mixer):
 
 
 def test_unshardable_heads_fail_with_clear_error():
-    mesh = AbstractMesh((1, 1, 8), sharding.MESH_AXES)
+    mesh = _abstract_mesh((1, 1, 8))
     cfg = CFG.replace(num_heads=4, hidden_dim=64)
     with pytest.raises(ValueError, match=r"config.model.num_heads \(4\) is not divisible by the mesh "
                                          r"axis tensor = 8"):
@@ -123,7 +130,7 @@ def test_unshardable_heads_fail_with_clear_error():
 
 
 def test_unshardable_width_fails_with_clear_error():
-    mesh = AbstractMesh((1, 4, 2), sharding.MESH_AXES)
+    mesh = _abstract_mesh((1, 4, 2))
     with pytest.raises(ValueError, match=r"config.model.d_model \(66\) .* fsdp = 4"):
         check_sharding(CFG.replace(d_model=66, hidden_dim=64), mesh)
 
@@ -131,11 +138,11 @@ def test_unshardable_width_fails_with_clear_error():
 @pytest.mark.parametrize("mixer", MIXER_CFGS)
 def test_shardable_model_passes(mixer):
     for shape in MESHES:
-        check_sharding(MIXER_CFGS[mixer], AbstractMesh(shape, sharding.MESH_AXES))
+        check_sharding(MIXER_CFGS[mixer], _abstract_mesh(shape))
 
 
 def test_batch_not_divisible_fails_with_clear_error():
-    mesh = AbstractMesh((2, 2, 2), sharding.MESH_AXES)
+    mesh = _abstract_mesh((2, 2, 2))
     sharding.check_batch(8, mesh)
     with pytest.raises(ValueError, match=r"config.batch_size \(6\) must be divisible by the "
                                          r"data-parallel size data\*fsdp = 4"):

@@ -1,4 +1,4 @@
-"""Lightning Attention: causal linear attention with a constant per-head decay (SPEC.md §4).
+"""Lightning Attention: causal linear attention with a constant per-head decay (docs/spec.md §4).
 
 For every (batch, head):  o_t = sum_{j <= t} lambda^(t-j) (q_t . k_j) v_j,  lambda = exp(-s),
 with an optional initial state S_0 that enters as if it had been built by earlier tokens:
@@ -17,6 +17,16 @@ Forms (all exact, all agree; `impl` selects one):
 
 `choose_impl` is that choice, and the one every token mixer's "auto" goes through (cosFormer's and
 softmax attention's too).
+
+Context parallelism: under a mesh whose `context` axis splits the `length` of q, k and v
+(`tnllm.sharding`), each of the n devices holds one contiguous slice of L = seq / n positions and
+runs the chosen form on it alone. With a constant decay the transition across a slice is the scalar
+lambda^L per head, so the state entering slice r is exact from the slices' own states
+S_s = sum_{j in slice s} lambda^(L-1-j) k_j^T v_j (local j) and one all-gather of them:
+    S_in(r) = lambda^(rL) S_0 + sum_{s<r} lambda^((r-1-s)L) S_s,
+and the slice runs from S_in(r) as its initial state (o_t += lambda^(t+1) q_t S_in(r), local t).
+Nothing that grows with the length is exchanged: one all-gather of [heads, dk, dv] states per call
+forward, and its transpose (a reduce-scatter) backward (docs/parallelism.md).
 
 All decay arithmetic and every state is float32; causal masks come from token indices.
 """
@@ -38,7 +48,7 @@ Array = jax.Array
 
 
 def alibi_slopes(num_heads: int) -> Array:
-    """Base decay rates s_h of SPEC.md §2 (the ALiBi slopes): [num_heads] float32."""
+    """Base decay rates s_h of docs/spec.md §2 (the ALiBi slopes): [num_heads] float32."""
     if num_heads < 1:
         raise ValueError(f"num_heads must be positive, got {num_heads}.")
 
@@ -191,18 +201,24 @@ def _recurrent(q, k, v, slopes, initial_state, chunk_size):
 # ----------------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------------
-def _pallas(q, k, v, slopes, initial_state, chunk_size):
-    def kernel(q, k, v, slopes, initial_state):
-        return lightning.lightning_attention(q, k, v, slopes, initial_state=initial_state,
-                                             chunk_size=chunk_size)
+def _pallas_kernel(q, k, v, slopes, initial_state, chunk_size):
+    return lightning.lightning_attention(q, k, v, slopes, initial_state=initial_state,
+                                         chunk_size=chunk_size)
 
+
+_SEQ = ("batch", "length", "heads", "head_dim")
+_STATE = ("batch", "heads", None, None)
+
+
+def _pallas(q, k, v, slopes, initial_state, chunk_size):
     # GSPMD cannot split a custom kernel, so under a mesh each device runs it on its own block of
-    # batch and heads (the operator mixes neither); without a mesh this is the plain call.
-    seq = ("batch", "length", "heads", "head_dim")
-    state = ("batch", "heads", None, None)
+    # batch and heads (the operator mixes neither; the length stays whole here, a split one goes
+    # through _context_parallel); without a mesh this is the plain call.
+    seq = ("batch", None, "heads", "head_dim")
     kernel = sharding.per_shard(
-        kernel, in_axes=(seq, seq, seq, ("heads",), None if initial_state is None else state),
-        out_axes=(seq, state))
+        functools.partial(_pallas_kernel, chunk_size=chunk_size),
+        in_axes=(seq, seq, seq, ("heads",), None if initial_state is None else _STATE),
+        out_axes=(seq, _STATE))
     return kernel(q, k, v, slopes, initial_state)
 
 
@@ -212,6 +228,55 @@ _FORMS: Dict[str, Callable] = {
     "recurrent": _recurrent,
     "pallas": _pallas,
 }
+# What each device runs on its own block inside _context_parallel (already per device).
+_LOCAL_FORMS: Dict[str, Callable] = {**_FORMS, "pallas": _pallas_kernel}
+
+
+# ----------------------------------------------------------------------------------------------
+# context parallelism: the sequence split over devices, one exchange of states
+# ----------------------------------------------------------------------------------------------
+def _context_parallel(form, q, k, v, slopes, initial_state, chunk_size):
+    """`form` on each device's slice of the sequence, exact; see the module docstring.
+
+    Runs per device (`sharding.per_shard`) on q, k [b, L, h, dk], v [b, L, h, dv] (L = seq / n, n
+    devices along `length`), slopes [h] and the initial state [b, h, dk, dv] (replicated along
+    `length`). Returns each slice's o and the final state of the whole sequence, the same on every
+    device of the slice's group.
+    """
+    axes = sharding.mesh_axes("length")
+    n = sharding.parts("length")
+
+    def local(q, k, v, slopes, s0):
+        length = q.shape[1]
+        r = lax.axis_index(axes)
+        # This slice's own state from zero: (lambda^(L-1-j) K)^T V, j the position in the slice;
+        # operands in the inputs' dtype, float32 accumulation, as the chunked forms do.
+        k_exp = jnp.arange(length - 1, -1, -1, dtype=jnp.float32)
+        k_decay = jnp.exp(-slopes[None, :] * k_exp[:, None])  # [L, h]
+        decayed = (k.astype(jnp.float32) * k_decay[None, :, :, None]).astype(k.dtype)
+        own = jnp.einsum("bthd,bthe->bhde", decayed, v.astype(k.dtype), precision=_dot_precision(k, v),
+                         preferred_element_type=jnp.float32)
+        states = lax.all_gather(own, axes)  # [n, b, h, dk, dv]: the one exchange
+
+        def combine(before: Array, s0_exp: Array) -> Array:
+            """sum_{s < before} lambda^((before-1-s)L) S_s + lambda^(s0_exp) S_0, [b, h, dk, dv]."""
+            s = jnp.arange(n)
+            exps = (jnp.maximum(before - 1 - s, 0) * length).astype(jnp.float32)  # [n]
+            w = jnp.where(s[:, None] < before, jnp.exp(-exps[:, None] * slopes[None, :]), 0.0)  # [n, h]
+            total = jnp.einsum("nh,nbhde->bhde", w, states, precision=lax.Precision.HIGHEST)
+            if s0 is None:
+                return total
+            return total + jnp.exp(-slopes * s0_exp)[None, :, None, None] * s0.astype(jnp.float32)
+
+        s_in = combine(r, (r * length).astype(jnp.float32))
+        o, _ = form(q, k, v, slopes, s_in, chunk_size)
+        # Every device combines the final state alike, so it needs no further exchange.
+        return o, combine(n, jnp.float32(n * length))
+
+    run = sharding.per_shard(local, in_axes=(_SEQ, _SEQ, _SEQ, ("heads",),
+                                             None if initial_state is None else _STATE),
+                             out_axes=(_SEQ, _STATE))
+    return run(q, k, v, slopes, initial_state)
 
 
 def pallas_compiles() -> bool:
@@ -269,4 +334,9 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *, impl: st
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     impl = choose_impl("gla", impl, q, k, v, chunk_size=chunk_size)
+    n = sharding.parts("length")
+    if n > 1 and q.shape[1] % n == 0:
+        return _context_parallel(_LOCAL_FORMS[impl], q, k, v, slopes, initial_state, chunk_size)
+    # Without a split length (no mesh, a `context` axis of 1, or a length it does not divide, e.g.
+    # the one token `init` traces) the whole sequence runs on each device's batch and heads.
     return _FORMS[impl](q, k, v, slopes, initial_state, chunk_size)

@@ -229,9 +229,35 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.mesh = ml_collections.ConfigDict(dict(
         data=1,             # devices along the data-parallel axis; -1 = all remaining devices
         fsdp=1,
+        context=1,          # devices one sequence is split over (TNL's gla mixer; docs/parallelism.md)
         tensor=1,
     ))
     return cfg
+
+
+def check_context_mixer(parts: int, token_mixer: str) -> None:
+    """Raises a one-sentence error when `parts` > 1 devices would split the sequences of a token
+    mixer other than TNL's gla: only Lightning Attention combines slices from their states."""
+    if parts > 1 and token_mixer != "gla":
+        raise ValueError(f"config.mesh.context ({parts}) splits sequences for TNL's gla token mixer "
+                         f"only, not {token_mixer!r}; set config.mesh.context to 1.")
+
+
+def _check_context(cfg: ml_collections.ConfigDict, model: ModelConfig) -> None:
+    """The context axis splits every sequence (and every training segment) into equal slices, and
+    only TNL's Lightning Attention can combine slices from their states."""
+    n = cfg.mesh.get("context", 1)  # configs saved before the axis existed have none
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"config.mesh.context must be a positive number of devices (not -1: the "
+                         f"sequence length must divide by it), got {n!r}.")
+    if n == 1:
+        return
+    check_context_mixer(n, model.token_mixer)
+    for field, length in (("config.data.seq_len", cfg.data.seq_len),
+                          ("config.model.train_segment", model.train_segment)):
+        if length % n:
+            raise ValueError(f"{field} ({length}) must be divisible by config.mesh.context ({n}), "
+                             "which splits every sequence into equal slices; change one of them.")
 
 
 def check(cfg: ml_collections.ConfigDict) -> ModelConfig:
@@ -277,6 +303,7 @@ def check(cfg: ml_collections.ConfigDict) -> ModelConfig:
     if not cfg.optim.lr > 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ValueError(f"config.optim needs lr > 0 and 0 <= min_lr_ratio <= 1, got lr={cfg.optim.lr} "
                          f"and min_lr_ratio={cfg.optim.min_lr_ratio}.")
+    _check_context(cfg, model)
     if not 0 <= cfg.optim.warmup_steps < cfg.train.steps:
         raise ValueError(
             f"config.optim.warmup_steps ({cfg.optim.warmup_steps}) must be at least 0 and below "

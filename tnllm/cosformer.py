@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from tnllm import sharding
 from tnllm.attention import choose_impl
-from tnllm.config import ModelConfig
+from tnllm.config import ModelConfig, check_context_mixer
 
 Array = jax.Array
 
@@ -287,6 +288,7 @@ class CosformerAttention(nn.Module):
           out: [batch, tq, cfg.d_model] in cfg.dtype, and the state [batch, heads, 2*head_dim,
           head_dim+1] f32 (see `cosformer_attention`).
         """
+        check_context_mixer(sharding.parts("length"), "cosformer")
         if inputs_kv is None:
             inputs_kv = inputs_q
             kv_positions = positions if kv_positions is None else kv_positions

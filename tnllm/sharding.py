@@ -1,12 +1,15 @@
 """Model parallelism: the device mesh and the rules that map logical axis names onto it.
 
-This is the only module that names mesh axes. The mesh has three axes, outermost first:
-  data    pure data parallelism: the batch is split, parameters are replicated.
-  fsdp    data parallelism that also shards every parameter and optimizer state on its `embed` axis
-          (ZeRO-3): weights are all-gathered before use and gradients reduce-scattered.
-  tensor  Megatron-style tensor parallelism (SPEC.md §8): GLA split by heads, SGLU by the GLU axis,
-          output projections by rows, the vocabulary of the tied embedding by rows. `tensor` is
-          innermost so that its frequent collectives stay between neighbouring devices (one host).
+This is the only module that names mesh axes. The mesh has four axes, outermost first:
+  data     pure data parallelism: the batch is split, parameters are replicated.
+  fsdp     data parallelism that also shards every parameter and optimizer state on its `embed` axis
+           (ZeRO-3): weights are all-gathered before use and gradients reduce-scattered.
+  context  context parallelism: one sequence is split into contiguous slices along its `length`,
+           one per device; Lightning Attention exchanges only each slice's [heads, dk, dv] state
+           (`tnllm.attention`), and parameters are replicated like under `data`.
+  tensor   Megatron-style tensor parallelism (docs/spec.md §8): GLA split by heads, SGLU by the GLU
+           axis, output projections by rows, the vocabulary of the tied embedding by rows. `tensor`
+           is innermost so that its frequent collectives stay between neighbouring devices (one host).
 
 The model names logical axes only (`batch`, `length`, `vocab`, `embed`, `qkvu`, `heads`, `head_dim`,
 `mlp`); `LOGICAL_AXIS_RULES` maps them here. GSPMD derives the collectives from these annotations;
@@ -33,18 +36,19 @@ import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel axes
 
 # Logical axis -> mesh axes, in priority order (flax gives each mesh axis to at most one dimension of
 # an array, so `embed` of an activation [batch, length, embed] stays whole: `fsdp` went to `batch`).
 LOGICAL_AXIS_RULES = (
     ("batch", BATCH_AXES),
+    ("length", "context"),
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("embed", "fsdp"),
-    # length, qkvu and head_dim are never split.
+    # qkvu and head_dim are never split.
 )
 
 # Which config field sets the size of each sharded logical axis, for error messages.
@@ -52,7 +56,10 @@ _FIELDS = {"vocab": "vocab_size", "heads": "num_heads", "mlp": "glu_dim", "embed
 
 
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> Dict[str, int]:
-    """Resolves the mesh section (`data`, `fsdp`, `tensor`; at most one -1 = fill) for `num_devices`."""
+    """Resolves the mesh section (`data`, `fsdp`, `context`, `tensor`; at most one -1 = fill) for
+    `num_devices`."""
+    # Configs saved before the context axis existed have none: one device along it.
+    sizes = {"context": 1, **sizes}
     missing = [a for a in MESH_AXES if a not in sizes]
     if missing:
         raise ValueError(f"config.mesh lacks {', '.join(missing)}; give each of {', '.join(MESH_AXES)} "
@@ -74,7 +81,7 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> Dict[str, int]:
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+    """The (data, fsdp, context, tensor) mesh over `devices` (default: all devices of all processes).
 
     `sizes` is the config's `mesh` section (a ConfigDict or dict). A single process may use only the
     first devices (the default config asks for one); a multi-process mesh must span all of them,
@@ -99,6 +106,15 @@ def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
     Trace (first call of a jitted function) and `jax.eval_shape` inside this context.
     """
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        yield mesh
+
+
+@contextlib.contextmanager
+def trace_on(mesh: Mesh) -> Iterator[Mesh]:
+    """`use_mesh` for use inside a jitted function while it is traced (where `jax.set_mesh` is
+    refused): the model's constraints and per-shard operators then place its work on `mesh`. The
+    jitted function must take `mesh` as a static argument, so that it compiles once per mesh."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         yield mesh
 
 
@@ -174,12 +190,28 @@ def check_params(boxed: Any, mesh: Mesh) -> None:
             checked.add(name)
 
 
+def mesh_axes(name: str) -> Tuple[str, ...]:
+    """The mesh axes that split logical axis `name` (none for an axis never split)."""
+    axes = spec((name,))[0]
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def parts(name: str) -> int:
+    """How many devices split logical axis `name` under the current mesh and rules (1 without)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not nn.get_logical_axis_rules():
+        return 1
+    return math.prod(mesh.shape[a] for a in mesh_axes(name))
+
+
 def per_shard(fn: Callable, *, in_axes: Sequence[Optional[Sequence[Optional[str]]]],
               out_axes: Sequence[Sequence[Optional[str]]]) -> Callable:
     """`fn` run by every device on its own block (`jax.shard_map`) when a mesh is current, else `fn`.
 
     For operators that mix nothing across the split axes, such as the Pallas kernels over batch and
-    heads: no collective is needed, and GSPMD could not split the custom kernel call itself.
+    heads: no collective is needed, and GSPMD could not split the custom kernel call itself. An
+    operator that does mix along a split axis names its collectives with `mesh_axes` (the
+    context-parallel Lightning Attention gathers the slices' states over those of `length`).
     `in_axes` gives the logical names of each positional argument (None for an argument that is
     None); `out_axes` those of each output.
     """
@@ -187,16 +219,11 @@ def per_shard(fn: Callable, *, in_axes: Sequence[Optional[Sequence[Optional[str]
     if mesh.empty or not nn.get_logical_axis_rules():
         return fn
 
-    def devices_along(name: str) -> int:
-        axes = spec((name,))[0]
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-        return math.prod(mesh.shape[a] for a in axes)
-
     def call(*args):
         # A logical axis that some argument's size does not split evenly stays whole on every device
         # (e.g. the batch of 1 that `init` traces): the operator mixes nothing along it either way.
         whole = {name for arg, names in zip(args, in_axes) if names is not None
-                 for size, name in zip(arg.shape, names) if name and size % devices_along(name)}
+                 for size, name in zip(arg.shape, names) if name and size % parts(name)}
         keep = lambda names: spec([None if n in whole else n for n in names])  # noqa: E731
         in_specs = tuple(None if names is None else keep(names) for names in in_axes)
         out_specs = tuple(keep(names) for names in out_axes)

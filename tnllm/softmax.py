@@ -17,8 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tnllm import sharding
 from tnllm.attention import choose_impl
-from tnllm.config import ModelConfig
+from tnllm.config import ModelConfig, check_context_mixer
 
 Array = jax.Array
 
@@ -145,6 +146,7 @@ class SoftmaxAttention(nn.Module):
         every query attends over the cache up to its position; the updated cache is returned.
         Returns the output [batch, seq, d_model] and the state.
         """
+        check_context_mixer(sharding.parts("length"), "softmax")
         cfg = self.cfg
         h, hd = cfg.num_heads, cfg.head_dim
         init = lambda names: nn.with_logical_partitioning(  # noqa: E731

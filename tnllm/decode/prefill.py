@@ -3,17 +3,25 @@
 Left padding is exact (docs/spec.md §7): padded keys are zeroed by the model's `mask` (the softmax
 mixer does not write them into its cache), and LRPE and RoPE positions count real tokens only, so
 every row computes what it would compute alone.
+
+A long prompt can be split over devices as training splits a sequence: under a `mesh` whose
+`context` axis has n devices, each segment of the parallel form is cut into n slices that exchange
+only their states (docs/parallelism.md). Decoding then continues from the states, whose size does
+not depend on the prompt, on one device.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, NamedTuple, Sequence, Tuple
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh
 
+from tnllm import sharding
 from tnllm.config import ModelConfig
 from tnllm.decode.step import decode_step
 from tnllm.model import TransNormerLLM, zero_states
@@ -51,9 +59,9 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int,
     return tokens, mask
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "prefill_chunk"))
-def prefill(params, tokens: Array, mask: Array, *, cfg: ModelConfig,
-            prefill_chunk: int = 2048) -> Prefilled:
+@functools.partial(jax.jit, static_argnames=("cfg", "prefill_chunk", "mesh"))
+def prefill(params, tokens: Array, mask: Array, *, cfg: ModelConfig, prefill_chunk: int = 2048,
+            mesh: Optional[Mesh] = None) -> Prefilled:
     """Runs left-padded prompts through the parallel form and returns the decoding state.
 
     Compiled once per (batch, bucket); activation memory is bounded by `prefill_chunk` at any
@@ -66,8 +74,15 @@ def prefill(params, tokens: Array, mask: Array, *, cfg: ModelConfig,
       mask: [batch, bucket] bool, False at padding; every row's last position must be real.
       cfg: the model; `cfg.attention_impl` picks the parallel form.
       prefill_chunk: tokens per segment of the parallel form.
+      mesh: a device mesh (`tnllm.sharding.make_mesh`) to run on; its `context` axis splits each
+        segment (when it divides the segment; else the segment runs whole), its other axes the
+        batch and heads as in training. None: one device.
     """
     batch, bucket = tokens.shape
+    if mesh is not None:  # places the program on the mesh's devices, rows split over its batch axes
+        rows = (sharding.batch_sharding(mesh) if batch % sharding.batch_parallelism(mesh) == 0
+                else sharding.replicated(mesh))
+        tokens, mask = (lax.with_sharding_constraint(x, rows) for x in (tokens, mask))
     segment = min(prefill_chunk, bucket)
     if bucket % segment:
         raise ValueError(
@@ -92,8 +107,9 @@ def prefill(params, tokens: Array, mask: Array, *, cfg: ModelConfig,
                                 mask=seg_mask, initial_states=states)
         return states, None
 
-    states, _ = lax.scan(run_segment, zero_states(cfg, batch),
-                         (segments(context), segments(context_positions), segments(context_mask)))
+    with contextlib.nullcontext() if mesh is None else sharding.trace_on(mesh):
+        states, _ = lax.scan(run_segment, zero_states(cfg, batch),
+                             (segments(context), segments(context_positions), segments(context_mask)))
     last_positions = jnp.sum(mask, axis=1, dtype=jnp.int32) - 1
     logits, states = decode_step(params, tokens[:, -1], last_positions, states, cfg=cfg)
     return Prefilled(logits, last_positions + 1, states)
