@@ -324,7 +324,13 @@ class TrainCheckpoints:
         return _DiskErrors(self, step)
 
     def close(self) -> None:
-        self.manager.close()
+        """Closes the manager. A failed save raises from `wait`, which callers run first; Orbax
+        raises it again on closing, and that second report is dropped."""
+        try:
+            self.manager.close()
+        except Exception as e:  # noqa: BLE001 -- only the disk errors that `wait` reported
+            if _errno(e) not in _DISK_ERRNOS:
+                raise
 
     def _quarantine(self, step: int, error: DamagedCheckpoint) -> None:
         src = os.path.join(self.workdir, CHECKPOINTS, str(step))
@@ -426,6 +432,9 @@ class TrainCheckpoints:
         return None
 
 
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full or read-only disk
+
+
 class _DiskErrors:
     """Turns a full or read-only disk during a save into one StorageError naming the last good step."""
 
@@ -436,8 +445,7 @@ class _DiskErrors:
         return self
 
     def __exit__(self, kind, error, tb):
-        if error is None or not isinstance(error, Exception) or _errno(error) not in (
-                errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        if error is None or not isinstance(error, Exception) or _errno(error) not in _DISK_ERRNOS:
             return False
         good = [s for s in self.checkpoints.committed_steps() if s != self.step]
         kept = (f"the last good checkpoint (step {good[-1]}) is kept" if good
