@@ -1,4 +1,4 @@
-"""TransNormerLLM-1B (SPEC.md §5): 1,020,266,496 parameters with the tied embedding."""
+"""TransNormerLLM-1B (docs/spec.md §5): 1,020,266,496 parameters with the tied embedding."""
 from tnllm.config import LOSS_CHUNK, base_config
 
 

@@ -1,4 +1,4 @@
-"""TransNormerLLM-385M (SPEC.md §5): 398,984,192 parameters with the tied embedding."""
+"""TransNormerLLM-385M (docs/spec.md §5): 398,984,192 parameters with the tied embedding."""
 from tnllm.config import LOSS_CHUNK, base_config
 
 

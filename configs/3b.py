@@ -1,4 +1,4 @@
-"""TransNormerLLM2-3B (SPEC.md §5): 2,911,111,680 parameters with the tied embedding."""
+"""TransNormerLLM2-3B (docs/spec.md §5): 2,911,111,680 parameters with the tied embedding."""
 from tnllm.config import LOSS_CHUNK, base_config
 
 

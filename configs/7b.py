@@ -1,4 +1,4 @@
-"""TransNormerLLM-7B (SPEC.md §5): 6,836,719,616 parameters with the tied embedding."""
+"""TransNormerLLM-7B (docs/spec.md §5): 6,836,719,616 parameters with the tied embedding."""
 from tnllm.config import LOSS_CHUNK, base_config
 
 

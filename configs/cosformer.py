@@ -1,4 +1,4 @@
-"""The tiny language model with cosFormer token mixers (SPEC.md §10) instead of gated linear attention.
+"""The tiny language model with cosFormer token mixers (docs/spec.md §10) instead of gated linear attention.
 
 Everything else (SRMSNorm, SGLU, tied embedding, the byte vocabulary and the CPU training defaults of
 configs/tiny.py) is unchanged. M = cosformer_max_len must cover the longest context the model sees in

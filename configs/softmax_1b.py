@@ -1,4 +1,4 @@
-"""The softmax-attention Transformer baseline (issue 9) of the size of configs/1b.py.
+"""The softmax-attention Transformer baseline (docs/spec.md §11) of the size of configs/1b.py.
 
 LLaMA-style: softmax attention with RoPE, RMSNorm with a learned weight, SwiGLU; everything else as in
 configs/1b.py: d_model 2048, 16 layers, 16 heads, vocab 64000 (and its training defaults). Its attention

@@ -1,4 +1,4 @@
-"""The softmax-attention Transformer baseline (issue 9) of the size of configs/385m.py.
+"""The softmax-attention Transformer baseline (docs/spec.md §11) of the size of configs/385m.py.
 
 LLaMA-style: softmax attention with RoPE, RMSNorm with a learned weight, SwiGLU; everything else as in
 configs/385m.py: d_model 1024, 24 layers, 8 heads, vocab 64000 (and its training defaults). Its

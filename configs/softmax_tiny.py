@@ -1,4 +1,4 @@
-"""The softmax-attention Transformer baseline (issue 9) of the size of configs/tiny.py.
+"""The softmax-attention Transformer baseline (docs/spec.md §11) of the size of configs/tiny.py.
 
 LLaMA-style: softmax attention with RoPE, RMSNorm with a learned weight, SwiGLU; everything else as in
 configs/tiny.py: d_model 64, 2 layers, 2 heads, vocab 259 (and its training defaults). Its attention has

@@ -3,7 +3,7 @@ the small operations around it fused in.
 
 At batch 1 a decoding step reads every weight once; XLA runs each product as a GEMM and the norms,
 the gate, the GLU product and the residual adds between them as ~8 small kernels a layer
-(docs/benchmarks.md, 2026-11-27), each of which pays a launch and a ramp. `gemv` computes
+(docs/benchmarks.md), each of which pays a launch and a ramp. `gemv` computes
 
     y = epilogue(prologue(x) @ W)
 
@@ -14,7 +14,7 @@ output columns: it computes the row's norm itself (K elements, a few KB from L2:
 kernel of its own) and walks K in `block_k` steps, the row repeated as the 16 rows of a
 tensor-core product (Triton's smallest) so that Triton's software pipeline overlaps each step's
 weight loads with the steps before: a float32 multiply-and-sum form streamed the weights at half
-the rate (bench/decode_layer.py, H200, 2026-11-28). The gated row enters the product in W's
+the rate on an H200 (docs/kernels.md). The gated row enters the product in W's
 dtype, as in the model (normalised first, or, where a program sums all of K, with the norm's
 scalar scale applied to the sums instead); the products, the GLU product and the residual sum stay
 float32 and are rounded once, to `out_dtype`, at the end. For the narrow products (N = d_model)
@@ -68,7 +68,7 @@ def _kernel(*refs, norm: bool, gate: bool, glu: bool, residual: bool, block_k: i
     # SRMSNorm's scale rsqrt(mean(x^2) + eps) over the whole row. It is a scalar, so it factors
     # out of the product: a program that sums all of K gathers mean(x^2) from the row's slices in
     # its loop and scales the sums at the end, instead of a pass over the row before its first
-    # weight load (0.3 µs of a q/k/v/u product on an H200, bench/gemv.py, call 42). A program with
+    # weight load (0.3 µs of a q/k/v/u product on an H200). A program with
     # a split of K needs the whole row's norm first.
     late = norm and not split
     if norm and split:
@@ -220,7 +220,7 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
 
 
 # The best tiling of each of a layer's four products for the 1B at one row on an H200
-# (bench/decode_layer.py, call 36, 2026-11-28), by the operations fused into it (`fusions`).
+# (docs/kernels.md), by the operations fused into it (`fusions`).
 _MEASURED = {
     "n": Tiling(64, 128, 1, 4, 5),  # q/k/v/u: 2048 -> 8192
     "ngr": Tiling(64, 128, 4, 4, 4),  # the output projection: 2048 -> 2048
@@ -273,7 +273,7 @@ def state_step(qkvu: Array, state: Array, slopes: Array, *, block_v: int = 16, n
 
     One program per (value tile of `block_v` columns, head, row) reads its head's q and k, its tile
     of v and of the state, and writes the tile back in place (the state is aliased: donate it).
-    Default tiling: the fastest at batch 1 on an H200 (bench/decode_step.py, 2026-11-28).
+    Default tiling: the fastest at batch 1 on an H200 (docs/kernels.md).
 
     Args:
       qkvu: [batch, 4, heads, d], any float dtype (q, k, v, u); state: [batch, heads, d, d] f32;

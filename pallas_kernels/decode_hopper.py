@@ -10,9 +10,9 @@ registers. The 64 rows of acc are equal and one is kept. The tensor cores thus d
 arithmetic (by count, about a quarter of their peak rate while the weights stream at HBM speed;
 not measured), and nothing of the weights goes through registers. The output projection runs the
 other way round ("n8", `HopperTiling.form`), and W may be stored [N, K] (`transposed`: the output
-head's embedding table). On an H200 the 1B layer's four products take 34.6 µs as these kernels
-against 38.2 as the Triton ones (bench/mosaic_gemv.py, calls 62 and 68; docs/benchmarks.md): with
-the head on it too, the 1B decodes at 1.64x the time to read its weights against 1.73x (call 73).
+head's embedding table). On an H200 these kernels run the 1B layer's four products and its output
+head faster than the Triton kernels do (docs/kernels.md; the decoding numbers are in
+docs/benchmarks.md).
 
 The fusions are `pallas_kernels.decode.gemv`'s (norm, gate, GLU product, residual). The block's
 row (and gate) arrive in shared memory by one TMA copy each at the start, next to the first weight
@@ -59,9 +59,8 @@ class HopperTiling:
 
     form: how wgmma multiplies a tile. "m64": the row's slice repeated in registers as wgmma's 64
     rows times the tile (right operand). "n8": the tile transposed as the left operand times the
-    row as 8 equal columns, written once per block into shared memory (the form of
-    bench/mosaic_gemv.py's probe, whose products streamed at the read's rate, call 59). On an H200
-    "n8" is faster for the output projection and slower for the other products (call 68)."""
+    row as 8 equal columns, written once per block into shared memory. On an H200 "n8" is faster
+    for the output projection and slower for the other products (docs/kernels.md)."""
 
     block_n: int = 64
     block_k: int = 128
@@ -70,14 +69,14 @@ class HopperTiling:
     form: str = "m64"
 
 
-# The fastest tilings of the 1B's products on an H200 (bench/mosaic_gemv.py, calls 60-64 and 68):
+# The fastest tilings of the 1B's products on an H200 (measured; docs/kernels.md):
 # 128 blocks, four 16 KB tiles in flight each (88 blocks for the GLU, whose product cannot split K).
 _MEASURED = {
     "n": HopperTiling(64, 128, 1, 4),  # q/k/v/u: 2048 -> 8192
     "ngr": HopperTiling(128, 64, 8, 4, "n8"),  # the output projection: 2048 -> 2048
     "n2": HopperTiling(64, 128, 1, 4),  # l1 and l2: 2048 -> 2 x 5632
     "r": HopperTiling(64, 128, 4, 4),  # l3: 5632 -> 2048
-    "nT": HopperTiling(64, 128, 1, 4, "n8"),  # the output head, E [64000, 2048] transposed (call 71)
+    "nT": HopperTiling(64, 128, 1, 4, "n8"),  # the output head, E [64000, 2048] transposed
 }
 
 
@@ -261,8 +260,8 @@ def gemv(x: Array, w: Array, *, w2: Optional[Array] = None, u: Optional[Array] =
     if split > 1 and w2 is not None:
         raise ValueError(f"{tiling} splits K, which the GLU's product of two sums cannot take: use split=1.")
     if u is not None and bn > 64 and bk > 64:
-        # On jax 0.11.2 a gated product with 128 x 128 tiles gives wrong sums (bench/NOTES.md, calls
-        # 62 and 64; the other 128-wide tilings and every 64-wide one are right).
+        # On jax 0.11.2 a gated product with 128 x 128 tiles gives wrong sums (docs/spec.md §13; the
+        # other 128-wide tilings and every 64-wide one are right).
         raise ValueError(f"{tiling} with a gate gives wrong sums on this Mosaic GPU: use block_n or "
                          f"block_k 64.")
     if w.dtype != jnp.bfloat16 or (w2 is not None and w2.dtype != jnp.bfloat16):

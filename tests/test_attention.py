@@ -1,4 +1,4 @@
-"""The three XLA forms of Lightning Attention agree (SPEC.md §2, §4)."""
+"""The three XLA forms of Lightning Attention agree (docs/spec.md §2, §4)."""
 import functools
 import itertools
 import types

@@ -1,4 +1,4 @@
-"""Configs: released sizes (SPEC.md §5) and clear errors for invalid values."""
+"""Configs: released sizes (docs/spec.md §5) and clear errors for invalid values."""
 import subprocess
 import sys
 

@@ -1,5 +1,5 @@
-"""Hugging Face checkpoint import/export (SPEC.md §6): all weight formats against a NumPy reference of
-SPEC.md §1, exact round trips, the released configs, and errors that name what is wrong."""
+"""Hugging Face checkpoint import/export (docs/spec.md §6): all weight formats against a NumPy reference of
+docs/spec.md §1, exact round trips, the released configs, and errors that name what is wrong."""
 import json
 import math
 import os
@@ -36,7 +36,7 @@ def hf_config(**changes):
 
 
 def released_state_dict(hf, seed=0):
-    """Random weights under the released key names and (out, in) shapes of SPEC.md §6, float32."""
+    """Random weights under the released key names and (out, in) shapes of docs/spec.md §6, float32."""
     rng = np.random.default_rng(seed)
     d, h, g, heads = (hf[k] for k in ("decoder_embed_dim", "hidden_dim", "glu_dim",
                                       "decoder_attention_heads"))
@@ -61,7 +61,7 @@ def released_state_dict(hf, seed=0):
 
 
 def numpy_reference(sd, hf, tokens):
-    """SPEC.md §1 in float32 NumPy, computed from the released state dict: tokens [seq] -> [seq, V]."""
+    """docs/spec.md §1 in float32 NumPy, computed from the released state dict: tokens [seq] -> [seq, V]."""
     f32 = np.float32
     d, layers, heads, h = (hf[k] for k in ("decoder_embed_dim", "decoder_layers",
                                            "decoder_attention_heads", "hidden_dim"))
@@ -75,7 +75,7 @@ def numpy_reference(sd, hf, tokens):
     def silu(x):
         return x / (f32(1) + np.exp(-x))
 
-    def base_slopes(count):  # SPEC.md §2
+    def base_slopes(count):  # docs/spec.md §2
         p = 2 ** int(math.floor(math.log2(count)))
         pow2 = lambda m: [2.0 ** (-8.0 * (i + 1) / m) for i in range(m)]  # noqa: E731
         return np.array(pow2(p) + pow2(2 * p)[0::2][:count - p], f32)
@@ -194,7 +194,7 @@ def _random_params(model_cfg, seed=0):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_export_then_import_gives_identical_arrays(tmp_path, dtype):
-    """Acceptance 1 on param trees: 3 heads, LRPE in two layers, weights through a .safetensors file."""
+    """Param trees: 3 heads, LRPE in two layers, weights through a .safetensors file."""
     model_cfg = convert.model_config_from_hf(hf_config())
     params = jax.tree.map(lambda p: p.astype(jnp.dtype(dtype)), _random_params(model_cfg))
     hf = convert.hf_config_from_model(model_cfg, dtype=dtype)
@@ -224,7 +224,7 @@ def test_layout_places_heads_and_rows_like_the_released_code():
         :, head * hd + feature])
 
 
-# The released models' config.json values (SPEC.md §5, §6).
+# The released models' config.json values (docs/spec.md §5, §6).
 RELEASED = {
     "385m": (dict(decoder_embed_dim=1024, decoder_layers=24, decoder_attention_heads=8, hidden_dim=1024,
                   glu_dim=2816, no_scale_embedding=False), 398_984_192),
@@ -364,7 +364,7 @@ def _run(*args, ok=True):
 
 
 def test_imported_model_generates_and_exports_back(tmp_path):
-    """Acceptance 4: import through the CLI, generate through `python -m tnllm.generate`, then export
+    """Import through the CLI, generate through `python -m tnllm.generate`, then export
     the export back to a Hugging Face checkpoint that imports to the same arrays."""
     hf = hf_config()
     hf_dir, export_dir, back_dir = tmp_path / "hf", tmp_path / "export", tmp_path / "hf-back"

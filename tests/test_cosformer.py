@@ -13,7 +13,7 @@ from tnllm import config, model
 from tnllm.cosformer import (CosformerAttention, cosformer_attention, cosformer_attention_step,
                              state_shape)
 
-TOL = 1e-5  # SPEC.md §4: float32 relative error
+TOL = 1e-5  # docs/spec.md §4: float32 relative error
 attend = jax.jit(cosformer_attention, static_argnames=("m", "causal", "impl", "chunk_size", "eps"))
 
 
@@ -54,7 +54,7 @@ def test_linear_matches_reference_outputs_and_gradients(case):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_bf16_matches_float32(causal):
-    """SPEC.md §4 tolerance for bf16 inputs: relative RMS error <= 5e-3, outputs and gradients."""
+    """docs/spec.md §4 tolerance for bf16 inputs: relative RMS error <= 5e-3, outputs and gradients."""
     q, k, v = (x.astype(jnp.bfloat16) for x in qkv(9, tq=50, tk=50, d=16, dv=16))
 
     def run(impl, *qkv_):

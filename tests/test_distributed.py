@@ -65,7 +65,7 @@ def _assert_close(a, b, rtol=1e-5):
 
 
 def test_train_cli_on_a_tensor_parallel_mesh_matches_one_device(corpus, tmp_path):
-    """Point 5: `train.py --config.mesh.fsdp=2 --config.mesh.tensor=4` on 8 fake devices."""
+    """`train.py --config.mesh.fsdp=2 --config.mesh.tensor=4` on 8 fake devices."""
     _train(corpus, tmp_path / "one", 1)
     out = _train(corpus, tmp_path / "mesh", 8, "--config.mesh.fsdp=2", "--config.mesh.tensor=4")
     assert "Validation loss after 4 steps" in out.stdout
@@ -80,7 +80,7 @@ def test_unshardable_mesh_fails_before_compiling(corpus, tmp_path):
 
 
 def test_checkpoint_restores_on_other_meshes_and_one_device(corpus, tmp_path):
-    """Point 4: saved on (2, 2, 2), restored on (8, 1, 1) and on a single device, identical values."""
+    """Saved on (2, 2, 2), restored on (8, 1, 1) and on a single device, identical values."""
     workdir = tmp_path / "run"
     _train(corpus, workdir, 8, "--config.mesh.data=2", "--config.mesh.fsdp=2",
            "--config.mesh.tensor=2", steps=2)
@@ -102,7 +102,7 @@ def _free_port():
 
 
 def test_two_processes_train_like_one(corpus, tmp_path):
-    """Point 6: two processes (one CPU device each) joined by jax.distributed give the losses of one
+    """Two processes (one CPU device each) joined by jax.distributed give the losses of one
     process holding both devices."""
     _train(corpus, tmp_path / "one", 2, "--config.mesh.data=2")
     address = f"localhost:{_free_port()}"

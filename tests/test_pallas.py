@@ -1,4 +1,4 @@
-"""Pallas Lightning Attention kernels against the float32 reference form (SPEC.md §4).
+"""Pallas Lightning Attention kernels against the float32 reference form (docs/spec.md §4).
 
 On a machine without a GPU the kernels run in interpret mode; on a GPU the same tests check the
 compiled kernels (bench/kernels.py runs them there before timing anything). Shapes are small and
@@ -17,8 +17,8 @@ from tnllm.config import ModelConfig
 from tnllm.model import TransNormerLLM
 from tnllm.testing import rel_err
 
-F32_TOL = 1e-5  # SPEC.md §4, float32 forms
-BF16_TOL = 5e-3  # SPEC.md §4, bf16 inputs against the float32 reference
+F32_TOL = 1e-5  # docs/spec.md §4, float32 forms
+BF16_TOL = 5e-3  # docs/spec.md §4, bf16 inputs against the float32 reference
 
 
 def random_inputs(seed, batch, seq, heads, dk, dv, dtype, with_state):

@@ -223,7 +223,7 @@ def _assert_follows_rules(state, mesh, expected):
 
 
 def _case_meshes(mixer):
-    """Acceptance 1 and 2: on each mesh the state is sharded by the rules and one training step
+    """On each mesh the state is sharded by the rules and one training step
     gives the single-device loss, gradients and updated parameters (model of token mixer `mixer`)."""
     from conftest import rel_err
 
@@ -285,7 +285,7 @@ def _collectives(hlo_text, sizes):
 
 
 def _case_collectives():
-    """Acceptance 3: pure tensor parallelism (1, 1, 8); the collectives are those of parallelism.md.
+    """Pure tensor parallelism (1, 1, 8); the collectives are those of docs/parallelism.md.
 
     Runs with XLA's CPU all-reduce combiner off, so that every collective keeps its own op and name
     (the combiner only packs independent all-reduces into one tuple op; it moves the same tensors).

@@ -142,7 +142,7 @@ def test_flops_are_the_projections_of_spec_plus_linear_attention():
     d, h, g, v, hd, c = 64, 64, 96, 300, 32, 16
     m = config.ModelConfig(vocab_size=v, d_model=d, num_layers=3, num_heads=2, glu_dim=g,
                            lrpe_layers=(0,), chunk_size=c)
-    projections = 3 * 2 * (4 * d * h + h * d + 3 * d * g) + 2 * d * v  # SPEC.md §1, tied head
+    projections = 3 * 2 * (4 * d * h + h * d + 3 * d * g) + 2 * d * v  # docs/spec.md §1, tied head
     attention = sum(2 * (2 * c * (dk + hd) + 4 * dk * hd) for dk in (2 * hd, hd, hd))
     assert metrics.flops_per_token(m, 4096) == 3 * (projections + attention)
     assert metrics.flops_per_token(m, 4096) == metrics.flops_per_token(m, 512)  # linear in length

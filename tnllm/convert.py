@@ -1,4 +1,4 @@
-"""Import and export of released TransNormerLLM Hugging Face checkpoints (SPEC.md §6).
+"""Import and export of released TransNormerLLM Hugging Face checkpoints (docs/spec.md §6).
 
     python -m tnllm.convert import --hf_dir=DIR --out=EXPORT_DIR [--dtype=float32|bfloat16]
         [--tokenizer=tokenizer.model]
@@ -140,7 +140,7 @@ class Tensor:
 
 
 def layout(cfg: ModelConfig) -> List[Tensor]:
-    """Every tensor of the released state dict for `cfg` (SPEC.md §6), embedding first."""
+    """Every tensor of the released state dict for `cfg` (docs/spec.md §6), embedding first."""
     if cfg.token_mixer != "gla":
         raise ValueError(f"Only TransNormerLLM's layout exists on Hugging Face; a model with "
                          f"config.model.token_mixer {cfg.token_mixer!r} (not 'gla') cannot be converted.")
@@ -186,7 +186,7 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], cfg: ModelConfi
                            dtype: str = "float32") -> Dict[str, Any]:
     """Released state dict (key -> (out, in) array) -> tnllm params (nested dict of `dtype` arrays).
 
-    A `lm_head.weight` must duplicate the embedding: tnllm ties the LM head (SPEC.md §1).
+    A `lm_head.weight` must duplicate the embedding: tnllm ties the LM head (docs/spec.md §1).
     """
     tensors = layout(cfg)
     embedding = tensors[0].hf_key

@@ -78,7 +78,7 @@ def layer_step(p, x: Array, positions: Array, state: Array, *, cfg: ModelConfig,
       None: `default_kernels()`.
     tilings: by the products' fusions ("n", "ngr", "n2", "r": `pallas_kernels.decode.fusions`), a
       `Tiling` (triton) or `HopperTiling` (hopper) each; an absent one is the measured tiling for
-      its shape (bench/decode_layer.py measures others)."""
+      its shape (docs/kernels.md)."""
     check_kernels(kernels)
     kernels = kernels or default_kernels()
     if kernels == "hopper" and not decode_hopper.available():
