@@ -177,3 +177,32 @@ def test_bad_segment_ids_are_one_sentence():
     q, k, v, slopes, _, _, _ = inputs(4, 1, 8, 1, 16, 16, jnp.float32)
     with pytest.raises(ValueError, match=r"segment_ids must be integers of shape \[batch, seq\]"):
         attention.lightning_attention(q, k, v, slopes, impl="blockwise", segment_ids=jnp.zeros((1, 7), int))
+
+
+@pytest.mark.parametrize("path,mixer", [("configs/tiny.py", None), ("configs/tiny.py", "cosformer"),
+                                        ("configs/softmax_tiny.py", None)])
+def test_packed_model_equals_documents_one_by_one(path, mixer):
+    """Logits and final states of a packed row against each document's own forward pass (LRPE and
+    cosFormer positions restart per document; softmax gets a block-diagonal causal mask)."""
+    import flax.linen as nn
+
+    from tnllm import config
+    from tnllm.model import TransNormerLLM
+
+    cfg = config.model_config(config.load(path)).replace(chunk_size=8, num_layers=2)
+    if mixer:
+        cfg = cfg.replace(token_mixer=mixer, attention_impl="auto")
+    model = TransNormerLLM(cfg)
+    lengths = (5, 11, 1, 9)
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (1, sum(lengths)), 0, cfg.vocab_size)
+    segment_ids = jnp.asarray(np.repeat(np.arange(len(lengths)), lengths)[None])
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens[:, :4])["params"])
+    logits, states = jax.jit(lambda p, t, s: model.apply({"params": p}, t, segment_ids=s))(
+        params, tokens, segment_ids)
+    start = 0
+    for n in lengths:
+        alone, alone_states = model.apply({"params": params}, tokens[:, start:start + n])
+        assert rel_err(logits[:, start:start + n], alone) <= 1e-5
+        start += n
+    for packed, single in zip(jax.tree.leaves(states), jax.tree.leaves(alone_states)):
+        assert rel_err(packed, single) <= 1e-5

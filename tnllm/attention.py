@@ -64,6 +64,18 @@ def layer_slopes(num_heads: int, layer: int, num_layers: int) -> Array:
     return alibi_slopes(num_heads) * jnp.float32(factor)
 
 
+def document_positions(segment_ids: Array) -> Array:
+    """Each token's position in its own document, 0 at every document start: [batch, seq] int32.
+
+    segment_ids: [batch, seq] int, equal for neighbouring tokens of one packed document (LRPE and
+    cosFormer phases restart per document with these positions, as if each ran alone).
+    """
+    t = segment_ids.shape[1]
+    index = jnp.arange(t, dtype=jnp.int32)
+    starts = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=True)
+    return index - lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
 def _check_inputs(q: Array, k: Array, v: Array, slopes: Array, initial_state: Optional[Array]) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
