@@ -218,6 +218,7 @@ def base_config() -> ml_collections.ConfigDict:
         eval_batches=8,       # validation batches per evaluation, spread over the validation split
         sample_tokens=200,    # length of the sample printed at the end; 0 = none
         peak_tflops=0.0,      # per-device peak for MFU; 0 = look up the device kind
+        init_from="",         # an export to start from (parameters only; fresh optimizer and schedule)
     ))
     cfg.checkpoint = ml_collections.ConfigDict(dict(
         every=1000,         # steps between checkpoints (one is also saved at the end and on SIGTERM)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from tnllm import config as config_lib
 from tnllm import data, distributed, generate, sharding
-from tnllm.checkpoint import TrainCheckpoints, abstract_params
+from tnllm.checkpoint import EXPORT_CONFIG, TrainCheckpoints, abstract_params, check_shapes, load_model
 from tnllm.loss import cross_entropy_sum, sequence_slices
 from tnllm.model import TransNormerLLM, check_sharding, zero_states
 from tnllm.sampling import make_sampler
@@ -95,6 +95,22 @@ def weighted_loss(model: TransNormerLLM, params: Any, tokens: jax.Array,
     xs = tuple(sequence_slices(x, segment) for x in (inputs, labels, weights, positions))
     _, losses = jax.lax.scan(run_segment, zero_states(model.cfg, inputs.shape[0]), xs)
     return jnp.sum(losses)
+
+
+def params_from_export(path: str, expected: Any, shardings: Any) -> Any:
+    """The parameters of the export at `path` (config.train.init_from), cast to the dtypes of
+    `expected` (the config's parameter tree of ShapeDtypeStructs) and placed per `shardings`.
+
+    Raises one sentence when the export is missing or its shapes differ from the config's."""
+    if not os.path.isfile(os.path.join(path, EXPORT_CONFIG)):
+        raise FileNotFoundError(f"config.train.init_from = {path!r} is not an export (no "
+                                f"{EXPORT_CONFIG}); pass a directory written by `python -m "
+                                "tnllm.checkpoint export` or `python -m tnllm.convert import`.")
+    _, params = load_model(path)
+    check_shapes(expected, params, f"The export {path} (config.train.init_from)",
+                 "set config.model to the export's model (its config.json)")
+    return jax.tree.map(lambda x, want, where: jax.device_put(x.astype(want.dtype), where),
+                        params, expected, shardings)
 
 
 def _run_loss(model, params, inputs, labels, weights, positions, states):
@@ -381,6 +397,9 @@ class _Setup:
             expected_params=a.params)
         if restored is None:
             self.state = jax.jit(self._init_state, out_shardings=self.state_sharding)(rng)
+            if cfg.train.init_from:
+                self.state = self.state.replace(params=params_from_export(
+                    cfg.train.init_from, a.params, self.state_sharding.params))
             self.resumed_from = None
             return
         step, items = restored
