@@ -1,12 +1,18 @@
 """Fine-tuning: starting from an export (train.init_from), instruction data with loss masks."""
+import json
 import os
+import string
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO
 
-from tnllm import checkpoint, config, train_lib
+from tnllm import checkpoint, config, generate, instruct, train_lib
+from tnllm.model import TransNormerLLM
+from tnllm.tokenizer import ByteTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +70,144 @@ def test_init_from_with_other_shapes_or_no_export_is_one_sentence(corpus, tmp_pa
         train_lib._Setup(wider, str(tmp_path / "a"))
     with pytest.raises(FileNotFoundError, match=r"config.train.init_from = .* is not an export"):
         train_lib._Setup(_cfg(corpus, init_from=str(tmp_path)), str(tmp_path / "b"))
+
+
+# ------------------------------------------------------------------ instruction data and loss masks
+
+# The task: three lower-case letters -> the same letters in upper case (a short transformation of
+# the prompt that the tiny model learns in a few hundred steps and cannot guess before).
+TEMPLATE = {"system": "{content}\n", "user": "{content}=", "assistant": "{content}"}
+
+
+def _task(rng, n):
+    words = ["".join(rng.choice(list(string.ascii_lowercase), 3)) for _ in range(n)]
+    return [{"prompt": w, "response": w.upper()} for w in words]
+
+
+def _write(path, records, extra=()):
+    with open(path, "w") as f:
+        for r in list(records) + list(extra):
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def test_records_render_with_targets_only_on_the_response():
+    tok = ByteTokenizer()
+    tokens, targets = instruct.encode([("user", "ab"), ("assistant", "CD")], TEMPLATE, tok)
+    assert tok.decode(tokens.tolist()) == "ab=CD"
+    assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id
+    np.testing.assert_array_equal(targets, [0, 0, 0, 0, 1, 1, 1])  # BOS a b = | C D EOS
+    turns, _ = instruct.parse_record({"messages": [{"role": "system", "content": "s"},
+                                                   {"role": "user", "content": "q"},
+                                                   {"role": "assistant", "content": "r"}]})
+    tokens, targets = instruct.encode(turns, instruct.TEMPLATES["chatml"], tok)
+    text = tok.decode(tokens.tolist())
+    assert text.endswith("<|im_start|>assistant\nr<|im_end|>\n")
+    assert tok.decode(tokens[targets].tolist()) == "r<|im_end|>\n"
+
+
+def test_bad_records_get_one_warning_that_counts_them(tmp_path):
+    good = _task(np.random.default_rng(0), 3)
+    path = _write(tmp_path / "d.jsonl", good, ['{"prompt": "x"}', "not json", '{"prompt": "x"}',
+                                               json.dumps({"prompt": "y" * 40, "response": "z"})])
+    with pytest.warns(UserWarning) as caught:
+        docs = instruct.read_documents(path, TEMPLATE, ByteTokenizer(), window=17)
+    assert len(caught) == 1 and len(docs) == 3
+    message = str(caught[0].message)
+    assert "4 record(s) skipped" in message and "2 with a missing prompt or response (first on line 4)" in message
+    assert "not valid JSON" in message and "no response token within the window" in message
+
+
+def test_packing_keeps_documents_whole_and_is_a_function_of_seed_and_step():
+    assert instruct.pack([5, 5, 3, 8, 2], range(5), 10) == [[0, 1], [2], [3, 4]]
+    tok = ByteTokenizer()
+    docs = [instruct.encode([("user", r["prompt"]), ("assistant", r["response"])], TEMPLATE, tok)
+            for r in _task(np.random.default_rng(1), 40)]
+    batches = instruct.Batches(docs, seq_len=20, pad_id=tok.pad_id)
+    a = batches.batch(seed=3, n=7, size=4)
+    b = instruct.Batches(docs, seq_len=20, pad_id=tok.pad_id).batch(seed=3, n=7, size=4)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    tokens, weights, segment_ids = a
+    assert tokens.shape == (4, 21) and weights.shape == segment_ids.shape == (4, 20)
+    # Every window holds whole documents: as many BOS as EOS, and a target count of 4 per record.
+    for row in range(4):
+        assert np.sum(tokens[row] == tok.bos_id) == np.sum(tokens[row] == tok.eos_id)
+        assert weights[row].sum() == 4 * np.sum(tokens[row] == tok.bos_id)
+    assert 0 < batches.waste() < 0.5
+
+
+def _tiny_model():
+    cfg = config.model_config(config.load(os.path.join(REPO, "configs", "tiny.py"))).replace(
+        num_layers=1, chunk_size=8)
+    model = TransNormerLLM(cfg)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    return model, params
+
+
+def test_loss_mask_excludes_prompt_tokens_and_packed_losses_equal_each_document_alone():
+    tok = ByteTokenizer()
+    docs = [instruct.encode([("user", r["prompt"]), ("assistant", r["response"])], TEMPLATE, tok)
+            for r in _task(np.random.default_rng(2), 3)]
+    tokens, weights, segment_ids = instruct.Batches(docs, 30, tok.pad_id).arrays([[0, 1, 2]])
+    model, params = _tiny_model()
+    inputs, labels = jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:])
+
+    def loss(labels, weights=weights):
+        return float(train_lib._run_loss(model, params, inputs, labels, jnp.asarray(weights), None,
+                                         None, jnp.asarray(segment_ids))[1])
+
+    base = loss(labels)
+    prompt_at = np.flatnonzero(weights[0] == 0)[:12]
+    assert loss(labels.at[0, prompt_at].set(ord("Q"))) == base  # prompt targets changed: same loss
+    target_at = np.flatnonzero(weights[0])[0]
+    assert loss(labels.at[0, target_at].set(ord("Q"))) != base
+    # Each document's loss within the packed window equals its loss run alone.
+    start = 0
+    for doc_tokens, doc_targets in docs:
+        n = len(doc_tokens)
+        alone = train_lib.weighted_loss(model, params, jnp.asarray(doc_tokens[None]),
+                                        jnp.asarray(doc_targets[None, 1:], jnp.float32))
+        only = np.zeros_like(weights)
+        only[0, start:start + n - 1] = weights[0, start:start + n - 1]
+        assert abs(loss(labels, only) - float(alone)) <= 1e-5 * abs(float(alone))
+        start += n
+
+
+def _exact_match(params, model_cfg, records):
+    tok = ByteTokenizer()
+    # BOS and the rendered prompt, without the EOS that closes a record.
+    prompts = [instruct.encode([("user", r["prompt"])], TEMPLATE, tok)[0][:-1].tolist() for r in records]
+    out = generate.generate(params, model_cfg, prompts, max_new_tokens=5, eos_id=tok.eos_id,
+                            pad_id=tok.pad_id)
+    answers = [tok.decode(out.tokens[i, :int(out.lengths[i])].tolist()) for i in range(len(records))]
+    hits = [a == r["response"] and out.tokens[i, int(out.lengths[i]) - 1] == tok.eos_id
+            for i, (a, r) in enumerate(zip(answers, records))]
+    return float(np.mean(hits))
+
+
+def test_pretrain_export_then_finetune_learns_the_task_on_held_out_prompts(corpus, tmp_path):
+    rng = np.random.default_rng(0)
+    records = _task(rng, 1200)
+    held_out = [r for r in _task(rng, 400) if r not in records][:100]
+    template = tmp_path / "template.json"
+    template.write_text(json.dumps(TEMPLATE))
+    pretrain = _cfg(corpus, steps=20, eval_every=20)
+    pretrain.model.update(d_model=64, num_layers=2, glu_dim=128, attention_impl="auto")
+    pretrain.optim.update(lr=3e-3, warmup_steps=5)
+    train_lib.train(pretrain, str(tmp_path / "pretrain"))
+    export = checkpoint.export_workdir(str(tmp_path / "pretrain"), str(tmp_path / "export"))
+    cfg, params = checkpoint.load_model(export)
+    model_cfg = config.model_config(cfg)
+    before = _exact_match(params, model_cfg, held_out)
+    tune = _cfg(corpus, init_from=export, steps=400, eval_every=400, batch_size=16, log_every=50)
+    tune.model.update(d_model=64, num_layers=2, glu_dim=128, attention_impl="auto")
+    tune.data.update(path=_write(tmp_path / "task.jsonl", records), template=str(template),
+                     packing="documents", seq_len=32, val_fraction=0.05)
+    tune.optim.update(lr=3e-3, warmup_steps=20)
+    tune.checkpoint.update(every=400)
+    result = train_lib.train(tune, str(tmp_path / "finetune"))
+    assert result.step == 400
+    _, tuned = checkpoint.load_model(str(tmp_path / "finetune"))
+    after = _exact_match(tuned, model_cfg, held_out)
+    assert before < 0.1 and after >= 0.9, (before, after)
