@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO
+from test_train import _cfg  # the small training config of the training tests
 
 from tnllm import checkpoint, config, generate, instruct, train_lib
 from tnllm.model import TransNormerLLM
@@ -23,26 +24,15 @@ def corpus(tmp_path_factory):
     return root
 
 
-def _cfg(corpus, **train):
-    cfg = config.load(os.path.join(REPO, "configs", "tiny.py"))
-    cfg.model.update(d_model=32, num_layers=1, glu_dim=64, attention_impl="reference")
-    cfg.data.update(path=str(corpus), cache_dir=str(corpus) + "-cache", val_fraction=0.25, seq_len=16)
-    cfg.optim.update(lr=1e-2, warmup_steps=1)
-    cfg.train.update(steps=3, batch_size=4, log_every=1, eval_every=3, eval_batches=1, sample_tokens=0)
-    cfg.checkpoint.update(every=3, async_save=False)
-    cfg.train.update(**train)
-    return cfg
-
-
 def _flat(tree):
     return np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(tree)])
 
 
 def test_init_from_loads_parameters_only_and_resume_uses_the_run_s_own_checkpoint(corpus, tmp_path):
-    train_lib.train(_cfg(corpus), str(tmp_path / "pretrain"))
+    train_lib.train(_cfg(corpus, steps=3), str(tmp_path / "pretrain"))
     export = checkpoint.export_workdir(str(tmp_path / "pretrain"), str(tmp_path / "export"))
     _, exported = checkpoint.load_model(export)
-    cfg = _cfg(corpus, init_from=export, seed=1)
+    cfg = _cfg(corpus, init_from=export, seed=1, steps=3)
     setup = train_lib._Setup(cfg, str(tmp_path / "finetune"))
     try:
         assert setup.resumed_from is None and int(setup.state.step) == 0  # a fresh schedule
@@ -62,7 +52,7 @@ def test_init_from_loads_parameters_only_and_resume_uses_the_run_s_own_checkpoin
 
 
 def test_init_from_with_other_shapes_or_no_export_is_one_sentence(corpus, tmp_path):
-    train_lib.train(_cfg(corpus, steps=2, eval_every=2), str(tmp_path / "pretrain"))
+    train_lib.train(_cfg(corpus, steps=3, eval_every=3), str(tmp_path / "pretrain"))
     export = checkpoint.export_workdir(str(tmp_path / "pretrain"), str(tmp_path / "export"))
     wider = _cfg(corpus, init_from=export)
     wider.model.update(d_model=64)
@@ -211,3 +201,13 @@ def test_pretrain_export_then_finetune_learns_the_task_on_held_out_prompts(corpu
     _, tuned = checkpoint.load_model(str(tmp_path / "finetune"))
     after = _exact_match(tuned, model_cfg, held_out)
     assert before < 0.1 and after >= 0.9, (before, after)
+
+
+def test_the_example_config_is_a_valid_fine_tuning_config():
+    cfg = config.load(os.path.join(REPO, "configs", "finetune_385m.py"))
+    config.check(cfg)
+    assert train_lib._packed_documents(cfg.data) and cfg.train.init_from
+    instruct.load_template(cfg.data.template)
+    cfg.data.update(packing="concat")
+    with pytest.raises(ValueError, match="set config.data.template and config.data.packing"):
+        train_lib._packed_documents(cfg.data)
