@@ -162,6 +162,11 @@ def test_loss_mask_excludes_prompt_tokens_and_packed_losses_equal_each_document_
         only[0, start:start + n - 1] = weights[0, start:start + n - 1]
         assert abs(loss(labels, only) - float(alone)) <= 1e-5 * abs(float(alone))
         start += n
+    # Run in segments of 8 positions, the state carried across them, the loss is the same.
+    segmented = TransNormerLLM(model.cfg.replace(train_segment=8))
+    by_segments = train_lib.weighted_loss(segmented, params, jnp.asarray(tokens), jnp.asarray(weights),
+                                          jnp.asarray(segment_ids))
+    assert abs(float(by_segments) - base) <= 1e-5 * base
 
 
 def _exact_match(params, model_cfg, records):
