@@ -214,5 +214,26 @@ def test_the_example_config_is_a_valid_fine_tuning_config():
     assert train_lib._packed_documents(cfg.data) and cfg.train.init_from
     instruct.load_template(cfg.data.template)
     cfg.data.update(packing="concat")
-    with pytest.raises(ValueError, match="set config.data.template and config.data.packing"):
+    with pytest.raises(ValueError, match="set config.data.packing = 'documents' with config.data.template"):
         train_lib._packed_documents(cfg.data)
+
+
+def test_plain_text_documents_pack_whole_and_train(corpus, tmp_path):
+    """data.packing = "documents" without a template: every token of a text is a target, long texts
+    are cut into window-sized documents, and training runs on the packed windows."""
+    short = tmp_path / "texts"
+    short.mkdir()
+    for i in range(10):
+        (short / f"t{i}.txt").write_text("a" * (i + 1))
+    (short / "long.txt").write_text("z" * 50)
+    cfg = _cfg(corpus, steps=3)
+    cfg.data.update(path=str(short), packing="documents", seq_len=16)
+    docs = instruct.text_documents(cfg.data, ByteTokenizer(), window=17)
+    # BOS + text + EOS: the short texts whole, the long one (52 tokens) in pieces that overlap by
+    # one token, each piece's first token only context: 17 + 17 + 17 + 4.
+    want = [i + 3 for i in range(10)] + [17, 17, 17, 4]
+    assert sorted(len(t) for t, _ in docs) == sorted(want)
+    assert sum(m.sum() for _, m in docs) == sum(len(t) - 1 for t, _ in docs) == sum(w - 1 for w in want)
+    assert all(len(t) <= 17 and not m[0] and m[1:].all() for t, m in docs)
+    result = train_lib.train(cfg, str(tmp_path / "run"))
+    assert result.step == 3 and np.isfinite(result.val_loss)

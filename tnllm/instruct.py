@@ -146,6 +146,33 @@ def read_documents(path: str, template: Dict[str, str], tokenizer, window: int) 
     return documents
 
 
+def text_documents(data_cfg, tokenizer, window: int) -> List[Document]:
+    """The plain-text documents of config.data.path, read as `tnllm.data` reads them, for packing
+    whole (config.data.packing = "documents" without a template): BOS, the text, EOS, every token a
+    target. One longer than the window is cut into pieces of `window` tokens, each packed as a
+    document of its own; consecutive pieces share one token, the last of one and the first of the
+    next (context only), so every token but BOS is a target once. Files that are not UTF-8 text are
+    skipped with one warning."""
+    documents, skipped = [], []
+    for path in data.find_files(data_cfg.path):
+        try:
+            texts = list(data.read_documents(path, data_cfg.text_field))
+        except data.NotText:
+            skipped.append(path)
+            continue
+        for ids in tokenizer.encode_batch(texts):
+            tokens = np.asarray([tokenizer.bos_id] + ids + [tokenizer.eos_id], np.int32)
+            for start in range(0, len(tokens) - 1, window - 1):
+                piece = tokens[start:start + window]
+                targets = np.ones(len(piece), bool)
+                targets[0] = False  # a piece's first token has nothing before it to predict it from
+                documents.append((piece, targets))
+    if skipped:
+        warnings.warn(f"{len(skipped)} file(s) of config.data.path are not UTF-8 text and were skipped, "
+                      f"the first {skipped[0]}.", stacklevel=2)
+    return documents
+
+
 def pack(lengths: Sequence[int], order: Sequence[int], window: int) -> List[List[int]]:
     """Documents (indices into lengths, taken in `order`) packed whole into windows of `window`
     tokens: each window is filled in order and a document that does not fit starts the next one."""
@@ -233,18 +260,23 @@ class Batches:
 
 
 class Store:
-    """The instruction records of config.data.path as training and validation documents.
+    """The documents of config.data.path for packing whole: instruction records when
+    config.data.template is set, else plain text (`text_documents`), as training and validation.
 
     Record i goes to validation when floor((i+1) f) > floor(i f), f = config.data.val_fraction, the
     rule of `tnllm.data`. `meta` and `tokens_per_byte` count target tokens, those the loss averages.
     """
 
     def __init__(self, data_cfg, tokenizer):
-        if not os.path.isfile(data_cfg.path):
-            raise FileNotFoundError(f"config.data.path = {data_cfg.path!r} is no file; instruction data "
-                                    "(config.data.template is set) is one JSON-lines file.")
-        template = load_template(data_cfg.template)
-        documents = read_documents(data_cfg.path, template, tokenizer, data_cfg.seq_len + 1)
+        template = None
+        if data_cfg.template:
+            if not os.path.isfile(data_cfg.path):
+                raise FileNotFoundError(f"config.data.path = {data_cfg.path!r} is no file; instruction "
+                                        "data (config.data.template is set) is one JSON-lines file.")
+            template = load_template(data_cfg.template)
+            documents = read_documents(data_cfg.path, template, tokenizer, data_cfg.seq_len + 1)
+        else:
+            documents = text_documents(data_cfg, tokenizer, data_cfg.seq_len + 1)
         f = data_cfg.val_fraction
         val = [int((i + 1) * f) > int(i * f) for i in range(len(documents))]
         parts = {"train": [d for d, v in zip(documents, val) if not v],
@@ -255,10 +287,11 @@ class Store:
                                  f"= {f}; add records or change the fraction.")
         self.splits = {split: Batches(docs, data_cfg.seq_len, tokenizer.pad_id)
                        for split, docs in parts.items()}
-        self.built, self.directory = True, data_cfg.path
-        stat = os.stat(data_cfg.path)
-        self.key = json.dumps([os.path.abspath(data_cfg.path), stat.st_size, stat.st_mtime_ns,
-                               template, data_cfg.seq_len, f, tokenizer.vocab_size])
+        self.built, self.directory = True, data_cfg.path or "the standard library"
+        files = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
+                 for p in data.find_files(data_cfg.path)]
+        self.key = json.dumps([files, template, data_cfg.text_field, data_cfg.seq_len, f,
+                               tokenizer.vocab_size])
         splits = {}
         for split, docs in parts.items():
             answers = [t[m] for t, m in docs]
@@ -266,7 +299,7 @@ class Store:
                                  bytes=sum(len(tokenizer.decode(a.tolist()).encode()) for a in answers))
         counts = np.bincount(np.concatenate([t[m] for t, m in parts["train"]]))
         p = counts[counts > 0] / counts.sum()
-        self.meta = dict(files=1, splits=splits, unigram_entropy=float(-(p * np.log(p)).sum()))
+        self.meta = dict(files=len(files), splits=splits, unigram_entropy=float(-(p * np.log(p)).sum()))
 
     def tokens_per_byte(self, split: str) -> float:
         s = self.meta["splits"][split]

@@ -531,15 +531,14 @@ class _Setup:
 
 
 def _packed_documents(data_cfg: ml_collections.ConfigDict) -> bool:
-    """Whether config.data asks for whole documents per window (instruction data); one sentence
-    for a combination that does not exist."""
+    """Whether config.data asks for whole documents per window (instruction data or plain text);
+    one sentence for a combination that does not exist."""
     if data_cfg.packing not in config_lib.PACKINGS:
         raise ValueError(f"config.data.packing must be one of {', '.join(config_lib.PACKINGS)}, got "
                          f"{data_cfg.packing!r}.")
-    if bool(data_cfg.template) != (data_cfg.packing == "documents"):
-        raise ValueError("Instruction data packs whole documents and document packing reads instruction "
-                         "records: set config.data.template and config.data.packing = 'documents' "
-                         "together (the template 'plain' for {\"prompt\", \"response\"} records).")
+    if data_cfg.template and data_cfg.packing != "documents":
+        raise ValueError("Instruction records are packed as whole documents: set "
+                         "config.data.packing = 'documents' with config.data.template.")
     return data_cfg.packing == "documents"
 
 
