@@ -7,13 +7,15 @@ state is the last document's.
 """
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels import lightning
-from tnllm import attention
+from tnllm import attention, config
+from tnllm.model import TransNormerLLM
 from tnllm.testing import rel_err
 
 F32_TOL = 1e-5  # docs/spec.md §4, float32 forms
@@ -184,11 +186,6 @@ def test_bad_segment_ids_are_one_sentence():
 def test_packed_model_equals_documents_one_by_one(path, mixer):
     """Logits and final states of a packed row against each document's own forward pass (LRPE and
     cosFormer positions restart per document; softmax gets a block-diagonal causal mask)."""
-    import flax.linen as nn
-
-    from tnllm import config
-    from tnllm.model import TransNormerLLM
-
     cfg = config.model_config(config.load(path)).replace(chunk_size=8, num_layers=2)
     if mixer:
         cfg = cfg.replace(token_mixer=mixer, attention_impl="auto")

@@ -104,7 +104,8 @@ def test_bad_records_get_one_warning_that_counts_them(tmp_path):
         docs = instruct.read_documents(path, TEMPLATE, ByteTokenizer(), window=17)
     assert len(caught) == 1 and len(docs) == 3
     message = str(caught[0].message)
-    assert "4 record(s) skipped" in message and "2 with a missing prompt or response (first on line 4)" in message
+    assert "4 record(s) skipped" in message
+    assert "2 with a missing prompt or response (first on line 4)" in message
     assert "not valid JSON" in message and "no response token within the window" in message
 
 
