@@ -1,6 +1,7 @@
 """Fine-tuning: starting from an export (train.init_from), instruction data with loss masks."""
 import json
 import os
+import signal
 import string
 
 import flax.linen as nn
@@ -26,40 +27,6 @@ def corpus(tmp_path_factory):
 
 def _flat(tree):
     return np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(tree)])
-
-
-def test_init_from_loads_parameters_only_and_resume_uses_the_run_s_own_checkpoint(corpus, tmp_path):
-    train_lib.train(_cfg(corpus, steps=3), str(tmp_path / "pretrain"))
-    export = checkpoint.export_workdir(str(tmp_path / "pretrain"), str(tmp_path / "export"))
-    _, exported = checkpoint.load_model(export)
-    cfg = _cfg(corpus, init_from=export, seed=1, steps=3)
-    setup = train_lib._Setup(cfg, str(tmp_path / "finetune"))
-    try:
-        assert setup.resumed_from is None and int(setup.state.step) == 0  # a fresh schedule
-        np.testing.assert_array_equal(_flat(setup.state.params), _flat(exported))
-        assert not np.any(_flat(setup.state.opt_state))  # fresh AdamW moments (and counts)
-    finally:
-        setup.checkpoints.close()
-    train_lib.train(cfg, str(tmp_path / "finetune"))
-    _, tuned = checkpoint.load_model(str(tmp_path / "finetune"))
-    assert not np.array_equal(_flat(tuned), _flat(exported))
-    resumed = train_lib._Setup(_cfg(corpus, init_from=export, seed=1, steps=5), str(tmp_path / "finetune"))
-    try:  # resuming reads the run's own step 3, not the export
-        assert resumed.resumed_from == 3
-        np.testing.assert_array_equal(_flat(resumed.state.params), _flat(tuned))
-    finally:
-        resumed.checkpoints.close()
-
-
-def test_init_from_with_other_shapes_or_no_export_is_one_sentence(corpus, tmp_path):
-    train_lib.train(_cfg(corpus, steps=3, eval_every=3), str(tmp_path / "pretrain"))
-    export = checkpoint.export_workdir(str(tmp_path / "pretrain"), str(tmp_path / "export"))
-    wider = _cfg(corpus, init_from=export)
-    wider.model.update(d_model=64)
-    with pytest.raises(ValueError, match=r"config.train.init_from.*of shape .* set config.model"):
-        train_lib._Setup(wider, str(tmp_path / "a"))
-    with pytest.raises(FileNotFoundError, match=r"config.train.init_from = .* is not an export"):
-        train_lib._Setup(_cfg(corpus, init_from=str(tmp_path)), str(tmp_path / "b"))
 
 
 # ------------------------------------------------------------------ instruction data and loss masks
@@ -182,31 +149,91 @@ def _exact_match(params, model_cfg, records):
     return float(np.mean(hits))
 
 
-def test_pretrain_export_then_finetune_learns_the_task_on_held_out_prompts(corpus, tmp_path):
+def _model_cfg(cfg, **train):
+    """The tiny model of the end-to-end test (2 layers of width 64, the CPU's form)."""
+    cfg.model.update(d_model=64, num_layers=2, glu_dim=128, attention_impl="auto")
+    cfg.train.update(**train)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def export(corpus, tmp_path_factory):
+    """The tiny model pretrained briefly on the text corpus, exported."""
+    root = tmp_path_factory.mktemp("pretrain")
+    pretrain = _model_cfg(_cfg(corpus, steps=20, eval_every=20))
+    pretrain.optim.update(lr=3e-3, warmup_steps=5)
+    train_lib.train(pretrain, str(root / "run"))
+    return checkpoint.export_workdir(str(root / "run"), str(root / "export"))
+
+
+def _instruct_cfg(corpus, tmp_path, records, **train):
+    template = tmp_path / "template.json"
+    template.write_text(json.dumps(TEMPLATE))
+    cfg = _model_cfg(_cfg(corpus), **train)
+    cfg.data.update(path=_write(tmp_path / "task.jsonl", records), template=str(template),
+                    packing="documents", seq_len=32, val_fraction=0.05)
+    cfg.checkpoint.update(every=cfg.train.steps)
+    return cfg
+
+
+def test_pretrain_export_then_finetune_learns_the_task_on_held_out_prompts(corpus, export, tmp_path):
     rng = np.random.default_rng(0)
     records = _task(rng, 1200)
     held_out = [r for r in _task(rng, 400) if r not in records][:100]
-    template = tmp_path / "template.json"
-    template.write_text(json.dumps(TEMPLATE))
-    pretrain = _cfg(corpus, steps=20, eval_every=20)
-    pretrain.model.update(d_model=64, num_layers=2, glu_dim=128, attention_impl="auto")
-    pretrain.optim.update(lr=3e-3, warmup_steps=5)
-    train_lib.train(pretrain, str(tmp_path / "pretrain"))
-    export = checkpoint.export_workdir(str(tmp_path / "pretrain"), str(tmp_path / "export"))
     cfg, params = checkpoint.load_model(export)
     model_cfg = config.model_config(cfg)
     before = _exact_match(params, model_cfg, held_out)
-    tune = _cfg(corpus, init_from=export, steps=400, eval_every=400, batch_size=16, log_every=50)
-    tune.model.update(d_model=64, num_layers=2, glu_dim=128, attention_impl="auto")
-    tune.data.update(path=_write(tmp_path / "task.jsonl", records), template=str(template),
-                     packing="documents", seq_len=32, val_fraction=0.05)
+    tune = _instruct_cfg(corpus, tmp_path, records, init_from=export, steps=400, eval_every=400,
+                         batch_size=16, log_every=50)
     tune.optim.update(lr=3e-3, warmup_steps=20)
-    tune.checkpoint.update(every=400)
     result = train_lib.train(tune, str(tmp_path / "finetune"))
     assert result.step == 400
     _, tuned = checkpoint.load_model(str(tmp_path / "finetune"))
     after = _exact_match(tuned, model_cfg, held_out)
     assert before < 0.1 and after >= 0.9, (before, after)
+
+
+def test_init_from_loads_parameters_only_and_a_stopped_run_resumes_from_its_own_checkpoint(
+        corpus, export, tmp_path, monkeypatch):
+    """Fresh optimizer and schedule on the export's parameters; a run stopped by SIGTERM resumes
+    from its own checkpoint with the losses of an uninterrupted run (packed windows are a pure
+    function of (seed, step))."""
+    cfg = _instruct_cfg(corpus, tmp_path, _task(np.random.default_rng(3), 200), init_from=export,
+                        steps=5, eval_every=5)
+    _, exported = checkpoint.load_model(export)
+    setup = train_lib._Setup(cfg, str(tmp_path / "whole"))
+    try:
+        assert setup.resumed_from is None and int(setup.state.step) == 0  # a fresh schedule
+        np.testing.assert_array_equal(_flat(setup.state.params), _flat(exported))
+        assert not np.any(_flat(setup.state.opt_state))  # fresh AdamW moments (and counts)
+    finally:
+        setup.checkpoints.close()
+    train_lib.train(cfg, str(tmp_path / "whole"))
+    real_next = instruct.Loader.__next__
+
+    def next_then_sigterm(loader):
+        if loader.next_batch == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return real_next(loader)
+
+    monkeypatch.setattr(instruct.Loader, "__next__", next_then_sigterm)
+    assert train_lib.train(cfg, str(tmp_path / "resumed")).step == 3
+    monkeypatch.setattr(instruct.Loader, "__next__", real_next)
+    assert train_lib.train(cfg, str(tmp_path / "resumed")).step == 5
+
+    def losses(workdir):
+        return {r["step"]: r["loss"] for r in train_lib.read_metrics(str(workdir)) if "loss" in r}
+
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")
+
+
+def test_init_from_with_other_shapes_or_no_export_is_one_sentence(corpus, export, tmp_path):
+    wider = _model_cfg(_cfg(corpus, init_from=export))
+    wider.model.update(d_model=128)
+    with pytest.raises(ValueError, match=r"config.train.init_from.*of shape .* set config.model"):
+        train_lib._Setup(wider, str(tmp_path / "a"))
+    with pytest.raises(FileNotFoundError, match=r"config.train.init_from = .* is not an export"):
+        train_lib._Setup(_cfg(corpus, init_from=str(tmp_path)), str(tmp_path / "b"))
 
 
 def test_the_example_config_is_a_valid_fine_tuning_config():
