@@ -9,12 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
 from conftest import REPO
+from tokenizers import models, pre_tokenizers
 from test_train import _cfg  # the small training config of the training tests
 
 from tnllm import checkpoint, config, generate, instruct, train_lib
 from tnllm.model import TransNormerLLM
-from tnllm.tokenizer import ByteTokenizer
+from tnllm.tokenizer import ByteTokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,8 @@ def test_bad_records_get_one_warning_that_counts_them(tmp_path):
     path = _write(tmp_path / "d.jsonl", good, ['{"prompt": "x"}', "not json", '{"prompt": "x"}',
                                                json.dumps({"prompt": "y" * 40, "response": "z"})])
     with pytest.warns(UserWarning) as caught:
-        docs = instruct.read_documents(path, TEMPLATE, ByteTokenizer(), window=17)
+        encoder = lambda turns: instruct.encode(turns, TEMPLATE, ByteTokenizer())  # noqa: E731
+        docs = instruct.read_documents(path, encoder, window=17)
     assert len(caught) == 1 and len(docs) == 3
     message = str(caught[0].message)
     assert "4 record(s) skipped" in message
@@ -265,3 +268,29 @@ def test_plain_text_documents_pack_whole_and_train(corpus, tmp_path):
     assert all(len(t) <= 17 and not m[0] and m[1:].all() for t, m in docs)
     result = train_lib.train(cfg, str(tmp_path / "run"))
     assert result.step == 3 and np.isfinite(result.val_loss)
+
+
+def test_the_tokenizer_s_chat_template_renders_records_with_targets_on_the_answers(tmp_path):
+    """config.data.template = "tokenizer": the chat_template of a Hugging Face tokenizer_config.json."""
+    words = ["[UNK]", "the", "fox", "dog", "lazy", "user", "assistant", "<s>", "</s>", "<|im_start|>",
+             "<|im_end|>"]
+    tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(words[7:])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    chat = ("{{ bos_token }}{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} "
+            "<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": chat}))
+    data_cfg = config.base_config().data
+    data_cfg.update(tokenizer=str(tmp_path / "tokenizer.json"), template="tokenizer")
+    hf = load_tokenizer(data_cfg.tokenizer)
+    encoder = instruct.make_encoder(data_cfg, hf)
+    tokens, targets = encoder([("user", "the fox"), ("assistant", "lazy dog"), ("user", "fox"),
+                               ("assistant", "the")])
+    spelled = [words[i] for i in tokens]
+    assert spelled[:3] == ["<s>", "<|im_start|>", "user"]
+    assert [w for w, t in zip(spelled, targets) if t] == ["lazy", "dog", "<|im_end|>", "the", "<|im_end|>"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    with pytest.raises(ValueError, match="needs a chat_template in"):
+        instruct.make_encoder(data_cfg, hf)

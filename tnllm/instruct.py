@@ -5,7 +5,8 @@ with roles system, user and assistant. A template (config.data.template: a built
 TEMPLATES or a JSON file of the same form) gives each role a format string around "{content}".
 A record becomes one document: BOS, its turns, EOS. Only what the assistant says is a target (its
 content, the template text after it and the EOS that ends the record); the template text before it
-and every other turn are context the loss ignores.
+and every other turn are context the loss ignores. config.data.template = "tokenizer" renders with
+the chat template of a Hugging Face tokenizer instead (`chat_encoder`).
 
 Documents are packed whole into windows of seq_len + 1 tokens (`pack`): one that does not fit starts
 the next window, the rest of a window is padding, and every window carries its documents' segment
@@ -23,7 +24,7 @@ import collections
 import json
 import os
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -38,7 +39,10 @@ TEMPLATES: Dict[str, Dict[str, str]] = {
                "assistant": "<|im_start|>assistant\n{content}<|im_end|>\n"},
 }
 
+TOKENIZER_TEMPLATE = "tokenizer"  # config.data.template: the tokenizer's own chat template
+
 Document = Tuple[np.ndarray, np.ndarray]  # tokens [n] int32, targets [n] bool
+Encoder = Callable[[Sequence[Tuple[str, str]]], Document]  # (role, content) turns -> a document
 
 
 def load_template(spec: str) -> Dict[str, str]:
@@ -105,7 +109,66 @@ def encode(turns: Sequence[Tuple[str, str]], template: Dict[str, str], tokenizer
     return np.asarray(tokens, np.int32), np.asarray(targets, bool)
 
 
-def read_documents(path: str, template: Dict[str, str], tokenizer, window: int) -> List[Document]:
+def chat_encoder(tokenizer_spec: str, tokenizer) -> Encoder:
+    """Turns -> a document rendered by the `chat_template` of the tokenizer_config.json beside a
+    Hugging Face tokenizer.json (Jinja, as Hugging Face renders it; the template writes BOS and the
+    end-of-turn tokens itself). Assistant turn i is a target from where the conversation rendered up
+    to it with the generation prompt ends to where the conversation including it ends."""
+    config_path = os.path.join(os.path.dirname(tokenizer_spec), "tokenizer_config.json")
+    chat = None
+    if tokenizer_spec.endswith(".json") and os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            settings = json.load(f)
+        chat = settings.get("chat_template")
+        if isinstance(chat, list):  # named templates: the default one
+            chat = next((t.get("template") for t in chat if t.get("name") == "default"), None)
+    if not isinstance(chat, str):
+        raise ValueError(f"config.data.template = {TOKENIZER_TEMPLATE!r} needs a chat_template in "
+                         f"{config_path}, and there is none; name a template of TEMPLATES or a JSON file.")
+    import jinja2.sandbox  # only here: the one user of Jinja
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    specials = {f"{name}_token": settings.get(f"{name}_token") for name in ("bos", "eos")}
+    specials = {k: v.get("content") if isinstance(v, dict) else (v or "") for k, v in specials.items()}
+    template = env.from_string(chat)
+
+    def render(turns, generation_prompt: bool) -> str:
+        messages = [{"role": role, "content": content} for role, content in turns]
+        return template.render(messages=messages, add_generation_prompt=generation_prompt, **specials)
+
+    def encode_chat(turns: Sequence[Tuple[str, str]]) -> Document:
+        text = render(turns, False)
+        pieces, done = [], 0  # (text, target) in order
+        for i, (role, _) in enumerate(turns):
+            if role != "assistant":
+                continue
+            start, end = len(render(turns[:i], True)), len(render(turns[:i + 1], False))
+            if not (done <= start <= end <= len(text)):
+                raise ValueError("The tokenizer's chat_template renders a conversation that does not "
+                                 "begin with its earlier turns; name a template of TEMPLATES instead.")
+            pieces += [(text[done:start], False), (text[start:end], True)]
+            done = end
+        pieces.append((text[done:], False))
+        tokens, targets = [], []
+        for piece, target in pieces:
+            ids = tokenizer.encode(piece) if piece else []
+            tokens += ids
+            targets += [target] * len(ids)
+        return np.asarray(tokens, np.int32), np.asarray(targets, bool)
+
+    return encode_chat
+
+
+def make_encoder(data_cfg, tokenizer) -> Encoder:
+    """The encoder config.data.template names: `chat_encoder` for "tokenizer", else `encode` with
+    `load_template`'s template."""
+    if data_cfg.template == TOKENIZER_TEMPLATE:
+        return chat_encoder(data_cfg.tokenizer, tokenizer)
+    template = load_template(data_cfg.template)
+    return lambda turns: encode(turns, template, tokenizer)
+
+
+def read_documents(path: str, encoder: Encoder, window: int) -> List[Document]:
     """The usable records of a JSON-lines file as documents of at most `window` tokens; one warning
     counts the records skipped or cut, by reason, naming the first line of each kind."""
     documents, problems = [], collections.OrderedDict()
@@ -127,7 +190,7 @@ def read_documents(path: str, template: Dict[str, str], tokenizer, window: int) 
             if turns is None:
                 note(reason, number)
                 continue
-            tokens, targets = encode(turns, template, tokenizer)
+            tokens, targets = encoder(turns)
             if not targets[1:window].any():  # the first token is never predicted
                 note(f"no response token within the window of {window} tokens", number)
                 continue
@@ -268,13 +331,12 @@ class Store:
     """
 
     def __init__(self, data_cfg, tokenizer):
-        template = None
         if data_cfg.template:
             if not os.path.isfile(data_cfg.path):
                 raise FileNotFoundError(f"config.data.path = {data_cfg.path!r} is no file; instruction "
                                         "data (config.data.template is set) is one JSON-lines file.")
-            template = load_template(data_cfg.template)
-            documents = read_documents(data_cfg.path, template, tokenizer, data_cfg.seq_len + 1)
+            documents = read_documents(data_cfg.path, make_encoder(data_cfg, tokenizer),
+                                       data_cfg.seq_len + 1)
         else:
             documents = text_documents(data_cfg, tokenizer, data_cfg.seq_len + 1)
         f = data_cfg.val_fraction
@@ -290,8 +352,8 @@ class Store:
         self.built, self.directory = True, data_cfg.path or "the standard library"
         files = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
                  for p in data.find_files(data_cfg.path)]
-        self.key = json.dumps([files, template, data_cfg.text_field, data_cfg.seq_len, f,
-                               tokenizer.vocab_size])
+        self.key = json.dumps([files, data_cfg.template, data_cfg.text_field, data_cfg.seq_len, f,
+                               getattr(tokenizer, "fingerprint", tokenizer.vocab_size)])
         splits = {}
         for split, docs in parts.items():
             answers = [t[m] for t, m in docs]
