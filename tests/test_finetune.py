@@ -179,6 +179,7 @@ def _instruct_cfg(corpus, tmp_path, records, **train):
     return cfg
 
 
+@pytest.mark.slow
 def test_pretrain_export_then_finetune_learns_the_task_on_held_out_prompts(corpus, export, tmp_path):
     rng = np.random.default_rng(0)
     records = _task(rng, 1200)
@@ -196,6 +197,7 @@ def test_pretrain_export_then_finetune_learns_the_task_on_held_out_prompts(corpu
     assert before < 0.1 and after >= 0.9, (before, after)
 
 
+@pytest.mark.slow
 def test_init_from_loads_parameters_only_and_a_stopped_run_resumes_from_its_own_checkpoint(
         corpus, export, tmp_path, monkeypatch):
     """Fresh optimizer and schedule on the export's parameters; a run stopped by SIGTERM resumes
