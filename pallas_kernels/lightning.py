@@ -21,6 +21,11 @@ parallel: a first pass (the same kernel without outputs) gives each segment's ow
 product over segments (`entering_states`) gives the state entering each one, and the sweeps then
 start from those states. The forward states are kept for dQ; dK and dV share one reverse pass.
 
+Packed documents (`segment_ids`) ride along as int32 document ids, one per token: within a chunk
+the decay matrix is masked to one document, the carried state reaches only the rows of the document
+it belongs to, and a chunk holding a document start passes no state on, so no decay crosses a
+boundary; the states entering segments combine only within one document (`entering_states`).
+
 Matmul operands are the input dtype (bf16 on the fast path) with float32 accumulation; the state,
 the decay factors and every sum are float32. float32 inputs use IEEE float32 dots (no TF32).
 On a machine without a GPU the same kernels run in Pallas interpret mode.

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import lightning
-from tnllm import attention, config
+from tnllm import attention, config, cosformer
 from tnllm.model import TransNormerLLM
 from tnllm.testing import rel_err
 
@@ -179,6 +179,8 @@ def test_bad_segment_ids_are_one_sentence():
     q, k, v, slopes, _, _, _ = inputs(4, 1, 8, 1, 16, 16, jnp.float32)
     with pytest.raises(ValueError, match=r"segment_ids must be integers of shape \[batch, seq\]"):
         attention.lightning_attention(q, k, v, slopes, impl="blockwise", segment_ids=jnp.zeros((1, 7), int))
+    with pytest.raises(ValueError, match="segment_ids separate documents of one causal sequence"):
+        cosformer.cosformer_attention(q, k, v, m=8.0, causal=False, segment_ids=jnp.zeros((1, 8), int))
 
 
 @pytest.mark.parametrize("path,mixer", [("configs/tiny.py", None), ("configs/tiny.py", "cosformer"),
