@@ -21,6 +21,11 @@ parallel: a first pass (the same kernel without outputs) gives each segment's ow
 product over segments (`entering_states`) gives the state entering each one, and the sweeps then
 start from those states. The forward states are kept for dQ; dK and dV share one reverse pass.
 
+Packed documents (`segment_ids`) ride along as int32 document ids, one per token: within a chunk
+the decay matrix is masked to one document, the carried state reaches only the rows of the document
+it belongs to, and a chunk holding a document start passes no state on, so no decay crosses a
+boundary; the states entering segments combine only within one document (`entering_states`).
+
 Matmul operands are the input dtype (bf16 on the fast path) with float32 accumulation; the state,
 the decay factors and every sum are float32. float32 inputs use IEEE float32 dots (no TF32).
 On a machine without a GPU the same kernels run in Pallas interpret mode.
@@ -148,15 +153,22 @@ def default_segments(programs: int, num_chunks: int, multiprocessors: int) -> in
 # ----------------------------------------------------------------------------------------------
 def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int, chunk: int,
                             seg_chunks: int, tiles: int, reverse: bool, has_initial: bool,
-                            output: bool, store_state: bool):
+                            output: bool, store_state: bool, has_ids: bool = False):
     """One (segment and value tile, head, batch) program: the chunks of one sequence segment.
 
-    Refs: slope [1] f32; q, k [seq_pad, dqk]; v [seq_pad, block_v]; then optionally the state
-    entering the segment [dqk, block_v] f32, the output o [seq_pad, block_v] (when `output`), and
-    the state leaving the segment (when `store_state`). Without `output` q is never read: the
-    program only accumulates the segment's state.
+    Refs: slope [1] f32; q, k [seq_pad, dqk]; v [seq_pad, block_v]; with `has_ids` the document
+    ids [seq_pad] int32 (`document_ids`, padding rows repeating the last id) and the id of the
+    document the entering state belongs to [1] int32; then optionally the state entering the
+    segment [dqk, block_v] f32, the output o [seq_pad, block_v] (when `output`), and the state
+    leaving the segment (when `store_state`). Without `output` q is never read: the program only
+    accumulates the segment's state.
+
+    With document ids, (q_t . k_j) counts only within one document, the state reaches only rows
+    of its own document, and a chunk holding a document start passes no state through (the state
+    resets there): the sweep carries the id of the document its state belongs to.
     """
     refs = list(refs)
+    ids_ref, carry_ref = (refs.pop(0), refs.pop(0)) if has_ids else (None, None)
     s0_ref = refs.pop(0) if has_initial else None
     o_ref = refs.pop(0) if output else None
     s_out_ref = refs.pop(0) if store_state else None
@@ -175,7 +187,8 @@ def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int,
         dist = jnp.abs(r[:, None] - r[None, :]).astype(f32)
         intra_decay = jnp.where(causal, jnp.exp(neg_s * dist), 0.0)
 
-    def body(i, state):
+    def body(i, carry):
+        state, state_id = carry if has_ids else (carry, None)
         c = first_chunk + (seg_chunks - 1 - i if reverse else i)
         start = pl.multiple_of(c * chunk, chunk)
         rows = pl.ds(start, chunk)
@@ -189,29 +202,46 @@ def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int,
             q_exp, k_exp = length - 1 - r, r + 1
         else:  # row t sees the state of tokens before the chunk through lambda^(t+1)
             q_exp, k_exp = r + 1, length - 1 - r
-        k_decay = jnp.where(valid, jnp.exp(neg_s * k_exp.astype(f32)), 0.0)
+        k_valid, q_valid = valid, valid
         chunk_decay = jnp.exp(neg_s * length.astype(f32))
+        if has_ids:
+            ids = ids_ref[rows]  # [C], nondecreasing; padding repeats the last id
+            # The document at the chunk's far edge (its last row; its first in reverse) is the
+            # one whose tokens the state leaving the chunk holds.
+            edge_id = jnp.min(ids) if reverse else jnp.max(ids)
+            k_valid = valid & (ids == edge_id)
+            q_valid = valid & (ids == state_id)
+            chunk_decay = jnp.where(edge_id == state_id, chunk_decay, 0.0)
+        k_decay = jnp.where(k_valid, jnp.exp(neg_s * k_exp.astype(f32)), 0.0)
         if output:
             q = q_ref[rows, :]
-            q_decay = jnp.where(valid, jnp.exp(neg_s * q_exp.astype(f32)), 0.0)
+            q_decay = jnp.where(q_valid, jnp.exp(neg_s * q_exp.astype(f32)), 0.0)
             scores = dot(q, k, (((1,), (1,)), ((), ())))  # [C, C]
-            o = dot((scores * intra_decay).astype(v.dtype), v, (((1,), (0,)), ((), ())))
+            decay = intra_decay
+            if has_ids:
+                decay = jnp.where(ids[:, None] == ids[None, :], intra_decay, 0.0)
+            o = dot((scores * decay).astype(v.dtype), v, (((1,), (0,)), ((), ())))
             # Row scaling commutes with the product: (lambda^e * Q) S = lambda^e * (Q S), so q
             # stays exact and only the state is rounded to the operand dtype.
             o += q_decay[:, None] * dot(q, state.astype(q.dtype), (((1,), (0,)), ((), ())))
             o_ref[rows, :] = o.astype(o_ref.dtype)
         k_scaled = (k * k_decay[:, None]).astype(k.dtype)
-        return chunk_decay * state + dot(k_scaled, v, (((0,), (0,)), ((), ())))  # [dqk, block_v]
+        state = chunk_decay * state + dot(k_scaled, v, (((0,), (0,)), ((), ())))  # [dqk, block_v]
+        return (state, edge_id) if has_ids else state
 
     state = s0_ref[...] if has_initial else jnp.zeros((dqk, block_v), f32)
-    state = lax.fori_loop(0, seg_chunks, body, state)
+    if has_ids:
+        state, _ = lax.fori_loop(0, seg_chunks, body, (state, carry_ref[0]))
+    else:
+        state = lax.fori_loop(0, seg_chunks, body, state)
     if store_state:
         s_out_ref[...] = state
 
 
 def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states: Optional[Array],
                     *, seq_len: int, reverse: bool, output: bool, store_states: bool,
-                    segments: int, blocks: Blocks, interpret: bool) -> Tuple[Optional[Array], Optional[Array]]:
+                    segments: int, blocks: Blocks, interpret: bool,
+                    ids: Optional[Array] = None) -> Tuple[Optional[Array], Optional[Array]]:
     """One kernel launch over padded inputs, one program per (segment, value tile, head, batch).
 
     The sequence is cut into `segments` equal runs of whole chunks, each swept by its own
@@ -227,6 +257,8 @@ def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states:
       output: compute o; without it only the segments' states are computed and q is not read.
       store_states: return the state leaving each segment, computed from its entering state.
       segments: sequence segments, dividing seq_pad / blocks.chunk.
+      ids: None (one document) or [batch, seq_pad] int32 `document_ids`, padding rows repeating
+        the last id: the state resets at every document start.
     Returns:
       o: [batch, seq_pad, heads, dv] in v's dtype (rows from seq_len on are not meaningful) or
       None; the states leaving the segments, [batch, heads, segments, dqk, dv] f32, or None.
@@ -243,6 +275,11 @@ def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states:
                               lambda j, h, b: (b, h, j // tiles, 0, j % tiles))
     in_specs = [pl.BlockSpec((1,), lambda j, h, b: (h,)), qk_spec, qk_spec, v_spec]
     args = [slopes, q, k, v]
+    if ids is not None:
+        carries = _entering_ids(ids, seq_len=seq_len, seg_len=seq_pad // segments, reverse=reverse)
+        in_specs += [pl.BlockSpec((None, seq_pad), lambda j, h, b: (b, 0)),
+                     pl.BlockSpec((None, 1), lambda j, h, b: (b, j // tiles))]
+        args += [ids, carries]
     if initial_states is not None:
         in_specs.append(state_spec)
         args.append(initial_states)
@@ -256,7 +293,8 @@ def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states:
     kernel = functools.partial(
         _decay_attention_kernel, seq_len=seq_len, chunk=blocks.chunk,
         seg_chunks=num_chunks // segments, tiles=tiles, reverse=reverse,
-        has_initial=initial_states is not None, output=output, store_state=store_states)
+        has_initial=initial_states is not None, output=output, store_state=store_states,
+        has_ids=ids is not None)
     name = "lightning_attention_" + ("reverse" if reverse else "forward")
     outs = pl.pallas_call(
         kernel,
@@ -275,10 +313,43 @@ def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states:
 
 
 # ----------------------------------------------------------------------------------------------
+# documents
+# ----------------------------------------------------------------------------------------------
+def document_ids(segment_ids: Array) -> Array:
+    """Documents numbered 0, 1, 2... along each row: [batch, seq] int32, nondecreasing.
+
+    segment_ids: [batch, seq] int, equal for neighbouring tokens of one document; a document starts
+    wherever the id changes. The first document continues the initial state (it is the document
+    of the earlier tokens that built it), so a row's first token starts no new document.
+    """
+    starts = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.pad(jnp.cumsum(starts, axis=1, dtype=jnp.int32), ((0, 0), (1, 0)))
+
+
+def _boundary_ids(ids: Array, positions: Array, *, seq_len: int, reverse: bool) -> Array:
+    """The document whose tokens the state at each boundary holds: [batch, len(positions)].
+
+    Position p is the boundary before token p. Sweeping forward the state there holds the
+    document of token p - 1 (the initial state's, 0, at p = 0); in reverse that of token p (the
+    last token's, whose final state the reverse sweep starts from, at p >= seq_len).
+    """
+    if reverse:
+        return ids[:, jnp.minimum(positions, seq_len - 1)]
+    return jnp.pad(ids, ((0, 0), (1, 0)))[:, jnp.minimum(positions, seq_len)]
+
+
+def _entering_ids(ids: Array, *, seq_len: int, seg_len: int, reverse: bool) -> Array:
+    """The document of the state entering each segment (at its end when reverse): [batch, segments]."""
+    starts = jnp.arange(ids.shape[1] // seg_len) * seg_len
+    return _boundary_ids(ids, starts + seg_len if reverse else starts, seq_len=seq_len,
+                         reverse=reverse)
+
+
+# ----------------------------------------------------------------------------------------------
 # sequence segments: the states that enter them
 # ----------------------------------------------------------------------------------------------
 def entering_states(local: Array, initial_state: Optional[Array], slopes: Array, *, seq_len: int,
-                    seg_len: int, reverse: bool) -> Array:
+                    seg_len: int, reverse: bool, ids: Optional[Array] = None) -> Array:
     """The state entering every segment, and the state after the whole sequence.
 
     A segment's own state (its tokens swept from a zero state) reaches a later position p
@@ -291,6 +362,8 @@ def entering_states(local: Array, initial_state: Optional[Array], slopes: Array,
       initial_state: None or [batch, heads, dk, dv] f32, the state before the first token (after
         the last one when reverse).
       slopes: [heads] f32; seq_len: true length; seg_len: tokens per segment (padded).
+      ids: None or [batch, seq_pad] int32 `document_ids`: a segment's state then reaches only
+        the boundaries of its own document (its last one's; its first one's when reverse).
     Returns:
       [batch, heads, segments + 1, dk, dv] f32: row s < segments enters segment s (at its start;
       at its end when reverse), the last row is the state after the whole sequence.
@@ -312,46 +385,57 @@ def entering_states(local: Array, initial_state: Optional[Array], slopes: Array,
         initial_dist = seq_len - position
     neg_s = -slopes.astype(jnp.float32)[:, None, None]
     weights = jnp.where(reaches, jnp.exp(neg_s * dist.astype(jnp.float32)), 0.0)  # [H, S+1, S]
-    states = jnp.einsum("hrt,bhtkv->bhrkv", weights, local, precision=lax.Precision.HIGHEST)
+    if ids is None:
+        states = jnp.einsum("hrt,bhtkv->bhrkv", weights, local, precision=lax.Precision.HIGHEST)
+    else:
+        boundary = functools.partial(_boundary_ids, ids, seq_len=seq_len, reverse=reverse)
+        row_ids = boundary(position)  # [b, S+1]
+        same = row_ids[:, :, None] == boundary(begin if reverse else end)[:, None, :]  # [b, S+1, S]
+        weights = jnp.where(same[:, None], weights[None], 0.0)  # [b, H, S+1, S]
+        states = jnp.einsum("bhrt,bhtkv->bhrkv", weights, local, precision=lax.Precision.HIGHEST)
     if initial_state is not None:
         initial_decay = jnp.exp(neg_s[..., 0] * initial_dist.astype(jnp.float32))  # [H, S+1]
-        states += initial_decay[None, :, :, None, None] * initial_state[:, :, None]
+        initial_decay = initial_decay[None, :, :, None, None]
+        if ids is not None:  # the initial state belongs to document 0 (the last one's when reverse)
+            owner = ids[:, seq_len - 1:seq_len] if reverse else 0
+            initial_decay = jnp.where((row_ids == owner)[:, None, :, None, None], initial_decay, 0.0)
+        states += initial_decay * initial_state[:, :, None]
     return states
 
 
 # ----------------------------------------------------------------------------------------------
 # forward + backward as one differentiable function
 # ----------------------------------------------------------------------------------------------
-def _forward(q, k, v, slopes, initial_state, seq_len, plan, segments, interpret):
+def _forward(q, k, v, slopes, initial_state, ids, seq_len, plan, segments, interpret):
     """(o, final state) and the states entering the segments (None for one segment)."""
     call = functools.partial(decay_attention, slopes=slopes, seq_len=seq_len, reverse=False,
-                             segments=segments, blocks=plan.fwd, interpret=interpret)
+                             segments=segments, blocks=plan.fwd, interpret=interpret, ids=ids)
     if segments == 1:  # one sweep per (batch, head): the state leaving it is the final state
         s0 = None if initial_state is None else initial_state[:, :, None]
         o, final = call(q, k, v, initial_states=s0, output=True, store_states=True)
         return (o, final[:, :, 0]), None
     _, local = call(q, k, v, initial_states=None, output=False, store_states=True)
     states = entering_states(local, initial_state, slopes, seq_len=seq_len,
-                             seg_len=q.shape[1] // segments, reverse=False)
+                             seg_len=q.shape[1] // segments, reverse=False, ids=ids)
     o, _ = call(q, k, v, initial_states=states[:, :, :-1], output=True, store_states=False)
     return (o, states[:, :, -1]), states[:, :, :-1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _lightning(q, k, v, slopes, initial_state, seq_len, plan, segments, interpret):
-    return _forward(q, k, v, slopes, initial_state, seq_len, plan, segments, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _lightning(q, k, v, slopes, initial_state, ids, seq_len, plan, segments, interpret):
+    return _forward(q, k, v, slopes, initial_state, ids, seq_len, plan, segments, interpret)[0]
 
 
-def _lightning_fwd(q, k, v, slopes, initial_state, seq_len, plan, segments, interpret):
-    out, entering = _forward(q, k, v, slopes, initial_state, seq_len, plan, segments, interpret)
-    return out, (q, k, v, slopes, initial_state, entering)
+def _lightning_fwd(q, k, v, slopes, initial_state, ids, seq_len, plan, segments, interpret):
+    out, entering = _forward(q, k, v, slopes, initial_state, ids, seq_len, plan, segments, interpret)
+    return out, (q, k, v, slopes, initial_state, ids, entering)
 
 
 def _lightning_bwd(seq_len, plan, segments, interpret, residuals, cotangents):
-    q, k, v, slopes, initial_state, entering = residuals
+    q, k, v, slopes, initial_state, ids, entering = residuals
     do, d_final = cotangents
     call = functools.partial(decay_attention, slopes=slopes, seq_len=seq_len, segments=segments,
-                             interpret=interpret)
+                             interpret=interpret, ids=ids)
     t = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
     # dQ sweeps forward with the transposed forward states; dK and dV sweep in reverse with dS
     # (and its transpose), which enters from the end as the final state's cotangent.
@@ -363,7 +447,7 @@ def _lightning_bwd(seq_len, plan, segments, interpret, residuals, cotangents):
         _, local = call(k, q, do, initial_states=None, reverse=True, output=False, store_states=True,
                         blocks=plan.dv)
         ds_all = entering_states(local, d_final, slopes, seq_len=seq_len,
-                                 seg_len=q.shape[1] // segments, reverse=True)
+                                 seg_len=q.shape[1] // segments, reverse=True, ids=ids)
         ds = ds_all[:, :, :-1]
     dq, _ = call(do, v, k, initial_states=s_fwd, reverse=False, output=True, store_states=False, blocks=plan.dq)
     dk, _ = call(v, do, q, initial_states=t(ds), reverse=True, output=True, store_states=False, blocks=plan.dk)
@@ -377,7 +461,8 @@ def _lightning_bwd(seq_len, plan, segments, interpret, residuals, cotangents):
     else:
         d_initial = ds_all[:, :, -1]
     # The slopes are fixed decay rates (SPEC.md §2), not parameters: no gradient flows to them.
-    return dq, dk, dv, jnp.zeros_like(slopes), d_initial
+    # Document ids are integers: no cotangent (None).
+    return dq, dk, dv, jnp.zeros_like(slopes), d_initial, None
 
 
 _lightning.defvjp(_lightning_fwd, _lightning_bwd)
@@ -432,6 +517,14 @@ def _check(q: Array, k: Array, v: Array, chunk_size: int, plan: Optional[Plan]) 
                              f"{plan.segments}.")
 
 
+def check_segment_ids(q: Array, segment_ids: Optional[Array]) -> None:
+    """One sentence unless segment_ids is None or integers of shape q.shape[:2] ([batch, seq])."""
+    if segment_ids is not None and (segment_ids.shape != q.shape[:2]
+                                    or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+        raise ValueError(f"segment_ids must be integers of shape [batch, seq] = {q.shape[:2]}, got "
+                         f"{segment_ids.dtype} {segment_ids.shape}.")
+
+
 def supports(q: Array, k: Array, v: Array, chunk_size: int) -> bool:
     """Whether `lightning_attention` takes these inputs with its default plan (`tnllm.attention.
     choose_impl` asks before choosing the kernels for impl="auto")."""
@@ -445,7 +538,8 @@ def supports(q: Array, k: Array, v: Array, chunk_size: int) -> bool:
 def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
                         initial_state: Optional[Array] = None, chunk_size: int = 64,
                         plan: Optional[Plan] = None,
-                        interpret: Optional[bool] = None) -> Tuple[Array, Array]:
+                        interpret: Optional[bool] = None,
+                        segment_ids: Optional[Array] = None) -> Tuple[Array, Array]:
     """Causal linear attention with per-head decay, as Pallas GPU kernels (SPEC.md §4).
 
     Differentiable (a custom VJP made of the same kernels) with respect to q, k, v and
@@ -461,10 +555,14 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
         default `default_plan` for these shapes and this GPU; a plan without segments gets
         `default_segments`.
       interpret: run in Pallas interpret mode; default: only when JAX has no GPU.
+      segment_ids: optional [batch, seq] int, equal within a document (`document_ids`): the state
+        resets at each document start, initial_state continues the first document and the final
+        state is the last one's.
     Returns:
       o: [batch, seq, heads, dv] in v's dtype; final_state: [batch, heads, dk, dv] f32.
     """
     _check(q, k, v, chunk_size, plan)
+    check_segment_ids(q, segment_ids)
     batch, seq_len, heads = q.shape[:3]
     multiprocessors, shared_memory = _gpu()
     if plan is None:
@@ -484,11 +582,14 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
         segments = default_segments(programs, -(-seq_len // chunk_size), multiprocessors)
     # Whole chunks of every kernel call in every segment; padding rows are zeros.
     pad = -seq_len % (chunk_size * segments)
+    ids = None
+    if segment_ids is not None:  # padding rows repeat the last id: they start no document
+        ids = jnp.pad(document_ids(segment_ids), ((0, 0), (0, pad)), mode="edge")
     if pad:
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
         q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
-    o, final_state = _lightning(q, k, v, jnp.asarray(slopes, jnp.float32), initial_state, seq_len,
-                                plan, segments, bool(interpret))
+    o, final_state = _lightning(q, k, v, jnp.asarray(slopes, jnp.float32), initial_state, ids,
+                                seq_len, plan, segments, bool(interpret))
     return o[:, :seq_len], final_state
 
 
@@ -496,13 +597,18 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
 # reference
 # ----------------------------------------------------------------------------------------------
 def lightning_reference(q: Array, k: Array, v: Array, slopes: Array,
-                        initial_state: Optional[Array] = None) -> Tuple[Array, Array]:
+                        initial_state: Optional[Array] = None,
+                        segment_ids: Optional[Array] = None) -> Tuple[Array, Array]:
     """The same operator in its quadratic masked form O = ((Q K^T) * D) V, D[t, j] = lambda^(t-j)
     for j <= t: what the kernels are tested against (on float32 inputs, IEEE float32 throughout).
+    With segment_ids, D[t, j] is also zero across documents.
 
     Takes and returns what `lightning_attention` does (any float dtype; float32 accumulation).
     Memory grows with seq^2: for tests and short sequences.
     """
+    check_segment_ids(q, segment_ids)
+    if segment_ids is not None:
+        return _documents_reference(q, k, v, slopes, initial_state, document_ids(segment_ids))
     slopes = jnp.asarray(slopes, jnp.float32)
     t = q.shape[1]
     pos = jnp.arange(t)
@@ -522,4 +628,32 @@ def lightning_reference(q: Array, k: Array, v: Array, slopes: Array,
         o = o + jnp.einsum("bthd,bhde,ht->bthe", q.astype(jnp.float32), initial_state, head_decay,
                            precision=lax.Precision.HIGHEST)
         s_t = s_t + jnp.exp(-slopes * t)[None, :, None, None] * initial_state
+    return o.astype(v.dtype), s_t
+
+
+def _documents_reference(q, k, v, slopes, initial_state, ids):
+    """lightning_reference with document ids [batch, seq]: the decay matrix masked per row."""
+    slopes = jnp.asarray(slopes, jnp.float32)
+    t = q.shape[1]
+    pos = jnp.arange(t)
+    causal = pos[None, :] <= pos[:, None]
+    dist = jnp.where(causal, pos[:, None] - pos[None, :], 0).astype(jnp.float32)
+    decay = jnp.where(causal[None], jnp.exp(-slopes[:, None, None] * dist[None]), 0.0)  # [h, t, j]
+    same = ids[:, :, None] == ids[:, None, :]  # [b, t, j]
+    decay = jnp.where(same[:, None], decay[None], 0.0)  # [b, h, t, j]
+    prec = lax.Precision.HIGHEST if jnp.float32 in (q.dtype, k.dtype, v.dtype) else None
+    scores = jnp.einsum("bthd,bjhd->bhtj", q, k, precision=prec, preferred_element_type=jnp.float32)
+    o = jnp.einsum("bhtj,bjhe->bthe", scores * decay, v.astype(jnp.float32), precision=prec)
+    in_last = ids == ids[:, -1:]  # [b, j]: the final state holds the last document only
+    tail = jnp.exp(-slopes[:, None] * (t - 1 - pos[None, :]).astype(jnp.float32))  # [h, j]
+    tail = jnp.where(in_last[:, None], tail[None], 0.0)  # [b, h, j]
+    s_t = jnp.einsum("bjhd,bjhe,bhj->bhde", k.astype(jnp.float32), v.astype(jnp.float32), tail,
+                     precision=lax.Precision.HIGHEST)
+    if initial_state is not None:  # it continues document 0
+        head_decay = jnp.exp(-slopes[:, None] * (pos[None, :] + 1).astype(jnp.float32))  # [h, t]
+        head_decay = jnp.where((ids == 0)[:, None], head_decay[None], 0.0)  # [b, h, t]
+        o = o + jnp.einsum("bthd,bhde,bht->bthe", q.astype(jnp.float32), initial_state, head_decay,
+                           precision=lax.Precision.HIGHEST)
+        keep = jnp.where(ids[:, -1:] == 0, jnp.exp(-slopes * t)[None], 0.0)  # [b, h]
+        s_t = s_t + keep[:, :, None, None] * initial_state
     return o.astype(v.dtype), s_t

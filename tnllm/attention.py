@@ -28,6 +28,10 @@ and the slice runs from S_in(r) as its initial state (o_t += lambda^(t+1) q_t S_
 Nothing that grows with the length is exchanged: one all-gather of [heads, dk, dv] states per call
 forward, and its transpose (a reduce-scatter) backward (docs/parallelism.md).
 
+With `segment_ids` every form runs packed documents: the state resets at each document start (no
+decay crosses it), the initial state continues the first document and the final state is the last
+one's, exactly as if each document were run alone.
+
 All decay arithmetic and every state is float32; causal masks come from token indices.
 """
 from __future__ import annotations
@@ -70,6 +74,18 @@ def layer_slopes(num_heads: int, layer: int, num_layers: int) -> Array:
     return alibi_slopes(num_heads) * jnp.float32(factor)
 
 
+def document_positions(segment_ids: Array) -> Array:
+    """Each token's position in its own document, 0 at every document start: [batch, seq] int32.
+
+    segment_ids: [batch, seq] int, equal for neighbouring tokens of one packed document (LRPE and
+    cosFormer phases restart per document with these positions, as if each ran alone).
+    """
+    t = segment_ids.shape[1]
+    index = jnp.arange(t, dtype=jnp.int32)
+    starts = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=True)
+    return index - lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
 def _check_inputs(q: Array, k: Array, v: Array, slopes: Array, initial_state: Optional[Array]) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
@@ -104,15 +120,17 @@ def _dot_precision(*xs: Array):
     return lax.Precision.HIGHEST if any(x.dtype == jnp.float32 for x in xs) else None
 
 
-def _reference(q, k, v, slopes, initial_state, chunk_size):
+def _reference(q, k, v, slopes, initial_state, chunk_size, segment_ids=None):
     del chunk_size
-    return lightning.lightning_reference(q, k, v, slopes, initial_state)
+    return lightning.lightning_reference(q, k, v, slopes, initial_state, segment_ids)
 
 
 # ----------------------------------------------------------------------------------------------
 # blockwise: Lightning Attention-2
 # ----------------------------------------------------------------------------------------------
-def _blockwise(q, k, v, slopes, initial_state, chunk_size):
+def _blockwise(q, k, v, slopes, initial_state, chunk_size, segment_ids=None):
+    if segment_ids is not None:
+        return _blockwise_documents(q, k, v, slopes, initial_state, chunk_size, segment_ids)
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     c = chunk_size
@@ -162,6 +180,72 @@ def _blockwise(q, k, v, slopes, initial_state, chunk_size):
     return o.astype(v.dtype), final
 
 
+def _blockwise_documents(q, k, v, slopes, initial_state, chunk_size, segment_ids):
+    """_blockwise with packed documents: the decays masked to one document, per row of the batch.
+
+    A chunk's tokens see the entering state only if they belong to its document (that of the
+    token before the chunk), only the chunk's last document adds to the leaving state, and a
+    chunk that starts a document passes no state through.
+    """
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    c = chunk_size
+    n = -(-t // c)
+    pad = n * c - t
+    ids = lightning.document_ids(segment_ids)
+    entering = jnp.pad(ids, ((0, 0), (1, 0)))[:, :-1]  # document of the token before each token
+    if pad:
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+        ids, entering = (jnp.pad(x, ((0, 0), (0, pad)), mode="edge") for x in (ids, entering))
+
+    def chunks(x):  # [b, n*c, h, d] -> [b, h, n, c, d]
+        return x.reshape(b, n, c, h, x.shape[-1]).transpose(0, 3, 1, 2, 4)
+
+    qc, kc, vc = chunks(q), chunks(k), chunks(v)
+    idc = ids.reshape(b, n, c)
+    state_id = entering.reshape(b, n, c)[:, :, 0]  # [b, n]: the entering state's document
+    last_id = idc[:, :, -1]  # [b, n]: padding repeats the last id
+    r = jnp.arange(c)
+    length = jnp.minimum(c, t - jnp.arange(n) * c)  # [n]
+    valid = r[None, :] < length[:, None]  # [n, c]
+
+    causal = r[None, :] <= r[:, None]
+    dist = jnp.where(causal, r[:, None] - r[None, :], 0).astype(jnp.float32)
+    intra_decay = jnp.where(causal[None], jnp.exp(-slopes[:, None, None] * dist[None]), 0.0)  # [h,c,c]
+    same = idc[:, :, :, None] == idc[:, :, None, :]  # [b, n, c, c]
+    intra_decay = jnp.where(same[:, None], intra_decay[None, :, None], 0.0)  # [b, h, n, c, c]
+    q_keep = (idc == state_id[..., None])[:, None, :, :, None]  # [b, 1, n, c, 1]
+    q_decay = jnp.exp(-slopes[:, None] * (r + 1).astype(jnp.float32)[None, :])  # [h, c]
+    k_exp = (length[:, None] - 1 - r[None, :]).astype(jnp.float32)  # [n, c]
+    k_keep = valid[None] & (idc == last_id[..., None])  # [b, n, c]
+    k_decay = jnp.where(k_keep[:, None], jnp.exp(-slopes[:, None, None] * k_exp[None])[None], 0.0)
+    chunk_decrement = jnp.expm1(-slopes[:, None] * length[None, :].astype(jnp.float32))  # [h, n]
+    passes = last_id == state_id  # [b, n]: no document starts inside the chunk
+
+    prec = _dot_precision(q, k, v)
+    scores = jnp.einsum("bhncd,bhnjd->bhncj", qc, kc, precision=prec,
+                        preferred_element_type=jnp.float32)
+    o_intra = jnp.einsum("bhncj,bhnje->bhnce", scores * intra_decay, vc.astype(jnp.float32),
+                         precision=prec)
+    kv = jnp.einsum("bhncd,bhnce->bhnde", kc.astype(jnp.float32) * k_decay[..., None],
+                    vc.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+
+    def step(state, inputs):
+        kv_n, decrement_n, passes_n = inputs  # [b, h, dk, dv], [h], [b]
+        kept = jnp.where(passes_n[:, None, None, None], state + decrement_n[None, :, None, None] * state, 0.0)
+        return kept + kv_n, state
+
+    s0 = _zero_state(q, v) if initial_state is None else initial_state.astype(jnp.float32)
+    final, before = lax.scan(step, s0, (kv.transpose(2, 0, 1, 3, 4), chunk_decrement.T, passes.T))
+    before = before.transpose(1, 2, 0, 3, 4)  # [b, h, n, dk, dv]
+    o_inter = jnp.einsum("bhncd,bhnde->bhnce",
+                         jnp.where(q_keep, qc.astype(jnp.float32) * q_decay[None, :, None, :, None], 0.0),
+                         before, precision=lax.Precision.HIGHEST)
+    o = (o_intra + o_inter).transpose(0, 2, 3, 1, 4).reshape(b, n * c, h, dv)[:, :t]
+    return o.astype(v.dtype), final
+
+
 # ----------------------------------------------------------------------------------------------
 # recurrent: one token at a time
 # ----------------------------------------------------------------------------------------------
@@ -185,15 +269,27 @@ def lightning_attention_step(q: Array, k: Array, v: Array, slopes: Array,
     return o.astype(v.dtype), state
 
 
-def _recurrent(q, k, v, slopes, initial_state, chunk_size):
+def _recurrent(q, k, v, slopes, initial_state, chunk_size, segment_ids=None):
     del chunk_size
     s0 = _zero_state(q, v) if initial_state is None else initial_state.astype(jnp.float32)
+    time_major = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
+    if segment_ids is not None:  # the state resets before each document's first token
+        ids = lightning.document_ids(segment_ids)
+        starts = time_major(jnp.pad(ids[:, 1:] != ids[:, :-1], ((0, 0), (1, 0))))
+
+        def step(state, inputs):
+            *qkv_t, start_t = inputs
+            state = jnp.where(start_t[:, None, None, None], 0.0, state)
+            o_t, state = lightning_attention_step(*qkv_t, slopes, state)
+            return state, o_t
+
+        final, o = lax.scan(step, s0, (time_major(q), time_major(k), time_major(v), starts))
+        return time_major(o), final
 
     def step(state, qkv_t):
         o_t, state = lightning_attention_step(*qkv_t, slopes, state)
         return state, o_t
 
-    time_major = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
     final, o = lax.scan(step, s0, (time_major(q), time_major(k), time_major(v)))
     return time_major(o), final
 
@@ -201,25 +297,26 @@ def _recurrent(q, k, v, slopes, initial_state, chunk_size):
 # ----------------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------------
-def _pallas_kernel(q, k, v, slopes, initial_state, chunk_size):
+def _pallas_kernel(q, k, v, slopes, initial_state, chunk_size, segment_ids=None):
     return lightning.lightning_attention(q, k, v, slopes, initial_state=initial_state,
-                                         chunk_size=chunk_size)
+                                         chunk_size=chunk_size, segment_ids=segment_ids)
 
 
 _SEQ = ("batch", "length", "heads", "head_dim")
 _STATE = ("batch", "heads", None, None)
 
 
-def _pallas(q, k, v, slopes, initial_state, chunk_size):
+def _pallas(q, k, v, slopes, initial_state, chunk_size, segment_ids=None):
     # GSPMD cannot split a custom kernel, so under a mesh each device runs it on its own block of
     # batch and heads (the operator mixes neither; the length stays whole here, a split one goes
     # through _context_parallel); without a mesh this is the plain call.
     seq = ("batch", None, "heads", "head_dim")
     kernel = sharding.per_shard(
         functools.partial(_pallas_kernel, chunk_size=chunk_size),
-        in_axes=(seq, seq, seq, ("heads",), None if initial_state is None else _STATE),
+        in_axes=(seq, seq, seq, ("heads",), None if initial_state is None else _STATE,
+                 None if segment_ids is None else ("batch", None)),
         out_axes=(seq, _STATE))
-    return kernel(q, k, v, slopes, initial_state)
+    return kernel(q, k, v, slopes, initial_state, segment_ids)
 
 
 _FORMS: Dict[str, Callable] = {
@@ -317,7 +414,8 @@ def choose_impl(token_mixer: str, impl: str, q: Array, k: Array, v: Array, *, ch
 @functools.partial(jax.named_call, name="lightning_attention")
 def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *, impl: str = "auto",
                         chunk_size: int = 64,
-                        initial_state: Optional[Array] = None) -> Tuple[Array, Array]:
+                        initial_state: Optional[Array] = None,
+                        segment_ids: Optional[Array] = None) -> Tuple[Array, Array]:
     """Causal linear attention with per-head decay lambda = exp(-slopes).
 
     Args:
@@ -326,6 +424,9 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *, impl: st
       impl: "auto" (`choose_impl`), "reference", "blockwise", "recurrent" or "pallas".
       chunk_size: chunk length of the blockwise and Pallas forms (any seq length is allowed).
       initial_state: optional [batch, heads, dk, dv] float32 state of earlier tokens.
+      segment_ids: optional [batch, seq] int, equal for neighbouring tokens of one packed document
+        (`pallas_kernels.lightning.document_ids`): no document sees another; initial_state
+        continues the first one and the final state is the last one's.
     Returns:
       o: [batch, seq, heads, dv] in v's dtype; final_state: [batch, heads, dk, dv] float32.
     """
@@ -335,7 +436,14 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *, impl: st
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     impl = choose_impl("gla", impl, q, k, v, chunk_size=chunk_size)
     n = sharding.parts("length")
-    if n > 1 and q.shape[1] % n == 0:
+    split = n > 1 and q.shape[1] % n == 0
+    if segment_ids is not None:
+        lightning.check_segment_ids(q, segment_ids)
+        if split:  # the slices' states would need each document's start to combine
+            raise ValueError("Packed documents (segment_ids) do not run split over the context mesh "
+                             "axis; set config.mesh.context to 1.")
+        return _FORMS[impl](q, k, v, slopes, initial_state, chunk_size, segment_ids)
+    if split:
         return _context_parallel(_LOCAL_FORMS[impl], q, k, v, slopes, initial_state, chunk_size)
     # Without a split length (no mesh, a `context` axis of 1, or a length it does not divide, e.g.
     # the one token `init` traces) the whole sequence runs on each device's batch and heads.

@@ -14,6 +14,7 @@ import ml_collections
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "save_dots")
+PACKINGS = ("concat", "documents")  # config.data.packing
 # The forms each token mixer can run, named by config.model.attention_impl. "auto", the default,
 # lets `tnllm.attention.choose_impl` pick the fastest form for the inputs and the device.
 #   gla        reference, blockwise, recurrent: XLA (tnllm.attention); pallas: the GPU kernels.
@@ -199,6 +200,8 @@ def base_config() -> ml_collections.ConfigDict:
         cache_dir="",       # where token stores live; "" = $TNLLM_CACHE or ~/.cache/tnllm
         val_fraction=0.05,  # share of documents held out for validation
         seq_len=2048,       # tokens per training sequence (windows hold seq_len + 1)
+        packing="concat",   # "concat": documents run on into each other; "documents": whole ones per window
+        template="",        # instruction records' template (tnllm.instruct.TEMPLATES or a JSON file)
     ))
     cfg.optim = ml_collections.ConfigDict(dict(
         lr=3e-4,            # peak learning rate, reached after warmup_steps
@@ -220,6 +223,7 @@ def base_config() -> ml_collections.ConfigDict:
         eval_batches=8,       # validation batches per evaluation, spread over the validation split
         sample_tokens=200,    # length of the sample printed at the end; 0 = none
         peak_tflops=0.0,      # per-device peak for MFU; 0 = look up the device kind
+        init_from="",         # an export to start from (parameters only; fresh optimizer and schedule)
     ))
     cfg.checkpoint = ml_collections.ConfigDict(dict(
         every=1000,         # steps between checkpoints (one is also saved at the end and on SIGTERM)

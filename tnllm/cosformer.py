@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import lightning
 from tnllm import sharding
-from tnllm.attention import choose_impl
+from tnllm.attention import choose_impl, document_positions, lightning_attention
 from tnllm.config import ModelConfig, check_context_mixer
 
 Array = jax.Array
@@ -89,7 +90,8 @@ def _query_state(qf: Array, state: Array) -> Array:
 # forms: qf, kf the cos features (padded keys zeroed), va = [v, 1] (zero at padded keys),
 # s0 the f32 state of earlier keys. Each returns the unnormalised [.., dv + 1] output and the state.
 # ----------------------------------------------------------------------------------------------
-def _reference(q, k, qf, kf, va, s0, *, q_positions, k_positions, m, causal, key_mask, chunk_size):
+def _reference(q, k, qf, kf, va, s0, *, q_positions, k_positions, m, causal, key_mask, chunk_size,
+               segment_ids=None):
     del chunk_size
     scores = _einsum("bihd,bjhd->bhij", nn.relu(q), nn.relu(k), _precision(q))
     distance = (q_positions[:, :, None] - k_positions[:, None, :]).astype(jnp.float32)
@@ -98,13 +100,26 @@ def _reference(q, k, qf, kf, va, s0, *, q_positions, k_positions, m, causal, key
     if causal:  # from token order, never from positions
         t = q.shape[1]
         keep = keep & (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None]
+    if segment_ids is not None:  # each document alone: the state holds the last one's keys
+        ids = lightning.document_ids(segment_ids)
+        keep = keep & (ids[:, :, None] == ids[:, None, :])
+        qf = jnp.where((ids == 0)[:, :, None, None], qf, 0.0)
+        kf = jnp.where((ids == ids[:, -1:])[:, :, None, None], kf, 0.0)
+        s0 = jnp.where((ids[:, -1] == 0)[:, None, None, None], s0, 0.0)
     scores = jnp.where(keep[:, None], scores, 0.0)
     o = _einsum("bhij,bjhe->bihe", scores, va, lax.Precision.HIGHEST)
     return o + _query_state(qf, s0), s0 + _key_sums(kf, va)
 
 
-def _linear(q, k, qf, kf, va, s0, *, q_positions, k_positions, m, causal, key_mask, chunk_size):
+def _linear(q, k, qf, kf, va, s0, *, q_positions, k_positions, m, causal, key_mask, chunk_size,
+            segment_ids=None):
     del q, k, q_positions, k_positions, m, key_mask
+    if segment_ids is not None:
+        # The causal scan is Lightning Attention without decay (lambda = 1), whose blockwise form
+        # resets the state at every document start.
+        return lightning_attention(qf, kf, va.astype(jnp.float32), jnp.zeros(qf.shape[2], jnp.float32),
+                                   impl="blockwise",
+                                   chunk_size=chunk_size, initial_state=s0, segment_ids=segment_ids)
     if causal:
         return _causal_scan(qf, kf, va, s0, chunk_size)
     state = s0 + _key_sums(kf, va)
@@ -188,7 +203,7 @@ def cosformer_attention(q: Array, k: Array, v: Array, *, m: float, causal: bool,
                         key_mask: Optional[Array] = None, q_positions: Optional[Array] = None,
                         k_positions: Optional[Array] = None, initial_state: Optional[Array] = None,
                         impl: str = "auto", chunk_size: int = 64,
-                        eps: float = EPS) -> Tuple[Array, Array]:
+                        eps: float = EPS, segment_ids: Optional[Array] = None) -> Tuple[Array, Array]:
     """cosFormer attention of projected queries, keys and values (ReLU is applied here).
 
     Args:
@@ -202,6 +217,9 @@ def cosformer_attention(q: Array, k: Array, v: Array, *, m: float, causal: bool,
       impl: "auto" (`choose_impl`: linear), "linear" or "reference" (quadratic, for tests).
       chunk_size: chunk length of the causal scan.
       eps: floor of the denominator (a clamp, as in the paper's code, not an addition).
+      segment_ids: [batch, seq] int, equal within each packed document (causal only): no document
+        sees another, default positions restart per document, initial_state continues the first
+        one and the state returned holds the last one's keys.
     Returns:
       o: [batch, tq, heads, dv] in v's dtype; state: [batch, heads, 2d, dv+1] f32, the key sums
       (all keys, plus initial_state): the prefix state for decoding, or a cache of cross-attention keys.
@@ -210,6 +228,13 @@ def cosformer_attention(q: Array, k: Array, v: Array, *, m: float, causal: bool,
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     impl = choose_impl("cosformer", impl, q, k, v, chunk_size=chunk_size)
+    if segment_ids is not None:
+        if not causal:
+            raise ValueError("segment_ids separate documents of one causal sequence; drop them or set "
+                             "causal=True.")
+        lightning.check_segment_ids(q, segment_ids)
+        q_positions = document_positions(segment_ids) if q_positions is None else q_positions
+        k_positions = q_positions if k_positions is None else k_positions
     q_positions = _default_positions(q, q_positions)
     k_positions = _default_positions(k, k_positions)
     key_mask = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask
@@ -221,7 +246,8 @@ def cosformer_attention(q: Array, k: Array, v: Array, *, m: float, causal: bool,
     s0 = (jnp.zeros(state_shape(b, h, d, v.shape[-1]), jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32))
     o, state = _FORMS[impl](q, k, qf, kf, va, s0, q_positions=q_positions, k_positions=k_positions,
-                            m=m, causal=causal, key_mask=key_mask, chunk_size=chunk_size)
+                            m=m, causal=causal, key_mask=key_mask, chunk_size=chunk_size,
+                            segment_ids=segment_ids)
     return _normalise(o, eps, v.dtype), state
 
 
@@ -274,7 +300,8 @@ class CosformerAttention(nn.Module):
     @nn.compact
     def __call__(self, inputs_q: Array, positions: Optional[Array] = None, mask: Optional[Array] = None,
                  initial_state: Optional[Array] = None, *, inputs_kv: Optional[Array] = None,
-                 kv_positions: Optional[Array] = None) -> Tuple[Array, Array]:
+                 kv_positions: Optional[Array] = None,
+                 segment_ids: Optional[Array] = None) -> Tuple[Array, Array]:
         """Attends from inputs_q to inputs_kv (default: inputs_q itself).
 
         Args:
@@ -284,6 +311,8 @@ class CosformerAttention(nn.Module):
           initial_state: [batch, heads, 2*head_dim, head_dim+1] f32 key sums of earlier tokens.
           kv_positions: [batch, tk] int key positions; default `positions` in self attention,
             0..tk-1 in cross attention.
+          segment_ids: [batch, tq] int packed documents of causal self attention, or None
+            (`cosformer_attention`).
         Returns:
           out: [batch, tq, cfg.d_model] in cfg.dtype, and the state [batch, heads, 2*head_dim,
           head_dim+1] f32 (see `cosformer_attention`).
@@ -312,7 +341,7 @@ class CosformerAttention(nn.Module):
         o, state = cosformer_attention(
             q, k, v, m=cfg.cosformer_max_len, causal=self.causal, key_mask=mask, q_positions=positions,
             k_positions=kv_positions, initial_state=initial_state, impl=cfg.mixer_impl,
-            chunk_size=cfg.chunk_size)
+            chunk_size=cfg.chunk_size, segment_ids=segment_ids)
         o = nn.with_logical_constraint(o, ("batch", "length", "heads", "head_dim"))
         out = nn.Einsum(
             (cfg.num_heads, cfg.head_dim, cfg.d_model), "bthk,hkd->btd",

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from tnllm import cosformer, sharding, softmax
-from tnllm.attention import layer_slopes, lightning_attention
+from tnllm.attention import document_positions, layer_slopes, lightning_attention
 from tnllm.config import ModelConfig
 
 Array = jax.Array
@@ -118,10 +118,12 @@ class GatedLinearAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Optional[Array],
-                 initial_state: Optional[Array]) -> Tuple[Array, Array]:
+                 initial_state: Optional[Array],
+                 segment_ids: Optional[Array] = None) -> Tuple[Array, Array]:
         """x: [batch, seq, d_model]; positions: [batch, seq] int; mask: [batch, seq] bool or None
         (False = padding: its key is zeroed so it contributes nothing); initial_state:
-        [batch, heads, dk, head_dim] f32 or None.
+        [batch, heads, dk, head_dim] f32 or None; segment_ids: [batch, seq] int packed documents
+        (`tnllm.attention.lightning_attention`) or None.
 
         Returns the output [batch, seq, d_model] and the final state [batch, heads, dk, head_dim] f32,
         where dk = 2*head_dim in LRPE layers and head_dim elsewhere.
@@ -146,7 +148,8 @@ class GatedLinearAttention(nn.Module):
             k = jnp.where(mask[:, :, None, None], k, jnp.zeros_like(k))
         slopes = layer_slopes(h, self.layer, cfg.num_layers)
         o, state = lightning_attention(q, k, v, slopes, impl=cfg.attention_impl,
-                                       chunk_size=cfg.chunk_size, initial_state=initial_state)
+                                       chunk_size=cfg.chunk_size, initial_state=initial_state,
+                                       segment_ids=segment_ids)
         o = nn.with_logical_constraint(o, ("batch", "length", "heads", "head_dim"))
         out_proj = nn.Einsum(
             (h, hd, cfg.d_model), "bthk,hkd->btd", use_bias=False, dtype=cfg.dtype,
@@ -164,8 +167,9 @@ def token_mixer(cfg: ModelConfig, layer: int) -> nn.Module:
     """The token mixer of layer `layer` named by config.model.token_mixer, the one place that chooses it.
 
     Every mixer is built as Mixer(cfg, layer), picks its form from cfg.attention_impl through
-    `tnllm.attention.choose_impl`, and is called as mixer(x, positions, mask, initial_state) ->
-    (y, final_state), with x and y [batch, seq, d_model] and its own state (`state_specs`).
+    `tnllm.attention.choose_impl`, and is called as mixer(x, positions, mask, initial_state,
+    segment_ids=None) -> (y, final_state), with x and y [batch, seq, d_model] and its own state
+    (`state_specs`).
     """
     return _TOKEN_MIXERS[cfg.token_mixer](cfg, layer, name="token_mixer")
 
@@ -182,10 +186,10 @@ class DecoderLayer(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, mask, initial_state):
+    def __call__(self, x, positions, mask, initial_state, segment_ids=None):
         cfg = self.cfg
         y, state = token_mixer(cfg, self.layer)(norm(cfg, "token_mixer_norm")(x), positions, mask,
-                                                initial_state)
+                                                initial_state, segment_ids=segment_ids)
         x = x + y
         x = x + channel_mixer(cfg)(norm(cfg, "channel_mixer_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -204,7 +208,8 @@ class TransNormerLLM(nn.Module):
     def __call__(self, tokens: Array, positions: Optional[Array] = None,
                  mask: Optional[Array] = None,
                  initial_states: Optional[Sequence[Array]] = None,
-                 return_hidden: bool = False) -> Tuple[Array, Tuple[Array, ...]]:
+                 return_hidden: bool = False,
+                 segment_ids: Optional[Array] = None) -> Tuple[Array, Tuple[Array, ...]]:
         """Forward pass.
 
         Args:
@@ -214,11 +219,16 @@ class TransNormerLLM(nn.Module):
           initial_states: one state per layer (from a prefill; shapes: `state_specs`), or None.
           return_hidden: return the final normed hidden states [batch, seq, d_model] in cfg.dtype
             instead of the logits (the training loss applies the tied head in slices: tnllm.loss).
+          segment_ids: [batch, seq] int, equal within each packed document, or None: no document
+            sees another and default positions restart at 0 in each, as if each ran alone; the
+            initial states continue the first document, the final states are the last one's.
         Returns:
           logits [batch, seq, vocab] float32 (or the hidden states), and each layer's final state (a
           tuple of num_layers; None for softmax layers run without a cache).
         """
         cfg = self.cfg
+        if positions is None and segment_ids is not None:
+            positions = document_positions(segment_ids)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         embed = nn.Embed(
@@ -237,7 +247,7 @@ class TransNormerLLM(nn.Module):
         states = []
         for i in range(cfg.num_layers):
             s0 = None if initial_states is None else initial_states[i]
-            x, s = layer_cls(cfg, i, name=f"layers_{i}")(x, positions, mask, s0)
+            x, s = layer_cls(cfg, i, name=f"layers_{i}")(x, positions, mask, s0, segment_ids)
             states.append(s)
         x = norm(cfg, "final_norm")(x)
         if return_hidden:

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import lightning
 from tnllm import sharding
 from tnllm.attention import choose_impl
 from tnllm.config import ModelConfig, check_context_mixer
@@ -57,18 +58,26 @@ def rope(x: Array, positions: Array, base: float = ROPE_BASE) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def causal_attention(q: Array, k: Array, v: Array, mask: Optional[Array], impl: str = "auto") -> Array:
+def causal_attention(q: Array, k: Array, v: Array, mask: Optional[Array], impl: str = "auto",
+                     segment_ids: Optional[Array] = None) -> Array:
     """Causal softmax attention over one sequence, scale 1/√head_dim.
 
     q, k, v: [batch, seq, heads, head_dim]; mask: [batch, seq] bool (False = padding, never attended
-    to) or None; impl: "auto", "xla" or "cudnn". Returns [batch, seq, heads, head_dim] in q's dtype.
+    to) or None; impl: "auto", "xla" or "cudnn"; segment_ids: [batch, seq] int, equal within each
+    packed document, or None: a block-diagonal causal mask keeps documents apart. Returns
+    [batch, seq, heads, head_dim] in q's dtype.
     """
-    impl = choose_impl("softmax", impl, q, k, v, masked=mask is not None)
-    if mask is None:
+    impl = choose_impl("softmax", impl, q, k, v, masked=mask is not None or segment_ids is not None)
+    if mask is None and segment_ids is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
     seq = q.shape[1]
     causal = jnp.arange(seq)[None, :] <= jnp.arange(seq)[:, None]  # [query, key]
-    allowed = causal[None, None] & mask[:, None, None, :]
+    allowed = causal[None, None]
+    if mask is not None:
+        allowed = allowed & mask[:, None, None, :]
+    if segment_ids is not None:
+        ids = lightning.document_ids(segment_ids)
+        allowed = allowed & (ids[:, None, :, None] == ids[:, None, None, :])
     return jax.nn.dot_product_attention(q, k, v, mask=allowed, implementation=impl)
 
 
@@ -137,9 +146,11 @@ class SoftmaxAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Optional[Array],
-                 cache: Optional[KVCache]) -> Tuple[Array, Optional[KVCache]]:
+                 cache: Optional[KVCache],
+                 segment_ids: Optional[Array] = None) -> Tuple[Array, Optional[KVCache]]:
         """x: [batch, seq, d_model]; positions: [batch, seq] int; mask: [batch, seq] bool or None
-        (False = padding); cache: this layer's KVCache or None.
+        (False = padding); cache: this layer's KVCache or None; segment_ids: [batch, seq] int
+        packed documents (`causal_attention`), only without a cache.
 
         Without a cache (training, scoring) the sequence attends to itself and nothing is kept: the
         returned state is None. With one, the segment's real tokens are written into it first and
@@ -159,7 +170,10 @@ class SoftmaxAttention(nn.Module):
         q, k, v = (qkv[:, :, i] for i in range(3))
         q, k = rope(q, positions), rope(k, positions)
         if cache is None:
-            o = causal_attention(q, k, v, mask, cfg.mixer_impl)
+            o = causal_attention(q, k, v, mask, cfg.mixer_impl, segment_ids)
+        elif segment_ids is not None:
+            raise ValueError("segment_ids separate packed documents in training and scoring; a KV "
+                             "cache holds one document per row: pass no segment_ids with it.")
         else:
             cache = write_cache(cache, k, v, positions, mask)
             o = cached_attention(q, cache, positions, cfg.mixer_impl)

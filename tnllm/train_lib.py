@@ -32,8 +32,10 @@ from flax.training.train_state import TrainState
 from tqdm import tqdm
 
 from tnllm import config as config_lib
-from tnllm import data, distributed, generate, sharding
-from tnllm.checkpoint import DAMAGED, StorageError, TrainCheckpoints, WorkdirLock
+from tnllm import data, distributed, generate, instruct, sharding
+from tnllm.attention import document_positions
+from tnllm.checkpoint import (DAMAGED, EXPORT_CONFIG, StorageError, TrainCheckpoints, WorkdirLock,
+                              abstract_params, check_shapes, load_model)
 from tnllm.loss import cross_entropy_sum, sequence_slices
 from tnllm.metrics import (METRICS, MetricsLog, flops_per_token, peak_flops, peak_memory_bytes,
                            plot_losses)
@@ -68,8 +70,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> Tuple[optax.GradientTransf
 
 
 def weighted_loss(model: TransNormerLLM, params: Any, tokens: jax.Array,
-                  weights: jax.Array) -> jax.Array:
-    """Σ weights · next-token cross-entropy. tokens: [batch, seq_len + 1]; weights: [batch, seq_len].
+                  weights: jax.Array, segment_ids: Optional[jax.Array] = None) -> jax.Array:
+    """Σ weights · next-token cross-entropy. tokens: [batch, seq_len + 1]; weights: [batch, seq_len];
+    segment_ids: None or [batch, seq_len] int packed documents of the inputs (`TransNormerLLM`).
 
     With config.model.loss_chunk the head and loss run that many tokens at a time (tnllm.loss),
     never holding all [batch, seq_len, vocab] logits. With config.model.train_segment the model
@@ -80,27 +83,47 @@ def weighted_loss(model: TransNormerLLM, params: Any, tokens: jax.Array,
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     segment = model.cfg.train_segment
     if not segment or inputs.shape[1] <= segment:
-        return _run_loss(model, params, inputs, labels, weights, None, None)[1]
+        return _run_loss(model, params, inputs, labels, weights, None, None, segment_ids)[1]
 
     @jax.checkpoint
     def run_segment(states, xs):
-        return _run_loss(model, params, *xs, states)
+        return _run_loss(model, params, *xs[:4], states, *xs[4:])
 
     positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
+    packed = ()
+    if segment_ids is not None:  # each segment's first document continues the state carried in
+        positions, packed = document_positions(segment_ids), (segment_ids,)
     # The last segment is padded at its end with zero weights: causal, so no real token sees it.
-    xs = tuple(sequence_slices(x, segment) for x in (inputs, labels, weights, positions))
+    xs = tuple(sequence_slices(x, segment) for x in (inputs, labels, weights, positions) + packed)
     _, losses = jax.lax.scan(run_segment, zero_states(model.cfg, inputs.shape[0]), xs)
     return jnp.sum(losses)
 
 
-def _run_loss(model, params, inputs, labels, weights, positions, states):
+def params_from_export(path: str, expected: Any, shardings: Any) -> Any:
+    """The parameters of the export at `path` (config.train.init_from), cast to the dtypes of
+    `expected` (the config's parameter tree of ShapeDtypeStructs) and placed per `shardings`.
+
+    Raises one sentence when the export is missing or its shapes differ from the config's."""
+    if not os.path.isfile(os.path.join(path, EXPORT_CONFIG)):
+        raise FileNotFoundError(f"config.train.init_from = {path!r} is not an export (no "
+                                f"{EXPORT_CONFIG}); pass a directory written by `python -m "
+                                "tnllm.checkpoint export` or `python -m tnllm.convert import`.")
+    _, params = load_model(path)
+    check_shapes(expected, params, f"The export {path} (config.train.init_from)",
+                 "set config.model to the export's model (its config.json)")
+    return jax.tree.map(lambda x, want, where: jax.device_put(x.astype(want.dtype), where),
+                        params, expected, shardings)
+
+
+def _run_loss(model, params, inputs, labels, weights, positions, states, segment_ids=None):
     """(each layer's final state, Σ weights · cross-entropy) of one model run over inputs [b, s]."""
     if model.cfg.loss_chunk:
         hidden, states = model.apply({"params": params}, inputs, positions, None, states,
-                                     return_hidden=True)
+                                     return_hidden=True, segment_ids=segment_ids)
         return states, cross_entropy_sum(hidden, params["embed_tokens"]["embedding"], labels,
                                          weights, model.cfg.loss_chunk)
-    logits, states = model.apply({"params": params}, inputs, positions, None, states)
+    logits, states = model.apply({"params": params}, inputs, positions, None, states,
+                                 segment_ids=segment_ids)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return states, jnp.sum(losses * weights)
 
@@ -130,6 +153,28 @@ def make_train_step(model: TransNormerLLM, schedule: optax.Schedule):
         grads = jax.tree.map(lambda g: g / batch.shape[0], grad_sum)
         metrics = dict(loss=losses.mean(), grad_norm=optax.tree.norm(grads),
                        lr=schedule(state.step))
+        return state.apply_gradients(grads=grads), metrics
+
+    return train_step
+
+
+def make_masked_train_step(model: TransNormerLLM, schedule: optax.Schedule):
+    """The step for packed instruction data: the loss is the mean cross-entropy over the target
+    tokens of the whole batch, all micro-batches together, not a mean of per-row means."""
+
+    def train_step(state: TrainState, batch) -> Tuple[TrainState, Dict[str, jax.Array]]:
+        """batch: tokens [micro_batches, rows, seq_len + 1] int32, targets [micro_batches, rows,
+        seq_len] f32 (1 where the label is a target) and segment_ids [micro_batches, rows, seq_len]."""
+        tokens, targets, segment_ids = batch
+        weights = targets / jnp.maximum(jnp.sum(targets), 1.0)
+
+        def micro_step(grad_sum, xs):
+            loss, grads = jax.value_and_grad(lambda p: weighted_loss(model, p, *xs))(state.params)
+            return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, losses = jax.lax.scan(micro_step, zeros, (tokens, weights, segment_ids))
+        metrics = dict(loss=losses.sum(), grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
         return state.apply_gradients(grads=grads), metrics
 
     return train_step
@@ -248,11 +293,21 @@ class _Setup:
                 f"to at least {self.tokenizer.vocab_size}.")
         if cfg.data.tokenizer != BYTE_SPEC:  # checkpoints must find it from any working directory
             cfg.data.tokenizer = os.path.abspath(cfg.data.tokenizer)
-        self.store = data.TokenStore(cfg.data, self.tokenizer)
         t = cfg.train
         self.micro_batch = t.batch_size // t.grad_accum_steps
-        self.loader = data.Loader(self.store, cfg.data.seq_len, t.batch_size, t.seed)
-        self.val = data.Windows(self.store.splits["val"], cfg.data.seq_len, "val")
+        self.packed = _packed_documents(cfg.data)
+        if self.packed:
+            self.store = instruct.Store(cfg.data, self.tokenizer)
+            self.loader = instruct.Loader(self.store, t.batch_size, t.seed)
+            self.val = self.store.splits["val"]
+            if distributed.is_main_process():
+                print(f"Packed {len(self.loader.windows.documents)} training records into windows of "
+                      f"{cfg.data.seq_len + 1} tokens; {self.loader.windows.waste():.1%} of the window "
+                      "tokens are padding.")
+        else:
+            self.store = data.TokenStore(cfg.data, self.tokenizer)
+            self.loader = data.Loader(self.store, cfg.data.seq_len, t.batch_size, t.seed)
+            self.val = data.Windows(self.store.splits["val"], cfg.data.seq_len, "val")
         self.mesh = sharding.make_mesh(cfg.mesh)
         check_sharding(self.model_cfg, self.mesh)
         sharding.check_batch(self.micro_batch, self.mesh, "The micro-batch (config.train.batch_size "
@@ -292,6 +347,9 @@ class _Setup:
                     os.path.join(workdir, METRICS)):
                 _set_metrics_aside(workdir)
             self.state, _ = sharding.init_sharded(self._init_state, self.mesh, rng)
+            if cfg.train.init_from:
+                self.state = self.state.replace(params=params_from_export(
+                    cfg.train.init_from, a.params, self.state_sharding.params))
             self.resumed_from = None
             return
         if from_scratch:
@@ -308,6 +366,8 @@ class _Setup:
         self.resumed_from = step
 
     def _compile(self, cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> None:
+        if self.packed:
+            return self._compile_packed(cfg, schedule)
         seq = cfg.data.seq_len + 1
         batch = jax.ShapeDtypeStruct((cfg.train.grad_accum_steps, self.micro_batch, seq), jnp.int32,
                                      sharding=sharding.batch_sharding(self.mesh, batch_dim=1))
@@ -324,17 +384,42 @@ class _Setup:
         self.rows = rows
         self.batch_sharding = batch.sharding
 
+    def _compile_packed(self, cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> None:
+        """The steps of packed instruction data: batches of (tokens, targets, segment_ids)."""
+        self.rows = sharding.batch_sharding(self.mesh)
+        self.batch_sharding = sharding.batch_sharding(self.mesh, batch_dim=1)
+        seq = cfg.data.seq_len
+        shapes = ((seq + 1, jnp.int32), (seq, jnp.float32), (seq, jnp.int32))
+        batch = tuple(jax.ShapeDtypeStruct((cfg.train.grad_accum_steps, self.micro_batch, n), dtype,
+                                           sharding=self.batch_sharding) for n, dtype in shapes)
+        self.train_step = jax.jit(
+            make_masked_train_step(self.model, schedule),
+            in_shardings=(self.state_sharding, tuple(b.sharding for b in batch)),
+            out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
+            donate_argnums=0).lower(self.abstract_state, batch).compile()
+        rows = tuple(jax.ShapeDtypeStruct((self.micro_batch, n), dtype, sharding=self.rows)
+                     for n, dtype in shapes)
+        self.eval_step = jax.jit(
+            functools.partial(weighted_loss, self.model), out_shardings=sharding.replicated(self.mesh)
+        ).lower(self.abstract_state.params, *rows).compile()
+
     def next_batch(self) -> jax.Array:
-        """[grad_accum_steps, micro_batch, seq_len + 1] int32, sharded over the batch axes.
+        """[grad_accum_steps, micro_batch, seq_len + 1] int32, sharded over the batch axes (with
+        packed documents a tuple: the tokens, targets and segment ids of `make_masked_train_step`).
 
         Every process draws the same global batch (a pure function of seed and step) and hands over
         only the rows its own devices hold."""
+        if self.packed:
+            return tuple(_global_array(x.reshape(-1, self.micro_batch, *x.shape[1:]),
+                                       self.batch_sharding, batch_dim=1) for x in next(self.loader))
         tokens = next(self.loader).reshape(-1, self.micro_batch, self.loader.windows.seq_len + 1)
         return _global_array(tokens, self.batch_sharding, batch_dim=1)
 
     def evaluate(self, params: Any, eval_batches: int) -> float:
         """Mean validation loss (nats/token) over eval_batches micro-batches of windows spread
-        evenly over the validation split."""
+        evenly over the validation split (with packed documents: the first windows, per target)."""
+        if self.packed:
+            return self._evaluate_packed(params, eval_batches)
         windows = self.val.spread(eval_batches * self.micro_batch)
         total = 0.0
         for start in range(0, len(windows), self.micro_batch):
@@ -345,6 +430,32 @@ class _Setup:
             total += float(self.eval_step(params, _global_array(self.val.read(ids), self.rows),
                                           _global_array(weights, self.rows)))
         return total / len(windows)
+
+
+    def _evaluate_packed(self, params: Any, eval_batches: int) -> float:
+        windows = self.val.in_order()[:eval_batches * self.micro_batch]
+        total = targets = 0.0
+        for start in range(0, len(windows), self.micro_batch):
+            rows = windows[start:start + self.micro_batch]
+            rows += [rows[-1]] * (self.micro_batch - len(rows))
+            tokens, weights, segment_ids = self.val.arrays(rows)
+            weights[len(windows) - start:] = 0.0  # the repeated rows that fill the last batch
+            total += float(self.eval_step(params, *(_global_array(x, self.rows)
+                                                    for x in (tokens, weights, segment_ids))))
+            targets += float(weights.sum())
+        return total / max(targets, 1.0)
+
+
+def _packed_documents(data_cfg: ml_collections.ConfigDict) -> bool:
+    """Whether config.data asks for whole documents per window (instruction data or plain text);
+    one sentence for a combination that does not exist."""
+    if data_cfg.packing not in config_lib.PACKINGS:
+        raise ValueError(f"config.data.packing must be one of {', '.join(config_lib.PACKINGS)}, got "
+                         f"{data_cfg.packing!r}.")
+    if data_cfg.template and data_cfg.packing != "documents":
+        raise ValueError("Instruction records are packed as whole documents: set "
+                         "config.data.packing = 'documents' with config.data.template.")
+    return data_cfg.packing == "documents"
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, from_scratch: bool = False,
