@@ -141,3 +141,22 @@ def test_cudnn_softmax_matches_xla():
     params = jax.jit(nets[0].init)(jax.random.PRNGKey(0), tokens)
     xla, cudnn = (jax.jit(net.apply)(params, tokens) for net in nets)
     assert float(jnp.linalg.norm(cudnn - xla) / jnp.linalg.norm(xla)) <= 5e-3 * 4  # two bf16 runs
+
+
+def test_training_learns_a_small_set_and_accuracy_counts_every_example_once():
+    cfg = listops.ClassifierConfig(num_layers=1, d_model=16, num_heads=2, mlp_dim=32, max_len=32)
+    tc = listops.TrainConfig(steps=60, batch_size=4, learning_rate=1e-2, warmup_steps=2)
+    tokens, labels = listops.generate("train", 8, grammar=listops.Grammar(4, 4, 10, 32))
+    params, stats = listops.train_classifier(cfg, tc, tokens, labels)
+    steps, losses = zip(*stats["loss_curve"])
+    assert steps == (0, 10, 20, 30, 40, 50, 59)
+    # 8 examples, 30 epochs: learned by heart (chance is 10 %).
+    assert losses[-1] < 0.5 * losses[0] and listops.accuracy(cfg, params, tokens, labels, 4) >= 75.0
+    # 7 examples in batches of 4: the last batch is padded with repeats, which are not counted.
+    predicted = np.argmax(listops.ListOpsClassifier(cfg).apply(params, tokens[:7]), -1)
+    want = 100.0 * np.mean(predicted == labels[:7])
+    assert listops.accuracy(cfg, params, tokens[:7], labels[:7], 4) == pytest.approx(want)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        listops.TrainConfig(steps=10, warmup_steps=10)
+    with pytest.raises(ValueError, match="fewer than config.train.batch_size"):
+        listops.train_classifier(cfg, tc, tokens[:3], labels[:3])
