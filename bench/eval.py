@@ -15,7 +15,6 @@ their values).
 
 Prints a table; writes $OUT/eval.json (rewritten after every case). OUT defaults to ./bench_out.
 """
-import os
 import statistics
 import time
 from pathlib import Path
@@ -61,10 +60,8 @@ def main(argv):
     if FLAGS.smoke:
         FLAGS.configs, FLAGS.context, FLAGS.questions = ["tiny"], 40, 8
         FLAGS.batch_sizes, FLAGS.repeats = ["4"], 1
-    out = Path(os.environ.get("OUT", "bench_out"))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "eval.json"
-    meta = dict(device=jax.devices()[0].device_kind, context=FLAGS.context, choices=FLAGS.choices,
+    path = report.out_dir() / "eval.json"
+    meta = dict(report.run_info(), context=FLAGS.context, choices=FLAGS.choices,
                 choice_tokens=[FLAGS.min_choice, FLAGS.max_choice], questions=FLAGS.questions)
     rows = []
     for name in FLAGS.configs:
@@ -93,9 +90,9 @@ def main(argv):
                         row["max_diff"] = float(np.abs(results[True] - results[False]).max())
 
                 report.measure(rows, row, run, path, meta)
-    report.table(rows, [("config", "config", "<8"), ("batch", "batch", ">6"),
-                        ("reuse", "reuse_context", ">6"), ("requests/s", "requests_per_s", ">11.1f"),
-                        ("s", "seconds", ">8.2f"), ("max_diff", "max_diff", ">9.2e")])
+    print(report.markdown(rows, [("config", "config", ""), ("batch", "batch", ""),
+                                 ("reuse", "reuse_context", ""), ("requests/s", "requests_per_s", ".1f"),
+                                 ("s", "seconds", ".2f"), ("max_diff", "max_diff", ".2e")]))
 
 
 if __name__ == "__main__":
