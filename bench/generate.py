@@ -7,13 +7,11 @@ Random bf16 parameters; greedy, EOS off; the median of --repeats runs over new_t
 
 Writes $OUT/generate.json (OUT defaults to ./bench_out) after every case; a failed case is recorded.
 """
+import itertools
 import json
 import math
-import os
 import statistics
-import sys
 import time
-import traceback
 from pathlib import Path
 
 import flax.linen as nn
@@ -59,20 +57,21 @@ def timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def measure_prefill(cfg, params, batch, context, prefill_chunk):
+def measure_prefill(cfg, params, batch, context):
     """Prefills `context` random tokens per row: (the Prefilled state, its timings)."""
     tokens = jax.random.randint(jax.random.key(context), (batch, context), 0, cfg.vocab_size, jnp.int32)
     mask = jnp.ones((batch, context), bool)
     start = time.perf_counter()
-    prefill_exe = prefill.lower(params, tokens, mask, cfg=cfg, prefill_chunk=prefill_chunk).compile()
+    prefill_exe = prefill.lower(params, tokens, mask, cfg=cfg, prefill_chunk=FLAGS.prefill_chunk).compile()
     prefill_compile_s = time.perf_counter() - start
     prefilled, prefill_s = timed(prefill_exe, params, tokens, mask)
     return prefilled, dict(prefill_compile_s=prefill_compile_s, prefill_s=prefill_s,
                            prefill_tokens_per_s=batch * context / prefill_s)
 
 
-def measure_decode(cfg, params, prefilled, new_tokens, repeats, fused, fused_kernels):
-    """Times decoding `new_tokens` tokens after `prefilled`."""
+def measure_decode(cfg, params, prefilled, fused, fused_kernels):
+    """Times decoding --new_tokens tokens after `prefilled`, --repeats times."""
+    new_tokens, repeats = FLAGS.new_tokens, FLAGS.repeats
     batch = prefilled.logits.shape[0]
     options = DecodeOptions(fused=fused, kernels=fused_kernels, autotune=FLAGS.autotune).resolve(
         cfg, batch)
@@ -118,92 +117,73 @@ def state_mb_per_sequence(cfg):
     return sum(math.prod(s.shape) * s.dtype.itemsize for s in leaves) / 1e6
 
 
-def print_table(rows):
-    for r in rows:  # the fused step's kernels, or False
-        r["step"] = r.get("fused_kernels") or str(r["fused"])
-    print(report.markdown(rows, [
-        ("config", "config", ""), ("impl", "impl", ""), ("fused", "step", ""),
-        ("batch", "batch", ""), ("context", "context", ""), ("prefill s", "prefill_s", ".3f"),
-        ("prefill tok/s", "prefill_tokens_per_s", ",.0f"), ("ms/token", "decode_ms_per_token", ".3f"),
-        ("decode tok/s", "decode_tokens_per_s", ",.0f"), ("÷ read", "decode_per_weight_read", ".2f")]))
+def measure_case(rows, path, meta, cfg, params, case, fuseds, kernel_choices, limit):
+    """Every variant of the decoding step for one config, impl, batch and context, after one shared
+    prefill; each variant resolved as decode resolves it (auto: by the batch and the device)."""
+    batch, context = case["batch"], case["context"]
+    fused_ok = not fused_step.unsupported(cfg, batch)
+    resolved = {DecodeOptions(fused=f if f is None else f and fused_ok).resolve(cfg, batch).fused
+                for f in fuseds}
+    variants = {(fused, k) for fused in resolved for k in (kernel_choices if fused else [""])}
+    prefill_done = {}
+
+    def run(row, fused, kernels):
+        if limit is not None and batch * case["state_mb_per_sequence"] * 1e6 > limit:
+            raise MemoryError(f"the decoding state needs {batch * case['state_mb_per_sequence'] / 1e3:.0f} "
+                              f"GB, more than the device's {limit / 1e9:.0f} GB")
+        if not prefill_done:
+            prefill_done["state"], prefill_done["stats"] = measure_prefill(cfg, params, batch, context)
+        row.update(prefill_done["stats"])
+        row.update(measure_decode(cfg, params, prefill_done["state"], fused, kernels or None))
+        row["decode_per_weight_read"] = row["decode_ms_per_token"] / row["weight_read_ms"]
+
+    for fused, kernels in sorted(variants):
+        report.measure(rows, dict(case, fused=fused, fused_kernels=kernels or None),
+                       lambda row, fused=fused, kernels=kernels: run(row, fused, kernels), path, meta)
 
 
 def main(argv):
     del argv
     if FLAGS.smoke:
-        names, contexts, batches, impls = ["tiny"], [16], [1], ["blockwise"]
-        new_tokens, repeats, prefill_chunk = 4, 1, 32
-    else:
-        names = FLAGS.configs
-        contexts, batches = [int(c) for c in FLAGS.contexts], [int(b) for b in FLAGS.batches]
-        impls = FLAGS.impls
-        new_tokens, repeats, prefill_chunk = FLAGS.new_tokens, FLAGS.repeats, FLAGS.prefill_chunk
-    if new_tokens < 2:
-        raise ValueError("--new_tokens must be at least 2: the first token comes from the prefill.")
-    out_dir = Path(os.environ.get("OUT", "bench_out"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = dict(date=time.strftime("%Y-%m-%d"), device=jax.devices()[0].device_kind,
-                backend=jax.default_backend(), jax_version=jax.__version__, command=" ".join(sys.argv),
-                new_tokens=new_tokens, repeats=repeats, prefill_chunk=prefill_chunk,
-                dtype="bfloat16")
+        FLAGS.configs, FLAGS.contexts, FLAGS.batches, FLAGS.impls = ["tiny"], ["16"], ["1"], ["blockwise"]
+        FLAGS.new_tokens, FLAGS.repeats, FLAGS.prefill_chunk = 4, 1, 32
+    if FLAGS.new_tokens < 2:
+        raise app.UsageError("--new_tokens must be at least 2: the first token comes from the prefill.")
+    path = report.out_dir() / "generate.json"
+    meta = dict(report.run_info(), backend=jax.default_backend(), new_tokens=FLAGS.new_tokens,
+                repeats=FLAGS.repeats, prefill_chunk=FLAGS.prefill_chunk, dtype="bfloat16")
     print(json.dumps(meta))
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    fuseds = [{"true": True, "false": False, "auto": None}[f] for f in FLAGS.fused]
+    kernel_choices = sorted({fused_step.default_kernels() if k == "auto" else k for k in FLAGS.fused_kernels})
     rows = []
-    for name in names:
+    for name in FLAGS.configs:
         cfg = config_lib.model_config(config_lib.load(str(REPO / "configs" / f"{name}.py")))
         cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
         variables = jax.jit(TransNormerLLM(cfg).init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
         params = nn.unbox(variables)["params"]
-        weights_gb, read_ms = weight_read_ms(params, repeats)
+        weights_gb, read_ms = weight_read_ms(params, FLAGS.repeats)
         print(f"{name}: {weights_gb:.3f} GB of bf16 parameters, read once in {read_ms:.3f} ms "
               f"({weights_gb / read_ms:.2f} TB/s)", flush=True)
-        fuseds = [{"true": True, "false": False, "auto": None}[f] for f in FLAGS.fused]
-        kernel_choices = sorted({fused_step.default_kernels() if k == "auto" else k
-                                 for k in FLAGS.fused_kernels})
         # The impl picks the parallel form of TNL's prefill.
-        for impl in impls if cfg.token_mixer == "gla" else [cfg.attention_impl]:
-            for batch in batches:
-                for context in contexts:
-                    # The softmax baseline's state is a KV cache as long as the whole context; the
-                    # linear mixers' states do not depend on it.
-                    case_cfg = cfg.replace(max_cache_len=context + new_tokens, attention_impl=impl)
-                    state_mb = state_mb_per_sequence(case_cfg)
-                    case = dict(config=name, impl=impl, batch=batch, context=context,
-                                state_mb_per_sequence=state_mb, weights_gb=weights_gb,
-                                weight_read_ms=read_ms)
-                    prefilled = None
-                    # One prefill for every variant of the decoding step, each resolved as decode
-                    # resolves it (auto: by the batch and the device).
-                    fused_ok = not fused_step.unsupported(case_cfg, batch)
-                    variants = {(fused, k) for f in fuseds
-                                for fused in [DecodeOptions(fused=f if f is None else f and fused_ok)
-                                              .resolve(case_cfg, batch).fused]
-                                for k in (kernel_choices if fused else [""])}
-                    for fused, kernels in sorted(variants):
-                        row = dict(case, fused=fused, fused_kernels=kernels or None)
-                        try:
-                            if limit is not None and batch * state_mb * 1e6 > limit:
-                                raise MemoryError(f"the decoding state needs {batch * state_mb / 1e3:.0f} "
-                                                  f"GB, more than the device's {limit / 1e9:.0f} GB")
-                            if prefilled is None:
-                                prefilled, prefill_stats = measure_prefill(case_cfg, params, batch,
-                                                                           context, prefill_chunk)
-                            row.update(prefill_stats)
-                            row.update(measure_decode(case_cfg, params, prefilled, new_tokens, repeats,
-                                                      fused, kernels or None))
-                            row["decode_per_weight_read"] = row["decode_ms_per_token"] / read_ms
-                        except Exception as e:  # noqa: BLE001 - keep measuring the other cases
-                            traceback.print_exc()
-                            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
-                        (out_dir / "generate.json").write_text(json.dumps(dict(meta, results=rows),
-                                                                          indent=1))
-                    del prefilled
+        for impl in FLAGS.impls if cfg.token_mixer == "gla" else [cfg.attention_impl]:
+            for batch, context in itertools.product(map(int, FLAGS.batches), map(int, FLAGS.contexts)):
+                # The softmax baseline's state is a KV cache as long as the whole context; the
+                # linear mixers' states do not depend on it.
+                case_cfg = cfg.replace(max_cache_len=context + FLAGS.new_tokens, attention_impl=impl)
+                case = dict(config=name, impl=impl, batch=batch, context=context,
+                            state_mb_per_sequence=state_mb_per_sequence(case_cfg), weights_gb=weights_gb,
+                            weight_read_ms=read_ms)
+                measure_case(rows, path, meta, case_cfg, params, case, fuseds, kernel_choices, limit)
         del params
-    print()
-    print_table(rows)
-    print(f"\nwrote {out_dir / 'generate.json'}")
+    for r in rows:  # the fused step's kernels, or False
+        r["step"] = r.get("fused_kernels") or str(r["fused"])
+    print("\n" + report.markdown(rows, [
+        ("config", "config", ""), ("impl", "impl", ""), ("fused", "step", ""),
+        ("batch", "batch", ""), ("context", "context", ""), ("prefill s", "prefill_s", ".3f"),
+        ("prefill tok/s", "prefill_tokens_per_s", ",.0f"), ("ms/token", "decode_ms_per_token", ".3f"),
+        ("decode tok/s", "decode_tokens_per_s", ",.0f"), ("÷ read", "decode_per_weight_read", ".2f")]))
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":
