@@ -6,24 +6,24 @@ checkpoint is then restored and generated from on one GPU.
     NCCL_NVLS_ENABLE=0 python -m bench.multi_gpu --cases=1gpu,1gpu_accum2,1gpu_f32,fsdp2,tensor2
     python -m bench.multi_gpu --smoke                 # two fake CPU devices, the tiny model
 
-Appends a JSON line per case to --results (default $OUT/multi_gpu.jsonl). NVLink multicast stays
+Appends a JSON line per case to $OUT/multi_gpu.jsonl (OUT defaults to ./bench_out). NVLink multicast stays
 off (NCCL_NVLS_ENABLE=0): on shared hosts it can take the GPUs down.
 """
 import concurrent.futures
 import json
 import os
-import queue
 import re
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from typing import NamedTuple
 
 from absl import app, flags
 
-from bench.report import markdown
+from bench import report
 from tnllm import config as config_lib
 from tnllm import data
 from tnllm.tokenizer import load_tokenizer
@@ -44,7 +44,6 @@ flags.DEFINE_enum("platform", "gpu", ["gpu", "cpu"],
 flags.DEFINE_string("attention_impl", "pallas", "config.model.attention_impl of every case.")
 flags.DEFINE_integer("warmup_steps", 5, "config.optim.warmup_steps (short, so that 20 steps move).")
 flags.DEFINE_multi_string("set", [], "More config overrides for every case, e.g. model.dtype=bfloat16.")
-flags.DEFINE_string("results", None, "JSON lines file; default $OUT/multi_gpu.jsonl.")
 flags.DEFINE_integer("timeout", 300, "Seconds allowed to each train.py run.")
 flags.DEFINE_bool("smoke", False, "Two fake CPU devices, the tiny model on a small corpus, 2 steps.")
 FLAGS = flags.FLAGS
@@ -87,7 +86,7 @@ def device_env(devices: list) -> dict:
 
 
 def train(name: str, case: Case, devices: list, length: int, steps: int) -> dict:
-    workdir = os.path.join(os.environ.get("OUT", "bench_out"), "multi_gpu", f"{name}-{length}")
+    workdir = str(report.out_dir() / "multi_gpu" / f"{name}-{length}")
     shutil.rmtree(workdir, ignore_errors=True)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={os.path.join(ROOT, FLAGS.config)}",
            f"--workdir={workdir}", f"--config.data.seq_len={length}",
@@ -146,7 +145,7 @@ def loss_diffs(run: dict, ref: dict) -> tuple:
     return max(diffs), statistics.mean(diffs)
 
 
-def report(records: list) -> None:
+def summarize(records: list) -> None:
     runs = [r for r in records if "seq_len" in r]
     one = {r["seq_len"]: r for r in runs if r["case"] == "1gpu" and "tokens_per_s" in r}
     for r in runs:
@@ -158,20 +157,17 @@ def report(records: list) -> None:
             if r["gpus"] > 1:
                 r["eff"] = r["tokens_per_s"] / (r["gpus"] * ref["tokens_per_s"])
         r["per_gpu"] = r.get("tokens_per_s", 0) / r["gpus"]
-    print("\n" + markdown(runs, [
+    print("\n" + report.markdown(runs, [
         ("case", "case", ""), ("GPUs", "gpus", ""), ("seq", "seq_len", ""), ("batch", "batch", ""),
         ("tokens/s", "tokens_per_s", ",.0f"), ("tokens/s per GPU", "per_gpu", ",.0f"), ("MFU", "mfu", ".1%"),
         ("peak GiB per GPU", "peak_gib", ".1f"), ("scaling eff.", "eff", ".1%"),
         ("max loss diff vs 1 GPU", "diff", "")]))
     for length, ref in one.items():
         done = [r for r in runs if r["seq_len"] == length and "losses" in r]
-        print(f"\nLosses at {length}:")
-        for r in done:
-            print(f"  {r['case']:12s} " + " ".join(f"{x:.3f}" for x in r["losses"]))
         noise = {r["case"]: loss_diffs(r, ref) for r in done if r["case"] in NOISE_REFERENCES}
         if noise:  # a mesh case is within the noise if its largest difference is no larger
             bound = max(largest for largest, _ in noise.values())
-            print(f"bf16 noise at {length} (largest / mean difference from 1gpu): " +
+            print(f"\nbf16 noise at {length} (largest / mean difference from 1gpu): " +
                   ", ".join(f"{k} {v[0]:.2e} / {v[1]:.2e}" for k, v in noise.items()))
             for r in (r for r in done if r["gpus"] > 1):
                 largest, mean = loss_diffs(r, ref)
@@ -184,24 +180,18 @@ def report(records: list) -> None:
 
 def smoke(out: str) -> None:
     """Flags for a check of this script on a CPU, on a corpus of the library's own sources."""
-    corpus = os.path.join(out, "corpus")
-    os.makedirs(corpus, exist_ok=True)
-    for name in sorted(os.listdir(os.path.join(ROOT, "tnllm"))):
-        if name.endswith(".py"):
-            shutil.copy(os.path.join(ROOT, "tnllm", name), os.path.join(corpus, name + ".txt"))
     FLAGS.platform, FLAGS.gpus, FLAGS.config, FLAGS.attention_impl = "cpu", 2, "configs/tiny.py", "blockwise"
-    FLAGS.cases, FLAGS.lengths, FLAGS.steps, FLAGS.tokens = ["fsdp2"], ["32"], ["2"], 128
-    FLAGS.set = [f"data.path={corpus}", f"data.cache_dir={out}/cache", "data.val_fraction=0.25",
+    FLAGS.cases, FLAGS.lengths, FLAGS.steps, FLAGS.tokens = FLAGS.cases or ["fsdp2"], ["32"], ["2"], 128
+    FLAGS.set = [f"data.path={ROOT}/tnllm/*.py", f"data.cache_dir={out}/cache", "data.val_fraction=0.25",
                  "model.num_layers=1"]
 
 
 def main(argv):
     del argv
-    out = os.environ.get("OUT", "bench_out")
+    out = report.out_dir()
     if FLAGS.smoke:
         smoke(out)
-    path = FLAGS.results or os.path.join(out, "multi_gpu.jsonl")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    path = out / "multi_gpu.jsonl"
     gpus = FLAGS.gpus or (2 if FLAGS.platform == "cpu" else gpu_count())
     cases = all_cases(gpus)
     chosen = FLAGS.cases or list(cases)
@@ -225,32 +215,22 @@ def main(argv):
         field, value = override.split("=", 1)
         cfg.data[field] = type(cfg.data[field])(value)
     data.TokenStore(cfg.data, load_tokenizer(cfg.data.tokenizer))
-    single = [n for n in chosen if cases[n].gpus == 1]
-    if single:  # the one-GPU runs of all lengths at once, each on a GPU of its own (CPU: one by one)
-        workers = gpus if FLAGS.platform == "gpu" else 1
-        free = queue.Queue()  # a run takes the GPU a finished run gave back, never a busy one
-        for gpu in range(workers):
-            free.put(gpu)
-
-        def train_on_free_gpu(name: str, length: int, steps: int) -> dict:
-            gpu = free.get()
-            try:
-                return train(name, cases[name], [gpu], length, steps)
-            finally:
-                free.put(gpu)
-
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            runs = [pool.submit(train_on_free_gpu, name, length, steps)
-                    for length, steps in lengths for name in single]
-            for run in runs:
-                done(run.result())
+    # The one-GPU runs of all lengths at once, each thread on a GPU of its own (CPU: one by one).
+    workers, thread = (gpus if FLAGS.platform == "gpu" else 1), threading.local()
+    gpu_ids = iter(range(workers))
+    with concurrent.futures.ThreadPoolExecutor(
+            workers, initializer=lambda: setattr(thread, "gpu", next(gpu_ids))) as pool:
+        runs = [pool.submit(lambda n, *run: train(n, cases[n], [thread.gpu], *run), name, length, steps)
+                for length, steps in lengths for name in chosen if cases[name].gpus == 1]
+        for run in runs:
+            done(run.result())
     for length, steps in lengths:
         for name in (n for n in chosen if cases[n].gpus > 1):
             record = train(name, cases[name], list(range(cases[name].gpus)), length, steps)
             done(record)
             if name == f"fsdp{gpus}" and length == lengths[0][0] and record["rc"] == 0:
                 done(restore_and_generate(record["workdir"]))
-    report(records)
+    summarize(records)
     failed = [f"{r['case']} (rc {r['rc']})" for r in records if r["rc"] != 0]
     if failed:
         raise SystemExit(f"error: {', '.join(failed)} failed; their logs' tails are in {path}.")
