@@ -9,7 +9,6 @@ only, at batch 1, to find the longest sequence that fits.
 Writes $OUT/train_throughput.json and .png (OUT defaults to ./bench_out); prints the tables.
 """
 import concurrent.futures
-import datetime
 import json
 import os
 import statistics
@@ -53,46 +52,48 @@ flags.DEFINE_bool("smoke", False, "Tiny configs and lengths, one step: checks th
 FLAGS = flags.FLAGS
 
 
-def case_config(name: str, impl: str, remat: str, loss_chunk, length: int, batch: int):
-    cfg = config_lib.load(str(REPO / "configs" / f"{name}.py"))
-    cfg.model.remat_policy = remat
-    if loss_chunk is not None:
-        cfg.model.loss_chunk = loss_chunk
+def case_config(case: dict):
+    cfg = config_lib.load(str(REPO / "configs" / f"{case['config']}.py"))
+    cfg.model.remat_policy = case["remat"]
+    if case["loss_chunk"] is not None:
+        cfg.model.loss_chunk = case["loss_chunk"]
     if FLAGS.train_segment is not None and cfg.model.token_mixer != "softmax":
         cfg.model.train_segment = FLAGS.train_segment
     if cfg.model.token_mixer == "gla":
-        cfg.model.attention_impl = impl
-    cfg.data.seq_len = length
+        cfg.model.attention_impl = case["impl"]
     if FLAGS.smoke:
         cfg.model.num_layers = 1
-    cfg.train.update(batch_size=batch, grad_accum_steps=1, steps=1000)
+    cfg.data.seq_len = case["seq_len"]
+    cfg.train.update(batch_size=case["batch"], grad_accum_steps=1, steps=1000)
     cfg.optim.warmup_steps = 10
+    case.update(loss_chunk=cfg.model.loss_chunk, train_segment=cfg.model.train_segment)
     return cfg
 
 
-_INITS = {}
+_INITS = {}  # model config -> (jitted state initialiser, the future of its compilation)
 
 
-def initialiser(model, tx, model_cfg, pool):
-    """The state initialiser, jitted and compiled on the pool once per model: every length of
-    a config shares it (the state's static fields come from it, so the steps take its output),
-    and no case compiles while it is timed. Returns (jitted function, future of the compiled one)."""
-    if model_cfg not in _INITS:
-        init = jax.jit(lambda rng: train_lib.init_state(model, tx, rng))
-        _INITS[model_cfg] = init, pool.submit(init.lower(jax.random.key(0)).compile)
-    return _INITS[model_cfg]
-
-
-def lower(cfg, pool):
-    """The training step lowered for abstract inputs, and the future of the state's initialiser."""
-    model_cfg = config_lib.check(cfg)
-    model = TransNormerLLM(model_cfg)
-    tx, schedule = train_lib.make_optimizer(cfg)
-    init, compiled_init = initialiser(model, tx, model_cfg, pool)
-    state = jax.eval_shape(init, jax.random.key(0))
-    batch = jax.ShapeDtypeStruct((1, cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32)
-    step = jax.jit(train_lib.make_train_step(model, schedule), donate_argnums=0)
-    return step.lower(state, batch), compiled_init
+def compile_case(case: dict, pool):
+    """(config, the future of the compiled training step, the future of the compiled state
+    initialiser), compiled on the pool. The initialiser is compiled once per model: every length
+    shares it (the state's static fields come from it, so the steps take its output), and no case
+    compiles while it is timed. A case that fails to lower gets its error as the step's future."""
+    cfg = case_config(case)
+    try:
+        model_cfg = config_lib.check(cfg)
+        model = TransNormerLLM(model_cfg)
+        tx, schedule = train_lib.make_optimizer(cfg)
+        if model_cfg not in _INITS:
+            init = jax.jit(lambda rng: train_lib.init_state(model, tx, rng))
+            _INITS[model_cfg] = init, pool.submit(init.lower(jax.random.key(0)).compile)
+        state = jax.eval_shape(_INITS[model_cfg][0], jax.random.key(0))
+        batch = jax.ShapeDtypeStruct((1, cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32)
+        step = jax.jit(train_lib.make_train_step(model, schedule), donate_argnums=0)
+        return cfg, pool.submit(step.lower(state, batch).compile), _INITS[model_cfg][1]
+    except Exception as e:  # noqa: BLE001 -- recorded, and the other cases go on
+        failed = concurrent.futures.Future()
+        failed.set_exception(e)
+        return cfg, failed, None
 
 
 def memory_bytes(compiled):
@@ -111,16 +112,13 @@ def run_case(compiled, init, cfg, case):
     batch = jnp.asarray(np.random.default_rng(1).integers(0, cfg.model.vocab_size, shape, np.int32))
     jax.block_until_ready((state, batch))
     case["init_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch)  # warm-up
-    jax.block_until_ready(metrics)
-    case["warmup_s"] = time.perf_counter() - start
     times = []
-    for _ in range(FLAGS.steps):
+    for _ in range(FLAGS.steps + 1):  # the first is the warm-up
         start = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
+    case["warmup_s"] = times.pop(0)
     loss = float(metrics["loss"])
     if FLAGS.profile:
         try:
@@ -162,11 +160,9 @@ def print_tables(results):
 def main(argv):
     del argv
     if FLAGS.smoke:
-        FLAGS.configs = [c for c in ("tiny", "softmax_tiny") if (REPO / "configs" / f"{c}.py").exists()]
-        FLAGS.impls, FLAGS.lengths, FLAGS.tokens, FLAGS.steps = ["blockwise"], ["64"], 128, 1
-        FLAGS.probe_configs, FLAGS.probe_lengths = FLAGS.configs[:1], ["128"]
-    out = Path(os.environ.get("OUT", "bench_out"))
-    out.mkdir(parents=True, exist_ok=True)
+        FLAGS.configs, FLAGS.impls, FLAGS.lengths = ["tiny", "softmax_tiny"], ["blockwise"], ["64"]
+        FLAGS.tokens, FLAGS.steps, FLAGS.probe_configs, FLAGS.probe_lengths = 128, 1, ["tiny"], ["128"]
+    out = report.out_dir()
     if FLAGS.replot:  # several runs' cases in one plot and table (the first run's header)
         runs = [json.loads(Path(p).read_text()) for p in FLAGS.replot]
         results = dict(runs[0], cases=[c for r in runs for c in r["cases"]],
@@ -176,14 +172,10 @@ def main(argv):
         return
     device = jax.devices()[0]
     limit = (device.memory_stats() or {}).get("bytes_limit")
-    results = {"date": datetime.date.today().isoformat(), "device": device.device_kind,
-               "jax": jax.__version__, "command": " ".join(sys.argv), "tokens_per_step": FLAGS.tokens,
-               "device_bytes_limit": limit, "cases": [], "longest": []}
+    results = dict(report.run_info(), tokens_per_step=FLAGS.tokens, device_bytes_limit=limit, cases=[],
+                   longest=[])
     print(f"jax {jax.__version__} on {device.device_kind}; memory limit "
           f"{'unknown' if limit is None else f'{limit / 2**30:.1f} GiB'}", flush=True)
-
-    def save():
-        (out / "train_throughput.json").write_text(json.dumps(results, indent=1))
 
     def variants(name):
         mixer = config_lib.load(str(REPO / "configs" / f"{name}.py")).model.token_mixer
@@ -203,24 +195,12 @@ def main(argv):
               for name in FLAGS.probe_configs for length in FLAGS.probe_lengths]
     start = time.perf_counter()
     pool = concurrent.futures.ThreadPoolExecutor(FLAGS.threads)
-
-    def submit(case):
-        cfg = case_config(case["config"], case["impl"], case["remat"], case["loss_chunk"],
-                          case["seq_len"], case["batch"])
-        case.update(loss_chunk=cfg.model.loss_chunk, train_segment=cfg.model.train_segment)
-        try:
-            lowered, init = lower(cfg, pool)
-            return case, cfg, pool.submit(lowered.compile), init
-        except Exception as e:  # noqa: BLE001 -- recorded, and the other cases go on
-            return case, cfg, e, None
-
-    jobs = [submit(case) for case in timed]
-    probe_jobs = [submit(case) for case in probes]
+    jobs = [(case, *compile_case(case, pool)) for case in timed]
+    probe_jobs = [(case, *compile_case(case, pool)) for case in probes]
     print(f"lowered {len(jobs) + len(probe_jobs)} cases in {time.perf_counter() - start:.0f} s",
           flush=True)
     # Compiling autotunes kernels on the GPU: no timing until every compilation has finished.
-    concurrent.futures.wait([job for _, _, job, _ in jobs + probe_jobs
-                             if isinstance(job, concurrent.futures.Future)] +
+    concurrent.futures.wait([job for _, _, job, _ in jobs + probe_jobs] +
                             [future for _, future in _INITS.values()])
     print(f"compiled in {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -230,8 +210,6 @@ def main(argv):
             case["skipped"] = f"over --budget_s={FLAGS.budget_s}"
             continue
         try:
-            if isinstance(job, Exception):
-                raise job
             compiled = job.result()
             case["memory_gib"] = (memory_bytes(compiled) or 0) / 2**30 or None
             step_s, loss = run_case(compiled, init.result(), cfg, case)
@@ -243,19 +221,17 @@ def main(argv):
         except Exception as e:  # noqa: BLE001
             case["error"] = str(e).splitlines()[0][:300]
         print(json.dumps(case), flush=True)
-        save()
+        report.write_json(out / "train_throughput.json", results)
 
     for probe, cfg, job, _ in probe_jobs:
         try:
-            if isinstance(job, Exception):
-                raise job
             used = memory_bytes(job.result())
             probe.update(memory_gib=used / 2**30, fits=limit is None or used <= limit)
         except Exception as e:  # noqa: BLE001 -- e.g. an allocation XLA refuses at compile time
             probe.update(fits=False, error=str(e).splitlines()[0][:300])
         results["longest"].append(probe)
         print(json.dumps(probe), flush=True)
-    save()
+    report.write_json(out / "train_throughput.json", results)
     pool.shutdown(wait=False, cancel_futures=True)
 
     plot(results, out / "train_throughput.png")
