@@ -35,7 +35,6 @@ flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
 flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per timed run.")
 flags.DEFINE_integer("repeats", 5, "Timed decode runs per case (the median is reported).")
 flags.DEFINE_integer("prefill_chunk", 2048, "Prompt tokens per prefill segment.")
-flags.DEFINE_list("impls", ["blockwise"], "Parallel forms of TNL's prefill (blockwise, pallas).")
 flags.DEFINE_bool("profile", False, "Trace one more decode run per case: GPU busy time, span and "
                   "kernel count per token, by kernel kind (bench/profiling.py).")
 flags.DEFINE_list("fused", ["auto"], "At batch 1, TNL's decoding step on fused Pallas GEMVs "
@@ -145,7 +144,7 @@ def measure_case(rows, path, meta, cfg, params, case, fuseds, kernel_choices, li
 def main(argv):
     del argv
     if FLAGS.smoke:
-        FLAGS.configs, FLAGS.contexts, FLAGS.batches, FLAGS.impls = ["tiny"], ["16"], ["1"], ["blockwise"]
+        FLAGS.configs, FLAGS.contexts, FLAGS.batches = ["tiny"], ["16"], ["1"]
         FLAGS.new_tokens, FLAGS.repeats, FLAGS.prefill_chunk = 4, 1, 32
     if FLAGS.new_tokens < 2:
         raise app.UsageError("--new_tokens must be at least 2: the first token comes from the prefill.")
@@ -165,16 +164,14 @@ def main(argv):
         weights_gb, read_ms = weight_read_ms(params, FLAGS.repeats)
         print(f"{name}: {weights_gb:.3f} GB of bf16 parameters, read once in {read_ms:.3f} ms "
               f"({weights_gb / read_ms:.2f} TB/s)", flush=True)
-        # The impl picks the parallel form of TNL's prefill.
-        for impl in FLAGS.impls if cfg.token_mixer == "gla" else [cfg.attention_impl]:
-            for batch, context in itertools.product(map(int, FLAGS.batches), map(int, FLAGS.contexts)):
-                # The softmax baseline's state is a KV cache as long as the whole context; the
-                # linear mixers' states do not depend on it.
-                case_cfg = cfg.replace(max_cache_len=context + FLAGS.new_tokens, attention_impl=impl)
-                case = dict(config=name, impl=impl, batch=batch, context=context,
-                            state_mb_per_sequence=state_mb_per_sequence(case_cfg), weights_gb=weights_gb,
-                            weight_read_ms=read_ms)
-                measure_case(rows, path, meta, case_cfg, params, case, fuseds, kernel_choices, limit)
+        impl = "blockwise" if cfg.token_mixer == "gla" else cfg.attention_impl  # TNL's prefill form
+        for batch, context in itertools.product(map(int, FLAGS.batches), map(int, FLAGS.contexts)):
+            # The softmax baseline's state is a KV cache as long as the whole context; the linear
+            # mixers' states do not depend on it.
+            case_cfg = cfg.replace(max_cache_len=context + FLAGS.new_tokens, attention_impl=impl)
+            case = dict(config=name, impl=impl, batch=batch, context=context, weights_gb=weights_gb,
+                        state_mb_per_sequence=state_mb_per_sequence(case_cfg), weight_read_ms=read_ms)
+            measure_case(rows, path, meta, case_cfg, params, case, fuseds, kernel_choices, limit)
         del params
     for r in rows:  # the fused step's kernels, or False
         r["step"] = r.get("fused_kernels") or str(r["fused"])

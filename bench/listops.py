@@ -13,22 +13,16 @@ import contextlib
 import dataclasses
 import multiprocessing
 import os
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Room for XLA's softmax attention should cuDNN's be unavailable (4 GiB of logits per layer).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
-from absl import app, flags  # noqa: E402
-
-try:
-    from ml_collections import config_flags  # noqa: E402
-except ImportError:  # the GPU image lacks it
-    sys.exit("bench.listops needs ml_collections: pip install ml-collections==1.1.0 (or its wheel).")
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from bench import report  # noqa: E402
 from tnllm import listops  # noqa: E402
