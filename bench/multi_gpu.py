@@ -25,7 +25,7 @@ from absl import app, flags
 
 from bench import report
 from tnllm import config as config_lib
-from tnllm import data
+from tnllm import data, metrics
 from tnllm.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,40 +88,33 @@ def device_env(devices: list) -> dict:
 def train(name: str, case: Case, devices: list, length: int, steps: int) -> dict:
     workdir = str(report.out_dir() / "multi_gpu" / f"{name}-{length}")
     shutil.rmtree(workdir, ignore_errors=True)
+    settings = {"data.seq_len": length, "train.batch_size": FLAGS.tokens // length,
+                "train.steps": steps, "train.grad_accum_steps": case.accum,
+                "optim.warmup_steps": min(FLAGS.warmup_steps, steps - 1), "train.log_every": 1,
+                "train.eval_every": steps, "train.eval_batches": 1, "checkpoint.every": steps,
+                "train.sample_tokens": 0, "model.attention_impl": FLAGS.attention_impl,
+                **{f"mesh.{axis}": size for axis, size in case.mesh.items()}}
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={os.path.join(ROOT, FLAGS.config)}",
-           f"--workdir={workdir}", f"--config.data.seq_len={length}",
-           f"--config.train.batch_size={FLAGS.tokens // length}",
-           f"--config.train.grad_accum_steps={case.accum}",
-           f"--config.train.steps={steps}",
-           f"--config.optim.warmup_steps={min(FLAGS.warmup_steps, steps - 1)}",
-           "--config.train.log_every=1", f"--config.train.eval_every={steps}",
-           "--config.train.eval_batches=1", f"--config.checkpoint.every={steps}",
-           "--config.train.sample_tokens=0", f"--config.model.attention_impl={FLAGS.attention_impl}"]
-    cmd += [f"--config.{override}" for override in (*FLAGS.set, *case.overrides)]
-    cmd += [f"--config.mesh.{axis}={size}" for axis, size in case.mesh.items()]
+           f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in settings.items()),
+           *(f"--config.{override}" for override in (*FLAGS.set, *case.overrides))]
     env = dict(os.environ, **device_env(devices), **case.env)
-    used = len(devices)
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=FLAGS.timeout)
         log, rc = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
         log, rc = (e.stdout or b"").decode() + (e.stderr or b"").decode(), "timeout"
-    record = {"case": name, "gpus": used, "mesh": case.mesh, "seq_len": length,
+    record = {"case": name, "gpus": len(devices), "mesh": case.mesh, "seq_len": length,
               "batch": FLAGS.tokens // length, "steps": steps, "rc": rc,
               "wall_s": time.perf_counter() - start, "workdir": workdir,
               "log_tail": [line for line in log.replace("\r", "\n").splitlines()
                            if line.strip() and "step/s" not in line][-12:]}
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(metrics):
-        rows = [json.loads(line) for line in open(metrics)]
-        train_rows = [r for r in rows if "loss" in r]
-        record["losses"] = [r["loss"] for r in train_rows]
-        record["grad_norms"] = [r["grad_norm"] for r in train_rows]
+    train_rows = [r for r in metrics.read_metrics(workdir) if "loss" in r]
+    if train_rows:
+        record.update(losses=[r["loss"] for r in train_rows], grad_norms=[r["grad_norm"] for r in train_rows])
         # The first step's interval holds no compile (train.py compiles before the loop), but skip
         # it anyway: it also pays for first-touch allocations.
-        speeds = [r["tokens_per_s"] for r in train_rows[1:]] or [r["tokens_per_s"] for r in train_rows]
-        record["tokens_per_s"] = statistics.median(speeds)
+        record["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in train_rows[1:] or train_rows)
         mfus = [r["mfu"] for r in train_rows[1:] if "mfu" in r]
         record["mfu"] = statistics.median(mfus) if mfus else None
     peak = re.search(r"Peak device memory: ([\d.]+) GiB", log)
