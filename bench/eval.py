@@ -15,8 +15,8 @@ their values).
 
 Prints a table; writes $OUT/eval.json (rewritten after every case). OUT defaults to ./bench_out.
 """
+import functools
 import statistics
-import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bench import report
+from bench import report, timing
 from tnllm import config as config_lib
 from tnllm.eval.score import continuation_logprobs
 from tnllm.generate import serving_params
@@ -71,25 +71,20 @@ def main(argv):
         params = serving_params(params, cfg)
         requests = _requests(cfg, np.random.default_rng(0))
         for batch in map(int, FLAGS.batch_sizes):
-            results = {}
+            logprobs = {}
+
+            def run(row, batch=batch):
+                reuse = row["reuse_context"]
+                call = functools.partial(continuation_logprobs, params, cfg, requests, batch_size=batch,
+                                         reuse_context=reuse)
+                logprobs[reuse] = np.array([lp for lp, _ in call()])  # compiles every shape
+                row["seconds"] = statistics.median(timing.wall_s(call)[1] for _ in range(FLAGS.repeats))
+                row["requests_per_s"] = len(requests) / row["seconds"]
+                if len(logprobs) == 2:
+                    row["max_diff"] = float(np.abs(logprobs[True] - logprobs[False]).max())
+
             for reuse in (True, False):
-                row = dict(config=name, batch=batch, reuse_context=reuse)
-
-                def run(row, reuse=reuse, batch=batch):
-                    call = lambda: continuation_logprobs(params, cfg, requests, batch_size=batch,  # noqa: E731
-                                                         reuse_context=reuse)
-                    results[reuse] = np.array([lp for lp, _ in call()])  # compiles every shape
-                    times = []
-                    for _ in range(FLAGS.repeats):
-                        t = time.perf_counter()
-                        call()
-                        times.append(time.perf_counter() - t)
-                    row["seconds"] = statistics.median(times)
-                    row["requests_per_s"] = len(requests) / row["seconds"]
-                    if len(results) == 2:
-                        row["max_diff"] = float(np.abs(results[True] - results[False]).max())
-
-                report.measure(rows, row, run, path, meta)
+                report.measure(rows, dict(config=name, batch=batch, reuse_context=reuse), run, path, meta)
     print(report.markdown(rows, [("config", "config", ""), ("batch", "batch", ""),
                                  ("reuse", "reuse_context", ""), ("requests/s", "requests_per_s", ".1f"),
                                  ("s", "seconds", ".2f"), ("max_diff", "max_diff", ".2e")]))

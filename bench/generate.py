@@ -9,9 +9,7 @@ Writes $OUT/generate.json (OUT defaults to ./bench_out) after every case; a fail
 """
 import itertools
 import json
-import math
 import statistics
-import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -24,7 +22,8 @@ from tnllm import config as config_lib
 from tnllm.decode import fused as fused_step
 from tnllm.decode.loop import PROGRAMS, DecodeOptions, Sampling
 from tnllm.decode.prefill import prefill
-from tnllm.model import TransNormerLLM, state_specs
+from tnllm.generate import request_bytes
+from tnllm.model import TransNormerLLM
 from tnllm.sampling import Greedy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,20 +49,13 @@ flags.DEFINE_bool("smoke", False, "Tiny config and contexts, few tokens: a quick
 FLAGS = flags.FLAGS
 
 
-def timed(fn, *args):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    return out, time.perf_counter() - start
-
-
 def measure_prefill(cfg, params, batch, context):
     """Prefills `context` random tokens per row: (the Prefilled state, its timings)."""
     tokens = jax.random.randint(jax.random.key(context), (batch, context), 0, cfg.vocab_size, jnp.int32)
     mask = jnp.ones((batch, context), bool)
-    start = time.perf_counter()
-    prefill_exe = prefill.lower(params, tokens, mask, cfg=cfg, prefill_chunk=FLAGS.prefill_chunk).compile()
-    prefill_compile_s = time.perf_counter() - start
-    prefilled, prefill_s = timed(prefill_exe, params, tokens, mask)
+    prefill_exe, prefill_compile_s = timing.wall_s(
+        prefill.lower(params, tokens, mask, cfg=cfg, prefill_chunk=FLAGS.prefill_chunk).compile)
+    prefilled, prefill_s = timing.wall_s(prefill_exe, params, tokens, mask)
     return prefilled, dict(prefill_compile_s=prefill_compile_s, prefill_s=prefill_s,
                            prefill_tokens_per_s=batch * context / prefill_s)
 
@@ -77,23 +69,18 @@ def measure_decode(cfg, params, prefilled, fused, fused_kernels):
     lowered = PROGRAMS[options.autotune].lower(params, prefilled, jax.random.key(0), cfg=cfg,
                                                sampling=Sampling(new_tokens, Greedy()),
                                                options=options)
-    start = time.perf_counter()
-    decode_exe = lowered.compile()
-    decode_compile_s = time.perf_counter() - start
+    decode_exe, decode_compile_s = timing.wall_s(lowered.compile)
     run_decode = lambda: decode_exe(params, prefilled, jax.random.key(0))  # noqa: E731
-    out, first_s = timed(run_decode)
+    out, first_s = timing.wall_s(run_decode)
     if int(out.lengths.min()) != new_tokens:
         raise RuntimeError(f"decode stopped early: lengths {out.lengths}")
-    times = [timed(run_decode)[1] for _ in range(repeats)]
+    times = [timing.wall_s(run_decode)[1] for _ in range(repeats)]
     steps = max(new_tokens - 1, 1)  # model steps per run: the first token comes from the prefill
     step_ms = 1e3 * statistics.median(times) / steps
-    profile = {}
-    if FLAGS.profile:  # per model step: is the GPU busy, or waiting between kernels?
-        trace = profiling.gpu_time(run_decode)
-        profile = {"profile": trace} if "error" in trace else {"profile": dict(
-            trace, busy_ms_per_token=trace["gpu_ms"] / steps, span_ms_per_token=trace["span_ms"] / steps,
-            kernels_per_token=trace["kernels"] / steps)}
-    return dict(**profile, decode_compile_s=decode_compile_s, decode_first_call_s=first_s,
+    profile = profiling.gpu_time(run_decode) if FLAGS.profile else {}
+    if "gpu_ms" in profile:  # per model step: is the GPU busy, or waiting between kernels?
+        profile.update({f"{key}_per_token": profile[key] / steps for key in ("gpu_ms", "span_ms", "kernels")})
+    return dict(profile=profile, decode_compile_s=decode_compile_s, decode_first_call_s=first_s,
                 decode_ms_per_token=step_ms, decode_ms_per_token_min=1e3 * min(times) / steps,
                 decode_tokens_per_s=batch * 1e3 / step_ms)
 
@@ -109,11 +96,6 @@ def weight_read_ms(params, repeats):
     flat = jnp.ones((-(-elements // width), width), jnp.bfloat16)
     read = jax.jit(lambda x: jnp.sum(x, axis=1, dtype=jnp.float32))
     return flat.nbytes / 1e9, timing.time_ms(read, [(flat,)], group_ms=50.0, groups=max(repeats, 7))
-
-
-def state_mb_per_sequence(cfg):
-    leaves = jax.tree.leaves(state_specs(cfg, 1))
-    return sum(math.prod(s.shape) * s.dtype.itemsize for s in leaves) / 1e6
 
 
 def measure_case(rows, path, meta, cfg, params, case, fuseds, kernel_choices, limit):
@@ -170,7 +152,8 @@ def main(argv):
             # mixers' states do not depend on it.
             case_cfg = cfg.replace(max_cache_len=context + FLAGS.new_tokens, attention_impl=impl)
             case = dict(config=name, impl=impl, batch=batch, context=context, weights_gb=weights_gb,
-                        state_mb_per_sequence=state_mb_per_sequence(case_cfg), weight_read_ms=read_ms)
+                        weight_read_ms=read_ms,
+                        state_mb_per_sequence=request_bytes(case_cfg, 1, 0, False) / 1e6)
             measure_case(rows, path, meta, case_cfg, params, case, fuseds, kernel_choices, limit)
         del params
     for r in rows:  # the fused step's kernels, or False
