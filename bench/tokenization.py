@@ -12,13 +12,16 @@ worker count builds the store from scratch in its own cache directory, and the s
 for bit. (Named tokenization, not tokenize, so that running it as a file cannot shadow the standard
 library's `tokenize` module.)
 """
+import contextlib
 import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 from absl import app, flags
 
+from bench import report
 from tnllm import config, data
 from tnllm.tokenizer import load_tokenizer
 
@@ -40,14 +43,12 @@ def write_corpus(path: str, size: int) -> int:
         while written < size:
             for source in data.stdlib_files():
                 try:
-                    with open(source, encoding="utf-8") as f:
-                        text = f.read()
+                    text = Path(source).read_text(encoding="utf-8")
                 except (UnicodeDecodeError, OSError):
                     continue
                 for start in range(0, len(text), _DOCUMENT_CHARS):
-                    line = json.dumps({"text": text[start:start + _DOCUMENT_CHARS]}) + "\n"
-                    out.write(line)
-                    written += len(line.encode("utf-8"))
+                    # json.dumps writes ASCII: as many bytes as characters.
+                    written += out.write(json.dumps({"text": text[start:start + _DOCUMENT_CHARS]}) + "\n")
                 if written >= size:
                     break
     return written
@@ -83,12 +84,10 @@ def run(out: str) -> None:
         cfg.update(path=corpus, cache_dir=os.path.join(out, f"cache-{workers}"), num_workers=workers)
         start, cpu = time.perf_counter(), os.times()
         store = data.TokenStore(cfg, tokenizer)
-        seconds, cpu_end = time.perf_counter() - start, os.times()
+        seconds, used = time.perf_counter() - start, [b - a for a, b in zip(cpu, os.times())]
         # CPU seconds of this process and of the workers (counted once they have exited): with
         # fewer free cores than processes, the wall time cannot fall however the work is split.
-        main_cpu = cpu_end.user + cpu_end.system - cpu.user - cpu.system
-        worker_cpu = (cpu_end.children_user + cpu_end.children_system - cpu.children_user
-                      - cpu.children_system)
+        main_cpu, worker_cpu = used[0] + used[1], used[2] + used[3]  # user + system
         tokens = {s: store.splits[s].read().result() for s in data.SPLITS}
         if first is None:
             first = tokens
@@ -100,18 +99,15 @@ def run(out: str) -> None:
         print(f"{workers} worker(s): {seconds:.1f} s, {size / 1e6 / seconds:.2f} MB/s, "
               f"{results[-1]['tokens'] / seconds / 1e6:.2f} M tokens/s; CPU s: this process "
               f"{main_cpu:.1f}, workers {worker_cpu:.1f}; load average {os.getloadavg()[0]:.1f}")
-    with open(os.path.join(out, "tokenization.json"), "w") as f:
-        json.dump(dict(corpus_bytes=size, tokenizer=spec, results=results), f, indent=1)
+    report.write_json(Path(out) / "tokenization.json",
+                      dict(corpus_bytes=size, tokenizer=spec, results=results))
 
 
 def main(argv):
     del argv
-    if FLAGS.out:
-        os.makedirs(FLAGS.out, exist_ok=True)
-        run(FLAGS.out)
-    else:
-        with tempfile.TemporaryDirectory() as out:
-            run(out)
+    keep = contextlib.nullcontext(report.out_dir(FLAGS.out)) if FLAGS.out else None
+    with keep or tempfile.TemporaryDirectory() as out:
+        run(str(out))
 
 
 if __name__ == "__main__":
