@@ -105,8 +105,8 @@ def run(out: str) -> None:
 
 def main(argv):
     del argv
-    keep = contextlib.nullcontext(report.out_dir(FLAGS.out)) if FLAGS.out else None
-    with keep or tempfile.TemporaryDirectory() as out:
+    with (contextlib.nullcontext(report.out_dir(FLAGS.out)) if FLAGS.out
+          else tempfile.TemporaryDirectory()) as out:
         run(str(out))
 
 
