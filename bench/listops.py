@@ -2,7 +2,7 @@
 steps, data order and seed for each (`tnllm.listops.train_classifier`); test accuracy next to the
 cosFormer paper's.
 
-    python -m bench.listops [--steps N] [--batch_size B] [--token_mixers softmax] [--smoke]
+    python -m bench.listops [--config.train.steps=N] [--token_mixers=softmax] [--smoke]
 
 Writes listops.json and listops_loss.png to --out (default $OUT, else ./bench_out).
 """
@@ -32,8 +32,6 @@ PAPER = {"cosformer": ("cosFormer", 37.9), "softmax": ("vanilla Transformer", 36
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs/listops.py"),
                                           "ListOps config file (model, data, train).")
-_STEPS = flags.DEFINE_integer("steps", None, "Training steps per token mixer (config.train.steps).")
-_BATCH = flags.DEFINE_integer("batch_size", None, "Sequences per step (config.train.batch_size).")
 _MIXERS = flags.DEFINE_list("token_mixers", None, "Token mixers to train, in order, e.g. softmax or "
                             "cosformer,softmax (config.token_mixers).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model, tiny data, a few steps: checks the script.")
@@ -76,9 +74,6 @@ def main(argv):
         cfg.model.update(num_layers=1, d_model=32, num_heads=2, mlp_dim=64, max_len=64)
         cfg.data.update(min_length=10, max_length=64, num_test=4, workers=1)
         cfg.train.update(steps=2, batch_size=4, warmup_steps=1)
-    for value, field in ((_STEPS.value, "steps"), (_BATCH.value, "batch_size")):
-        if value is not None:
-            cfg.train[field] = value
     if _MIXERS.value is not None:
         cfg.token_mixers = tuple(_MIXERS.value)
     unknown = [m for m in cfg.token_mixers if m not in listops.TOKEN_MIXERS]

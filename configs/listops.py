@@ -1,7 +1,7 @@
 """Long-Range Arena ListOps: the generated data, the encoder classifier and its training budget.
 
 `python -m bench.listops` trains the classifier once per token mixer (cosFormer and softmax) with this
-budget; override fields with `--config.train.steps=...` or the bench's --steps / --batch_size.
+budget; override fields with `--config.train.steps=...`.
 """
 import dataclasses
 
