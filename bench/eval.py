@@ -1,19 +1,13 @@
-"""Log-likelihood throughput of multiple-choice requests: each context prefilled once for its
-choices (`reuse_context`), against recomputing every context with every choice.
-
-A request is (context, continuation) as lm-evaluation-harness sends them for a multiple-choice
-question: --questions random contexts of --context tokens, each with --choices continuations of
-random lengths in [--min_choice, --max_choice] tokens. `tnllm.eval.score.continuation_logprobs`
-scores them all, in batches of --batch_sizes rows; the time is the median of --repeats calls after
-a warm-up call that compiles every shape. Both ways' log-likelihoods are compared (max abs
-difference, `max_diff`). Parameters are random, in the config's dtype (speed does not depend on
-their values).
+"""Log-likelihood throughput of multiple-choice requests as lm-evaluation-harness sends them: each
+context prefilled once for its choices (`reuse_context`), against recomputing every context with
+every choice (`tnllm.eval.score.continuation_logprobs`). Random requests and parameters (speed does
+not depend on their values); the median of --repeats calls after one that compiles every shape;
+`max_diff` is the largest difference between both ways' log-likelihoods.
 
   python -m bench.eval                      # 1b, context 512, 4 choices, batches 16 and 64
-  python -m bench.eval --configs=385m,1b --batch_sizes=32
   python -m bench.eval --smoke              # tiny config on CPU: checks the logic in seconds
 
-Prints a table; writes $OUT/eval.json (rewritten after every case). OUT defaults to ./bench_out.
+Writes $OUT/eval.json (OUT defaults to ./bench_out) after every case; prints a table.
 """
 import functools
 import statistics

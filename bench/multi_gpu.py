@@ -6,8 +6,8 @@ checkpoint is then restored and generated from on one GPU.
     NCCL_NVLS_ENABLE=0 python -m bench.multi_gpu --cases=1gpu,1gpu_accum2,1gpu_f32,fsdp2,tensor2
     python -m bench.multi_gpu --smoke                 # two fake CPU devices, the tiny model
 
-Appends a JSON line per case to $OUT/multi_gpu.jsonl (OUT defaults to ./bench_out). NVLink multicast stays
-off (NCCL_NVLS_ENABLE=0): on shared hosts it can take the GPUs down.
+Appends a JSON line per case to $OUT/multi_gpu.jsonl (OUT defaults to ./bench_out). NVLink
+multicast stays off (NCCL_NVLS_ENABLE=0): on shared hosts it can take the GPUs down.
 """
 import concurrent.futures
 import json

@@ -4,13 +4,10 @@
     python -m bench.tokenization --mb=1000 --workers=1,4,8 --tokenizer=tokenizer.model
     python -m bench.tokenization --smoke              # 2 MB, small blocks: checks the script runs
 
-The corpus is generated: JSON lines whose texts are the Python standard library's sources, cut into
-documents of a few kB and repeated until the corpus has the size asked for. The default tokenizer is
-a SentencePiece model (vocabulary up to 8000) trained on the first 2 MB of that corpus, the kind of tokenizer
-the released models use; `--tokenizer=byte` or a `.model`/`tokenizer.json` path takes another. Each
-worker count builds the store from scratch in its own cache directory, and the stores must agree bit
-for bit. (Named tokenization, not tokenize, so that running it as a file cannot shadow the standard
-library's `tokenize` module.)
+The corpus: the Python standard library's sources as JSON lines of 2,000 characters, repeated to the
+size asked for. The default tokenizer is a SentencePiece model (vocabulary up to 8000, as the
+releases use) trained on the corpus's first 2 MB. Each worker count builds the store from scratch,
+and the stores must agree bit for bit. (Named tokenization so that it cannot shadow `tokenize`.)
 """
 import contextlib
 import json
