@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import multiprocessing
 import os
 import time
@@ -36,20 +35,6 @@ _MIXERS = flags.DEFINE_list("token_mixers", None, "Token mixers to train, in ord
                             "cosformer,softmax (config.token_mixers).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model, tiny data, a few steps: checks the script.")
 _OUT = flags.DEFINE_string("out", None, "Output folder; default $OUT, else ./bench_out.")
-
-
-def from_config(cls, section, name: str, extra=(), **values):
-    """cls (a dataclass) from config.<name>: a field that neither it nor `extra` knows, or a bad
-    value, is one clear error."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(section) - known - set(extra))
-    if unknown:
-        raise app.UsageError(f"Unknown config.{name} field(s) {', '.join(unknown)}; known fields are "
-                             f"{', '.join(sorted(known))}.")
-    try:
-        return cls(**{**{k: v for k, v in section.items() if k in known}, **values})
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
 
 
 def train_and_test(model_cfg, tc, train, test) -> dict:
@@ -83,10 +68,13 @@ def main(argv):
     if cfg.model.softmax_impl == "cudnn" and jax.default_backend() != "gpu":
         print("cuDNN attention needs a GPU: softmax attention runs on XLA here.")
         cfg.model.softmax_impl = "xla"
-    models = [from_config(listops.ClassifierConfig, cfg.model, "model", token_mixer=m)
-              for m in cfg.token_mixers]
-    tc = from_config(listops.TrainConfig, cfg.train, "train")
-    grammar = from_config(listops.Grammar, cfg.data, "data", extra=("seed", "num_test", "workers"))
+    try:
+        models = [listops.from_config(listops.ClassifierConfig, {**cfg.model, "token_mixer": m}, "model")
+                  for m in cfg.token_mixers]
+        tc = listops.from_config(listops.TrainConfig, cfg.train, "train")
+        grammar = listops.from_config(listops.Grammar, cfg.data, "data", ("seed", "num_test", "workers"))
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     out = report.out_dir(_OUT.value)
     workers = cfg.data.workers or os.cpu_count()
 

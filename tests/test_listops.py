@@ -79,6 +79,10 @@ def test_bad_settings_are_named():
         listops.ClassifierConfig(token_mixer="lstm")
     with pytest.raises(ValueError, match="softmax_impl is 'flash'; choose one of auto, xla, cudnn"):
         listops.ClassifierConfig(softmax_impl="flash")
+    with pytest.raises(ValueError, match="Unknown config.train field.s. stpes; known fields are batch_size"):
+        listops.from_config(listops.TrainConfig, {"steps": 5, "stpes": 5}, "train")
+    assert (listops.from_config(listops.Grammar, {"max_depth": 3, "seed": 1}, "data", ignore=("seed",))
+            == listops.Grammar(max_depth=3))
     with pytest.raises(ValueError, match="max_len"):
         cfg = listops.ClassifierConfig(num_layers=1, d_model=8, num_heads=2, mlp_dim=8, max_len=4)
         listops.ListOpsClassifier(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 5), jnp.int32))

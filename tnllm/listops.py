@@ -26,7 +26,7 @@ import functools
 import math
 import random
 import time
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -146,6 +146,17 @@ def generate(split: str, num_examples: Optional[int] = None, *, seed: int = 0,
                   for a, b in zip(bounds[:-1], bounds[1:])]
         tokens, labels = (np.concatenate(parts) for parts in zip(*(p.result() for p in pieces)))
     return tokens.astype(np.int32), labels
+
+
+def from_config(cls, fields: Mapping[str, Any], section: str, ignore: Sequence[str] = ()):
+    """cls (Grammar, ClassifierConfig or TrainConfig) from the fields of config.<section>, refusing
+    fields that neither it knows nor `ignore` names."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known - set(ignore))
+    if unknown:
+        raise ValueError(f"Unknown config.{section} field(s) {', '.join(unknown)}; known fields are "
+                         f"{', '.join(sorted(known))}.")
+    return cls(**{k: v for k, v in fields.items() if k in known})
 
 
 # ----------------------------------------------------------------------------------------------
