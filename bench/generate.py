@@ -35,16 +35,14 @@ flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per timed run.")
 flags.DEFINE_integer("repeats", 5, "Timed decode runs per case (the median is reported).")
 flags.DEFINE_integer("prefill_chunk", 2048, "Prompt tokens per prefill segment.")
 flags.DEFINE_bool("profile", False, "Trace one more decode run per case: GPU busy time, span and "
-                  "kernel count per token, by kernel kind (bench/profiling.py).")
-flags.DEFINE_list("fused", ["auto"], "At batch 1, TNL's decoding step on fused Pallas GEMVs "
-                  "(tnllm.decode.fused: true), XLA's step (tnllm.decode.step: false), as tnllm.generate "
-                  "chooses (auto: fused on a GPU), or several: true,false.")
+                  "kernels per token, by kernel kind (bench/profiling.py).")
+flags.DEFINE_list("fused", ["auto"], "At batch 1, the fused step (tnllm.decode.fused: true), XLA's "
+                  "(false), as tnllm.generate chooses (auto: fused on a GPU), or both: true,false.")
 flags.register_validator("fused", lambda v: set(v) <= {"auto", "true", "false"},
                          "--fused takes auto, true and/or false, comma-separated.")
-flags.DEFINE_list("fused_kernels", ["auto"], "The fused step's products: hopper, triton, auto "
-                  "(hopper on a Hopper GPU), or several: hopper,triton.")
-flags.DEFINE_bool("autotune", False, "Compile the decoding loop with XLA's exhaustive GEMM tiling "
-                  "search, as generate(..., options=DecodeOptions(autotune=True)) does.")
+flags.DEFINE_list("fused_kernels", ["auto"], "The fused step's products: hopper, triton, auto (hopper "
+                  "on a Hopper GPU), or both.")
+flags.DEFINE_bool("autotune", False, "XLA's exhaustive GEMM tiling search: DecodeOptions(autotune=True).")
 flags.DEFINE_bool("smoke", False, "Tiny config and contexts, few tokens: a quick check of this script.")
 FLAGS = flags.FLAGS
 

@@ -19,7 +19,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -46,9 +45,7 @@ def train_and_test(model_cfg, tc, train, test) -> dict:
     except (jax.errors.JaxRuntimeError, NotImplementedError, RuntimeError) as e:
         print(f"{model_cfg.token_mixer} failed: {e}")
         return dict(row, error=str(e))
-    losses = [loss for _, loss in stats["loss_curve"]]
     return dict(row, test_accuracy=listops.accuracy(model_cfg, params, *test, tc.batch_size),
-                final_train_loss=float(np.mean(losses[-max(1, len(losses) // 10):])),
                 steps=tc.steps, batch_size=tc.batch_size, **stats)
 
 

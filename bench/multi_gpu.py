@@ -36,11 +36,8 @@ flags.DEFINE_string("config", "configs/1b.py", "Model config file.")
 flags.DEFINE_list("lengths", ["2048", "8192"], "Sequence lengths.")
 flags.DEFINE_integer("tokens", 16384, "Tokens per optimizer step at every length (global batch).")
 flags.DEFINE_list("steps", ["20", "10"], "Steps per length (the first length's runs compare losses).")
-flags.DEFINE_list("cases", [], "Cases to run (1gpu, 1gpu_accum2, 1gpu_f32, fsdpN, tensorN); "
-                  "default all.")
+flags.DEFINE_list("cases", [], "Cases to run (1gpu, 1gpu_accum2, 1gpu_f32, fsdpN, tensorN); default all.")
 flags.DEFINE_integer("gpus", 0, "GPUs on this host; 0 = count them with nvidia-smi.")
-flags.DEFINE_enum("platform", "gpu", ["gpu", "cpu"],
-                  "cpu: --gpus fake CPU devices (XLA_FLAGS), for studying the numerics without a GPU.")
 flags.DEFINE_string("attention_impl", "pallas", "config.model.attention_impl of every case.")
 flags.DEFINE_integer("warmup_steps", 5, "config.optim.warmup_steps (short, so that 20 steps move).")
 flags.DEFINE_multi_string("set", [], "More config overrides for every case, e.g. model.dtype=bfloat16.")
@@ -78,8 +75,8 @@ def all_cases(gpus: int) -> dict:
 
 
 def device_env(devices: list) -> dict:
-    """The environment that gives a run these GPUs (or, with --platform=cpu, as many CPU devices)."""
-    if FLAGS.platform == "cpu":
+    """The environment that gives a run these GPUs (or, with --smoke, as many CPU devices)."""
+    if FLAGS.smoke:
         return {"JAX_PLATFORMS": "cpu",
                 "XLA_FLAGS": f"--xla_force_host_platform_device_count={len(devices)}"}
     return {**NO_MULTICAST, "CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}
@@ -173,7 +170,7 @@ def summarize(records: list) -> None:
 
 def smoke(out: str) -> None:
     """Flags for a check of this script on a CPU, on a corpus of the library's own sources."""
-    FLAGS.platform, FLAGS.gpus, FLAGS.config, FLAGS.attention_impl = "cpu", 2, "configs/tiny.py", "blockwise"
+    FLAGS.gpus, FLAGS.config, FLAGS.attention_impl = 2, "configs/tiny.py", "blockwise"
     FLAGS.cases, FLAGS.lengths, FLAGS.steps, FLAGS.tokens = FLAGS.cases or ["fsdp2"], ["32"], ["2"], 128
     FLAGS.set = [f"data.path={ROOT}/tnllm/*.py", f"data.cache_dir={out}/cache", "data.val_fraction=0.25",
                  "model.num_layers=1"]
@@ -185,14 +182,15 @@ def main(argv):
     if FLAGS.smoke:
         smoke(out)
     path = out / "multi_gpu.jsonl"
-    gpus = FLAGS.gpus or (2 if FLAGS.platform == "cpu" else gpu_count())
+    gpus = FLAGS.gpus or gpu_count()
     cases = all_cases(gpus)
     chosen = FLAGS.cases or list(cases)
     unknown = sorted(set(chosen) - set(cases))
     if unknown:
         raise SystemExit(f"Unknown --cases {', '.join(unknown)} for {gpus} GPUs; choose from "
                          f"{', '.join(cases)}.")
-    print(f"{gpus} {FLAGS.platform.upper()}s; cases {', '.join(chosen)}; config {FLAGS.config}", flush=True)
+    print(f"{gpus} {'CPU' if FLAGS.smoke else 'GPU'}s; cases {', '.join(chosen)}; config {FLAGS.config}",
+          flush=True)
     records = []
 
     def done(record: dict) -> None:  # appended as it comes: a run cut short keeps what it measured
@@ -209,7 +207,7 @@ def main(argv):
         cfg.data[field] = type(cfg.data[field])(value)
     data.TokenStore(cfg.data, load_tokenizer(cfg.data.tokenizer))
     # The one-GPU runs of all lengths at once, each thread on a GPU of its own (CPU: one by one).
-    workers, thread = (gpus if FLAGS.platform == "gpu" else 1), threading.local()
+    workers, thread = (1 if FLAGS.smoke else gpus), threading.local()
     gpu_ids = iter(range(workers))
     with concurrent.futures.ThreadPoolExecutor(
             workers, initializer=lambda: setattr(thread, "gpu", next(gpu_ids))) as pool:

@@ -36,15 +36,12 @@ flags.DEFINE_integer("steps", 3, "Timed steps per case, after one warm-up step."
 # Full rematerialisation by default: the 1B step at 32K tokens does not fit 80 GB without it,
 # and the same policy for all keeps the comparison fair (both pay the recomputed forward).
 flags.DEFINE_list("remat", ["full"], "config.model.remat_policy values: every case runs with each.")
-flags.DEFINE_list("loss_chunk", [], "config.model.loss_chunk values (0: all logits at once); "
-                  "default the config's.")
-flags.DEFINE_integer("train_segment", None, "config.model.train_segment of TNL's cases (positions "
-                     "per segment, carrying the states); default the config's.")
+flags.DEFINE_list("loss_chunk", [], "config.model.loss_chunk values (0: all logits at once).")
+flags.DEFINE_integer("train_segment", None, "config.model.train_segment of TNL's cases.")
 flags.DEFINE_bool("profile", False, "Profile one more step of every case: GPU time by kernel kind.")
 flags.DEFINE_list("probe_configs", ["385m", "softmax_385m"], "Configs of the batch-1 length probe.")
 flags.DEFINE_list("probe_lengths", ["65536", "131072", "262144"], "Lengths the probe compiles at batch 1.")
-flags.DEFINE_integer("probe_loss_chunk", None, "config.model.loss_chunk of the probe; default the "
-                     "config's.")
+flags.DEFINE_integer("probe_loss_chunk", None, "config.model.loss_chunk of the probe.")
 flags.DEFINE_list("replot", [], "Only redraw the plot and table of these train_throughput.json files.")
 flags.DEFINE_integer("threads", 8, "Concurrent compilations.")
 flags.DEFINE_integer("budget_s", 480, "Start no new timed case after this many seconds.")

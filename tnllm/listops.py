@@ -292,7 +292,8 @@ def train_classifier(cfg: ClassifierConfig, tc: TrainConfig, tokens: np.ndarray,
     showing a tqdm bar (loss, batch accuracy, tokens/s).
 
     Returns the parameters and a dict: loss_curve [(step, loss)] every 10 steps and at the last,
-    compile_s, train_s (the steps after compilation) and padded_tokens_per_s (padding counted).
+    final_train_loss (the mean of its last tenth), compile_s, train_s (the steps after
+    compilation) and padded_tokens_per_s (padding counted).
     """
     if len(tokens) < tc.batch_size:
         raise ValueError(f"{len(tokens)} training examples are fewer than config.train.batch_size "
@@ -335,7 +336,9 @@ def train_classifier(cfg: ClassifierConfig, tc: TrainConfig, tokens: np.ndarray,
             bar.set_postfix(loss=f"{losses[-1][1]:.3f}", acc=f"{float(batch_accuracy):.2f}",
                             tokens_per_s=f"{rate:,.0f}")
     train_s = time.perf_counter() - t0
-    return params, {"loss_curve": losses, "compile_s": compile_s, "train_s": train_s,
+    tail = [loss for _, loss in losses[-max(1, len(losses) // 10):]]
+    return params, {"loss_curve": losses, "final_train_loss": float(np.mean(tail)),
+                    "compile_s": compile_s, "train_s": train_s,
                     "padded_tokens_per_s": tc.steps * batch * tokens.shape[1] / train_s}
 
 
