@@ -8,9 +8,6 @@ Writes listops.json and listops_loss.png to --out (default $OUT, else ./bench_ou
 """
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
-import multiprocessing
 import os
 import time
 
@@ -73,12 +70,8 @@ def main(argv):
 
     t0 = time.perf_counter()
     num_train = min(tc.steps * tc.batch_size, listops.SPLITS["train"])
-    spawn = multiprocessing.get_context("spawn")  # never fork a process that has started JAX
-    with (concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn) if workers > 1
-          else contextlib.nullcontext()) as pool:  # one worker: this process
-        train = listops.generate("train", num_train, seed=cfg.data.seed, grammar=grammar, executor=pool)
-        test = listops.generate("test", cfg.data.num_test, seed=cfg.data.seed, grammar=grammar,
-                                executor=pool)
+    train, test = listops.generate_splits({"train": num_train, "test": cfg.data.num_test},
+                                          seed=cfg.data.seed, grammar=grammar, workers=workers).values()
     data_s = time.perf_counter() - t0
     print(f"data: {num_train} train + {len(test[0])} test examples of up to {train[0].shape[1]} tokens "
           f"in {data_s:.1f} s on {workers} processes; devices: {jax.devices()}")

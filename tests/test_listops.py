@@ -65,6 +65,11 @@ def test_generation_is_seeded_prefix_stable_and_parallel_safe():
         pooled, pooled_labels = listops.generate("train", 12, grammar=SMALL, executor=pool)
     np.testing.assert_array_equal(pooled, tokens)
     np.testing.assert_array_equal(pooled_labels, labels)
+    # Two spawned processes: the same examples again.
+    splits = listops.generate_splits({"train": 12, "test": 3}, grammar=SMALL, workers=2)
+    np.testing.assert_array_equal(splits["train"][0], tokens)
+    np.testing.assert_array_equal(splits["train"][1], labels)
+    np.testing.assert_array_equal(splits["test"][0], listops.generate("test", 3, grammar=SMALL)[0])
     for other in (listops.generate("test", 12, grammar=SMALL)[0],
                   listops.generate("train", 12, seed=1, grammar=SMALL)[0]):
         assert not np.array_equal(other, tokens)

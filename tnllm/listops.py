@@ -21,12 +21,15 @@ XLA or cuDNN flash attention), each chosen by the language model's policy for "a
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import math
+import multiprocessing
+import os
 import random
 import time
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -146,6 +149,19 @@ def generate(split: str, num_examples: Optional[int] = None, *, seed: int = 0,
                   for a, b in zip(bounds[:-1], bounds[1:])]
         tokens, labels = (np.concatenate(parts) for parts in zip(*(p.result() for p in pieces)))
     return tokens.astype(np.int32), labels
+
+
+def generate_splits(sizes: Mapping[str, int], *, seed: int = 0, grammar: Grammar = Grammar(),
+                    workers: int = 0) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """`generate(split, n)` for each split and n in `sizes`, on `workers` processes (0: one per CPU
+    core; 1: this process). The processes are spawned: forking a process that has started JAX can
+    deadlock."""
+    workers = workers or os.cpu_count()
+    spawn = multiprocessing.get_context("spawn")
+    with (concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn) if workers > 1
+          else contextlib.nullcontext()) as pool:
+        return {split: generate(split, n, seed=seed, grammar=grammar, executor=pool)
+                for split, n in sizes.items()}
 
 
 def from_config(cls, fields: Mapping[str, Any], section: str, ignore: Sequence[str] = ()):
