@@ -84,11 +84,9 @@ def measure_decode(cfg, params, prefilled, fused, fused_kernels):
 
 
 def weight_read_ms(params, repeats):
-    """The time XLA takes to read the parameters' bytes once from HBM: row sums over one contiguous
-    [rows, 4096] bf16 array of as many elements (one pass, no per-array launches; on the H100 no
-    other sum tried was faster), timed back to back as the kernels are (`timing.time_ms`): single
-    timed calls carry launch and clock ramp-up and understate the memory's rate. Returns (GB read,
-    ms)."""
+    """(GB, ms) XLA takes to read the parameters' bytes once: row sums over one [rows, 4096] bf16
+    array of as many elements (one pass; on the H100 no other sum tried was faster), timed back to
+    back (`timing.time_ms`): single calls carry launch and clock ramp-up, understating the rate."""
     width = 4096
     elements = sum(x.size for x in jax.tree.leaves(params))
     flat = jnp.ones((-(-elements // width), width), jnp.bfloat16)

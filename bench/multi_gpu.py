@@ -168,19 +168,14 @@ def summarize(records: list) -> None:
             print(f"\nRestored {r['from']} on one GPU: rc {r['rc']}; output: {r['output']!r}")
 
 
-def smoke(out: str) -> None:
-    """Flags for a check of this script on a CPU, on a corpus of the library's own sources."""
-    FLAGS.gpus, FLAGS.config, FLAGS.attention_impl = 2, "configs/tiny.py", "blockwise"
-    FLAGS.cases, FLAGS.lengths, FLAGS.steps, FLAGS.tokens = FLAGS.cases or ["fsdp2"], ["32"], ["2"], 128
-    FLAGS.set = [f"data.path={ROOT}/tnllm/*.py", f"data.cache_dir={out}/cache", "data.val_fraction=0.25",
-                 "model.num_layers=1"]
-
-
 def main(argv):
     del argv
     out = report.out_dir()
-    if FLAGS.smoke:
-        smoke(out)
+    if FLAGS.smoke:  # two CPU devices, the tiny model on the library's own sources
+        FLAGS.gpus, FLAGS.config, FLAGS.attention_impl = 2, "configs/tiny.py", "blockwise"
+        FLAGS.cases, FLAGS.lengths, FLAGS.steps, FLAGS.tokens = FLAGS.cases or ["fsdp2"], ["32"], ["2"], 128
+        FLAGS.set = [f"data.path={ROOT}/tnllm/*.py", f"data.cache_dir={out}/cache",
+                     "data.val_fraction=0.25", "model.num_layers=1"]
     path = out / "multi_gpu.jsonl"
     gpus = FLAGS.gpus or gpu_count()
     cases = all_cases(gpus)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bench import profiling, report
+from bench import profiling, report, timing
 from tnllm import config as config_lib
 from tnllm import metrics, train_lib
 from tnllm.model import TransNormerLLM
@@ -94,21 +94,17 @@ def compile_case(case: dict, pool):
 
 
 def memory_bytes(compiled):
-    m = compiled.memory_analysis()
-    if m is None:
-        return None
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    m = compiled.memory_analysis()  # None where the backend does not tell
+    return m and (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                  - m.alias_size_in_bytes)
 
 
 def run_case(compiled, init, cfg, case):
     """Median step seconds and the last loss; records the untimed setup's seconds in `case`, and
     with --profile the GPU time of one more step by kernel kind."""
-    start = time.perf_counter()
-    state = init(jax.random.key(0))
     shape = (1, cfg.train.batch_size, cfg.data.seq_len + 1)
-    batch = jnp.asarray(np.random.default_rng(1).integers(0, cfg.model.vocab_size, shape, np.int32))
-    jax.block_until_ready((state, batch))
-    case["init_s"] = time.perf_counter() - start
+    tokens = np.random.default_rng(1).integers(0, cfg.model.vocab_size, shape, np.int32)
+    (state, batch), case["init_s"] = timing.wall_s(lambda: (init(jax.random.key(0)), jnp.asarray(tokens)))
     times = []
     for _ in range(FLAGS.steps + 1):  # the first is the warm-up
         start = time.perf_counter()
