@@ -94,10 +94,12 @@ def weight_read_ms(params, repeats):
     return flat.nbytes / 1e9, timing.time_ms(read, [(flat,)], group_ms=50.0, groups=max(repeats, 7))
 
 
-def measure_case(rows, path, meta, cfg, params, case, fuseds, kernel_choices, limit):
+def measure_case(rows, path, meta, cfg, params, case, limit):
     """Every variant of the decoding step for one config, impl, batch and context, after one shared
     prefill; each variant resolved as decode resolves it (auto: by the batch and the device)."""
     batch, context = case["batch"], case["context"]
+    fuseds = [{"true": True, "false": False, "auto": None}[f] for f in FLAGS.fused]
+    kernel_choices = sorted({fused_step.default_kernels() if k == "auto" else k for k in FLAGS.fused_kernels})
     fused_ok = not fused_step.unsupported(cfg, batch)
     resolved = {DecodeOptions(fused=f if f is None else f and fused_ok).resolve(cfg, batch).fused
                 for f in fuseds}
@@ -131,8 +133,6 @@ def main(argv):
                 repeats=FLAGS.repeats, prefill_chunk=FLAGS.prefill_chunk, dtype="bfloat16")
     print(json.dumps(meta))
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-    fuseds = [{"true": True, "false": False, "auto": None}[f] for f in FLAGS.fused]
-    kernel_choices = sorted({fused_step.default_kernels() if k == "auto" else k for k in FLAGS.fused_kernels})
     rows = []
     for name in FLAGS.configs:
         cfg = config_lib.model_config(config_lib.load(str(REPO / "configs" / f"{name}.py")))
@@ -150,7 +150,7 @@ def main(argv):
             case = dict(config=name, impl=impl, batch=batch, context=context, weights_gb=weights_gb,
                         weight_read_ms=read_ms,
                         state_mb_per_sequence=request_bytes(case_cfg, 1, 0, False) / 1e6)
-            measure_case(rows, path, meta, case_cfg, params, case, fuseds, kernel_choices, limit)
+            measure_case(rows, path, meta, case_cfg, params, case, limit)
         del params
     for r in rows:  # the fused step's kernels, or False
         r["step"] = r.get("fused_kernels") or str(r["fused"])

@@ -4,10 +4,8 @@ cosFormer paper's.
 
     python -m bench.listops [--config.train.steps=N] [--token_mixers=softmax] [--smoke]
 
-Writes listops.json and listops_loss.png to --out (default $OUT, else ./bench_out).
+Writes $OUT/listops.json and listops_loss.png (OUT defaults to ./bench_out).
 """
-from __future__ import annotations
-
 import os
 import time
 
@@ -30,7 +28,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs/
 _MIXERS = flags.DEFINE_list("token_mixers", None, "Token mixers to train, in order, e.g. softmax or "
                             "cosformer,softmax (config.token_mixers).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model, tiny data, a few steps: checks the script.")
-_OUT = flags.DEFINE_string("out", None, "Output folder; default $OUT, else ./bench_out.")
 
 
 def train_and_test(model_cfg, tc, train, test) -> dict:
@@ -65,7 +62,7 @@ def main(argv):
         grammar = listops.from_config(listops.Grammar, cfg.data, "data", ("seed", "num_test", "workers"))
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    out = report.out_dir(_OUT.value)
+    out = report.out_dir()
     workers = cfg.data.workers or os.cpu_count()
 
     t0 = time.perf_counter()
@@ -88,8 +85,7 @@ def main(argv):
         print(f"wrote {out}/listops.json and {out}/listops_loss.png ({len(summary['results'])} of "
               f"{len(cfg.token_mixers)} token mixers)")
 
-    print(f"\nListOps test accuracy, {tc.steps} steps x {tc.batch_size} sequences, "
-          f"{summary['device']}")
+    print(f"\nListOps test accuracy, {tc.steps} steps x {tc.batch_size} sequences, {summary['device']}")
     for r in summary["results"]:
         r["paper"] = "{1} ({0})".format(*PAPER[r["token_mixer"]])
     print(report.markdown(summary["results"], [

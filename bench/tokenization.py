@@ -65,11 +65,10 @@ def train_sentencepiece(corpus: str, prefix: str) -> str:
 
 
 def run(out: str) -> None:
-    size = (2 if FLAGS.smoke else FLAGS.mb) * 10**6
     if FLAGS.smoke:
         data._BLOCK_BYTES = 1 << 16  # several blocks, so that two workers share the work
     corpus = os.path.join(out, "corpus.jsonl")
-    size = write_corpus(corpus, size)
+    size = write_corpus(corpus, (2 if FLAGS.smoke else FLAGS.mb) * 10**6)
     spec = FLAGS.tokenizer or ("byte" if FLAGS.smoke else train_sentencepiece(
         corpus, os.path.join(out, "sp")))
     tokenizer = load_tokenizer(spec)
@@ -86,12 +85,10 @@ def run(out: str) -> None:
         # fewer free cores than processes, the wall time cannot fall however the work is split.
         main_cpu, worker_cpu = used[0] + used[1], used[2] + used[3]  # user + system
         tokens = {s: store.splits[s].read().result() for s in data.SPLITS}
-        if first is None:
-            first = tokens
+        first = first or tokens
         assert all((tokens[s] == first[s]).all() for s in data.SPLITS), "stores differ"
-        results.append(dict(workers=workers, seconds=round(seconds, 2),
+        results.append(dict(workers=workers, seconds=round(seconds, 2), tokens=sum(map(len, tokens.values())),
                             mb_per_s=round(size / 1e6 / seconds, 2),
-                            tokens=int(sum(len(t) for t in tokens.values())),
                             main_cpu_s=round(main_cpu, 1), worker_cpu_s=round(worker_cpu, 1)))
         print(f"{workers} worker(s): {seconds:.1f} s, {size / 1e6 / seconds:.2f} MB/s, "
               f"{results[-1]['tokens'] / seconds / 1e6:.2f} M tokens/s; CPU s: this process "
