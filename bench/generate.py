@@ -62,11 +62,9 @@ def measure_decode(cfg, params, prefilled, fused, fused_kernels):
     """Times decoding --new_tokens tokens after `prefilled`, --repeats times."""
     new_tokens, repeats = FLAGS.new_tokens, FLAGS.repeats
     batch = prefilled.logits.shape[0]
-    options = DecodeOptions(fused=fused, kernels=fused_kernels, autotune=FLAGS.autotune).resolve(
-        cfg, batch)
+    options = DecodeOptions(fused=fused, kernels=fused_kernels, autotune=FLAGS.autotune).resolve(cfg, batch)
     lowered = PROGRAMS[options.autotune].lower(params, prefilled, jax.random.key(0), cfg=cfg,
-                                               sampling=Sampling(new_tokens, Greedy()),
-                                               options=options)
+                                               sampling=Sampling(new_tokens, Greedy()), options=options)
     decode_exe, decode_compile_s = timing.wall_s(lowered.compile)
     run_decode = lambda: decode_exe(params, prefilled, jax.random.key(0))  # noqa: E731
     out, first_s = timing.wall_s(run_decode)

@@ -52,10 +52,8 @@ def gpu_count() -> int:
 
 
 class Case(NamedTuple):
-    mesh: dict  # config.mesh overrides
     gpus: int  # GPUs used
-    accum: int = 1  # micro-batches per step
-    overrides: tuple = ()  # more config overrides, as in --set
+    settings: dict = {}  # config overrides, e.g. {"mesh.fsdp": 2}
     env: dict = {}  # more environment variables
 
 
@@ -65,12 +63,11 @@ NOISE_REFERENCES = ("1gpu_accum2", "1gpu_f32")
 def all_cases(gpus: int) -> dict:
     """name -> Case. 1gpu_f32 computes in float32 at the highest matmul precision (JAX's default
     would let GPUs round float32 operands to TF32)."""
-    cases = {"1gpu": Case({}, 1), "1gpu_accum2": Case({}, 1, accum=2),
-             "1gpu_f32": Case({}, 1, overrides=("model.dtype=float32",),
-                              env={"JAX_DEFAULT_MATMUL_PRECISION": "highest"}),
-             f"fsdp{gpus}": Case({"fsdp": gpus}, gpus), "tensor2": Case({"tensor": 2}, 2)}
+    cases = {"1gpu": Case(1), "1gpu_accum2": Case(1, {"train.grad_accum_steps": 2}),
+             "1gpu_f32": Case(1, {"model.dtype": "float32"}, {"JAX_DEFAULT_MATMUL_PRECISION": "highest"}),
+             f"fsdp{gpus}": Case(gpus, {"mesh.fsdp": gpus}), "tensor2": Case(2, {"mesh.tensor": 2})}
     if gpus > 2:
-        cases[f"tensor{gpus}"] = Case({"tensor": gpus}, gpus)
+        cases[f"tensor{gpus}"] = Case(gpus, {"mesh.tensor": gpus})
     return cases
 
 
@@ -85,15 +82,14 @@ def device_env(devices: list) -> dict:
 def train(name: str, case: Case, devices: list, length: int, steps: int) -> dict:
     workdir = str(report.out_dir() / "multi_gpu" / f"{name}-{length}")
     shutil.rmtree(workdir, ignore_errors=True)
-    settings = {"data.seq_len": length, "train.batch_size": FLAGS.tokens // length,
-                "train.steps": steps, "train.grad_accum_steps": case.accum,
-                "optim.warmup_steps": min(FLAGS.warmup_steps, steps - 1), "train.log_every": 1,
-                "train.eval_every": steps, "train.eval_batches": 1, "checkpoint.every": steps,
-                "train.sample_tokens": 0, "model.attention_impl": FLAGS.attention_impl,
-                **{f"mesh.{axis}": size for axis, size in case.mesh.items()}}
+    settings = {"data.seq_len": length, "train.batch_size": FLAGS.tokens // length, "train.steps": steps,
+                "train.grad_accum_steps": 1, "optim.warmup_steps": min(FLAGS.warmup_steps, steps - 1),
+                "train.log_every": 1, "train.eval_every": steps, "train.eval_batches": 1,
+                "checkpoint.every": steps, "train.sample_tokens": 0,
+                "model.attention_impl": FLAGS.attention_impl,  # then --set, then the case's own settings
+                **dict(override.split("=", 1) for override in FLAGS.set), **case.settings}
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={os.path.join(ROOT, FLAGS.config)}",
-           f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in settings.items()),
-           *(f"--config.{override}" for override in (*FLAGS.set, *case.overrides))]
+           f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in settings.items())]
     env = dict(os.environ, **device_env(devices), **case.env)
     start = time.perf_counter()
     try:
@@ -101,7 +97,7 @@ def train(name: str, case: Case, devices: list, length: int, steps: int) -> dict
         log, rc = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
         log, rc = (e.stdout or b"").decode() + (e.stderr or b"").decode(), "timeout"
-    record = {"case": name, "gpus": len(devices), "mesh": case.mesh, "seq_len": length,
+    record = {"case": name, "gpus": len(devices), "settings": case.settings, "seq_len": length,
               "batch": FLAGS.tokens // length, "steps": steps, "rc": rc,
               "wall_s": time.perf_counter() - start, "workdir": workdir,
               "log_tail": [line for line in log.replace("\r", "\n").splitlines()

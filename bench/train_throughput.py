@@ -190,8 +190,7 @@ def main(argv):
     pool = concurrent.futures.ThreadPoolExecutor(FLAGS.threads)
     jobs = [(case, *compile_case(case, pool)) for case in timed]
     probe_jobs = [(case, *compile_case(case, pool)) for case in probes]
-    print(f"lowered {len(jobs) + len(probe_jobs)} cases in {time.perf_counter() - start:.0f} s",
-          flush=True)
+    print(f"lowered {len(jobs) + len(probe_jobs)} cases in {time.perf_counter() - start:.0f} s", flush=True)
     # Compiling autotunes kernels on the GPU: no timing until every compilation has finished.
     concurrent.futures.wait([job for _, _, job, _ in jobs + probe_jobs] +
                             [future for _, future in _INITS.values()])
