@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 flags.DEFINE_list("configs", ["385m", "1b"], "Config files (configs/NAME.py) to measure.")
 flags.DEFINE_list("contexts", ["1024", "8192", "32768", "131072"], "Prompt lengths in tokens.")
 flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
-flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per timed run.")
+flags.DEFINE_integer("new_tokens", 128, "Tokens per timed run (the first from the prefill).", lower_bound=2)
 flags.DEFINE_integer("repeats", 5, "Timed decode runs per case (the median is reported).")
 flags.DEFINE_integer("prefill_chunk", 2048, "Prompt tokens per prefill segment.")
 flags.DEFINE_bool("profile", False, "Trace one more decode run per case: GPU busy time, span and "
@@ -124,8 +124,6 @@ def main(argv):
     if FLAGS.smoke:
         FLAGS.configs, FLAGS.contexts, FLAGS.batches = ["tiny"], ["16"], ["1"]
         FLAGS.new_tokens, FLAGS.repeats, FLAGS.prefill_chunk = 4, 1, 32
-    if FLAGS.new_tokens < 2:
-        raise app.UsageError("--new_tokens must be at least 2: the first token comes from the prefill.")
     path = report.out_dir() / "generate.json"
     meta = dict(report.run_info(), backend=jax.default_backend(), new_tokens=FLAGS.new_tokens,
                 repeats=FLAGS.repeats, prefill_chunk=FLAGS.prefill_chunk, dtype="bfloat16")

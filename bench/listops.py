@@ -25,8 +25,7 @@ PAPER = {"cosformer": ("cosFormer", 37.9), "softmax": ("vanilla Transformer", 36
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs/listops.py"),
                                           "ListOps config file (model, data, train).")
-_MIXERS = flags.DEFINE_list("token_mixers", None, "Token mixers to train, in order, e.g. softmax or "
-                            "cosformer,softmax (config.token_mixers).")
+_MIXERS = flags.DEFINE_list("token_mixers", None, "Token mixers to train, in order (config.token_mixers).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model, tiny data, a few steps: checks the script.")
 
 
