@@ -100,26 +100,30 @@ def memory_bytes(compiled):
 
 
 def run_case(compiled, init, cfg, case):
-    """Median step seconds and the last loss; records the untimed setup's seconds in `case`, and
-    with --profile the GPU time of one more step by kernel kind."""
+    """Fills `case` with the compiled memory, the median step time, tokens/s, MFU, the last loss,
+    the untimed setup's seconds, and with --profile the GPU time of one more step by kernel kind."""
+    case["memory_gib"] = (memory_bytes(compiled) or 0) / 2**30 or None
     shape = (1, cfg.train.batch_size, cfg.data.seq_len + 1)
     tokens = np.random.default_rng(1).integers(0, cfg.model.vocab_size, shape, np.int32)
     (state, batch), case["init_s"] = timing.wall_s(lambda: (init(jax.random.key(0)), jnp.asarray(tokens)))
     times = []
     for _ in range(FLAGS.steps + 1):  # the first is the warm-up
         start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
+        state, step_metrics = compiled(state, batch)
+        jax.block_until_ready(step_metrics)
         times.append(time.perf_counter() - start)
     case["warmup_s"] = times.pop(0)
-    loss = float(metrics["loss"])
+    step_s = statistics.median(times)
+    tokens_per_s = cfg.train.batch_size * cfg.data.seq_len / step_s
+    peak = metrics.peak_flops(jax.devices()[:1], 0.0)
+    flops = metrics.flops_per_token(config_lib.check(cfg), cfg.data.seq_len)
+    case.update(step_ms=step_s * 1e3, tokens_per_s=tokens_per_s, loss=float(step_metrics["loss"]),
+                mfu=None if peak is None else tokens_per_s * flops / peak)
     if FLAGS.profile:
         try:
             case["profile"] = profiling.gpu_time(lambda: compiled(state, batch))
         except Exception as e:  # noqa: BLE001 -- the timing stands without its profile
             case["profile"] = {"error": str(e).splitlines()[0][:300]}
-    del state, batch
-    return statistics.median(times), loss
 
 
 def plot(results, path):
@@ -202,14 +206,7 @@ def main(argv):
             case["skipped"] = f"over --budget_s={FLAGS.budget_s}"
             continue
         try:
-            compiled = job.result()
-            case["memory_gib"] = (memory_bytes(compiled) or 0) / 2**30 or None
-            step_s, loss = run_case(compiled, init.result(), cfg, case)
-            tokens_per_s = cfg.train.batch_size * cfg.data.seq_len / step_s
-            peak = metrics.peak_flops([device], 0.0)
-            flops = metrics.flops_per_token(config_lib.check(cfg), cfg.data.seq_len)
-            case.update(step_ms=step_s * 1e3, tokens_per_s=tokens_per_s, loss=loss,
-                        mfu=None if peak is None else tokens_per_s * flops / peak)
+            run_case(job.result(), init.result(), cfg, case)
         except Exception as e:  # noqa: BLE001
             case["error"] = str(e).splitlines()[0][:300]
         print(json.dumps(case), flush=True)
