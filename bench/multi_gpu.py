@@ -29,8 +29,7 @@ from tnllm import data, metrics
 from tnllm.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                "NVSHMEM_DISABLE_NVLS": "1"}
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 flags.DEFINE_string("config", "configs/1b.py", "Model config file.")
 flags.DEFINE_list("lengths", ["2048", "8192"], "Sequence lengths.")
