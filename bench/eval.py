@@ -1,24 +1,16 @@
-"""Log-likelihood throughput of multiple-choice requests: each context prefilled once for its
-choices (`reuse_context`), against recomputing every context with every choice.
-
-A request is (context, continuation) as lm-evaluation-harness sends them for a multiple-choice
-question: --questions random contexts of --context tokens, each with --choices continuations of
-random lengths in [--min_choice, --max_choice] tokens. `tnllm.eval.score.continuation_logprobs`
-scores them all, in batches of --batch_sizes rows; the time is the median of --repeats calls after
-a warm-up call that compiles every shape. Both ways' log-likelihoods are compared (max abs
-difference, `max_diff`). Parameters are random, in the config's dtype (speed does not depend on
-their values).
+"""Log-likelihood throughput of multiple-choice requests as lm-evaluation-harness sends them: each
+context prefilled once for its choices (`reuse_context`), against recomputing every context with
+every choice (`tnllm.eval.score.continuation_logprobs`). Random requests and parameters (speed does
+not depend on their values); the median of --repeats calls after one that compiles every shape;
+`max_diff` is the largest difference between both ways' log-likelihoods.
 
   python -m bench.eval                      # 1b, context 512, 4 choices, batches 16 and 64
-  python -m bench.eval --configs=385m,1b --batch_sizes=32
   python -m bench.eval --smoke              # tiny config on CPU: checks the logic in seconds
 
-Prints a table; writes $OUT/eval.json (rewritten after every case). OUT defaults to ./bench_out.
+Writes $OUT/eval.json (OUT defaults to ./bench_out) after every case; prints a table.
 """
-import json
-import os
+import functools
 import statistics
-import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -27,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bench import report
+from bench import report, timing
 from tnllm import config as config_lib
 from tnllm.eval.score import continuation_logprobs
 from tnllm.generate import serving_params
@@ -62,11 +54,8 @@ def main(argv):
     if FLAGS.smoke:
         FLAGS.configs, FLAGS.context, FLAGS.questions = ["tiny"], 40, 8
         FLAGS.batch_sizes, FLAGS.repeats = ["4"], 1
-    out = Path(os.environ.get("OUT", "bench_out"))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "eval.json"
-    meta = dict(date=time.strftime("%Y-%m-%d"), device=jax.devices()[0].device_kind,
-                jax_version=jax.__version__, context=FLAGS.context, choices=FLAGS.choices,
+    path = report.out_dir() / "eval.json"
+    meta = dict(report.run_info(), context=FLAGS.context, choices=FLAGS.choices,
                 choice_tokens=[FLAGS.min_choice, FLAGS.max_choice], questions=FLAGS.questions)
     rows = []
     for name in FLAGS.configs:
@@ -76,28 +65,20 @@ def main(argv):
         params = serving_params(params, cfg)
         requests = _requests(cfg, np.random.default_rng(0))
         for batch in map(int, FLAGS.batch_sizes):
-            results = {}
-            for reuse in (True, False):
-                row = dict(config=name, batch=batch, reuse_context=reuse)
+            logprobs = {}
 
-                call = lambda reuse=reuse, batch=batch: continuation_logprobs(  # noqa: E731
-                    params, cfg, requests, batch_size=batch, reuse_context=reuse)
-                try:
-                    results[reuse] = np.array([lp for lp, _ in call()])  # compiles every shape
-                    times = []
-                    for _ in range(FLAGS.repeats):
-                        t = time.perf_counter()
-                        call()
-                        times.append(time.perf_counter() - t)
-                    row["seconds"] = statistics.median(times)
-                    row["requests_per_s"] = len(requests) / row["seconds"]
-                    if len(results) == 2:
-                        row["max_diff"] = float(np.abs(results[True] - results[False]).max())
-                except Exception as e:  # noqa: BLE001 - keep measuring the other cases
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                path.write_text(json.dumps(dict(meta, results=rows), indent=1))
+            def run(row, batch=batch):
+                reuse = row["reuse_context"]
+                call = functools.partial(continuation_logprobs, params, cfg, requests, batch_size=batch,
+                                         reuse_context=reuse)
+                logprobs[reuse] = np.array([lp for lp, _ in call()])  # compiles every shape
+                row["seconds"] = statistics.median(timing.wall_s(call)[1] for _ in range(FLAGS.repeats))
+                row["requests_per_s"] = len(requests) / row["seconds"]
+                if len(logprobs) == 2:
+                    row["max_diff"] = float(np.abs(logprobs[True] - logprobs[False]).max())
+
+            for reuse in (True, False):
+                report.measure(rows, dict(config=name, batch=batch, reuse_context=reuse), run, path, meta)
     print(report.markdown(rows, [("config", "config", ""), ("batch", "batch", ""),
                                  ("reuse", "reuse_context", ""), ("requests/s", "requests_per_s", ".1f"),
                                  ("s", "seconds", ".2f"), ("max_diff", "max_diff", ".2e")]))

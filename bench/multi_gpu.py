@@ -6,45 +6,40 @@ checkpoint is then restored and generated from on one GPU.
     NCCL_NVLS_ENABLE=0 python -m bench.multi_gpu --cases=1gpu,1gpu_accum2,1gpu_f32,fsdp2,tensor2
     python -m bench.multi_gpu --smoke                 # two fake CPU devices, the tiny model
 
-Appends a JSON line per case to --results (default $OUT/multi_gpu.jsonl). NVLink multicast stays
-off (NCCL_NVLS_ENABLE=0): on shared hosts it can take the GPUs down.
+Appends a JSON line per case to $OUT/multi_gpu.jsonl (OUT defaults to ./bench_out). NVLink
+multicast stays off (NCCL_NVLS_ENABLE=0): on shared hosts it can take the GPUs down.
 """
 import concurrent.futures
 import json
 import os
-import queue
 import re
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from typing import NamedTuple
 
 from absl import app, flags
 
-from bench.report import markdown
+from bench import report
 from tnllm import config as config_lib
-from tnllm import data
+from tnllm import data, metrics
 from tnllm.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                "NVSHMEM_DISABLE_NVLS": "1"}
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 flags.DEFINE_string("config", "configs/1b.py", "Model config file.")
 flags.DEFINE_list("lengths", ["2048", "8192"], "Sequence lengths.")
 flags.DEFINE_integer("tokens", 16384, "Tokens per optimizer step at every length (global batch).")
 flags.DEFINE_list("steps", ["20", "10"], "Steps per length (the first length's runs compare losses).")
-flags.DEFINE_list("cases", [], "Cases to run (1gpu, 1gpu_accum2, 1gpu_f32, fsdpN, tensorN); "
-                  "default all.")
+flags.DEFINE_list("cases", [], "Cases to run (1gpu, 1gpu_accum2, 1gpu_f32, fsdpN, tensorN); default all.")
 flags.DEFINE_integer("gpus", 0, "GPUs on this host; 0 = count them with nvidia-smi.")
-flags.DEFINE_enum("platform", "gpu", ["gpu", "cpu"],
-                  "cpu: --gpus fake CPU devices (XLA_FLAGS), for studying the numerics without a GPU.")
 flags.DEFINE_string("attention_impl", "pallas", "config.model.attention_impl of every case.")
 flags.DEFINE_integer("warmup_steps", 5, "config.optim.warmup_steps (short, so that 20 steps move).")
 flags.DEFINE_multi_string("set", [], "More config overrides for every case, e.g. model.dtype=bfloat16.")
-flags.DEFINE_string("results", None, "JSON lines file; default $OUT/multi_gpu.jsonl.")
 flags.DEFINE_integer("timeout", 300, "Seconds allowed to each train.py run.")
 flags.DEFINE_bool("smoke", False, "Two fake CPU devices, the tiny model on a small corpus, 2 steps.")
 FLAGS = flags.FLAGS
@@ -56,10 +51,8 @@ def gpu_count() -> int:
 
 
 class Case(NamedTuple):
-    mesh: dict  # config.mesh overrides
     gpus: int  # GPUs used
-    accum: int = 1  # micro-batches per step
-    overrides: tuple = ()  # more config overrides, as in --set
+    settings: dict = {}  # config overrides, e.g. {"mesh.fsdp": 2}
     env: dict = {}  # more environment variables
 
 
@@ -69,60 +62,51 @@ NOISE_REFERENCES = ("1gpu_accum2", "1gpu_f32")
 def all_cases(gpus: int) -> dict:
     """name -> Case. 1gpu_f32 computes in float32 at the highest matmul precision (JAX's default
     would let GPUs round float32 operands to TF32)."""
-    cases = {"1gpu": Case({}, 1), "1gpu_accum2": Case({}, 1, accum=2),
-             "1gpu_f32": Case({}, 1, overrides=("model.dtype=float32",),
-                              env={"JAX_DEFAULT_MATMUL_PRECISION": "highest"}),
-             f"fsdp{gpus}": Case({"fsdp": gpus}, gpus), "tensor2": Case({"tensor": 2}, 2)}
+    cases = {"1gpu": Case(1), "1gpu_accum2": Case(1, {"train.grad_accum_steps": 2}),
+             "1gpu_f32": Case(1, {"model.dtype": "float32"}, {"JAX_DEFAULT_MATMUL_PRECISION": "highest"}),
+             f"fsdp{gpus}": Case(gpus, {"mesh.fsdp": gpus}), "tensor2": Case(2, {"mesh.tensor": 2})}
     if gpus > 2:
-        cases[f"tensor{gpus}"] = Case({"tensor": gpus}, gpus)
+        cases[f"tensor{gpus}"] = Case(gpus, {"mesh.tensor": gpus})
     return cases
 
 
 def device_env(devices: list) -> dict:
-    """The environment that gives a run these GPUs (or, with --platform=cpu, as many CPU devices)."""
-    if FLAGS.platform == "cpu":
+    """The environment that gives a run these GPUs (or, with --smoke, as many CPU devices)."""
+    if FLAGS.smoke:
         return {"JAX_PLATFORMS": "cpu",
                 "XLA_FLAGS": f"--xla_force_host_platform_device_count={len(devices)}"}
     return {**NO_MULTICAST, "CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}
 
 
 def train(name: str, case: Case, devices: list, length: int, steps: int) -> dict:
-    workdir = os.path.join(os.environ.get("OUT", "bench_out"), "multi_gpu", f"{name}-{length}")
+    workdir = str(report.out_dir() / "multi_gpu" / f"{name}-{length}")
     shutil.rmtree(workdir, ignore_errors=True)
+    settings = {"data.seq_len": length, "train.batch_size": FLAGS.tokens // length, "train.steps": steps,
+                "train.grad_accum_steps": 1, "optim.warmup_steps": min(FLAGS.warmup_steps, steps - 1),
+                "train.log_every": 1, "train.eval_every": steps, "train.eval_batches": 1,
+                "checkpoint.every": steps, "train.sample_tokens": 0,
+                "model.attention_impl": FLAGS.attention_impl,  # then --set, then the case's own settings
+                **dict(override.split("=", 1) for override in FLAGS.set), **case.settings}
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={os.path.join(ROOT, FLAGS.config)}",
-           f"--workdir={workdir}", f"--config.data.seq_len={length}",
-           f"--config.train.batch_size={FLAGS.tokens // length}",
-           f"--config.train.grad_accum_steps={case.accum}",
-           f"--config.train.steps={steps}",
-           f"--config.optim.warmup_steps={min(FLAGS.warmup_steps, steps - 1)}",
-           "--config.train.log_every=1", f"--config.train.eval_every={steps}",
-           "--config.train.eval_batches=1", f"--config.checkpoint.every={steps}",
-           "--config.train.sample_tokens=0", f"--config.model.attention_impl={FLAGS.attention_impl}"]
-    cmd += [f"--config.{override}" for override in (*FLAGS.set, *case.overrides)]
-    cmd += [f"--config.mesh.{axis}={size}" for axis, size in case.mesh.items()]
+           f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in settings.items())]
     env = dict(os.environ, **device_env(devices), **case.env)
-    used = len(devices)
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=FLAGS.timeout)
         log, rc = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
         log, rc = (e.stdout or b"").decode() + (e.stderr or b"").decode(), "timeout"
-    record = {"case": name, "gpus": used, "mesh": case.mesh, "seq_len": length,
+    record = {"case": name, "gpus": len(devices), "settings": case.settings, "seq_len": length,
               "batch": FLAGS.tokens // length, "steps": steps, "rc": rc,
               "wall_s": time.perf_counter() - start, "workdir": workdir,
               "log_tail": [line for line in log.replace("\r", "\n").splitlines()
                            if line.strip() and "step/s" not in line][-12:]}
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(metrics):
-        rows = [json.loads(line) for line in open(metrics)]
-        train_rows = [r for r in rows if "loss" in r]
-        record["losses"] = [r["loss"] for r in train_rows]
-        record["grad_norms"] = [r["grad_norm"] for r in train_rows]
+    train_rows = [r for r in metrics.read_metrics(workdir) if "loss" in r]
+    if train_rows:
+        record.update(losses=[r["loss"] for r in train_rows], grad_norms=[r["grad_norm"] for r in train_rows])
         # The first step's interval holds no compile (train.py compiles before the loop), but skip
         # it anyway: it also pays for first-touch allocations.
-        speeds = [r["tokens_per_s"] for r in train_rows[1:]] or [r["tokens_per_s"] for r in train_rows]
-        record["tokens_per_s"] = statistics.median(speeds)
+        record["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in train_rows[1:] or train_rows)
         mfus = [r["mfu"] for r in train_rows[1:] if "mfu" in r]
         record["mfu"] = statistics.median(mfus) if mfus else None
     peak = re.search(r"Peak device memory: ([\d.]+) GiB", log)
@@ -146,7 +130,7 @@ def loss_diffs(run: dict, ref: dict) -> tuple:
     return max(diffs), statistics.mean(diffs)
 
 
-def report(records: list) -> None:
+def summarize(records: list) -> None:
     runs = [r for r in records if "seq_len" in r]
     one = {r["seq_len"]: r for r in runs if r["case"] == "1gpu" and "tokens_per_s" in r}
     for r in runs:
@@ -158,20 +142,17 @@ def report(records: list) -> None:
             if r["gpus"] > 1:
                 r["eff"] = r["tokens_per_s"] / (r["gpus"] * ref["tokens_per_s"])
         r["per_gpu"] = r.get("tokens_per_s", 0) / r["gpus"]
-    print("\n" + markdown(runs, [
+    print("\n" + report.markdown(runs, [
         ("case", "case", ""), ("GPUs", "gpus", ""), ("seq", "seq_len", ""), ("batch", "batch", ""),
         ("tokens/s", "tokens_per_s", ",.0f"), ("tokens/s per GPU", "per_gpu", ",.0f"), ("MFU", "mfu", ".1%"),
         ("peak GiB per GPU", "peak_gib", ".1f"), ("scaling eff.", "eff", ".1%"),
         ("max loss diff vs 1 GPU", "diff", "")]))
     for length, ref in one.items():
         done = [r for r in runs if r["seq_len"] == length and "losses" in r]
-        print(f"\nLosses at {length}:")
-        for r in done:
-            print(f"  {r['case']:12s} " + " ".join(f"{x:.3f}" for x in r["losses"]))
         noise = {r["case"]: loss_diffs(r, ref) for r in done if r["case"] in NOISE_REFERENCES}
         if noise:  # a mesh case is within the noise if its largest difference is no larger
             bound = max(largest for largest, _ in noise.values())
-            print(f"bf16 noise at {length} (largest / mean difference from 1gpu): " +
+            print(f"\nbf16 noise at {length} (largest / mean difference from 1gpu): " +
                   ", ".join(f"{k} {v[0]:.2e} / {v[1]:.2e}" for k, v in noise.items()))
             for r in (r for r in done if r["gpus"] > 1):
                 largest, mean = loss_diffs(r, ref)
@@ -182,34 +163,24 @@ def report(records: list) -> None:
             print(f"\nRestored {r['from']} on one GPU: rc {r['rc']}; output: {r['output']!r}")
 
 
-def smoke(out: str) -> None:
-    """Flags for a check of this script on a CPU, on a corpus of the library's own sources."""
-    corpus = os.path.join(out, "corpus")
-    os.makedirs(corpus, exist_ok=True)
-    for name in sorted(os.listdir(os.path.join(ROOT, "tnllm"))):
-        if name.endswith(".py"):
-            shutil.copy(os.path.join(ROOT, "tnllm", name), os.path.join(corpus, name + ".txt"))
-    FLAGS.platform, FLAGS.gpus, FLAGS.config, FLAGS.attention_impl = "cpu", 2, "configs/tiny.py", "blockwise"
-    FLAGS.cases, FLAGS.lengths, FLAGS.steps, FLAGS.tokens = ["fsdp2"], ["32"], ["2"], 128
-    FLAGS.set = [f"data.path={corpus}", f"data.cache_dir={out}/cache", "data.val_fraction=0.25",
-                 "model.num_layers=1"]
-
-
 def main(argv):
     del argv
-    out = os.environ.get("OUT", "bench_out")
-    if FLAGS.smoke:
-        smoke(out)
-    path = FLAGS.results or os.path.join(out, "multi_gpu.jsonl")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    gpus = FLAGS.gpus or (2 if FLAGS.platform == "cpu" else gpu_count())
+    out = report.out_dir()
+    if FLAGS.smoke:  # two CPU devices, the tiny model on the library's own sources
+        FLAGS.gpus, FLAGS.config, FLAGS.attention_impl = 2, "configs/tiny.py", "blockwise"
+        FLAGS.cases, FLAGS.lengths, FLAGS.steps, FLAGS.tokens = FLAGS.cases or ["fsdp2"], ["32"], ["2"], 128
+        FLAGS.set = [f"data.path={ROOT}/tnllm/*.py", f"data.cache_dir={out}/cache",
+                     "data.val_fraction=0.25", "model.num_layers=1"]
+    path = out / "multi_gpu.jsonl"
+    gpus = FLAGS.gpus or gpu_count()
     cases = all_cases(gpus)
     chosen = FLAGS.cases or list(cases)
     unknown = sorted(set(chosen) - set(cases))
     if unknown:
         raise SystemExit(f"Unknown --cases {', '.join(unknown)} for {gpus} GPUs; choose from "
                          f"{', '.join(cases)}.")
-    print(f"{gpus} {FLAGS.platform.upper()}s; cases {', '.join(chosen)}; config {FLAGS.config}", flush=True)
+    print(f"{gpus} {'CPU' if FLAGS.smoke else 'GPU'}s; cases {', '.join(chosen)}; config {FLAGS.config}",
+          flush=True)
     records = []
 
     def done(record: dict) -> None:  # appended as it comes: a run cut short keeps what it measured
@@ -225,32 +196,22 @@ def main(argv):
         field, value = override.split("=", 1)
         cfg.data[field] = type(cfg.data[field])(value)
     data.TokenStore(cfg.data, load_tokenizer(cfg.data.tokenizer))
-    single = [n for n in chosen if cases[n].gpus == 1]
-    if single:  # the one-GPU runs of all lengths at once, each on a GPU of its own (CPU: one by one)
-        workers = gpus if FLAGS.platform == "gpu" else 1
-        free = queue.Queue()  # a run takes the GPU a finished run gave back, never a busy one
-        for gpu in range(workers):
-            free.put(gpu)
-
-        def train_on_free_gpu(name: str, length: int, steps: int) -> dict:
-            gpu = free.get()
-            try:
-                return train(name, cases[name], [gpu], length, steps)
-            finally:
-                free.put(gpu)
-
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            runs = [pool.submit(train_on_free_gpu, name, length, steps)
-                    for length, steps in lengths for name in single]
-            for run in runs:
-                done(run.result())
+    # The one-GPU runs of all lengths at once, each thread on a GPU of its own (CPU: one by one).
+    workers, thread = (1 if FLAGS.smoke else gpus), threading.local()
+    gpu_ids = iter(range(workers))
+    with concurrent.futures.ThreadPoolExecutor(
+            workers, initializer=lambda: setattr(thread, "gpu", next(gpu_ids))) as pool:
+        runs = [pool.submit(lambda n, *run: train(n, cases[n], [thread.gpu], *run), name, length, steps)
+                for length, steps in lengths for name in chosen if cases[name].gpus == 1]
+        for run in runs:
+            done(run.result())
     for length, steps in lengths:
         for name in (n for n in chosen if cases[n].gpus > 1):
             record = train(name, cases[name], list(range(cases[name].gpus)), length, steps)
             done(record)
             if name == f"fsdp{gpus}" and length == lengths[0][0] and record["rc"] == 0:
                 done(restore_and_generate(record["workdir"]))
-    report(records)
+    summarize(records)
     failed = [f"{r['case']} (rc {r['rc']})" for r in records if r["rc"] != 0]
     if failed:
         raise SystemExit(f"error: {', '.join(failed)} failed; their logs' tails are in {path}.")

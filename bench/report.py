@@ -1,4 +1,45 @@
-"""What the benchmarks print and draw: markdown tables and line plots of their result rows."""
+"""Where a benchmark's results go: the output folder, the run's metadata, result rows written as
+they are measured (a run cut short keeps what it measured), markdown tables and line plots."""
+import datetime
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+
+
+def out_dir(path: Optional[str] = None) -> Path:
+    """path, else $OUT, else ./bench_out; created if missing."""
+    out = Path(path or os.environ.get("OUT") or "bench_out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_info() -> dict:
+    """The date, the command line, the first device's kind and the JAX version."""
+    return {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+            "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+
+
+def write_json(path: Path, results) -> None:
+    path.write_text(json.dumps(results, indent=1, default=str))
+
+
+def measure(rows: list, row: dict, run: Callable[[dict], None], path: Path, meta: dict) -> None:
+    """run(row) fills row with its timings; an exception it raises (a case that does not fit or
+    compile) is printed and becomes the row's error, and the other cases go on. Then the row is
+    appended to rows, printed, and {**meta, "results": rows} written to path."""
+    try:
+        run(row)
+    except Exception as e:  # noqa: BLE001 - a case that fails is a result
+        traceback.print_exc()
+        row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    write_json(path, dict(meta, results=rows))
 
 
 def markdown(rows, columns) -> str:

@@ -1,6 +1,8 @@
 """Wall-clock time of a jitted call: `time_ms(f, arg_sets)` warms f up, then returns the median over
 `groups` of the mean time of back-to-back calls in groups of about `group_ms` (async dispatch keeps
-the device busy, so per-call host overhead and clock ramp-up stay out). Every benchmark times so.
+the device busy, so per-call host overhead and clock ramp-up stay out). Every benchmark times so,
+except calls long enough (a prefill, a decoding loop, a scoring pass) to be timed one by one
+(`wall_s`).
 """
 import statistics
 import time
@@ -25,3 +27,9 @@ def time_ms(f, arg_sets, group_ms=30.0, groups=7, sync=jax.block_until_ready):
         means.append((time.perf_counter() - t) * 1e3 / n)
     return statistics.median(means)
 
+
+def wall_s(fn, *args):
+    """(fn(*args), the seconds until its result was ready)."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - start

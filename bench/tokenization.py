@@ -4,21 +4,21 @@
     python -m bench.tokenization --mb=1000 --workers=1,4,8 --tokenizer=tokenizer.model
     python -m bench.tokenization --smoke              # 2 MB, small blocks: checks the script runs
 
-The corpus is generated: JSON lines whose texts are the Python standard library's sources, cut into
-documents of a few kB and repeated until the corpus has the size asked for. The default tokenizer is
-a SentencePiece model (vocabulary up to 8000) trained on the first 2 MB of that corpus, the kind of tokenizer
-the released models use; `--tokenizer=byte` or a `.model`/`tokenizer.json` path takes another. Each
-worker count builds the store from scratch in its own cache directory, and the stores must agree bit
-for bit. (Named tokenization, not tokenize, so that running it as a file cannot shadow the standard
-library's `tokenize` module.)
+The corpus: the Python standard library's sources as JSON lines of 2,000 characters, repeated to the
+size asked for. The default tokenizer is a SentencePiece model (vocabulary up to 8000, as the
+releases use) trained on the corpus's first 2 MB. Each worker count builds the store from scratch,
+and the stores must agree bit for bit. (Named tokenization so that it cannot shadow `tokenize`.)
 """
+import contextlib
 import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 from absl import app, flags
 
+from bench import report
 from tnllm import config, data
 from tnllm.tokenizer import load_tokenizer
 
@@ -40,14 +40,12 @@ def write_corpus(path: str, size: int) -> int:
         while written < size:
             for source in data.stdlib_files():
                 try:
-                    with open(source, encoding="utf-8") as f:
-                        text = f.read()
+                    text = Path(source).read_text(encoding="utf-8")
                 except (UnicodeDecodeError, OSError):
                     continue
                 for start in range(0, len(text), _DOCUMENT_CHARS):
-                    line = json.dumps({"text": text[start:start + _DOCUMENT_CHARS]}) + "\n"
-                    out.write(line)
-                    written += len(line.encode("utf-8"))
+                    # json.dumps writes ASCII: as many bytes as characters.
+                    written += out.write(json.dumps({"text": text[start:start + _DOCUMENT_CHARS]}) + "\n")
                 if written >= size:
                     break
     return written
@@ -67,11 +65,10 @@ def train_sentencepiece(corpus: str, prefix: str) -> str:
 
 
 def run(out: str) -> None:
-    size = (2 if FLAGS.smoke else FLAGS.mb) * 10**6
     if FLAGS.smoke:
         data._BLOCK_BYTES = 1 << 16  # several blocks, so that two workers share the work
     corpus = os.path.join(out, "corpus.jsonl")
-    size = write_corpus(corpus, size)
+    size = write_corpus(corpus, (2 if FLAGS.smoke else FLAGS.mb) * 10**6)
     spec = FLAGS.tokenizer or ("byte" if FLAGS.smoke else train_sentencepiece(
         corpus, os.path.join(out, "sp")))
     tokenizer = load_tokenizer(spec)
@@ -83,35 +80,28 @@ def run(out: str) -> None:
         cfg.update(path=corpus, cache_dir=os.path.join(out, f"cache-{workers}"), num_workers=workers)
         start, cpu = time.perf_counter(), os.times()
         store = data.TokenStore(cfg, tokenizer)
-        seconds, cpu_end = time.perf_counter() - start, os.times()
+        seconds, used = time.perf_counter() - start, [b - a for a, b in zip(cpu, os.times())]
         # CPU seconds of this process and of the workers (counted once they have exited): with
         # fewer free cores than processes, the wall time cannot fall however the work is split.
-        main_cpu = cpu_end.user + cpu_end.system - cpu.user - cpu.system
-        worker_cpu = (cpu_end.children_user + cpu_end.children_system - cpu.children_user
-                      - cpu.children_system)
+        main_cpu, worker_cpu = used[0] + used[1], used[2] + used[3]  # user + system
         tokens = {s: store.splits[s].read().result() for s in data.SPLITS}
-        if first is None:
-            first = tokens
+        first = first or tokens
         assert all((tokens[s] == first[s]).all() for s in data.SPLITS), "stores differ"
-        results.append(dict(workers=workers, seconds=round(seconds, 2),
+        results.append(dict(workers=workers, seconds=round(seconds, 2), tokens=sum(map(len, tokens.values())),
                             mb_per_s=round(size / 1e6 / seconds, 2),
-                            tokens=int(sum(len(t) for t in tokens.values())),
                             main_cpu_s=round(main_cpu, 1), worker_cpu_s=round(worker_cpu, 1)))
         print(f"{workers} worker(s): {seconds:.1f} s, {size / 1e6 / seconds:.2f} MB/s, "
               f"{results[-1]['tokens'] / seconds / 1e6:.2f} M tokens/s; CPU s: this process "
               f"{main_cpu:.1f}, workers {worker_cpu:.1f}; load average {os.getloadavg()[0]:.1f}")
-    with open(os.path.join(out, "tokenization.json"), "w") as f:
-        json.dump(dict(corpus_bytes=size, tokenizer=spec, results=results), f, indent=1)
+    report.write_json(Path(out) / "tokenization.json",
+                      dict(corpus_bytes=size, tokenizer=spec, results=results))
 
 
 def main(argv):
     del argv
-    if FLAGS.out:
-        os.makedirs(FLAGS.out, exist_ok=True)
-        run(FLAGS.out)
-    else:
-        with tempfile.TemporaryDirectory() as out:
-            run(out)
+    with (contextlib.nullcontext(report.out_dir(FLAGS.out)) if FLAGS.out
+          else tempfile.TemporaryDirectory()) as out:
+        run(str(out))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ only, at batch 1, to find the longest sequence that fits.
 Writes $OUT/train_throughput.json and .png (OUT defaults to ./bench_out); prints the tables.
 """
 import concurrent.futures
-import datetime
 import json
 import os
 import statistics
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bench import profiling, report
+from bench import profiling, report, timing
 from tnllm import config as config_lib
 from tnllm import metrics, train_lib
 from tnllm.model import TransNormerLLM
@@ -37,15 +36,12 @@ flags.DEFINE_integer("steps", 3, "Timed steps per case, after one warm-up step."
 # Full rematerialisation by default: the 1B step at 32K tokens does not fit 80 GB without it,
 # and the same policy for all keeps the comparison fair (both pay the recomputed forward).
 flags.DEFINE_list("remat", ["full"], "config.model.remat_policy values: every case runs with each.")
-flags.DEFINE_list("loss_chunk", [], "config.model.loss_chunk values (0: all logits at once); "
-                  "default the config's.")
-flags.DEFINE_integer("train_segment", None, "config.model.train_segment of TNL's cases (positions "
-                     "per segment, carrying the states); default the config's.")
+flags.DEFINE_list("loss_chunk", [], "config.model.loss_chunk values (0: all logits at once).")
+flags.DEFINE_integer("train_segment", None, "config.model.train_segment of TNL's cases.")
 flags.DEFINE_bool("profile", False, "Profile one more step of every case: GPU time by kernel kind.")
 flags.DEFINE_list("probe_configs", ["385m", "softmax_385m"], "Configs of the batch-1 length probe.")
 flags.DEFINE_list("probe_lengths", ["65536", "131072", "262144"], "Lengths the probe compiles at batch 1.")
-flags.DEFINE_integer("probe_loss_chunk", None, "config.model.loss_chunk of the probe; default the "
-                     "config's.")
+flags.DEFINE_integer("probe_loss_chunk", None, "config.model.loss_chunk of the probe.")
 flags.DEFINE_list("replot", [], "Only redraw the plot and table of these train_throughput.json files.")
 flags.DEFINE_integer("threads", 8, "Concurrent compilations.")
 flags.DEFINE_integer("budget_s", 480, "Start no new timed case after this many seconds.")
@@ -53,82 +49,81 @@ flags.DEFINE_bool("smoke", False, "Tiny configs and lengths, one step: checks th
 FLAGS = flags.FLAGS
 
 
-def case_config(name: str, impl: str, remat: str, loss_chunk, length: int, batch: int):
-    cfg = config_lib.load(str(REPO / "configs" / f"{name}.py"))
-    cfg.model.remat_policy = remat
-    if loss_chunk is not None:
-        cfg.model.loss_chunk = loss_chunk
+def case_config(case: dict):
+    cfg = config_lib.load(str(REPO / "configs" / f"{case['config']}.py"))
+    cfg.model.remat_policy = case["remat"]
+    if case["loss_chunk"] is not None:
+        cfg.model.loss_chunk = case["loss_chunk"]
     if FLAGS.train_segment is not None and cfg.model.token_mixer != "softmax":
         cfg.model.train_segment = FLAGS.train_segment
     if cfg.model.token_mixer == "gla":
-        cfg.model.attention_impl = impl
-    cfg.data.seq_len = length
+        cfg.model.attention_impl = case["impl"]
     if FLAGS.smoke:
         cfg.model.num_layers = 1
-    cfg.train.update(batch_size=batch, grad_accum_steps=1, steps=1000)
+    cfg.data.seq_len = case["seq_len"]
+    cfg.train.update(batch_size=case["batch"], grad_accum_steps=1, steps=1000)
     cfg.optim.warmup_steps = 10
+    case.update(loss_chunk=cfg.model.loss_chunk, train_segment=cfg.model.train_segment)
     return cfg
 
 
-_INITS = {}
+_INITS = {}  # model config -> (jitted state initialiser, the future of its compilation)
 
 
-def initialiser(model, tx, model_cfg, pool):
-    """The state initialiser, jitted and compiled on the pool once per model: every length of
-    a config shares it (the state's static fields come from it, so the steps take its output),
-    and no case compiles while it is timed. Returns (jitted function, future of the compiled one)."""
-    if model_cfg not in _INITS:
-        init = jax.jit(lambda rng: train_lib.init_state(model, tx, rng))
-        _INITS[model_cfg] = init, pool.submit(init.lower(jax.random.key(0)).compile)
-    return _INITS[model_cfg]
-
-
-def lower(cfg, pool):
-    """The training step lowered for abstract inputs, and the future of the state's initialiser."""
-    model_cfg = config_lib.check(cfg)
-    model = TransNormerLLM(model_cfg)
-    tx, schedule = train_lib.make_optimizer(cfg)
-    init, compiled_init = initialiser(model, tx, model_cfg, pool)
-    state = jax.eval_shape(init, jax.random.key(0))
-    batch = jax.ShapeDtypeStruct((1, cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32)
-    step = jax.jit(train_lib.make_train_step(model, schedule), donate_argnums=0)
-    return step.lower(state, batch), compiled_init
+def compile_case(case: dict, pool):
+    """(config, the future of the compiled training step, the future of the compiled state
+    initialiser), compiled on the pool. The initialiser is compiled once per model: every length
+    shares it (the state's static fields come from it, so the steps take its output), and no case
+    compiles while it is timed. A case that fails to lower gets its error as the step's future."""
+    cfg = case_config(case)
+    try:
+        model_cfg = config_lib.check(cfg)
+        model = TransNormerLLM(model_cfg)
+        tx, schedule = train_lib.make_optimizer(cfg)
+        if model_cfg not in _INITS:
+            init = jax.jit(lambda rng: train_lib.init_state(model, tx, rng))
+            _INITS[model_cfg] = init, pool.submit(init.lower(jax.random.key(0)).compile)
+        state = jax.eval_shape(_INITS[model_cfg][0], jax.random.key(0))
+        batch = jax.ShapeDtypeStruct((1, cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32)
+        step = jax.jit(train_lib.make_train_step(model, schedule), donate_argnums=0)
+        return cfg, pool.submit(step.lower(state, batch).compile), _INITS[model_cfg][1]
+    except Exception as e:  # noqa: BLE001 -- recorded, and the other cases go on
+        failed = concurrent.futures.Future()
+        failed.set_exception(e)
+        return cfg, failed, None
 
 
 def memory_bytes(compiled):
-    m = compiled.memory_analysis()
-    if m is None:
-        return None
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    m = compiled.memory_analysis()  # None where the backend does not tell
+    return m and (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                  - m.alias_size_in_bytes)
 
 
 def run_case(compiled, init, cfg, case):
-    """Median step seconds and the last loss; records the untimed setup's seconds in `case`, and
-    with --profile the GPU time of one more step by kernel kind."""
-    start = time.perf_counter()
-    state = init(jax.random.key(0))
+    """Fills `case` with the compiled memory, the median step time, tokens/s, MFU, the last loss,
+    the untimed setup's seconds, and with --profile the GPU time of one more step by kernel kind."""
+    case["memory_gib"] = (memory_bytes(compiled) or 0) / 2**30 or None
     shape = (1, cfg.train.batch_size, cfg.data.seq_len + 1)
-    batch = jnp.asarray(np.random.default_rng(1).integers(0, cfg.model.vocab_size, shape, np.int32))
-    jax.block_until_ready((state, batch))
-    case["init_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch)  # warm-up
-    jax.block_until_ready(metrics)
-    case["warmup_s"] = time.perf_counter() - start
+    tokens = np.random.default_rng(1).integers(0, cfg.model.vocab_size, shape, np.int32)
+    (state, batch), case["init_s"] = timing.wall_s(lambda: (init(jax.random.key(0)), jnp.asarray(tokens)))
     times = []
-    for _ in range(FLAGS.steps):
+    for _ in range(FLAGS.steps + 1):  # the first is the warm-up
         start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
+        state, step_metrics = compiled(state, batch)
+        jax.block_until_ready(step_metrics)
         times.append(time.perf_counter() - start)
-    loss = float(metrics["loss"])
+    case["warmup_s"] = times.pop(0)
+    step_s = statistics.median(times)
+    tokens_per_s = cfg.train.batch_size * cfg.data.seq_len / step_s
+    peak = metrics.peak_flops(jax.devices()[:1], 0.0)
+    flops = metrics.flops_per_token(config_lib.check(cfg), cfg.data.seq_len)
+    case.update(step_ms=step_s * 1e3, tokens_per_s=tokens_per_s, loss=float(step_metrics["loss"]),
+                mfu=None if peak is None else tokens_per_s * flops / peak)
     if FLAGS.profile:
         try:
             case["profile"] = profiling.gpu_time(lambda: compiled(state, batch))
         except Exception as e:  # noqa: BLE001 -- the timing stands without its profile
             case["profile"] = {"error": str(e).splitlines()[0][:300]}
-    del state, batch
-    return statistics.median(times), loss
 
 
 def plot(results, path):
@@ -162,11 +157,9 @@ def print_tables(results):
 def main(argv):
     del argv
     if FLAGS.smoke:
-        FLAGS.configs = [c for c in ("tiny", "softmax_tiny") if (REPO / "configs" / f"{c}.py").exists()]
-        FLAGS.impls, FLAGS.lengths, FLAGS.tokens, FLAGS.steps = ["blockwise"], ["64"], 128, 1
-        FLAGS.probe_configs, FLAGS.probe_lengths = FLAGS.configs[:1], ["128"]
-    out = Path(os.environ.get("OUT", "bench_out"))
-    out.mkdir(parents=True, exist_ok=True)
+        FLAGS.configs, FLAGS.impls, FLAGS.lengths = ["tiny", "softmax_tiny"], ["blockwise"], ["64"]
+        FLAGS.tokens, FLAGS.steps, FLAGS.probe_configs, FLAGS.probe_lengths = 128, 1, ["tiny"], ["128"]
+    out = report.out_dir()
     if FLAGS.replot:  # several runs' cases in one plot and table (the first run's header)
         runs = [json.loads(Path(p).read_text()) for p in FLAGS.replot]
         results = dict(runs[0], cases=[c for r in runs for c in r["cases"]],
@@ -176,14 +169,10 @@ def main(argv):
         return
     device = jax.devices()[0]
     limit = (device.memory_stats() or {}).get("bytes_limit")
-    results = {"date": datetime.date.today().isoformat(), "device": device.device_kind,
-               "jax": jax.__version__, "command": " ".join(sys.argv), "tokens_per_step": FLAGS.tokens,
-               "device_bytes_limit": limit, "cases": [], "longest": []}
+    results = dict(report.run_info(), tokens_per_step=FLAGS.tokens, device_bytes_limit=limit, cases=[],
+                   longest=[])
     print(f"jax {jax.__version__} on {device.device_kind}; memory limit "
           f"{'unknown' if limit is None else f'{limit / 2**30:.1f} GiB'}", flush=True)
-
-    def save():
-        (out / "train_throughput.json").write_text(json.dumps(results, indent=1))
 
     def variants(name):
         mixer = config_lib.load(str(REPO / "configs" / f"{name}.py")).model.token_mixer
@@ -203,24 +192,11 @@ def main(argv):
               for name in FLAGS.probe_configs for length in FLAGS.probe_lengths]
     start = time.perf_counter()
     pool = concurrent.futures.ThreadPoolExecutor(FLAGS.threads)
-
-    def submit(case):
-        cfg = case_config(case["config"], case["impl"], case["remat"], case["loss_chunk"],
-                          case["seq_len"], case["batch"])
-        case.update(loss_chunk=cfg.model.loss_chunk, train_segment=cfg.model.train_segment)
-        try:
-            lowered, init = lower(cfg, pool)
-            return case, cfg, pool.submit(lowered.compile), init
-        except Exception as e:  # noqa: BLE001 -- recorded, and the other cases go on
-            return case, cfg, e, None
-
-    jobs = [submit(case) for case in timed]
-    probe_jobs = [submit(case) for case in probes]
-    print(f"lowered {len(jobs) + len(probe_jobs)} cases in {time.perf_counter() - start:.0f} s",
-          flush=True)
+    jobs = [(case, *compile_case(case, pool)) for case in timed]
+    probe_jobs = [(case, *compile_case(case, pool)) for case in probes]
+    print(f"lowered {len(jobs) + len(probe_jobs)} cases in {time.perf_counter() - start:.0f} s", flush=True)
     # Compiling autotunes kernels on the GPU: no timing until every compilation has finished.
-    concurrent.futures.wait([job for _, _, job, _ in jobs + probe_jobs
-                             if isinstance(job, concurrent.futures.Future)] +
+    concurrent.futures.wait([job for _, _, job, _ in jobs + probe_jobs] +
                             [future for _, future in _INITS.values()])
     print(f"compiled in {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -230,32 +206,21 @@ def main(argv):
             case["skipped"] = f"over --budget_s={FLAGS.budget_s}"
             continue
         try:
-            if isinstance(job, Exception):
-                raise job
-            compiled = job.result()
-            case["memory_gib"] = (memory_bytes(compiled) or 0) / 2**30 or None
-            step_s, loss = run_case(compiled, init.result(), cfg, case)
-            tokens_per_s = cfg.train.batch_size * cfg.data.seq_len / step_s
-            peak = metrics.peak_flops([device], 0.0)
-            flops = metrics.flops_per_token(config_lib.check(cfg), cfg.data.seq_len)
-            case.update(step_ms=step_s * 1e3, tokens_per_s=tokens_per_s, loss=loss,
-                        mfu=None if peak is None else tokens_per_s * flops / peak)
+            run_case(job.result(), init.result(), cfg, case)
         except Exception as e:  # noqa: BLE001
             case["error"] = str(e).splitlines()[0][:300]
         print(json.dumps(case), flush=True)
-        save()
+        report.write_json(out / "train_throughput.json", results)
 
     for probe, cfg, job, _ in probe_jobs:
         try:
-            if isinstance(job, Exception):
-                raise job
             used = memory_bytes(job.result())
             probe.update(memory_gib=used / 2**30, fits=limit is None or used <= limit)
         except Exception as e:  # noqa: BLE001 -- e.g. an allocation XLA refuses at compile time
             probe.update(fits=False, error=str(e).splitlines()[0][:300])
         results["longest"].append(probe)
         print(json.dumps(probe), flush=True)
-    save()
+    report.write_json(out / "train_throughput.json", results)
     pool.shutdown(wait=False, cancel_futures=True)
 
     plot(results, out / "train_throughput.png")

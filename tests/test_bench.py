@@ -14,7 +14,7 @@ SMOKES = {
     "generate": ([], "generate.json"),
     "eval": ([], "eval.json"),
     "kernels": (["--out", "{out}"], "results.json"),
-    "listops": (["--out", "{out}"], "listops.json"),
+    "listops": ([], "listops.json"),
     "multi_gpu": ([], "multi_gpu.jsonl"),
     "tokenization": (["--out", "{out}"], "tokenization.json"),
     "train_throughput": ([], "train_throughput.json"),

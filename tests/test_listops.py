@@ -65,6 +65,11 @@ def test_generation_is_seeded_prefix_stable_and_parallel_safe():
         pooled, pooled_labels = listops.generate("train", 12, grammar=SMALL, executor=pool)
     np.testing.assert_array_equal(pooled, tokens)
     np.testing.assert_array_equal(pooled_labels, labels)
+    # Two spawned processes: the same examples again.
+    splits = listops.generate_splits({"train": 12, "test": 3}, grammar=SMALL, workers=2)
+    np.testing.assert_array_equal(splits["train"][0], tokens)
+    np.testing.assert_array_equal(splits["train"][1], labels)
+    np.testing.assert_array_equal(splits["test"][0], listops.generate("test", 3, grammar=SMALL)[0])
     for other in (listops.generate("test", 12, grammar=SMALL)[0],
                   listops.generate("train", 12, seed=1, grammar=SMALL)[0]):
         assert not np.array_equal(other, tokens)
@@ -79,6 +84,10 @@ def test_bad_settings_are_named():
         listops.ClassifierConfig(token_mixer="lstm")
     with pytest.raises(ValueError, match="softmax_impl is 'flash'; choose one of auto, xla, cudnn"):
         listops.ClassifierConfig(softmax_impl="flash")
+    with pytest.raises(ValueError, match="Unknown config.train field.s. stpes; known fields are batch_size"):
+        listops.from_config(listops.TrainConfig, {"steps": 5, "stpes": 5}, "train")
+    assert (listops.from_config(listops.Grammar, {"max_depth": 3, "seed": 1}, "data", ignore=("seed",))
+            == listops.Grammar(max_depth=3))
     with pytest.raises(ValueError, match="max_len"):
         cfg = listops.ClassifierConfig(num_layers=1, d_model=8, num_heads=2, mlp_dim=8, max_len=4)
         listops.ListOpsClassifier(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 5), jnp.int32))
@@ -141,3 +150,22 @@ def test_cudnn_softmax_matches_xla():
     params = jax.jit(nets[0].init)(jax.random.PRNGKey(0), tokens)
     xla, cudnn = (jax.jit(net.apply)(params, tokens) for net in nets)
     assert float(jnp.linalg.norm(cudnn - xla) / jnp.linalg.norm(xla)) <= 5e-3 * 4  # two bf16 runs
+
+
+def test_training_learns_a_small_set_and_accuracy_counts_every_example_once():
+    cfg = listops.ClassifierConfig(num_layers=1, d_model=16, num_heads=2, mlp_dim=32, max_len=32)
+    tc = listops.TrainConfig(steps=60, batch_size=4, learning_rate=1e-2, warmup_steps=2)
+    tokens, labels = listops.generate("train", 8, grammar=listops.Grammar(4, 4, 10, 32))
+    params, stats = listops.train_classifier(cfg, tc, tokens, labels)
+    steps, losses = zip(*stats["loss_curve"])
+    assert steps == (0, 10, 20, 30, 40, 50, 59)
+    # 8 examples, 30 epochs: learned by heart (chance is 10 %).
+    assert losses[-1] < 0.5 * losses[0] and listops.accuracy(cfg, params, tokens, labels, 4) >= 75.0
+    # 7 examples in batches of 4: the last batch is padded with repeats, which are not counted.
+    predicted = np.argmax(listops.ListOpsClassifier(cfg).apply(params, tokens[:7]), -1)
+    want = 100.0 * np.mean(predicted == labels[:7])
+    assert listops.accuracy(cfg, params, tokens[:7], labels[:7], 4) == pytest.approx(want)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        listops.TrainConfig(steps=10, warmup_steps=10)
+    with pytest.raises(ValueError, match="fewer than config.train.batch_size"):
+        listops.train_classifier(cfg, tc, tokens[:3], labels[:3])
