@@ -57,10 +57,8 @@ def make_inputs(seed, batch, seq, heads, dk, dtype, dv=None):
     """q, k (silu features, like the model's), v and an output cotangent dO: random, never zeros."""
     dv = dk if dv is None else dv
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-    q = jax.nn.silu(jax.random.normal(keys[0], (batch, seq, heads, dk))).astype(dtype)
-    k = jax.nn.silu(jax.random.normal(keys[1], (batch, seq, heads, dk))).astype(dtype)
-    v = jax.random.normal(keys[2], (batch, seq, heads, dv)).astype(dtype)
-    do = jax.random.normal(keys[3], (batch, seq, heads, dv)).astype(dtype)
+    q, k = (jax.nn.silu(jax.random.normal(key, (batch, seq, heads, dk))).astype(dtype) for key in keys[:2])
+    v, do = (jax.random.normal(key, (batch, seq, heads, dv)).astype(dtype) for key in keys[2:])
     return q, k, v, do
 
 
@@ -184,6 +182,23 @@ def stage_segments(results, shapes):
                                           seed=12)
 
 
+def stage_boundaries(results, document_tokens=512):
+    """Ours on packed documents (a start every ~document_tokens) against no boundaries, same inputs."""
+    log("== packed documents against none, forward and forward+backward (ms)")
+    results["boundaries"] = []
+    for batch, seq, heads, dim in SHAPES:
+        sets = [make_inputs(s, batch, seq, heads, dim, jnp.bfloat16) for s in (5, 6)]
+        starts = np.random.default_rng(0).random((batch, seq)) < 1 / document_tokens
+        row, slopes = {"shape": (batch, seq, heads, dim)}, attention.alibi_slopes(heads)
+        for name, ids in (("plain", None), ("documents", jnp.asarray(np.cumsum(starts, 1), jnp.int32))):
+            fwd, fwd_bwd = fwd_and_fwd_bwd(lambda q, k, v, ids=ids: lightning.lightning_attention(
+                q, k, v, slopes, segment_ids=ids)[0])
+            row[name] = [time_ms(fwd, [s[:3] for s in sets]), time_ms(fwd_bwd, sets)]
+        row["cost"] = [d / p - 1 for d, p in zip(row["documents"], row["plain"])]
+        results["boundaries"].append(row)
+        log(json.dumps(row))
+
+
 def stage_table(results, bandwidth):
     log("== forward and forward+backward, ms")
     rows = []
@@ -281,14 +296,11 @@ def fla_worker(out):
     for shape in SHAPES:
         batch, seq, heads, dim = shape
         gen = torch.Generator(device=dev).manual_seed(0)
-
-        def randn(*s):
-            return torch.randn(*s, device=dev, generator=gen)
-
+        randn = lambda *s: torch.randn(*s, device=dev, generator=gen)  # noqa: E731
         sets = []
         for _ in range(2):  # two input sets, alternated by the back-to-back timing like ours
-            q = torch.nn.functional.silu(randn(batch, seq, heads, dim)).bfloat16().requires_grad_()
-            k = torch.nn.functional.silu(randn(batch, seq, heads, dim)).bfloat16().requires_grad_()
+            q, k = (torch.nn.functional.silu(randn(batch, seq, heads, dim)).bfloat16().requires_grad_()
+                    for _ in "qk")
             v = randn(batch, seq, heads, dim).bfloat16().requires_grad_()
             sets.append((q, k, v, randn(batch, seq, heads, dim).bfloat16()))
         slopes = t[f"slopes_{heads}"]
@@ -348,7 +360,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for results.json, table.md, plots")
     parser.add_argument("--stages", default=None, help="of check, sweep, segments, table, fla, memory, "
-                        "plots; default check,table,fla,memory,plots (--smoke: all but fla)")
+                        "boundaries, plots; default check,table,fla,memory,plots (--smoke: all but fla)")
     parser.add_argument("--sweep", default="", help="block configs C:bv:warps:stages,... for 'sweep'")
     parser.add_argument("--sweep_shapes", default="0,1,2",
                         help="indices into SHAPES of the shapes 'sweep' runs")
@@ -358,8 +370,7 @@ def main():
     args = parser.parse_args()
     if args.smoke:
         global SHAPES, LENGTHS, LENGTH_BH, FLA_CHECK_SHAPE, EXTRA_CHECKS, SEGMENT_SHAPES
-        SHAPES, LENGTHS, LENGTH_BH = [(1, 128, 2, 64)], [64], (1, 2)
-        SEGMENT_SHAPES = []
+        SHAPES, LENGTHS, LENGTH_BH, SEGMENT_SHAPES = [(1, 128, 2, 64)], [64], (1, 2), []
         EXTRA_CHECKS = [((1, 50, 2, 32, 16), "float32", True)]
         FLA_CHECK_SHAPE = (1, 64, 2, 64)
         args.sweep = args.sweep or "64:64:4:1"
@@ -367,7 +378,7 @@ def main():
     if args.fla_worker:
         return fla_worker(args.out)
 
-    stages = (args.stages or ("check,sweep,segments,table,memory,plots" if args.smoke else
+    stages = (args.stages or ("check,sweep,segments,table,memory,boundaries,plots" if args.smoke else
                               "check,table,fla,memory,plots")).split(",")
     results = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
                "cores": getattr(jax.devices()[0], "core_count", None),
@@ -380,30 +391,24 @@ def main():
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
 
+    run = {"sweep": lambda: stage_sweep(
+               results, [lightning.Blocks(*map(int, c.split(":"))) for c in args.sweep.split(",")],
+               [SHAPES[int(i)] for i in args.sweep_shapes.split(",") if int(i) < len(SHAPES)]),
+           "segments": lambda: stage_segments(results, SHAPES + SEGMENT_SHAPES),
+           "table": lambda: stage_table(results, results["bandwidth"]),
+           "fla": lambda: stage_fla(results), "memory": lambda: stage_memory(results),
+           "boundaries": lambda: stage_boundaries(results),
+           "plots": lambda: results.get("memory") and plot_memory(results["memory"], args.out)}
     for stage in stages:
         start = time.perf_counter()
-        if stage == "check":
-            if not stage_check(results):
-                log("Correctness check failed: nothing is timed.")
-                save()
-                sys.exit(1)
-        elif stage == "sweep":
-            configs = [lightning.Blocks(*map(int, c.split(":"))) for c in args.sweep.split(",")]
-            stage_sweep(results, configs, [SHAPES[int(i)] for i in args.sweep_shapes.split(",")
-                                          if int(i) < len(SHAPES)])
-        elif stage == "segments":
-            stage_segments(results, SHAPES + SEGMENT_SHAPES)
-        elif stage == "table":
-            stage_table(results, results["bandwidth"])
-        elif stage == "fla":
-            stage_fla(results)
-        elif stage == "memory":
-            stage_memory(results)
-        elif stage == "plots":
-            if results.get("memory"):
-                plot_memory(results["memory"], args.out)
-        else:
-            raise SystemExit(f"Unknown stage {stage!r}: see --help.")
+        if stage == "check" and not stage_check(results):
+            log("Correctness check failed: nothing is timed.")
+            save()
+            sys.exit(1)
+        elif stage != "check":
+            if stage not in run:
+                raise SystemExit(f"Unknown stage {stage!r}: see --help.")
+            run[stage]()
         log(f"-- stage {stage} took {time.perf_counter() - start:.0f} s")
         save()
     table = markdown_table(results)
