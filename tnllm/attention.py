@@ -312,7 +312,7 @@ def _pallas(q, k, v, slopes, initial_state, chunk_size, segment_ids=None):
     # through _context_parallel); without a mesh this is the plain call.
     seq = ("batch", None, "heads", "head_dim")
     kernel = sharding.per_shard(
-        functools.partial(_pallas_kernel, chunk_size=chunk_size),
+        lambda q, k, v, slopes, s0, ids: _pallas_kernel(q, k, v, slopes, s0, chunk_size, ids),
         in_axes=(seq, seq, seq, ("heads",), None if initial_state is None else _STATE,
                  None if segment_ids is None else ("batch", None)),
         out_axes=(seq, _STATE))
