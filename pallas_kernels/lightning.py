@@ -1,6 +1,6 @@
 """Lightning Attention as Pallas GPU kernels (Triton lowering), forward and backward.
 
-One kernel, `decay_attention`, computes the causal operator of SPEC.md §4 for every (batch, head):
+One kernel, `decay_attention`, computes the causal operator (docs/spec.md §4) per (batch, head):
 
     o_t = sum_{j <= t} lambda^(t-j) (q_t . k_j) v_j + lambda^(t+1) q_t S_0,    lambda = exp(-s),
 
@@ -8,7 +8,7 @@ chunk by chunk (Lightning Attention-2): an intra-chunk masked product plus an in
 with a float32 state S [dk, dv] that stays in registers for the whole sequence, so only q, k, v
 and o cross HBM. With `reverse=True` it runs the mirror image (anti-causal sums, chunks walked
 from the end), which is what the backward pass needs. The backward pass is three more calls of
-the same kernel with the roles of the tensors exchanged (KERNELS.md §1):
+the same kernel with the roles of the tensors exchanged (docs/kernels.md, docs/spec.md §4):
 
     dQ = op(dO, V, K; state S^T)             forward sweep
     dK = op_rev(V, dO, Q; state dS^T)        reverse sweep, from the final-state cotangent
@@ -88,7 +88,7 @@ class Plan:
 def default_plan(dk: int, dv: int, chunk_size: int = 64, *, itemsize: int = 2,
                  batch_heads: Optional[int] = None, seq_len: Optional[int] = None,
                  multiprocessors: int = 1, shared_memory: int = _SHARED_MEMORY["9.0"]) -> Plan:
-    """Blocks for head dims dk (of q, k) and dv (of v), measured on the H100 (bench/NOTES.md).
+    """Blocks for head dims dk (of q, k) and dv (of v), measured on the H100 (docs/kernels.md).
 
     Each program keeps its [key dim, block_v] float32 state in registers: value tiles hold at
     most _STATE_ELEMS elements (64 columns for key dim 128, 32 for 256, up to 128 for 64), at 4
@@ -129,10 +129,10 @@ def default_segments(programs: int, num_chunks: int, multiprocessors: int) -> in
     A program sweeps its chunks one after another (each chunk waits for the state of the one
     before) and one program fills a multiprocessor, so a sweep takes about waves x chunks per
     segment, waves = ceil(programs x segments / multiprocessors). Segments beyond one add the
-    pass that computes their own states, measured at ~40 % of a sweep (bench/NOTES.md, session
-    3). Among powers of two with segments of at least MIN_SEGMENT_CHUNKS chunks the cheapest
-    wins; of equal costs, the largest that keeps the programs within one wave (measured fastest
-    with the default plan's deep pipeline, session 4).
+    pass that computes their own states, measured at ~40 % of a sweep on the H100. Among powers
+    of two with segments of at least MIN_SEGMENT_CHUNKS chunks the cheapest wins; of equal costs,
+    the largest that keeps the programs within one wave (measured fastest with the default plan's
+    deep pipeline).
     """
 
     def cost(segments: int) -> float:
@@ -460,7 +460,7 @@ def _lightning_bwd(seq_len, plan, segments, interpret, residuals, cotangents):
         d_initial = d_initial[:, :, 0]
     else:
         d_initial = ds_all[:, :, -1]
-    # The slopes are fixed decay rates (SPEC.md §2), not parameters: no gradient flows to them.
+    # The slopes are fixed decay rates (docs/spec.md §2), not parameters: no gradient flows to them.
     # Document ids are integers: no cotangent (None).
     return dq, dk, dv, jnp.zeros_like(slopes), d_initial, None
 
@@ -540,7 +540,7 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
                         plan: Optional[Plan] = None,
                         interpret: Optional[bool] = None,
                         segment_ids: Optional[Array] = None) -> Tuple[Array, Array]:
-    """Causal linear attention with per-head decay, as Pallas GPU kernels (SPEC.md §4).
+    """Causal linear attention with per-head decay, as Pallas GPU kernels (docs/spec.md §4).
 
     Differentiable (a custom VJP made of the same kernels) with respect to q, k, v and
     initial_state; usable under jit and grad.

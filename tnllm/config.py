@@ -41,11 +41,11 @@ def check_impl(impl: str, token_mixer: str = "gla") -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The TransNormerLLM architecture (SPEC.md §1, §5) and how to compute it.
+    """The TransNormerLLM architecture (docs/spec.md §1, §5) and how to compute it.
 
     hidden_dim (h) defaults to d_model when 0; head_dim = hidden_dim // num_heads. token_mixer "gla" is
     TransNormerLLM's gated linear attention (lrpe_layers apply to it); "cosformer"
-    is causal cosFormer attention (SPEC.md §10) with the fixed horizon M = cosformer_max_len, which
+    is causal cosFormer attention (docs/spec.md §10) with the fixed horizon M = cosformer_max_len, which
     must cover the longest context (prompt and generated tokens together). "softmax" is the LLaMA-style
     Transformer baseline (softmax attention with RoPE, RMSNorm with a learned weight, SwiGLU of width
     glu_dim); its KV cache holds max_cache_len tokens, which bounds prompt and generated tokens

@@ -1,4 +1,4 @@
-"""cosFormer attention (arXiv 2202.08791, SPEC.md §10): ReLU features with a cos re-weighting.
+"""cosFormer attention (arXiv 2202.08791, docs/spec.md §10): ReLU features with a cos re-weighting.
 
 For queries i and keys j, with q' = ReLU(q), k' = ReLU(k) and a fixed horizon M >= every |i - j|:
 
@@ -275,7 +275,7 @@ def cosformer_attention_step(q: Array, k: Array, v: Array, position: Array, stat
 
 
 class CosformerAttention(nn.Module):
-    """Multi-head cosFormer attention with q/k/v/out projections, all with biases (SPEC.md §10).
+    """Multi-head cosFormer attention with q/k/v/out projections, all with biases (docs/spec.md §10).
 
     Built from the config as every token mixer is, `CosformerAttention(cfg, layer)`: cfg.num_heads
     heads of cfg.head_dim (contiguous slices of the projections), the horizon M =

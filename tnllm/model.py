@@ -1,11 +1,11 @@
-"""TransNormerLLM in Flax Linen, as released (SPEC.md §1-3), and its softmax-attention baseline.
+"""TransNormerLLM in Flax Linen, as released (docs/spec.md §1-3), and its softmax-attention baseline.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `qkvu`, `heads`, `head_dim`, `mlp`); only
 the sharding code maps them onto mesh axes. Every token mixer takes the form config.model.attention_impl
 names, "auto" chosen by one policy for all of them (`tnllm.attention.choose_impl`).
 
 config.model.token_mixer picks the layer's token mixer (`token_mixer`); "softmax" builds the LLaMA-style
-Transformer baseline of issue 9, whose norms (`norm`) and channel mixer (`channel_mixer`) come with it:
+Transformer baseline of docs/spec.md §11, whose norms (`norm`) and channel mixer (`channel_mixer`) come with it:
 RMSNorm with a learned weight and SwiGLU instead of SRMSNorm and SGLU.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def srms_norm(x: Array, eps: float = 1e-6, axes: Sequence[int] = (-1,)) -> Array
 
 
 def lrpe_theta_init(num_heads: int, head_dim: int):
-    """theta[h, j] = 10000^(-2i/D), i = h*head_dim + j, D = num_heads*head_dim (SPEC.md §3)."""
+    """theta[h, j] = 10000^(-2i/D), i = h*head_dim + j, D = num_heads*head_dim (docs/spec.md §3)."""
 
     def init(key, shape, dtype=jnp.float32):
         del key
@@ -111,7 +111,7 @@ class SGLU(nn.Module):
 
 
 class GatedLinearAttention(nn.Module):
-    """GLA token mixer of one layer (SPEC.md §1): decayed causal linear attention with gate u."""
+    """GLA token mixer of one layer (docs/spec.md §1): decayed causal linear attention with gate u."""
 
     cfg: ModelConfig
     layer: int
