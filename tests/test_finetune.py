@@ -14,7 +14,7 @@ from conftest import REPO
 from tokenizers import models, pre_tokenizers
 from test_train import _cfg  # the small training config of the training tests
 
-from tnllm import checkpoint, config, generate, instruct, train_lib
+from tnllm import checkpoint, config, generate, instruct, metrics, train_lib
 from tnllm.model import TransNormerLLM
 from tnllm.tokenizer import ByteTokenizer, load_tokenizer
 
@@ -227,7 +227,7 @@ def test_init_from_loads_parameters_only_and_a_stopped_run_resumes_from_its_own_
     assert train_lib.train(cfg, str(tmp_path / "resumed")).step == 5
 
     def losses(workdir):
-        return {r["step"]: r["loss"] for r in train_lib.read_metrics(str(workdir)) if "loss" in r}
+        return {r["step"]: r["loss"] for r in metrics.read_metrics(str(workdir)) if "loss" in r}
 
     assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")
 

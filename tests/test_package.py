@@ -26,7 +26,8 @@ def test_the_default_install_pulls_in_no_torch():
     extras = project["optional-dependencies"]
     assert "torch" in _names(extras["hf"])  # .bin checkpoints
     assert {"zstandard", "pyarrow", "datasets"} <= _names(extras["data"])
-    assert "tnllm[hf,data]" in extras["test"]
+    assert "lm_eval" in _names(extras["eval"])
+    assert "tnllm[hf,data,eval]" in extras["test"]  # the tests read .bin files and every corpus format
 
 
 def test_pip_install_gives_a_package_that_runs_from_any_directory(tmp_path):

@@ -60,18 +60,18 @@ def reference_run(corpus, tmp_path_factory):
 def test_run_killed_with_sigterm_resumes_with_identical_losses(corpus, reference_run, tmp_path,
                                                                monkeypatch):
     _, want = reference_run
-    real_next = data.Loader.__next__
+    real_next = data.Loader.next_rows
 
-    def next_then_sigterm(loader):
+    def next_then_sigterm(loader, rows):
         if loader.next_batch == 2:  # while the third batch is fetched
             signal.raise_signal(signal.SIGTERM)
-        return real_next(loader)
+        return real_next(loader, rows)
 
-    monkeypatch.setattr(data.Loader, "__next__", next_then_sigterm)
+    monkeypatch.setattr(data.Loader, "next_rows", next_then_sigterm)
     stopped = train_lib.train(_cfg(corpus), str(tmp_path))
     assert (stopped.interrupted_by, stopped.step) == (signal.SIGTERM, 3)
     assert checkpoint.TrainCheckpoints(str(tmp_path)).steps() == [3]
-    monkeypatch.setattr(data.Loader, "__next__", real_next)
+    monkeypatch.setattr(data.Loader, "next_rows", real_next)
     resumed = train_lib.train(_cfg(corpus), str(tmp_path))
     assert resumed.step == STEPS and resumed.interrupted_by is None
     assert _losses(tmp_path) == want  # every step, bit for bit

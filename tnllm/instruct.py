@@ -298,8 +298,10 @@ class Batches:
         rows = [window_arrays(self.documents, w, self.window, self.pad_id) for w in windows]
         return tuple(np.stack(parts) for parts in zip(*rows))
 
-    def batch(self, seed: int, n: int, size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Training batch n: windows n * size ... (n + 1) * size - 1 of the epochs one after another."""
+    def batch(self, seed: int, n: int, size: int, rows: Optional[Sequence[int]] = None
+              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Training batch n: windows n * size ... (n + 1) * size - 1 of the epochs one after another
+        (only its rows `rows`, when given; `tnllm.data.Loader.next_rows`)."""
         start, epoch = n * size, 0
         while start >= self._counts.get((seed, epoch), float("inf")):  # epochs already counted
             start -= self._counts[seed, epoch]
@@ -313,7 +315,7 @@ class Batches:
                 windows += packed[start:start + size - len(windows)]
                 start = 0
             epoch += 1
-        return self.arrays(windows)
+        return self.arrays(windows if rows is None else [windows[r] for r in rows])
 
     def read(self, windows: Sequence[int]) -> np.ndarray:
         """Tokens [len(windows), seq_len + 1] of windows in file order (validation, samples)."""

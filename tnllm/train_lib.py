@@ -15,6 +15,7 @@ docs/training.md ("Reliability") lists what survives which fault.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -407,13 +408,19 @@ class _Setup:
         """[grad_accum_steps, micro_batch, seq_len + 1] int32, sharded over the batch axes (with
         packed documents a tuple: the tokens, targets and segment ids of `make_masked_train_step`).
 
-        Every process draws the same global batch (a pure function of seed and step) and hands over
-        only the rows its own devices hold."""
+        The global batch is a pure function of seed and step; every process hands over only the
+        rows its own devices hold, and reads only those (packed documents: the whole batch)."""
         if self.packed:
             return tuple(_global_array(x.reshape(-1, self.micro_batch, *x.shape[1:]),
                                        self.batch_sharding, batch_dim=1) for x in next(self.loader))
-        tokens = next(self.loader).reshape(-1, self.micro_batch, self.loader.windows.seq_len + 1)
-        return _global_array(tokens, self.batch_sharding, batch_dim=1)
+        shape = (self.loader.batch_size // self.micro_batch, self.micro_batch,
+                 self.loader.windows.seq_len + 1)
+        mine = distributed.local_rows(self.batch_sharding, shape, batch_dim=1)
+        # Row r of micro-batch a is row a * micro_batch + r of the loader's batch: a host reads the
+        # windows of its own rows only.
+        rows = (np.arange(shape[0])[:, None] * shape[1] + np.arange(mine.start, mine.stop)).ravel()
+        local = self.loader.next_rows(rows).reshape(shape[0], -1, shape[2])
+        return jax.make_array_from_process_local_data(self.batch_sharding, local, shape)
 
     def evaluate(self, params: Any, eval_batches: int) -> float:
         """Mean validation loss (nats/token) over eval_batches micro-batches of windows spread
