@@ -1,5 +1,6 @@
 """Every benchmark script runs end to end in its --smoke mode (tiny shapes, a CPU, interpret mode),
 so that none of them rots between the GPU runs that produce docs/benchmarks.md."""
+import json
 import os
 import pathlib
 import subprocess
@@ -35,4 +36,18 @@ def test_smoke_run_exits_0_and_writes_its_results(script, tmp_path):
                            *(a.format(out=tmp_path) for a in args)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (tmp_path / results).stat().st_size > 0
+    text = (tmp_path / results).read_text()
+    # The scripts record a case that raises as a row's "error" and go on, so exit 0 alone would
+    # pass a broken case.
+    errors = [e for line in (text.splitlines() if results.endswith(".jsonl") else [text])
+              for e in _errors(json.loads(line))]
+    assert text and not errors, errors
+
+
+def _errors(tree):
+    """Every "error" value in a JSON tree."""
+    if isinstance(tree, dict):
+        return ([tree["error"]] if "error" in tree else []) + [e for v in tree.values() for e in _errors(v)]
+    if isinstance(tree, list):
+        return [e for v in tree for e in _errors(v)]
+    return []
