@@ -417,7 +417,7 @@ def pieces(num_tokens: int, seq_len: int, first_piece: int, val_fraction: float
         yield start, min(start + seq_len, num_tokens), val, jump
 
 
-def _source_stamp(path: str) -> list:
+def source_stamp(path: str) -> list:
     """What identifies a source's contents: path, size and modification time of each of its files."""
     files = [path] if not os.path.isdir(path) else sorted(
         os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
@@ -426,7 +426,7 @@ def _source_stamp(path: str) -> list:
 
 def store_key(files: Sequence[str], data_cfg: ml_collections.ConfigDict, tokenizer) -> str:
     """Hash of everything the stored tokens depend on."""
-    blob = json.dumps(dict(version=STORE_VERSION, files=[_source_stamp(f) for f in files],
+    blob = json.dumps(dict(version=STORE_VERSION, files=[source_stamp(f) for f in files],
                            tokenizer=tokenizer.fingerprint, text_field=data_cfg.text_field,
                            val_fraction=data_cfg.val_fraction, seq_len=data_cfg.seq_len),
                       sort_keys=True)

@@ -21,6 +21,7 @@ record longer than the window is cut to it and counted too.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import warnings
@@ -278,15 +279,19 @@ class Batches:
         self.documents, self.window, self.pad_id = list(documents), seq_len + 1, pad_id
         self.lengths = [len(t) for t, _ in self.documents]
         self._counts: Dict[Tuple[int, int], int] = {}  # windows per (seed, epoch)
+        # Every step of an epoch reads its packing, and a batch spans at most two epochs: packed once.
+        self.epoch = functools.lru_cache(maxsize=2)(self._epoch)
+        self.in_order = functools.lru_cache(maxsize=1)(self._in_order)
 
-    def epoch(self, seed: int, epoch: int) -> List[List[int]]:
+    def _epoch(self, seed: int, epoch: int) -> List[List[int]]:
         """The windows of training epoch `epoch`: the documents packed in a permutation of (seed, epoch)."""
         order = np.random.default_rng([seed, epoch]).permutation(len(self.documents))
         windows = pack(self.lengths, order, self.window)
         self._counts[seed, epoch] = len(windows)
         return windows
 
-    def in_order(self) -> List[List[int]]:
+    def _in_order(self) -> List[List[int]]:
+        """The windows of the documents packed in file order (validation, samples)."""
         return pack(self.lengths, range(len(self.documents)), self.window)
 
     def waste(self) -> float:
@@ -341,7 +346,7 @@ class Store:
         else:
             documents = text_documents(data_cfg, tokenizer, data_cfg.seq_len + 1)
         f = data_cfg.val_fraction
-        val = [int((i + 1) * f) > int(i * f) for i in range(len(documents))]
+        val = [data.is_validation(i, f) for i in range(len(documents))]
         parts = {"train": [d for d, v in zip(documents, val) if not v],
                  "val": [d for d, v in zip(documents, val) if v]}
         for split, docs in parts.items():
@@ -351,8 +356,7 @@ class Store:
         self.splits = {split: Batches(docs, data_cfg.seq_len, tokenizer.pad_id)
                        for split, docs in parts.items()}
         self.built, self.directory = True, data_cfg.path or "the standard library"
-        files = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
-                 for p in data.find_files(data_cfg.path)]
+        files = [data.source_stamp(p) for p in data.find_files(data_cfg.path)]
         self.key = json.dumps([files, data_cfg.template, data_cfg.text_field, data_cfg.seq_len, f,
                                getattr(tokenizer, "fingerprint", tokenizer.vocab_size)])
         splits = {}
