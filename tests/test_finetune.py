@@ -214,16 +214,16 @@ def test_init_from_loads_parameters_only_and_a_stopped_run_resumes_from_its_own_
     finally:
         setup.checkpoints.close()
     train_lib.train(cfg, str(tmp_path / "whole"))
-    real_next = instruct.Loader.__next__
+    real_next = instruct.Loader.next_rows
 
-    def next_then_sigterm(loader):
+    def next_then_sigterm(loader, rows):
         if loader.next_batch == 2:
             signal.raise_signal(signal.SIGTERM)
-        return real_next(loader)
+        return real_next(loader, rows)
 
-    monkeypatch.setattr(instruct.Loader, "__next__", next_then_sigterm)
+    monkeypatch.setattr(instruct.Loader, "next_rows", next_then_sigterm)
     assert train_lib.train(cfg, str(tmp_path / "resumed")).step == 3
-    monkeypatch.setattr(instruct.Loader, "__next__", real_next)
+    monkeypatch.setattr(instruct.Loader, "next_rows", real_next)
     assert train_lib.train(cfg, str(tmp_path / "resumed")).step == 5
 
     def losses(workdir):

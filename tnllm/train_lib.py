@@ -408,19 +408,17 @@ class _Setup:
         """[grad_accum_steps, micro_batch, seq_len + 1] int32, sharded over the batch axes (with
         packed documents a tuple: the tokens, targets and segment ids of `make_masked_train_step`).
 
-        The global batch is a pure function of seed and step; every process hands over only the
-        rows its own devices hold, and reads only those (packed documents: the whole batch)."""
-        if self.packed:
-            return tuple(_global_array(x.reshape(-1, self.micro_batch, *x.shape[1:]),
-                                       self.batch_sharding, batch_dim=1) for x in next(self.loader))
-        shape = (self.loader.batch_size // self.micro_batch, self.micro_batch,
-                 self.loader.windows.seq_len + 1)
-        mine = distributed.local_rows(self.batch_sharding, shape, batch_dim=1)
-        # Row r of micro-batch a is row a * micro_batch + r of the loader's batch: a host reads the
-        # windows of its own rows only.
-        rows = (np.arange(shape[0])[:, None] * shape[1] + np.arange(mine.start, mine.stop)).ravel()
-        local = self.loader.next_rows(rows).reshape(shape[0], -1, shape[2])
-        return jax.make_array_from_process_local_data(self.batch_sharding, local, shape)
+        The global batch is a pure function of seed and step; every process reads and hands over
+        only the rows its own devices hold."""
+        steps, m = self.loader.batch_size // self.micro_batch, self.micro_batch
+        mine = distributed.local_rows(self.batch_sharding, (steps, m, 1), batch_dim=1)
+        # Row r of micro-batch a is row a * micro_batch + r of the loader's batch.
+        rows = (np.arange(steps)[:, None] * m + np.arange(mine.start, mine.stop)).ravel()
+        local = self.loader.next_rows(rows)
+        arrays = tuple(jax.make_array_from_process_local_data(
+            self.batch_sharding, x.reshape(steps, -1, *x.shape[1:]), (steps, m, *x.shape[1:]))
+            for x in (local if self.packed else (local,)))
+        return arrays if self.packed else arrays[0]
 
     def evaluate(self, params: Any, eval_batches: int) -> float:
         """Mean validation loss (nats/token) over eval_batches micro-batches of windows spread
@@ -499,9 +497,7 @@ def _set_metrics_aside(workdir: str) -> None:
 
 def _train(cfg: ml_collections.ConfigDict, workdir: str, from_scratch: bool,
            stop: StopSignals) -> Result:
-    if distributed.is_main_process():
-        os.makedirs(workdir, exist_ok=True)
-    s = _Setup(cfg, workdir, from_scratch)
+    s = _Setup(cfg, workdir, from_scratch)  # the work directory exists: `train` locked it
     t = cfg.train
     start = int(s.state.step)
     meta = s.store.meta
@@ -567,7 +563,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, from_scratch: bool,
             bar.update()
             due_eval = step % t.eval_every == 0 or step == t.steps
             due_save = step % cfg.checkpoint.every == 0 or step == t.steps
-            if step % t.log_every == 0 or due_eval or due_save or stop.received is not None:
+            if step % t.log_every == 0 or due_eval or due_save:
                 flush(step)
             if due_eval:
                 evaluate(step)
