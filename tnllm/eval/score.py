@@ -101,7 +101,7 @@ def stream_logprobs(params, cfg: ModelConfig, streams: Sequence[np.ndarray], *, 
         padded = np.zeros((len(rows), -(-(longest - 1) // window) * window + 1), np.int32)
         for r, i in enumerate(rows):
             padded[r, :lengths[i]] = streams[i]
-        states = zero_states(cfg, len(rows)) if carries_state(cfg) else None
+        states = zero_states(cfg, len(rows)) if carry and carries_state(cfg) else None
         pieces = []
         for start in range(0, padded.shape[1] - 1, window):
             inputs = padded[:, start:start + window]
@@ -109,8 +109,8 @@ def stream_logprobs(params, cfg: ModelConfig, streams: Sequence[np.ndarray], *, 
             first = start if carry else 0  # a fresh window counts positions from 0, as training
             positions = np.broadcast_to(np.arange(first, first + window, dtype=np.int32),
                                         inputs.shape)
-            if not carry and carries_state(cfg):
-                states = zero_states(cfg, len(rows))
+            if not carry:
+                states = None  # every window from zero states
             logprobs, _, states = token_logprobs(params, inputs, targets, positions, None, states,
                                                  cfg=cfg)
             pieces.append(logprobs)  # fetched once per batch: the device runs ahead of the host
