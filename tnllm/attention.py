@@ -353,22 +353,14 @@ def _context_parallel(form, q, k, v, slopes, initial_state, chunk_size):
         decayed = (k.astype(jnp.float32) * k_decay[None, :, :, None]).astype(k.dtype)
         own = jnp.einsum("bthd,bthe->bhde", decayed, v.astype(k.dtype), precision=_dot_precision(k, v),
                          preferred_element_type=jnp.float32)
-        states = lax.all_gather(own, axes)  # [n, b, h, dk, dv]: the one exchange
-
-        def combine(before: Array, s0_exp: Array) -> Array:
-            """sum_{s < before} lambda^((before-1-s)L) S_s + lambda^(s0_exp) S_0, [b, h, dk, dv]."""
-            s = jnp.arange(n)
-            exps = (jnp.maximum(before - 1 - s, 0) * length).astype(jnp.float32)  # [n]
-            w = jnp.where(s[:, None] < before, jnp.exp(-exps[:, None] * slopes[None, :]), 0.0)  # [n, h]
-            total = jnp.einsum("nh,nbhde->bhde", w, states, precision=lax.Precision.HIGHEST)
-            if s0 is None:
-                return total
-            return total + jnp.exp(-slopes * s0_exp)[None, :, None, None] * s0.astype(jnp.float32)
-
-        s_in = combine(r, (r * length).astype(jnp.float32))
-        o, _ = form(q, k, v, slopes, s_in, chunk_size)
+        gathered = lax.all_gather(own, axes, axis=2)  # [b, h, n, dk, dv]: the one exchange
+        # Slices are segments of the whole sequence: the kernels' segment combination applies.
+        states = lightning.entering_states(gathered, s0, slopes, seq_len=n * length, seg_len=length,
+                                           reverse=False)  # [b, h, n + 1, dk, dv]
+        o, _ = form(q, k, v, slopes, lax.dynamic_index_in_dim(states, r, axis=2, keepdims=False),
+                    chunk_size)
         # Every device combines the final state alike, so it needs no further exchange.
-        return o, combine(n, jnp.float32(n * length))
+        return o, states[:, :, -1]
 
     run = sharding.per_shard(local, in_axes=(_SEQ, _SEQ, _SEQ, ("heads",),
                                              None if initial_state is None else _STATE),
