@@ -43,6 +43,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from pallas_kernels import lightning_hopper
+
 Array = jax.Array
 
 DTYPES = (jnp.bfloat16, jnp.float32)
@@ -83,6 +85,7 @@ class Plan:
     dk: Blocks
     dv: Blocks
     segments: Optional[int] = None  # sequence segments per (batch, head); None: default_segments
+    kernel: str = "triton"  # "triton": this module's kernel; "mosaic": `lightning_hopper`'s (Hopper)
 
 
 def default_plan(dk: int, dv: int, chunk_size: int = 64, *, itemsize: int = 2,
@@ -406,9 +409,25 @@ def entering_states(local: Array, initial_state: Optional[Array], slopes: Array,
 # ----------------------------------------------------------------------------------------------
 # forward + backward as one differentiable function
 # ----------------------------------------------------------------------------------------------
+def _sweep(plan: Plan):
+    """The kernel that runs the plan's sweeps: `decay_attention`, or its Mosaic GPU twin."""
+    if plan.kernel == "triton":
+        return decay_attention
+
+    def mosaic(q, k, v, *, slopes, initial_states, seq_len, reverse, output, store_states,
+               segments, blocks, interpret, ids):
+        del ids  # plans with documents keep the Triton kernel (lightning_attention)
+        return lightning_hopper.decay_attention(
+            q, k, v, slopes, initial_states, seq_len=seq_len, reverse=reverse, output=output,
+            store_states=store_states, segments=segments, chunk=blocks.chunk,
+            stages=blocks.num_stages, interpret=interpret)
+
+    return mosaic
+
+
 def _forward(q, k, v, slopes, initial_state, ids, seq_len, plan, segments, interpret):
     """(o, final state) and the states entering the segments (None for one segment)."""
-    call = functools.partial(decay_attention, slopes=slopes, seq_len=seq_len, reverse=False,
+    call = functools.partial(_sweep(plan), slopes=slopes, seq_len=seq_len, reverse=False,
                              segments=segments, blocks=plan.fwd, interpret=interpret, ids=ids)
     if segments == 1:  # one sweep per (batch, head): the state leaving it is the final state
         s0 = None if initial_state is None else initial_state[:, :, None]
@@ -434,7 +453,7 @@ def _lightning_fwd(q, k, v, slopes, initial_state, ids, seq_len, plan, segments,
 def _lightning_bwd(seq_len, plan, segments, interpret, residuals, cotangents):
     q, k, v, slopes, initial_state, ids, entering = residuals
     do, d_final = cotangents
-    call = functools.partial(decay_attention, slopes=slopes, seq_len=seq_len, segments=segments,
+    call = functools.partial(_sweep(plan), slopes=slopes, seq_len=seq_len, segments=segments,
                              interpret=interpret, ids=ids)
     t = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
     # dQ sweeps forward with the transposed forward states; dK and dV sweep in reverse with dS
