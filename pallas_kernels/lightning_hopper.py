@@ -31,7 +31,6 @@ Array = jax.Array
 BLOCK_V = 64  # value columns a program owns: one 128-byte swizzled tile of bf16
 # 128-byte swizzled (8, 64) tiles of bf16: the shared-memory layout wgmma reads its operands in.
 _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-_TRANSFORMS_F32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))  # the float32 state
 
 
 SMEM_BYTES = 227 * 1024  # an H100's or H200's shared memory per block
@@ -39,9 +38,9 @@ SMEM_BYTES = 227 * 1024  # an H100's or H200's shared memory per block
 
 def smem_bytes(dqk: int, chunk: int, stages: int, output: bool) -> int:
     """Shared memory of one program: the ring of q (with `output`), k and v chunks, the decayed v,
-    the state in the input dtype (with `output`) and in float32, and ~1 KB of barriers."""
+    the state in the input dtype (with `output`), and ~1 KB of barriers."""
     ring = stages * chunk * ((2 if output else 1) * dqk + BLOCK_V) * 2
-    return ring + chunk * BLOCK_V * 2 + dqk * BLOCK_V * (6 if output else 4) + 1024
+    return ring + chunk * BLOCK_V * 2 + (dqk * BLOCK_V * 2 if output else 0) + 1024
 
 
 def max_stages(dqk: int, chunk: int, output: bool, limit: int) -> int:
@@ -92,14 +91,17 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
         causal = (j_idx <= t_idx) if not reverse else (j_idx >= t_idx)
         dist = jnp.abs(t_idx - j_idx).astype(f32)
         intra_decay = jnp.where(causal, jnp.exp(neg_s * dist), 0.0)
-    rows = iota((c_len, bv), 0)  # token index within the chunk, broadcast over value columns
+    # Token index within the chunk as a per-row vector: the decays are computed once per row (a
+    # few exponentials a thread) and broadcast over the columns they scale.
+    rows = plgpu.broadcasted_iota(jnp.int32, (c_len,), 0, layout=wgmma_layout.reduce(1))
 
-    def scope(s_smem, vs_smem, state_smem, state_barrier):
+    def by_row(x, columns):
+        return lax.broadcast_in_dim(x, (c_len, columns), [0])
+
+    def scope(s_smem, vs_smem):
         state_at = lambda ref: ref.at[b, h, seg, :, pl.ds(tile * bv, bv)]  # noqa: E731
-        if has_initial:
-            plgpu.copy_gmem_to_smem(state_at(s0_ref), state_smem, state_barrier.at[0])
-            plgpu.barrier_wait(state_barrier.at[0])
-            state = plgpu.layout_cast(state_smem[...], wgmma_layout)
+        if has_initial:  # straight into registers: no shared memory held for the whole sweep
+            state = plgpu.load(state_at(s0_ref), (), layout=wgmma_layout, optimized=False)
         else:
             state = plgpu.layout_cast(jnp.zeros((dqk, bv), f32), wgmma_layout)
         if output:
@@ -116,20 +118,24 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                 q_exp, k_exp = length - 1 - rows, rows + 1
             else:  # row t sees the state of earlier tokens through lambda^(t+1)
                 q_exp, k_exp = rows + 1, length - 1 - rows
-            k_decay = jnp.where(valid, jnp.exp(neg_s * k_exp.astype(f32)), 0.0)
             if output:
                 q_s, k_s, v_s, o_s = bufs
             else:
                 k_s, v_s = bufs
-            # The value rows scaled by their decay to the chunk's far edge, for the state update.
-            v = plgpu.layout_cast(v_s[...], wgmma_layout)
-            vs_smem[...] = (v.astype(f32) * k_decay).astype(dtype)
-            plgpu.commit_smem()
+
+            def decay_values():
+                # The value rows scaled by their decay to the chunk's far edge, for the update.
+                k_decay = jnp.where(valid, jnp.exp(neg_s * k_exp.astype(f32)), 0.0)
+                v = plgpu.layout_cast(v_s[...], wgmma_layout)
+                vs_smem[...] = (v.astype(f32) * by_row(k_decay, bv)).astype(dtype)
+                plgpu.commit_smem()
+
             if output:
                 def scores_and_inter(refs):
                     acc_qk, acc_qs = refs
                     plgpu.wgmma(acc_qk, q_s, plgpu.transpose_ref(k_s, (1, 0)))
                     plgpu.wgmma(acc_qs, q_s, s_smem)
+                    decay_values()  # while the tensor cores work
 
                 zeros_cc = plgpu.layout_cast(jnp.zeros((c_len, c_len), f32), wgmma_layout)
                 zeros_cv = plgpu.layout_cast(jnp.zeros((c_len, bv), f32), wgmma_layout)
@@ -137,7 +143,7 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                     (plgpu.ACC.init(zeros_cc), plgpu.ACC.init(zeros_cv)))
                 q_decay = jnp.where(valid, jnp.exp(neg_s * q_exp.astype(f32)), 0.0)
                 p = (scores * intra_decay).astype(dtype)
-                o = inter * q_decay
+                o = inter * by_row(q_decay, bv)
 
                 def products(refs):
                     acc_o, acc_s = refs
@@ -150,6 +156,8 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                 s_smem[...] = state.astype(dtype)
                 plgpu.commit_smem()
             else:
+                decay_values()
+
                 def update(acc_s):
                     plgpu.wgmma(acc_s, plgpu.transpose_ref(k_s, (1, 0)), vs_smem)
 
@@ -171,16 +179,11 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                                                              max_stages(dqk, c_len, output, stages)),
                                     init_carry=state)(*ins, *outs)
         if store_state:
-            state_smem[...] = state
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(state_smem, state_at(s_out_ref))
-            plgpu.wait_smem_to_gmem(0)
+            state_at(s_out_ref)[...] = state
 
     pl.run_scoped(scope,
                   plgpu.SMEM((dqk, bv), dtype, transforms=_TRANSFORMS) if output else None,
-                  plgpu.SMEM((c_len, bv), dtype, transforms=_TRANSFORMS),
-                  plgpu.SMEM((dqk, bv), f32, transforms=_TRANSFORMS_F32),
-                  plgpu.Barrier(num_barriers=1))
+                  plgpu.SMEM((c_len, bv), dtype, transforms=_TRANSFORMS))
 
 
 def _interpret_params():
@@ -220,7 +223,7 @@ def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states:
     name = "lightning_attention_hopper_" + ("reverse" if reverse else "forward")
     call = plgpu.kernel(kernel, out_type=tuple(out_type),
                         grid=(segments * tiles, heads, batch), grid_names=("j", "h", "b"),
-                        compiler_params=plgpu.CompilerParams(), interpret=_interpret_params() if interpret else None,
+                        compiler_params=plgpu.CompilerParams(approx_math=True), interpret=_interpret_params() if interpret else None,
                         kernel_name=name if output else name + "_states")
     args = [slopes.astype(jnp.float32)] + ([q] if output else []) + [k, v]
     if initial_states is not None:
