@@ -24,10 +24,10 @@ start from those states. The forward states are kept for dQ; dK and dV share one
 Packed documents (`segment_ids`) become int32 document ids, one per token, from which XLA derives
 what the kernel reads (`_chunk_documents`): per chunk, how many rows belong to the document of the
 state entering it and how many to the one leaving it (scalars), and per token the first row of its
-document within its chunk (its last in reverse). Within a chunk the decay matrix is masked to one document, the carried
-state reaches only the rows of the document it belongs to, and a chunk holding a document start
-passes no state on, so no decay crosses a boundary; the states entering segments combine only
-within one document (`entering_states`).
+document within its chunk (its last in reverse). Within a chunk the decay matrix is masked to one
+document, the carried state reaches only the rows of the document it belongs to, and a chunk
+holding a document start passes no state on, so no decay crosses a boundary; the states entering
+segments combine only within one document (`entering_states`).
 
 Matmul operands are the input dtype (bf16 on the fast path) with float32 accumulation; the state,
 the decay factors and every sum are float32. float32 inputs use IEEE float32 dots (no TF32).
