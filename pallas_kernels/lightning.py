@@ -21,10 +21,13 @@ parallel: a first pass (the same kernel without outputs) gives each segment's ow
 product over segments (`entering_states`) gives the state entering each one, and the sweeps then
 start from those states. The forward states are kept for dQ; dK and dV share one reverse pass.
 
-Packed documents (`segment_ids`) ride along as int32 document ids, one per token: within a chunk
-the decay matrix is masked to one document, the carried state reaches only the rows of the document
-it belongs to, and a chunk holding a document start passes no state on, so no decay crosses a
-boundary; the states entering segments combine only within one document (`entering_states`).
+Packed documents (`segment_ids`) become int32 document ids, one per token, from which XLA derives
+what the kernel reads (`_chunk_documents`): per chunk, how many rows belong to the document of the
+state entering it and how many to the one leaving it (scalars), and per token the first row of its
+document within its chunk (its last in reverse). Within a chunk the decay matrix is masked to one
+document, the carried state reaches only the rows of the document it belongs to, and a chunk
+holding a document start passes no state on, so no decay crosses a boundary; the states entering
+segments combine only within one document (`entering_states`).
 
 Matmul operands are the input dtype (bf16 on the fast path) with float32 accumulation; the state,
 the decay factors and every sum are float32. float32 inputs use IEEE float32 dots (no TF32).
@@ -159,19 +162,18 @@ def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int,
                             output: bool, store_state: bool, has_ids: bool = False):
     """One (segment and value tile, head, batch) program: the chunks of one sequence segment.
 
-    Refs: slope [1] f32; q, k [seq_pad, dqk]; v [seq_pad, block_v]; with `has_ids` the document
-    ids [seq_pad] int32 (`document_ids`, padding rows repeating the last id) and the id of the
-    document the entering state belongs to [1] int32; then optionally the state entering the
-    segment [dqk, block_v] f32, the output o [seq_pad, block_v] (when `output`), and the state
-    leaving the segment (when `store_state`). Without `output` q is never read: the program only
-    accumulates the segment's state.
+    Refs: slope [1] f32; q, k [seq_pad, dqk]; v [seq_pad, block_v]; with `has_ids` the three
+    arrays of `_chunk_documents`: reach [seq_pad], entering_rows and leaving_rows [num_chunks], all
+    int32; then optionally the state entering the segment [dqk, block_v] f32, the output o
+    [seq_pad, block_v] (when `output`), and the state leaving the segment (when `store_state`).
+    Without `output` q is never read: the program only accumulates the segment's state.
 
     With document ids, (q_t . k_j) counts only within one document, the state reaches only rows
     of its own document, and a chunk holding a document start passes no state through (the state
-    resets there): the sweep carries the id of the document its state belongs to.
+    resets there).
     """
     refs = list(refs)
-    ids_ref, carry_ref = (refs.pop(0), refs.pop(0)) if has_ids else (None, None)
+    reach_ref, entering_ref, leaving_ref = (refs.pop(0) for _ in range(3)) if has_ids else (None,) * 3
     s0_ref = refs.pop(0) if has_initial else None
     o_ref = refs.pop(0) if output else None
     s_out_ref = refs.pop(0) if store_state else None
@@ -190,8 +192,7 @@ def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int,
         dist = jnp.abs(r[:, None] - r[None, :]).astype(f32)
         intra_decay = jnp.where(causal, jnp.exp(neg_s * dist), 0.0)
 
-    def body(i, carry):
-        state, state_id = carry if has_ids else (carry, None)
+    def body(i, state):
         c = first_chunk + (seg_chunks - 1 - i if reverse else i)
         start = pl.multiple_of(c * chunk, chunk)
         rows = pl.ds(start, chunk)
@@ -208,13 +209,17 @@ def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int,
         k_valid, q_valid = valid, valid
         chunk_decay = jnp.exp(neg_s * length.astype(f32))
         if has_ids:
-            ids = ids_ref[rows]  # [C], nondecreasing; padding repeats the last id
-            # The document at the chunk's far edge (its last row; its first in reverse) is the
-            # one whose tokens the state leaving the chunk holds.
-            edge_id = jnp.min(ids) if reverse else jnp.max(ids)
-            k_valid = valid & (ids == edge_id)
-            q_valid = valid & (ids == state_id)
-            chunk_decay = jnp.where(edge_id == state_id, chunk_decay, 0.0)
+            # Two scalars decide which rows see the entering state and which build the leaving
+            # one: compared with the row index they need no reduction over the chunk and no
+            # data moved between threads. The state's document holds the chunk's first rows
+            # (its last in reverse), the leaving state's its last rows (first in reverse).
+            entering, leaving = entering_ref[c], leaving_ref[c]
+            if reverse:
+                q_valid, k_valid = valid & (r >= chunk - entering), valid & (r < leaving)
+            else:
+                q_valid, k_valid = valid & (r < entering), valid & (r >= chunk - leaving)
+            # Only a chunk wholly in the state's document (no start in it) passes the state on.
+            chunk_decay = jnp.where(entering == chunk, chunk_decay, 0.0)
         k_decay = jnp.where(k_valid, jnp.exp(neg_s * k_exp.astype(f32)), 0.0)
         if output:
             q = q_ref[rows, :]
@@ -222,7 +227,12 @@ def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int,
             scores = dot(q, k, (((1,), (1,)), ((), ())))  # [C, C]
             decay = intra_decay
             if has_ids:
-                decay = jnp.where(ids[:, None] == ids[None, :], intra_decay, 0.0)
+                # Documents are contiguous: on the causal side, k_j shares q_t's document iff j
+                # lies between t and reach_t. One [C] vector against the column index: a single
+                # broadcast orientation, so the load can land in the product's row layout.
+                reach = reach_ref[rows]
+                same = (r[None, :] <= reach[:, None]) if reverse else (r[None, :] >= reach[:, None])
+                decay = jnp.where(same, intra_decay, 0.0)
             o = dot((scores * decay).astype(v.dtype), v, (((1,), (0,)), ((), ())))
             # Row scaling commutes with the product: (lambda^e * Q) S = lambda^e * (Q S), so q
             # stays exact and only the state is rounded to the operand dtype.
@@ -230,13 +240,10 @@ def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int,
             o_ref[rows, :] = o.astype(o_ref.dtype)
         k_scaled = (k * k_decay[:, None]).astype(k.dtype)
         state = chunk_decay * state + dot(k_scaled, v, (((0,), (0,)), ((), ())))  # [dqk, block_v]
-        return (state, edge_id) if has_ids else state
+        return state
 
     state = s0_ref[...] if has_initial else jnp.zeros((dqk, block_v), f32)
-    if has_ids:
-        state, _ = lax.fori_loop(0, seg_chunks, body, (state, carry_ref[0]))
-    else:
-        state = lax.fori_loop(0, seg_chunks, body, state)
+    state = lax.fori_loop(0, seg_chunks, body, state)
     if store_state:
         s_out_ref[...] = state
 
@@ -279,10 +286,9 @@ def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states:
     in_specs = [pl.BlockSpec((1,), lambda j, h, b: (h,)), qk_spec, qk_spec, v_spec]
     args = [slopes, q, k, v]
     if ids is not None:
-        carries = _entering_ids(ids, seq_len=seq_len, seg_len=seq_pad // segments, reverse=reverse)
-        in_specs += [pl.BlockSpec((None, seq_pad), lambda j, h, b: (b, 0)),
-                     pl.BlockSpec((None, 1), lambda j, h, b: (b, j // tiles))]
-        args += [ids, carries]
+        in_specs += [pl.BlockSpec((None, seq_pad), lambda j, h, b: (b, 0))]
+        in_specs += [pl.BlockSpec((None, num_chunks), lambda j, h, b: (b, 0))] * 2
+        args += _chunk_documents(ids, chunk=blocks.chunk, seq_len=seq_len, reverse=reverse)
     if initial_states is not None:
         in_specs.append(state_spec)
         args.append(initial_states)
@@ -341,11 +347,39 @@ def _boundary_ids(ids: Array, positions: Array, *, seq_len: int, reverse: bool) 
     return jnp.pad(ids, ((0, 0), (1, 0)))[:, jnp.minimum(positions, seq_len)]
 
 
-def _entering_ids(ids: Array, *, seq_len: int, seg_len: int, reverse: bool) -> Array:
-    """The document of the state entering each segment (at its end when reverse): [batch, segments]."""
-    starts = jnp.arange(ids.shape[1] // seg_len) * seg_len
-    return _boundary_ids(ids, starts + seg_len if reverse else starts, seq_len=seq_len,
-                         reverse=reverse)
+def _chunk_documents(ids: Array, *, chunk: int, seq_len: int,
+                    reverse: bool) -> Tuple[Array, Array, Array]:
+    """What the kernel reads of the document ids, for sweeps forward or in reverse.
+
+    Args:
+      ids: [batch, seq_pad] int32 `document_ids`, padding rows repeating the last id; chunk
+        divides seq_pad.
+    Returns:
+      reach: [batch, seq_pad] int32, per token the row (within its chunk) of its document's first
+        token in the chunk (its last when reverse): the token attends rows from there to itself.
+      entering_rows: [batch, num_chunks] int32, the chunk's rows in the document of the state
+        entering it (its first rows; its last when reverse): they see that state. All of them
+        (chunk) when no document starts in the chunk, the case where the state passes on.
+      leaving_rows: [batch, num_chunks] int32, the chunk's rows in the document of the state
+        leaving it (its last rows; its first when reverse): their keys build that state.
+    """
+    batch, seq_pad = ids.shape
+    chunks = ids.reshape(batch, seq_pad // chunk, chunk)
+    row = jnp.arange(chunk, dtype=jnp.int32)
+    edge = jnp.ones_like(chunks[..., :1], dtype=bool)
+    if reverse:  # a document's last row in the chunk: the id changes after it, or the chunk ends
+        last = jnp.concatenate([chunks[..., :-1] != chunks[..., 1:], edge], axis=-1)
+        reach = lax.cummin(jnp.where(last, row, chunk - 1), axis=2, reverse=True)
+        leaving = chunks[..., 0]
+    else:  # a document's first row in the chunk: the id changes before it, or the chunk starts
+        starts = jnp.concatenate([edge, chunks[..., 1:] != chunks[..., :-1]], axis=-1)
+        reach = lax.cummax(jnp.where(starts, row, 0), axis=2)
+        leaving = chunks[..., -1]
+    # The state entering a chunk is the one at its boundary (after it when reverse).
+    edges = jnp.arange(seq_pad // chunk) * chunk + (chunk if reverse else 0)
+    entering = _boundary_ids(ids, edges, seq_len=seq_len, reverse=reverse)
+    count = lambda doc: jnp.sum(chunks == doc[..., None], axis=-1, dtype=jnp.int32)  # noqa: E731
+    return reach.reshape(batch, seq_pad), count(entering), count(leaving)
 
 
 # ----------------------------------------------------------------------------------------------

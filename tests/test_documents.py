@@ -132,11 +132,10 @@ PALLAS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("batch,seq,heads,dk,dv,dtype,chunk,segments", PALLAS_CASES)
-def test_pallas_kernels_equal_documents_one_by_one(batch, seq, heads, dk, dv, dtype, chunk, segments):
-    """The kernels (interpret mode on a CPU), the sequence split into segments swept in parallel."""
+def check_pallas(segment_ids, heads, dk, dv, dtype, chunk, segments):
+    """The kernels (interpret mode on a CPU) on a packed batch against the documents one by one."""
+    batch, seq = segment_ids.shape
     q, k, v, slopes, s0, do, d_final = inputs(1, batch, seq, heads, dk, dv, dtype)
-    segment_ids = random_segments(seq, batch, seq)
     plan = dataclasses.replace(lightning.default_plan(dk, dv, chunk), segments=segments)
 
     def attn(q, k, v, s0):
@@ -146,6 +145,28 @@ def test_pallas_kernels_equal_documents_one_by_one(batch, seq, heads, dk, dv, dt
     outs, grads = objective(attn, q, k, v, s0, do, d_final)
     tol = F32_TOL if dtype == jnp.float32 else BF16_TOL
     assert_close(outs, grads, *one_by_one(q, k, v, slopes, s0, do, d_final, segment_ids), tol)
+
+
+@pytest.mark.parametrize("batch,seq,heads,dk,dv,dtype,chunk,segments", PALLAS_CASES)
+def test_pallas_kernels_equal_documents_one_by_one(batch, seq, heads, dk, dv, dtype, chunk, segments):
+    """Random boundaries, the sequence split into segments swept in parallel."""
+    check_pallas(random_segments(seq, batch, seq), heads, dk, dv, dtype, chunk, segments)
+
+
+def test_pallas_kernels_at_chunk_and_segment_edges():
+    """Boundaries where the kernel's per-chunk cases meet, chunks of 16 rows, segments of 48 (a
+    ragged last chunk: 90 tokens). Row 0: starts at a chunk's first row (16), three starts in one
+    chunk (35, 38, 41), then a document longer than a segment (41-89). Row 1: starts at a chunk's
+    last row (15), at a segment's first row (48), one-token documents at a chunk's last row (63)
+    and at the last token (89). Row 2: documents that cross a chunk edge one row after a start
+    (31) or before an end (48), where all rows but one of a chunk see the state. Gradients run the
+    reverse sweeps over the same edges."""
+    starts = [(16, 35, 38, 41), (15, 16, 48, 63, 64, 89), (31, 49)]
+    segment_ids = np.zeros((3, 90), np.int32)
+    for row, cuts in enumerate(starts):
+        for cut in cuts:
+            segment_ids[row, cut:] += 1
+    check_pallas(jnp.asarray(segment_ids), 1, 16, 16, jnp.float32, 16, 2)
 
 
 @pytest.mark.gpu
