@@ -192,24 +192,8 @@ def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int,
         dist = jnp.abs(r[:, None] - r[None, :]).astype(f32)
         intra_decay = jnp.where(causal, jnp.exp(neg_s * dist), 0.0)
 
-    def chunk_of(i):
-        return first_chunk + (seg_chunks - 1 - i if reverse else i)
-
-    def documents(i):
-        """Chunk i's `_chunk_documents` entries: (entering rows, leaving rows, reach or None)."""
-        c = chunk_of(jnp.minimum(i, seg_chunks - 1))
-        reach = reach_ref[pl.ds(pl.multiple_of(c * chunk, chunk), chunk)] if output else None
-        return entering_ref[c], leaving_ref[c], reach
-
-    def body(i, carry):
-        if has_ids:
-            # Loaded a chunk ahead: the loads' latency hides behind this chunk's products instead
-            # of stalling the sweep (nothing else in the loop waits on global memory unpipelined).
-            state, (entering, leaving, reach) = carry
-            ahead = documents(i + 1)
-        else:
-            state = carry
-        c = chunk_of(i)
+    def body(i, state):
+        c = first_chunk + (seg_chunks - 1 - i if reverse else i)
         start = pl.multiple_of(c * chunk, chunk)
         rows = pl.ds(start, chunk)
         k = k_ref[rows, :]
@@ -229,6 +213,7 @@ def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int,
             # one: compared with the row index they need no reduction over the chunk and no
             # data moved between threads. The state's document holds the chunk's first rows
             # (its last in reverse), the leaving state's its last rows (first in reverse).
+            entering, leaving = entering_ref[c], leaving_ref[c]
             if reverse:
                 q_valid, k_valid = valid & (r >= chunk - entering), valid & (r < leaving)
             else:
@@ -245,6 +230,7 @@ def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int,
                 # Documents are contiguous: on the causal side, k_j shares q_t's document iff j
                 # lies between t and reach_t. One [C] vector against the column index: a single
                 # broadcast orientation, so the load can land in the product's row layout.
+                reach = reach_ref[rows]
                 same = (r[None, :] <= reach[:, None]) if reverse else (r[None, :] >= reach[:, None])
                 decay = jnp.where(same, intra_decay, 0.0)
             o = dot((scores * decay).astype(v.dtype), v, (((1,), (0,)), ((), ())))
@@ -254,13 +240,10 @@ def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int,
             o_ref[rows, :] = o.astype(o_ref.dtype)
         k_scaled = (k * k_decay[:, None]).astype(k.dtype)
         state = chunk_decay * state + dot(k_scaled, v, (((0,), (0,)), ((), ())))  # [dqk, block_v]
-        return (state, ahead) if has_ids else state
+        return state
 
     state = s0_ref[...] if has_initial else jnp.zeros((dqk, block_v), f32)
-    if has_ids:
-        state, _ = lax.fori_loop(0, seg_chunks, body, (state, documents(0)))
-    else:
-        state = lax.fori_loop(0, seg_chunks, body, state)
+    state = lax.fori_loop(0, seg_chunks, body, state)
     if store_state:
         s_out_ref[...] = state
 
