@@ -11,13 +11,9 @@ Per chunk of C tokens, with the float32 state S [dk, block_v] carried in registe
     S      = lambda^len S + K^T (lambda^e' * V)    K transposed in shared memory; the decayed V
                                                    written there by the warpgroup
 
-Each program owns up to WARPGROUPS value tiles of BLOCK_V columns, one per compute warpgroup (128
-threads; one tile's float32 state fills about half of a thread's registers), and a third
-warpgroup streams the chunks of q, k and v into a ring of shared-memory slots by TMA
-(`plgpu.emit_pipeline_warp_specialized`): the tiles of one head share every load of q and k,
-which a program per tile would read from HBM once each. Each compute warpgroup writes its tile
-of O through two staging slots of its own, by TMA. GPU only, Hopper or later (`available`); bf16
-inputs with head dims that are multiples of 64 (`supports`).
+q, k, v arrive through a ring of TMA copies (`plgpu.emit_pipeline`) and O leaves by TMA. One
+warpgroup (128 threads) does the arithmetic. GPU only, Hopper or later (`available`); bf16 inputs
+with head dims that are multiples of 64 (`supports`).
 """
 from __future__ import annotations
 
@@ -32,9 +28,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 Array = jax.Array
 
-BLOCK_V = 64  # value columns a compute warpgroup owns: one 128-byte swizzled tile of bf16
-WARPGROUPS = 2  # compute warpgroups per program (value tiles sharing the loads of q and k)
-MEMORY_REGISTERS = 40  # registers a thread of the TMA warpgroup keeps (the rest go to compute)
+BLOCK_V = 64  # value columns a program owns: one 128-byte swizzled tile of bf16
 # 128-byte swizzled (8, 64) tiles of bf16: the shared-memory layout wgmma reads its operands in.
 _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
@@ -42,20 +36,17 @@ _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 SMEM_BYTES = 227 * 1024  # an H100's or H200's shared memory per block
 
 
-def smem_bytes(dqk: int, chunk: int, stages: int, output: bool, groups: int) -> int:
-    """Shared memory of one program with `groups` compute warpgroups: the ring of q (with
-    `output`), k and v chunks; per warpgroup its decayed v, and with `output` its state in the
-    input dtype and two staging slots of O; ~1 KB of barriers."""
-    ring = stages * chunk * ((2 if output else 1) * dqk + groups * BLOCK_V) * 2
-    own = chunk * BLOCK_V * 2 + ((dqk + 2 * chunk) * BLOCK_V * 2 if output else 0)
-    return ring + groups * own + 1024
+def smem_bytes(dqk: int, chunk: int, stages: int, output: bool) -> int:
+    """Shared memory of one program: the ring of q (with `output`), k and v chunks, the decayed v,
+    the state in the input dtype (with `output`), and ~1 KB of barriers."""
+    ring = stages * chunk * ((2 if output else 1) * dqk + BLOCK_V) * 2
+    return ring + chunk * BLOCK_V * 2 + (dqk * BLOCK_V * 2 if output else 0) + 1024
 
 
-def max_stages(dqk: int, chunk: int, output: bool, groups: int, limit: int) -> int:
+def max_stages(dqk: int, chunk: int, output: bool, limit: int) -> int:
     """The deepest TMA ring, up to `limit`, that fits shared memory (at least 1)."""
-    fits = [s for s in range(1, limit + 1)
-            if smem_bytes(dqk, chunk, s, output, groups) <= SMEM_BYTES]
-    return max(fits or [1])
+    return max([s for s in range(1, limit + 1) if smem_bytes(dqk, chunk, s, output) <= SMEM_BYTES]
+               or [1])
 
 
 def available() -> bool:
@@ -73,142 +64,126 @@ def supports(q: Array, k: Array, v: Array, chunk: int) -> bool:
             and dk % 64 == 0 and dv % 64 == 0 and dk <= 256 and dv <= 256)
 
 
-def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, groups: int,
-            programs: int, reverse: bool, has_initial: bool, output: bool, store_state: bool,
-            stages: int):
+def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: int,
+            reverse: bool, has_initial: bool, output: bool, store_state: bool, stages: int):
     """Refs: slopes [heads] f32; (q) k [batch, seq_pad, heads, dqk]; v [batch, seq_pad, heads, dv];
     (the states entering the segments [batch, heads, segments, dqk, dv] f32); (o like v); (the
-    states leaving the segments, like the entering ones); scratch: per compute warpgroup the
-    decayed v [groups, C, BLOCK_V], and with `output` the state in the input dtype [groups, dqk,
-    BLOCK_V] and the staging slots of O [groups, 2, C, BLOCK_V].
-
-    programs: programs per (segment, head, batch), each with `groups` value tiles."""
+    states leaving the segments, like the entering ones)."""
     refs = list(refs)
     q_ref = refs.pop(0) if output else None
     k_ref, v_ref = refs.pop(0), refs.pop(0)
     s0_ref = refs.pop(0) if has_initial else None
     o_ref = refs.pop(0) if output else None
     s_out_ref = refs.pop(0) if store_state else None
-    vs_smem = refs.pop(0)
-    s_smem, o_stage = (refs.pop(0), refs.pop(0)) if output else (None, None)
     dqk, dtype = k_ref.shape[-1], k_ref.dtype
     f32, c_len, bv = jnp.float32, chunk, BLOCK_V
     j, h, b = lax.axis_index("j"), lax.axis_index("h"), lax.axis_index("b")
-    seg, program = lax.div(j, programs), lax.rem(j, programs)
+    seg, tile = lax.div(j, tiles), lax.rem(j, tiles)
+    neg_s = -slope_ref[h]
     wgmma_layout = plgpu.Layout.WGMMA
 
-    def chunk_of(i):
-        return seg * seg_chunks + ((seg_chunks - 1 - i) if reverse else i)
+    def iota(shape, dim):
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
+
+    # Intra-chunk decay D[t, j] = lambda^|t-j| on the causal side (j <= t; t <= j in reverse).
+    if output:
+        t_idx, j_idx = iota((c_len, c_len), 0), iota((c_len, c_len), 1)
+        causal = (j_idx <= t_idx) if not reverse else (j_idx >= t_idx)
+        dist = jnp.abs(t_idx - j_idx).astype(f32)
+        intra_decay = jnp.where(causal, jnp.exp(neg_s * dist), 0.0)
+    # Token index within the chunk as a per-row vector: the decays are computed once per row (a
+    # few exponentials a thread) and broadcast over the columns they scale.
+    rows = plgpu.broadcasted_iota(jnp.int32, (c_len,), 0, layout=wgmma_layout.reduce(1))
 
     def by_row(x, columns):
         return lax.broadcast_in_dim(x, (c_len, columns), [0])
 
-    def setup():
-        """What every step of a compute warpgroup uses: its tile's column offset, the decay rate,
-        the row index as a per-row vector and the intra-chunk decay matrix."""
-        wg = lax.axis_index("wg")
-        neg_s = -slope_ref[h]
-        # Token index within the chunk as a per-row vector: the decays are computed once per
-        # row (a few exponentials a thread) and broadcast over the columns they scale.
-        rows = plgpu.broadcasted_iota(jnp.int32, (c_len,), 0, layout=wgmma_layout.reduce(1))
-        intra_decay = None
-        if output:  # D[t, j] = lambda^|t-j| on the causal side (j <= t; t <= j in reverse)
-            iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, (c_len, c_len),
-                                     layout=wgmma_layout)
-            t_idx, j_idx = iota(0), iota(1)
-            causal = (j_idx <= t_idx) if not reverse else (j_idx >= t_idx)
-            intra_decay = jnp.where(causal, jnp.exp(neg_s * jnp.abs(t_idx - j_idx).astype(f32)), 0.0)
-        return wg, (program * groups + wg) * bv, neg_s, rows, intra_decay
-
-    def state_at(ref, col):
-        return ref.at[b, h, seg, :, pl.ds(col, bv)]
-
-    def compute(pipeline):
-        wg, col, _, _, _ = setup()
+    def scope(s_smem, vs_smem):
+        state_at = lambda ref: ref.at[b, h, seg, :, pl.ds(tile * bv, bv)]  # noqa: E731
         if has_initial:  # straight into registers: no shared memory held for the whole sweep
-            state = plgpu.load(state_at(s0_ref, col), (), layout=wgmma_layout, optimized=False)
+            state = plgpu.load(state_at(s0_ref), (), layout=wgmma_layout, optimized=False)
         else:
             state = plgpu.layout_cast(jnp.zeros((dqk, bv), f32), wgmma_layout)
         if output:
-            s_smem.at[wg][...] = state.astype(dtype)
+            s_smem[...] = state.astype(dtype)
             plgpu.commit_smem()
-        state = pipeline(state)
-        if output:
-            plgpu.wait_smem_to_gmem(0)  # the last chunks of O have left
+
+        def step(idx, *bufs):
+            *bufs, state = bufs
+            i = idx[0]
+            c = seg * seg_chunks + ((seg_chunks - 1 - i) if reverse else i)
+            length = jnp.clip(seq_len - c * c_len, 0, c_len)
+            valid = rows < length
+            if reverse:  # row t sees the state of later tokens through lambda^(len-1-t)
+                q_exp, k_exp = length - 1 - rows, rows + 1
+            else:  # row t sees the state of earlier tokens through lambda^(t+1)
+                q_exp, k_exp = rows + 1, length - 1 - rows
+            if output:
+                q_s, k_s, v_s, o_s = bufs
+            else:
+                k_s, v_s = bufs
+
+            def decay_values():
+                # The value rows scaled by their decay to the chunk's far edge, for the update.
+                k_decay = jnp.where(valid, jnp.exp(neg_s * k_exp.astype(f32)), 0.0)
+                v = plgpu.layout_cast(v_s[...], wgmma_layout)
+                vs_smem[...] = (v.astype(f32) * by_row(k_decay, bv)).astype(dtype)
+                plgpu.commit_smem()
+
+            if output:
+                def scores_and_inter(refs):
+                    acc_qk, acc_qs = refs
+                    plgpu.wgmma(acc_qk, q_s, plgpu.transpose_ref(k_s, (1, 0)))
+                    plgpu.wgmma(acc_qs, q_s, s_smem)
+                    decay_values()  # while the tensor cores work
+
+                zeros_cc = plgpu.layout_cast(jnp.zeros((c_len, c_len), f32), wgmma_layout)
+                zeros_cv = plgpu.layout_cast(jnp.zeros((c_len, bv), f32), wgmma_layout)
+                scores, inter = pl.run_state(scores_and_inter)(
+                    (plgpu.ACC.init(zeros_cc), plgpu.ACC.init(zeros_cv)))
+                q_decay = jnp.where(valid, jnp.exp(neg_s * q_exp.astype(f32)), 0.0)
+                p = (scores * intra_decay).astype(dtype)
+                o = inter * by_row(q_decay, bv)
+
+                def products(refs):
+                    acc_o, acc_s = refs
+                    plgpu.wgmma(acc_o, p, v_s)
+                    plgpu.wgmma(acc_s, plgpu.transpose_ref(k_s, (1, 0)), vs_smem)
+
+                o, state = pl.run_state(products)(
+                    (plgpu.ACC.init(o), plgpu.ACC.init(state * jnp.exp(neg_s * length.astype(f32)))))
+                o_s[...] = o.astype(dtype)
+                s_smem[...] = state.astype(dtype)
+                plgpu.commit_smem()
+            else:
+                decay_values()
+
+                def update(acc_s):
+                    plgpu.wgmma(acc_s, plgpu.transpose_ref(k_s, (1, 0)), vs_smem)
+
+                state = pl.run_state(update)(
+                    plgpu.ACC.init(state * jnp.exp(neg_s * length.astype(f32))))
+            return state
+
+        chunk_of = ((lambda i: seg * seg_chunks + seg_chunks - 1 - i) if reverse
+                    else (lambda i: seg * seg_chunks + i))
+        qk_spec = plgpu.BlockSpec((c_len, dqk), lambda i: (chunk_of(i), 0), transforms=_TRANSFORMS)
+        v_spec = plgpu.BlockSpec((c_len, bv), lambda i: (chunk_of(i), tile), transforms=_TRANSFORMS)
+        head = lambda ref: ref.at[b, :, h, :]  # noqa: E731
+        in_specs = ([qk_spec] if output else []) + [qk_spec, v_spec]
+        ins = ([head(q_ref)] if output else []) + [head(k_ref), head(v_ref)]
+        outs = [head(o_ref)] if output else []
+        state = plgpu.emit_pipeline(step, grid=(seg_chunks,), in_specs=in_specs,
+                                    out_specs=[v_spec] if output else [],
+                                    max_concurrent_steps=min(stages, seg_chunks,
+                                                             max_stages(dqk, c_len, output, stages)),
+                                    init_carry=state)(*ins, *outs)
         if store_state:
-            state_at(s_out_ref, col)[...] = state
+            state_at(s_out_ref)[...] = state
 
-    def step(idx, *bufs):
-        *bufs, state = bufs
-        wg, col, neg_s, rows, intra_decay = setup()
-        i = idx[0]
-        c = chunk_of(i)
-        length = jnp.clip(seq_len - c * c_len, 0, c_len)
-        valid = rows < length
-        if reverse:  # row t sees the state of later tokens through lambda^(len-1-t)
-            q_exp, k_exp = length - 1 - rows, rows + 1
-        else:  # row t sees the state of earlier tokens through lambda^(t+1)
-            q_exp, k_exp = rows + 1, length - 1 - rows
-        q_s = bufs.pop(0) if output else None
-        k_s, v_all = bufs
-        v_s = v_all.at[:, pl.ds(wg * bv, bv)]
-        k_t = plgpu.transpose_ref(k_s, (1, 0))
-        vs = vs_smem.at[wg]
-
-        def decay_values():
-            # The value rows scaled by their decay to the chunk's far edge, for the update.
-            k_decay = jnp.where(valid, jnp.exp(neg_s * k_exp.astype(f32)), 0.0)
-            v = plgpu.layout_cast(v_s[...], wgmma_layout)
-            vs[...] = (v.astype(f32) * by_row(k_decay, bv)).astype(dtype)
-            plgpu.commit_smem()
-
-        chunk_decay = jnp.exp(neg_s * length.astype(f32))
-        if not output:
-            decay_values()
-
-            def update(acc_s):
-                plgpu.wgmma(acc_s, k_t, vs)
-
-            return pl.run_state(update)(plgpu.ACC.init(state * chunk_decay))
-        s_own = s_smem.at[wg]
-
-        def scores_and_inter(refs):
-            acc_qk, acc_qs = refs
-            plgpu.wgmma(acc_qk, q_s, k_t)
-            plgpu.wgmma(acc_qs, q_s, s_own)
-            decay_values()  # while the tensor cores work
-
-        zeros = lambda shape: plgpu.layout_cast(jnp.zeros(shape, f32), wgmma_layout)  # noqa: E731
-        scores, inter = pl.run_state(scores_and_inter)(
-            (plgpu.ACC.init(zeros((c_len, c_len))), plgpu.ACC.init(zeros((c_len, bv)))))
-        q_decay = jnp.where(valid, jnp.exp(neg_s * q_exp.astype(f32)), 0.0)
-        p = (scores * intra_decay).astype(dtype)
-
-        def products(refs):
-            acc_o, acc_s = refs
-            plgpu.wgmma(acc_o, p, v_s)
-            plgpu.wgmma(acc_s, k_t, vs)
-
-        o, state = pl.run_state(products)(
-            (plgpu.ACC.init(inter * by_row(q_decay, bv)), plgpu.ACC.init(state * chunk_decay)))
-        slot = o_stage.at[wg, lax.rem(i, 2)]
-        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's store (two chunks ago) has read it
-        slot[...] = o.astype(dtype)
-        s_own[...] = state.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(slot, o_ref.at[b, pl.ds(c * c_len, c_len), h, pl.ds(col, bv)])
-        return state
-
-    qk_spec = plgpu.BlockSpec((c_len, dqk), lambda i: (chunk_of(i), 0), transforms=_TRANSFORMS)
-    v_spec = plgpu.BlockSpec((c_len, groups * bv), lambda i: (chunk_of(i), program),
-                             transforms=_TRANSFORMS)
-    head = lambda ref: ref.at[b, :, h, :]  # noqa: E731
-    pipeline = plgpu.emit_pipeline_warp_specialized(
-        step, grid=(seg_chunks,), memory_registers=MEMORY_REGISTERS,
-        in_specs=([qk_spec] if output else []) + [qk_spec, v_spec],
-        max_concurrent_steps=min(stages, seg_chunks), num_compute_wgs=groups, wg_axis="wg",
-        compute_context=compute)
-    pipeline(*([head(q_ref)] if output else []), head(k_ref), head(v_ref))
+    pl.run_scoped(scope,
+                  plgpu.SMEM((dqk, bv), dtype, transforms=_TRANSFORMS) if output else None,
+                  plgpu.SMEM((c_len, bv), dtype, transforms=_TRANSFORMS))
 
 
 def _interpret_params():
@@ -235,7 +210,6 @@ def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states:
     batch, seq_pad, heads, dqk = q.shape
     dv = v.shape[-1]
     tiles = dv // BLOCK_V
-    groups = WARPGROUPS if tiles % WARPGROUPS == 0 else 1
     num_chunks = seq_pad // chunk
     out_type = []
     if output:
@@ -243,21 +217,13 @@ def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states:
     if store_states:
         out_type.append(jax.ShapeDtypeStruct((batch, heads, segments, dqk, dv), jnp.float32))
     kernel = functools.partial(
-        _kernel, seq_len=seq_len, chunk=chunk, seg_chunks=num_chunks // segments, groups=groups,
-        programs=tiles // groups, reverse=reverse, has_initial=initial_states is not None,
-        output=output, store_state=store_states,
-        stages=max_stages(dqk, chunk, output, groups, stages))
-    scratch = [plgpu.SMEM((groups, chunk, BLOCK_V), q.dtype, transforms=_TRANSFORMS)]
-    if output:
-        scratch += [plgpu.SMEM((groups, dqk, BLOCK_V), q.dtype, transforms=_TRANSFORMS),
-                    plgpu.SMEM((groups, 2, chunk, BLOCK_V), q.dtype, transforms=_TRANSFORMS)]
+        _kernel, seq_len=seq_len, chunk=chunk, seg_chunks=num_chunks // segments, tiles=tiles,
+        reverse=reverse, has_initial=initial_states is not None, output=output,
+        store_state=store_states, stages=stages)
     name = "lightning_attention_hopper_" + ("reverse" if reverse else "forward")
     call = plgpu.kernel(kernel, out_type=tuple(out_type),
-                        grid=(segments * (tiles // groups), heads, batch),
-                        grid_names=("j", "h", "b"), num_threads=groups + 1, thread_name="wg",
-                        scratch_types=scratch,
-                        compiler_params=plgpu.CompilerParams(approx_math=True),
-                        interpret=_interpret_params() if interpret else None,
+                        grid=(segments * tiles, heads, batch), grid_names=("j", "h", "b"),
+                        compiler_params=plgpu.CompilerParams(approx_math=True), interpret=_interpret_params() if interpret else None,
                         kernel_name=name if output else name + "_states")
     args = [slopes.astype(jnp.float32)] + ([q] if output else []) + [k, v]
     if initial_states is not None:
