@@ -23,7 +23,7 @@ import numpy as np
 
 from bench import report
 from bench.timing import time_ms
-from pallas_kernels import lightning
+from pallas_kernels import lightning, lightning_hopper
 from tnllm import attention
 from tnllm.testing import rel_err
 
@@ -49,8 +49,7 @@ FWD_ELEMS, FWD_BWD_ELEMS = 4, 7
 BF16_TOL, F32_TOL = 5e-3, 1e-5
 
 
-def log(*args):
-    print(*args, flush=True)
+log = functools.partial(print, flush=True)
 
 
 def make_inputs(seed, batch, seq, heads, dk, dtype, dv=None):
@@ -62,12 +61,15 @@ def make_inputs(seed, batch, seq, heads, dk, dtype, dv=None):
     return q, k, v, do
 
 
-def variant_fns(slopes):
-    """name -> o = f(q, k, v) for every timed variant."""
-    return {"ours": lambda q, k, v: lightning.lightning_attention(q, k, v, slopes)[0],
-            "blockwise": lambda q, k, v: attention.lightning_attention(q, k, v, slopes, impl="blockwise")[0],
-            "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                                  implementation="cudnn")}
+def variant_fns(slopes, only=""):
+    """name -> o = f(q, k, v) per timed variant (those in `only`, if any); "mosaic" on Hopper."""
+    fns = {"ours": lambda q, k, v: lightning.lightning_attention(q, k, v, slopes)[0],
+           "blockwise": lambda q, k, v: attention.lightning_attention(q, k, v, slopes, impl="blockwise")[0],
+           "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")}
+    if lightning_hopper.available():
+        fns["mosaic"] = lambda q, k, v: lightning.lightning_attention(q, k, v, slopes, plan=lightning.default_plan(
+            q.shape[-1], v.shape[-1], kernel="mosaic"))[0]
+    return {name: f for name, f in fns.items() if not only or name in only.split(",")}
 
 
 def fwd_and_fwd_bwd(f):
@@ -172,8 +174,7 @@ def stage_segments(results, shapes):
     for shape in shapes:
         batch, seq, heads, dim = shape
         base = lightning.default_plan(dim, dim)
-        programs = dim // base.fwd.block_v * heads * batch
-        chunks = seq // base.fwd.chunk
+        programs, chunks = dim // base.fwd.block_v * heads * batch, seq // base.fwd.chunk
         auto = lightning.default_segments(programs, chunks, cores)
         counts = [n for n in (2 ** i for i in range(12))  # up to four waves, two chunks a segment
                   if n == 1 or (programs * n <= 4 * cores and chunks >= 2 * n)]
@@ -199,7 +200,7 @@ def stage_boundaries(results, document_tokens=512):
         log(json.dumps(row))
 
 
-def stage_table(results, bandwidth):
+def stage_table(results, bandwidth, only=""):
     log("== forward and forward+backward, ms")
     rows = []
     for shape in SHAPES:
@@ -208,10 +209,9 @@ def stage_table(results, bandwidth):
         slopes = attention.alibi_slopes(heads)
         ref = attention.lightning_attention(*(x.astype(jnp.float32) for x in sets[0][:3]), slopes,
                                             impl="blockwise")[0]
-        row = {"shape": shape,
-               "floor_fwd": floor_ms(*shape, FWD_ELEMS, bandwidth),
+        row = {"shape": shape, "floor_fwd": floor_ms(*shape, FWD_ELEMS, bandwidth),
                "floor_fwd_bwd": floor_ms(*shape, FWD_BWD_ELEMS, bandwidth)}
-        for name, f in variant_fns(slopes).items():
+        for name, f in variant_fns(slopes, only).items():
             fwd, fwd_bwd = fwd_and_fwd_bwd(f)
             if name != "cudnn":  # the timed inputs, checked first (the check stage covers grads)
                 row[f"{name}_o_error"] = rel_err(fwd(*sets[0][:3]), ref)
@@ -231,15 +231,14 @@ def peak_mib(fwd_bwd, shape):
     """Peak device memory XLA plans for the compiled program: arguments + outputs + temps."""
     spec = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     m = fwd_bwd.lower(spec, spec, spec, spec).compile().memory_analysis()
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-    return (total - m.alias_size_in_bytes) / 2**20
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes) / 2**20
 
 
 def stage_memory(results):
     """Peak memory of every variant's forward+backward at every length of LENGTHS."""
     log("== memory of forward+backward against length (MiB), batch, heads =", LENGTH_BH)
-    batch, heads = LENGTH_BH
-    results["memory"] = []
+    (batch, heads), results["memory"] = LENGTH_BH, []
     for seq in LENGTHS:
         row = {"seq": seq}
         for name, f in variant_fns(attention.alibi_slopes(heads)).items():
@@ -342,6 +341,7 @@ def markdown_table(results):
         rows.append(row)
     return report.markdown(rows, [(h, k, "" if k == "shape" else ".3f") for h, k in (
         ("B, T, H, D", "shape"), ("ours fwd", "ours_fwd"), ("ours fwd+bwd", "ours_fwd_bwd"),
+        ("Mosaic fwd", "mosaic_fwd"), ("Mosaic fwd+bwd", "mosaic_fwd_bwd"), ("floor fwd+bwd", "floor_fwd_bwd"),
         ("blockwise fwd+bwd", "blockwise_fwd_bwd"), ("cuDNN flash fwd+bwd", "cudnn_fwd_bwd"),
         ("FLA fwd", "fla_fwd"), ("FLA fwd+bwd", "fla_fwd_bwd"), ("FLA / ours, fwd+bwd", "fla_ratio"),
         ("floor fwd", "floor_fwd"), ("ours fwd / floor", "of_floor"))])
@@ -362,6 +362,7 @@ def main():
     parser.add_argument("--stages", default=None, help="of check, sweep, segments, table, fla, memory, "
                         "boundaries, plots; default check,table,fla,memory,plots (--smoke: all but fla)")
     parser.add_argument("--sweep", default="", help="block configs C:bv:warps:stages,... for 'sweep'")
+    parser.add_argument("--variants", default="", help="'table' times only these (ours,mosaic,...)")
     parser.add_argument("--sweep_shapes", default="0,1,2",
                         help="indices into SHAPES of the shapes 'sweep' runs")
     parser.add_argument("--smoke", action="store_true",
@@ -395,7 +396,7 @@ def main():
                results, [lightning.Blocks(*map(int, c.split(":"))) for c in args.sweep.split(",")],
                [SHAPES[int(i)] for i in args.sweep_shapes.split(",") if int(i) < len(SHAPES)]),
            "segments": lambda: stage_segments(results, SHAPES + SEGMENT_SHAPES),
-           "table": lambda: stage_table(results, results["bandwidth"]),
+           "table": lambda: stage_table(results, results["bandwidth"], args.variants),
            "fla": lambda: stage_fla(results), "memory": lambda: stage_memory(results),
            "boundaries": lambda: stage_boundaries(results),
            "plots": lambda: results.get("memory") and plot_memory(results["memory"], args.out)}

@@ -55,6 +55,7 @@ Array = jax.Array
 DTYPES = (jnp.bfloat16, jnp.float32)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 CHUNK_SIZES = (16, 32, 64, 128)
+KERNELS = ("triton", "mosaic")  # Plan.kernel: this module's kernel, or lightning_hopper's
 _MAX_GRID_YZ = 65535  # CUDA limit on the grid's y and z extents (heads, batch)
 MIN_SEGMENT_CHUNKS = 4  # shortest sequence segment a program sweeps alone (default_segments)
 STATES_PASS_COST = 0.4  # the segments' states pass, as a fraction of a sweep (measured on H100)
@@ -95,7 +96,8 @@ class Plan:
 
 def default_plan(dk: int, dv: int, chunk_size: int = 64, *, itemsize: int = 2,
                  batch_heads: Optional[int] = None, seq_len: Optional[int] = None,
-                 multiprocessors: int = 1, shared_memory: int = _SHARED_MEMORY["9.0"]) -> Plan:
+                 multiprocessors: int = 1, shared_memory: int = _SHARED_MEMORY["9.0"],
+                 kernel: str = "triton") -> Plan:
     """Blocks for head dims dk (of q, k) and dv (of v), measured on the H100 (docs/kernels.md).
 
     Each program keeps its [key dim, block_v] float32 state in registers: value tiles hold at
@@ -109,7 +111,16 @@ def default_plan(dk: int, dv: int, chunk_size: int = 64, *, itemsize: int = 2,
       batch_heads, seq_len: batch x heads and the sequence length of the call; with them the
         plan's segments come from `default_segments` and the pipeline depth from the waves.
       multiprocessors, shared_memory: of the GPU (bytes per program).
+      kernel: "triton", or "mosaic" for `lightning_hopper`'s kernel (one warpgroup and a 64-wide
+        value tile a program, a ring of two TMA stages; no further tuning).
     """
+    if kernel == "mosaic":
+        blocks = Blocks(chunk=chunk_size, block_v=lightning_hopper.BLOCK_V, num_stages=2)
+        segments = None
+        if batch_heads is not None and seq_len is not None:
+            segments = default_segments(dv // blocks.block_v * batch_heads,
+                                        -(-seq_len // chunk_size), multiprocessors)
+        return Plan(blocks, blocks, blocks, blocks, segments=segments, kernel="mosaic")
     segments = None
     if batch_heads is not None and seq_len is not None:
         tiles = dv // max(16, min(dv, _STATE_ELEMS // dk))
@@ -580,6 +591,12 @@ def _check(q: Array, k: Array, v: Array, chunk_size: int, plan: Optional[Plan]) 
         raise ValueError(f"impl='pallas' launches one program per (batch, head): batch ({batch}) "
                          f"and heads ({heads}) must each be at most {_MAX_GRID_YZ}; split the batch.")
     if plan is not None:
+        if plan.kernel not in KERNELS:
+            raise ValueError(f"plan.kernel must be one of {KERNELS}, got {plan.kernel!r}.")
+        if plan.kernel == "mosaic" and not lightning_hopper.supports(q, k, v, plan.fwd.chunk):
+            raise ValueError("The Mosaic GPU kernels take bf16 q, k, v with dk and dv multiples of "
+                             f"64 up to 256 and chunks of 64, got {q.dtype}, dk {q.shape[-1]}, dv "
+                             f"{v.shape[-1]}, chunk {plan.fwd.chunk}: use kernel='triton'.")
         for name, blocks, value_dim in (("fwd", plan.fwd, v.shape[-1]), ("dq", plan.dq, q.shape[-1]),
                                         ("dk", plan.dk, q.shape[-1]), ("dv", plan.dv, v.shape[-1])):
             if blocks.chunk not in CHUNK_SIZES or value_dim % blocks.block_v:
@@ -624,9 +641,10 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
       slopes: [heads] f32 decay rates s (lambda = exp(-s)); they get no gradient.
       initial_state: optional [batch, heads, dk, dv] f32 state of earlier tokens.
       chunk_size: tokens per chunk, 16, 32, 64 or 128 (of the default plan).
-      plan: block sizes of the four kernel calls, chunks included, and sequence segments;
-        default `default_plan` for these shapes and this GPU; a plan without segments gets
-        `default_segments`.
+      plan: block sizes of the four kernel calls, chunks included, sequence segments, and the
+        kernel that runs them (`Plan.kernel`; `default_plan(..., kernel="mosaic")` for the Mosaic
+        GPU one on Hopper); default `default_plan` for these shapes and this GPU; a plan without
+        segments gets `default_segments`.
       interpret: run in Pallas interpret mode; default: only when JAX has no GPU.
       segment_ids: optional [batch, seq] int, equal within a document (`document_ids`): the state
         resets at each document start, initial_state continues the first document and the final
@@ -647,6 +665,10 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
         interpret = jax.default_backend() != "gpu"
         if interpret:
             _warn_interpret()
+    if plan.kernel == "mosaic" and (interpret or segment_ids is not None):
+        raise ValueError("The Mosaic GPU kernels run compiled on a Hopper GPU only, without "
+                         "segment_ids; use the Triton kernels here (the default plan, or "
+                         "default_plan(..., kernel='triton')).")
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)
     segments = plan.segments

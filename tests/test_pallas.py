@@ -214,3 +214,77 @@ def test_unsupported_inputs_fail_with_a_clear_error(change, match):
     with pytest.raises(ValueError, match=match):
         lightning.lightning_attention(q, q, v, attention.alibi_slopes(2), chunk_size=shape["chunk"],
                                       plan=plan)
+
+
+# ----------------------------------------------------------------------------------------------
+# the Mosaic GPU kernels (pallas_kernels.lightning_hopper), selected by Plan.kernel
+# ----------------------------------------------------------------------------------------------
+MOSAIC_CASES = [
+    # batch, seq, heads, dk, dv, initial state, segments (None: default_segments)
+    pytest.param(2, 1000, 4, 128, 128, True, None, id="ragged-state"),
+    pytest.param(2, 1000, 4, 128, 128, True, 4, id="ragged-state-4-segments"),
+    pytest.param(1, 777, 3, 64, 64, False, None, id="d64-ragged"),
+    pytest.param(2, 1000, 4, 256, 128, True, 2, id="dk256-dv128-state-2-segments"),
+    pytest.param(1, 500, 4, 64, 128, True, 3, id="dk64-dv128-state-3-segments"),
+]
+
+
+def mosaic_attention(slopes, batch, seq, heads, dk, dv, segments, interpret=None):
+    plan = lightning.default_plan(dk, dv, 64, batch_heads=batch * heads, seq_len=seq,
+                                  kernel="mosaic")
+    plan = dataclasses.replace(plan, segments=segments)
+
+    def attn(q, k, v, s0):
+        return lightning.lightning_attention(q, k, v, slopes, initial_state=s0, plan=plan,
+                                             interpret=interpret)
+    return attn
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,seq,heads,dk,dv,with_state,segments", MOSAIC_CASES)
+def test_mosaic_kernels_match_reference(batch, seq, heads, dk, dv, with_state, segments):
+    """Compiled on a Hopper GPU: outputs, final state and gradients of every sweep (forward, the
+    segments' states pass, dQ, dK, dV) against the float32 reference."""
+    q, k, v, slopes, s0, do, d_final = random_inputs(11, batch, seq, heads, dk, dv, jnp.bfloat16,
+                                                     with_state)
+    attn = mosaic_attention(slopes, batch, seq, heads, dk, dv, segments)
+    outs, grads = value_and_grads(attn, q, k, v, s0, do, d_final)
+    assert_matches_reference(outs, grads, q, k, v, slopes, s0, do, d_final)
+
+
+@pytest.mark.parametrize("batch,seq,heads,dk,dv,with_state,segments", MOSAIC_CASES)
+def test_mosaic_kernels_lower_for_gpus(batch, seq, heads, dk, dv, with_state, segments):
+    """Without a GPU: forward and backward lower to Mosaic GPU kernels alone (Pallas's CPU
+    interpreter does not run these kernels; what it cannot check, the GPU test above does)."""
+    q, k, v, slopes, s0, do, d_final = random_inputs(11, batch, seq, heads, dk, dv, jnp.bfloat16,
+                                                     with_state)
+    attn = mosaic_attention(slopes, batch, seq, heads, dk, dv, segments, interpret=False)
+
+    def loss(q, k, v, s0):
+        o, final = attn(q, k, v, s0)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * d_final)
+
+    argnums = (0, 1, 2, 3) if with_state else (0, 1, 2)
+    text = jax.jit(jax.value_and_grad(loss, argnums=argnums)).trace(q, k, v, s0).lower(
+        lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+    # forward (and its states pass), dQ, dK, dV (and their states pass)
+    assert sum("mosaic_gpu" in line for line in calls) >= 4
+    assert not any("triton" in line for line in calls)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(dtype=jnp.float32), "bf16"),
+    (dict(dk=32), "multiples of 64"),
+    (dict(interpret=True), "compiled on a Hopper GPU"),
+    (dict(documents=True), "without segment_ids"),
+])
+def test_mosaic_plan_refuses_what_it_cannot_run(change, match):
+    shape = dict(dk=64, dtype=jnp.bfloat16)
+    shape.update(change)
+    q = jnp.ones((1, 70, 2, shape["dk"]), shape["dtype"])
+    plan = lightning.default_plan(shape["dk"], shape["dk"], 64, kernel="mosaic")
+    ids = jnp.zeros((1, 70), jnp.int32).at[:, 30:].set(1) if change.get("documents") else None
+    with pytest.raises(ValueError, match=match):
+        lightning.lightning_attention(q, q, q, attention.alibi_slopes(2), plan=plan,
+                                      interpret=change.get("interpret", False), segment_ids=ids)
