@@ -27,9 +27,7 @@ state entering it and how many to the one leaving it (scalars), and per token th
 document within its chunk (its last in reverse). Within a chunk the decay matrix is masked to one
 document, the carried state reaches only the rows of the document it belongs to, and a chunk
 holding a document start passes no state on, so no decay crosses a boundary; the states entering
-segments combine only within one document (`entering_states`). A chunk whose rows all belong to
-the entering state's document holds no start: the kernel branches on that first scalar, and such
-chunks (most of them) run the body without ids, with no further loads and no mask.
+segments combine only within one document (`entering_states`).
 
 Matmul operands are the input dtype (bf16 on the fast path) with float32 accumulation; the state,
 the decay factors and every sum are float32. float32 inputs use IEEE float32 dots (no TF32).
@@ -183,7 +181,7 @@ def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int,
 
     With document ids, (q_t . k_j) counts only within one document, the state reaches only rows
     of its own document, and a chunk holding a document start passes no state through (the state
-    resets there); a chunk holding none runs the same body as without ids.
+    resets there).
     """
     refs = list(refs)
     reach_ref, entering_ref, leaving_ref = (refs.pop(0) for _ in range(3)) if has_ids else (None,) * 3
@@ -219,59 +217,41 @@ def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int,
             q_exp, k_exp = length - 1 - r, r + 1
         else:  # row t sees the state of tokens before the chunk through lambda^(t+1)
             q_exp, k_exp = r + 1, length - 1 - r
+        k_valid, q_valid = valid, valid
         chunk_decay = jnp.exp(neg_s * length.astype(f32))
-
-        def update(read_q, q_valid, k_valid, chunk_decay, decay):
-            """Writes the chunk's output and returns the state leaving it. q_valid: rows that see
-            the entering state; k_valid: rows whose keys build the leaving one; chunk_decay: how
-            much of the entering state passes on; decay: the [C, C] intra-chunk decay."""
-            k_decay = jnp.where(k_valid, jnp.exp(neg_s * k_exp.astype(f32)), 0.0)
-            if output:
-                q = read_q()
-                q_decay = jnp.where(q_valid, jnp.exp(neg_s * q_exp.astype(f32)), 0.0)
-                scores = dot(q, k, (((1,), (1,)), ((), ())))  # [C, C]
-                o = dot((scores * decay).astype(v.dtype), v, (((1,), (0,)), ((), ())))
-                # Row scaling commutes with the product: (lambda^e * Q) S = lambda^e * (Q S), so q
-                # stays exact and only the state is rounded to the operand dtype.
-                o += q_decay[:, None] * dot(q, state.astype(q.dtype), (((1,), (0,)), ((), ())))
-                o_ref[rows, :] = o.astype(o_ref.dtype)
-            k_scaled = (k * k_decay[:, None]).astype(k.dtype)
-            return chunk_decay * state + dot(k_scaled, v, (((0,), (0,)), ((), ())))  # [dqk, block_v]
-
-        decay = intra_decay if output else None
-        if not has_ids:
-            return update(lambda: q_ref[rows, :], valid, valid, chunk_decay, decay)
-        # q is read before the branch: the software pipeline prefetches only loads outside it.
-        q = q_ref[rows, :] if output else None
-        entering = entering_ref[c]
-
-        def across_documents():
+        if has_ids:
             # Two scalars decide which rows see the entering state and which build the leaving
             # one: compared with the row index they need no reduction over the chunk and no
             # data moved between threads. The state's document holds the chunk's first rows
             # (its last in reverse), the leaving state's its last rows (first in reverse).
-            leaving = leaving_ref[c]
+            entering, leaving = entering_ref[c], leaving_ref[c]
             if reverse:
                 q_valid, k_valid = valid & (r >= chunk - entering), valid & (r < leaving)
             else:
                 q_valid, k_valid = valid & (r < entering), valid & (r >= chunk - leaving)
-            masked = None
-            if output:
+            # Only a chunk wholly in the state's document (no start in it) passes the state on.
+            chunk_decay = jnp.where(entering == chunk, chunk_decay, 0.0)
+        k_decay = jnp.where(k_valid, jnp.exp(neg_s * k_exp.astype(f32)), 0.0)
+        if output:
+            q = q_ref[rows, :]
+            q_decay = jnp.where(q_valid, jnp.exp(neg_s * q_exp.astype(f32)), 0.0)
+            scores = dot(q, k, (((1,), (1,)), ((), ())))  # [C, C]
+            decay = intra_decay
+            if has_ids:
                 # Documents are contiguous: on the causal side, k_j shares q_t's document iff j
                 # lies between t and reach_t. One [C] vector against the column index: a single
                 # broadcast orientation, so the load can land in the product's row layout.
                 reach = reach_ref[rows]
                 same = (r[None, :] <= reach[:, None]) if reverse else (r[None, :] >= reach[:, None])
-                masked = jnp.where(same, intra_decay, 0.0)
-            # A document starts in the chunk: the entering state passes nothing on.
-            return update(lambda: q, q_valid, k_valid, 0.0, masked)
-
-        # With ids nondecreasing, a chunk holds no start iff all its rows are in the entering
-        # state's document. Most chunks of packed documents hold none, and they run the body
-        # without ids: no reach load, no [C, C] mask.
-        return lax.cond(entering == chunk,
-                        lambda: update(lambda: q, valid, valid, chunk_decay, decay),
-                        across_documents)
+                decay = jnp.where(same, intra_decay, 0.0)
+            o = dot((scores * decay).astype(v.dtype), v, (((1,), (0,)), ((), ())))
+            # Row scaling commutes with the product: (lambda^e * Q) S = lambda^e * (Q S), so q
+            # stays exact and only the state is rounded to the operand dtype.
+            o += q_decay[:, None] * dot(q, state.astype(q.dtype), (((1,), (0,)), ((), ())))
+            o_ref[rows, :] = o.astype(o_ref.dtype)
+        k_scaled = (k * k_decay[:, None]).astype(k.dtype)
+        state = chunk_decay * state + dot(k_scaled, v, (((0,), (0,)), ((), ())))  # [dqk, block_v]
+        return state
 
     state = s0_ref[...] if has_initial else jnp.zeros((dqk, block_v), f32)
     state = lax.fori_loop(0, seg_chunks, body, state)

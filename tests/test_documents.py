@@ -160,35 +160,13 @@ def test_pallas_kernels_at_chunk_and_segment_edges():
     last row (15), at a segment's first row (48), one-token documents at a chunk's last row (63)
     and at the last token (89). Row 2: documents that cross a chunk edge one row after a start
     (31) or before an end (48), where all rows but one of a chunk see the state. Gradients run the
-    reverse sweeps over the same edges. Chunks with and without a start run different branches of
-    the kernel: both kinds are here, in both directions."""
+    reverse sweeps over the same edges."""
     starts = [(16, 35, 38, 41), (15, 16, 48, 63, 64, 89), (31, 49)]
     segment_ids = np.zeros((3, 90), np.int32)
     for row, cuts in enumerate(starts):
         for cut in cuts:
             segment_ids[row, cut:] += 1
-    ids = jnp.pad(lightning.document_ids(jnp.asarray(segment_ids)), ((0, 0), (0, 6)), mode="edge")
-    for reverse in (False, True):
-        _, entering_rows, _ = lightning._chunk_documents(ids, chunk=16, seq_len=90, reverse=reverse)
-        no_start = np.asarray(entering_rows) == 16
-        assert no_start.any() and not no_start.all(), reverse
     check_pallas(jnp.asarray(segment_ids), 1, 16, 16, jnp.float32, 16, 2)
-
-
-def test_pallas_kernels_with_documents_lower_for_gpus():
-    """The kernels with ids (their branch on chunks without a start included) lower to Triton for
-    a GPU, forward and backward, also on a machine without one."""
-    q, k, v, slopes, s0, _, _ = inputs(5, 1, 200, 1, 16, 16, jnp.bfloat16)
-    plan = dataclasses.replace(lightning.default_plan(16, 16, 64), segments=2)
-
-    def loss(q, k, v, s0, segment_ids):
-        o, final = lightning.lightning_attention(q, k, v, slopes, initial_state=s0, plan=plan,
-                                                 interpret=False, segment_ids=segment_ids)
-        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
-
-    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(
-        q, k, v, s0, random_segments(5, 1, 200)).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("xla.gpu.triton") == 6  # forward: 2 calls, backward: 4
 
 
 @pytest.mark.gpu
