@@ -169,6 +169,22 @@ def test_pallas_kernels_at_chunk_and_segment_edges():
     check_pallas(jnp.asarray(segment_ids), 1, 16, 16, jnp.float32, 16, 2)
 
 
+def test_pallas_kernels_with_documents_lower_for_gpus():
+    """The kernels with ids lower to Triton for a GPU, forward and backward, also on a machine
+    without one (what interpret mode cannot check)."""
+    q, k, v, slopes, s0, _, _ = inputs(5, 1, 200, 1, 16, 16, jnp.bfloat16)
+    plan = dataclasses.replace(lightning.default_plan(16, 16, 64), segments=2)
+
+    def loss(q, k, v, s0, segment_ids):
+        o, final = lightning.lightning_attention(q, k, v, slopes, initial_state=s0, plan=plan,
+                                                 interpret=False, segment_ids=segment_ids)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(
+        q, k, v, s0, random_segments(5, 1, 200)).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("xla.gpu.triton") == 6  # forward: 2 calls, backward: 4
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_compiled_pallas_kernels_equal_documents_one_by_one(dtype):
