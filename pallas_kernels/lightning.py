@@ -8,13 +8,14 @@ chunk by chunk (Lightning Attention-2): an intra-chunk masked product plus an in
 with a float32 state S [dk, dv] that stays in registers for the whole sequence, so only q, k, v
 and o cross HBM. With `reverse=True` it runs the mirror image (anti-causal sums, chunks walked
 from the end), which is what the backward pass needs. The backward pass is three more calls of
-the same kernel with the roles of the tensors exchanged (docs/kernels.md, docs/spec.md §4). A plan
-with `kernel="mosaic"` runs the same sweeps with `pallas_kernels.lightning_hopper`'s Mosaic GPU
-kernel (Hopper; opt-in):
+the same kernel with the roles of the tensors exchanged (docs/kernels.md, docs/spec.md §4):
 
     dQ = op(dO, V, K; state S^T)             forward sweep
     dK = op_rev(V, dO, Q; state dS^T)        reverse sweep, from the final-state cotangent
     dV = op_rev(K, Q, dO; state dS)          reverse sweep; its final state is d(initial state)
+
+A plan with `kernel="mosaic"` runs the same sweeps with `pallas_kernels.lightning_hopper`'s Mosaic
+GPU kernel instead (Hopper; opt-in).
 
 Each program owns one (batch, head) and one `block_v`-wide tile of the value dimension: the rows
 of the state are independent, so value tiles split the work without any reduction. When batch x
