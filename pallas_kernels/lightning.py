@@ -464,11 +464,11 @@ def _sweep(plan: Plan):
 
     def mosaic(q, k, v, *, slopes, initial_states, seq_len, reverse, output, store_states,
                segments, blocks, interpret, ids):
-        del ids  # plans with documents keep the Triton kernel (lightning_attention)
+        del ids, interpret  # lightning_attention refuses both for this kernel
         return lightning_hopper.decay_attention(
             q, k, v, slopes, initial_states, seq_len=seq_len, reverse=reverse, output=output,
             store_states=store_states, segments=segments, chunk=blocks.chunk,
-            stages=blocks.num_stages, interpret=interpret)
+            stages=blocks.num_stages)
 
     return mosaic
 
@@ -648,7 +648,8 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
         interpret = jax.default_backend() != "gpu"
         if interpret:
             _warn_interpret()
-    if plan.kernel == "mosaic" and (interpret or segment_ids is not None):
+    older_gpu = jax.default_backend() == "gpu" and not lightning_hopper.available()
+    if plan.kernel == "mosaic" and (interpret or segment_ids is not None or older_gpu):
         raise ValueError("The Mosaic GPU kernels run compiled on a Hopper GPU only, without "
                          "segment_ids; use the Triton kernels here (the default plan, or "
                          "default_plan(..., kernel='triton')).")

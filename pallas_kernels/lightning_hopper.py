@@ -186,16 +186,10 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                   plgpu.SMEM((c_len, bv), dtype, transforms=_TRANSFORMS))
 
 
-def _interpret_params():
-    """Pallas's CPU interpreter for Mosaic GPU kernels (a private module of JAX; tests only)."""
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    return InterpretGPUParams()
-
-
 def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states: Optional[Array],
                     *, seq_len: int, reverse: bool, output: bool, store_states: bool,
-                    segments: int, chunk: int = 64, stages: int = 2,
-                    interpret: bool = False) -> Tuple[Optional[Array], Optional[Array]]:
+                    segments: int, chunk: int = 64,
+                    stages: int = 2) -> Tuple[Optional[Array], Optional[Array]]:
     """`pallas_kernels.lightning.decay_attention` (same arguments and results, without document
     ids) on Hopper's TMA and tensor cores.
 
@@ -223,7 +217,7 @@ def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states:
     name = "lightning_attention_hopper_" + ("reverse" if reverse else "forward")
     call = plgpu.kernel(kernel, out_type=tuple(out_type),
                         grid=(segments * tiles, heads, batch), grid_names=("j", "h", "b"),
-                        compiler_params=plgpu.CompilerParams(approx_math=True), interpret=_interpret_params() if interpret else None,
+                        compiler_params=plgpu.CompilerParams(approx_math=True),
                         kernel_name=name if output else name + "_states")
     args = [slopes.astype(jnp.float32)] + ([q] if output else []) + [k, v]
     if initial_states is not None:
