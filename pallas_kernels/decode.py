@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
+
+from pallas_kernels import pl_triton
 
 Array = jax.Array
 

@@ -47,9 +47,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
-from pallas_kernels import lightning_hopper
+from pallas_kernels import TRITON, lightning_hopper, pl_triton, triton_missing
 
 Array = jax.Array
 
@@ -605,7 +604,7 @@ def supports(q: Array, k: Array, v: Array, chunk_size: int) -> bool:
         _check(q, k, v, chunk_size, None)
     except ValueError:
         return False
-    return True
+    return TRITON
 
 
 def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
@@ -649,6 +648,9 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
         if interpret:
             _warn_interpret()
     older_gpu = jax.default_backend() == "gpu" and not lightning_hopper.available()
+    if plan.kernel == "triton" and not TRITON:
+        raise ValueError(f"impl='pallas' cannot run: {triton_missing()}; use impl='blockwise' "
+                         "(or, on Hopper, a plan with kernel='mosaic').")
     if plan.kernel == "mosaic" and (interpret or segment_ids is not None or older_gpu):
         raise ValueError("The Mosaic GPU kernels run compiled on a Hopper GPU only, without "
                          "segment_ids; use the Triton kernels here (the default plan, or "

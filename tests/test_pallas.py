@@ -288,3 +288,44 @@ def test_mosaic_plan_refuses_what_it_cannot_run(change, match):
     with pytest.raises(ValueError, match=match):
         lightning.lightning_attention(q, q, q, attention.alibi_slopes(2), plan=plan,
                                       interpret=change.get("interpret", False), segment_ids=ids)
+
+
+_NO_TRITON = '''
+import sys, warnings
+sys.modules["jax.experimental.pallas.triton"] = None  # JAX without Pallas's Triton backend
+import jax.numpy as jnp
+import pallas_kernels
+from pallas_kernels import lightning
+from tnllm import attention, config
+from tnllm.decode import loop
+assert not pallas_kernels.TRITON
+attention.pallas_compiles = loop.pallas_compiles = lambda: True  # as on a GPU
+q = jnp.ones((1, 8, 2, 16), jnp.bfloat16)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    print([attention.choose_impl("gla", "auto", q, q, q) for _ in range(2)])
+print(sum("Triton backend" in str(w.message) for w in caught))
+print(loop.DecodeOptions().resolve(config.ModelConfig(dtype="bfloat16"), 1).fused)
+for call in (lambda: lightning.lightning_attention(q, q, q, attention.alibi_slopes(2)),
+             lambda: loop.DecodeOptions(fused=True).resolve(config.ModelConfig(dtype="bfloat16"), 1)):
+    try:
+        call()
+    except ValueError as e:
+        print(e)
+'''
+
+
+def test_without_the_triton_backend_auto_falls_back_with_one_warning():
+    """A JAX without Pallas's Triton backend (deprecated in 0.11): the library imports, "auto"
+    runs the blockwise form after one warning, the fused decoding step is not chosen, and asking
+    for the Triton kernels gives one sentence."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _NO_TRITON], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0] == "['blockwise', 'blockwise']"
+    assert out[1] == "1"  # one warning, however often "auto" is resolved
+    assert out[2] == "False"
+    assert out[3].startswith("impl='pallas' cannot run: this JAX has no Pallas Triton backend")
+    assert "DecodeOptions(fused=True) cannot decode this: this JAX has no Pallas Triton" in out[4]
+    assert len(out) == 5

@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+import pallas_kernels
 from pallas_kernels import lightning
 from tnllm import sharding
 from tnllm.config import check_impl
@@ -400,7 +402,16 @@ def choose_impl(token_mixer: str, impl: str, q: Array, k: Array, v: Array, *, ch
         flash = (jax.default_backend() == "gpu" and jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16)
                  and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and not masked)
         return "cudnn" if flash else "xla"
+    if pallas_compiles() and not pallas_kernels.TRITON:
+        _warn_no_triton()
+        return "blockwise"
     return "pallas" if pallas_compiles() and lightning.supports(q, k, v, chunk_size) else "blockwise"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_triton() -> None:
+    warnings.warn(f"impl='auto' runs the blockwise XLA form of Lightning Attention, not the Pallas "
+                  f"kernels: {pallas_kernels.triton_missing()}.", stacklevel=3)
 
 
 @functools.partial(jax.named_call, name="lightning_attention")

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
 from pallas_kernels import decode_hopper
 from pallas_kernels.decode import gemv, state_step
 from tnllm.attention import layer_slopes, lightning_attention_step
@@ -41,6 +42,8 @@ Array = jax.Array
 
 def unsupported(cfg: ModelConfig, batch: int = 1) -> str:
     """Why `step` cannot decode `batch` rows of `cfg`, or "" when it can."""
+    if not pallas_kernels.TRITON:  # the state update and some products are Triton kernels
+        return pallas_kernels.triton_missing()
     if batch != 1:
         return f"the batch has {batch} rows; the fused step decodes one"
     if cfg.token_mixer != "gla":
