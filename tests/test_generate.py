@@ -420,7 +420,8 @@ def test_prompts_come_from_flags_and_a_file(tmp_path):
 
 
 @pytest.mark.parametrize("flag, sentence", [
-    ("--batch_size=0", "error: --batch_size must be a positive integer, got 0; set it to 1 or more."),
+    ("--batch_size=0",
+     "error: --batch_size must be a positive integer, got 0; set it to 1 or more."),
     ("--max_new_tokens=3000000000",
      "error: max_new_tokens 3000000000 after a prompt of 1 tokens passes the 2147483647 positions "
      "that decoding counts in int32; lower max_new_tokens to at most 2147483646."),
