@@ -29,6 +29,21 @@ def test_released_values():
     assert cfg.head_dim == 128 and cfg.lrpe_layers == (0,) and not cfg.scale_embedding
 
 
+@pytest.mark.parametrize("value", [0, -2, True, 1.5, "3", None])
+def test_check_positive_refuses_all_but_integers_from_1_in_one_sentence(value):
+    with pytest.raises(ValueError) as error:
+        config.check_positive("--batch_size", value)
+    assert str(error.value) == (f"--batch_size must be a positive integer, got {value!r}; set it "
+                                "to 1 or more.")
+
+
+def test_check_positive_returns_a_python_int():
+    import numpy as np
+
+    got = config.check_positive("max_new_tokens", np.int64(3))
+    assert got == 3 and type(got) is int
+
+
 @pytest.mark.parametrize("changes,message", [
     (dict(d_model=100, num_heads=3), r"hidden_dim \(100\) must be divisible by config.model.num_heads"),
     (dict(lrpe_layers=[5]), r"lrpe_layers holds 5, out of range for num_layers=2"),

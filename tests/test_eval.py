@@ -15,7 +15,7 @@ from tnllm import checkpoint, config, train_lib
 from tnllm.eval import perplexity
 from tnllm.eval.harness import TnllmLM
 from tnllm.eval.score import continuation_logprobs, stream_logprobs
-from tnllm.generate import complete
+from tnllm.generate import complete, complete_ids
 from tnllm.model import TransNormerLLM
 from tnllm.sampling import Greedy
 
@@ -165,6 +165,27 @@ def test_generate_until_stops_at_stop_sequences_and_equals_greedy_generate(model
         max_gen_toks=12, do_sample=False)), 0)], disable_tqdm=True) == [greedy[1]]
 
 
+def test_generate_until_keeps_request_order_max_gen_toks_and_the_models_eos(model, monkeypatch):
+    full, params, cfg, lm = model
+    tok = lm.tokenizer_
+    prompts = ["y", "def f", "x = 1\nprint(x"]  # shortest first: batched longest first
+    # Greedy continuations that no EOS stops, from one batch in request order.
+    ref = [c.tokens for c in complete_ids(params, cfg, tok, [tok.encode(p) for p in prompts],
+                                          max_new_tokens=12, eos_id=None, batch_size=3)]
+    # An end-of-text id of the model's own choosing: a token some row generates after others.
+    row, j = next((r, j) for r in range(3) for j in range(1, 4) if ref[r][j] not in ref[r][:j])
+    eot = ref[row][j]
+    monkeypatch.setattr(TnllmLM, "eot_token_id", property(lambda self: eot))
+    got = lm.generate_until([Instance("generate_until", {}, (p, dict(until=["\x00never"],
+                                                                     max_gen_toks=4)), i)
+                             for i, p in enumerate(prompts)], disable_tqdm=True)
+    want = []
+    for ids in ref:
+        ids = ids[:4]  # max_gen_toks
+        want.append(tok.decode(ids[:ids.index(eot)] if eot in ids else ids))
+    assert got == want and got[row] == tok.decode(ref[row][:j])
+
+
 def test_multiple_choice_task_end_to_end_through_lm_eval(model, tmp_path, monkeypatch):
     full, params, cfg, lm = model
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -231,5 +252,6 @@ def test_bad_input_is_one_sentence(run, tmp_path):
         TnllmLM.create_from_arg_string("batch_size=2")
     with pytest.raises(ValueError, match="no argument 'checkpont'"):
         TnllmLM.create_from_arg_string(f"checkpont={workdir}")
-    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 'auto'"):
+    with pytest.raises(ValueError, match="The tnllm model argument batch_size must be a positive "
+                                         "integer, got 'auto'; set it to 1 or more"):
         TnllmLM.create_from_arg_string(f"checkpoint={workdir}", {"batch_size": "auto"})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import numbers
 import os
 from typing import Any, Mapping, Tuple
 
@@ -30,6 +31,14 @@ TOKEN_MIXERS = tuple(IMPLS)
 # time. On the H100 it trains as fast as all logits at once (±4 %) and holds 8.4 GiB less at 32K
 # tokens per step (docs/benchmarks.md); the tiny configs keep 0, all at once.
 LOSS_CHUNK = 8192
+
+
+def check_positive(name: str, value) -> int:
+    """`value` as an int, or a one-sentence error naming `name` (a flag, argument or config field)
+    and the fix where it is not an integer of at least 1 (bools refused, numpy integers taken)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}; set it to 1 or more.")
+    return int(value)
 
 
 def check_impl(impl: str, token_mixer: str = "gla") -> None:
@@ -144,8 +153,8 @@ class ModelConfig:
     @property
     def mixer_impl(self) -> str:
         """The form of the configured token mixer that attention_impl names: attention_impl itself,
-        or "auto" where it names a form of TNL's GLA only (generation asks every mixer for the
-        "recurrent" form; cosFormer and softmax have none and choose as for "auto")."""
+        or "auto" where it names a form of TNL's GLA only (a config that sets "recurrent" or
+        "pallas" for TNL runs cosFormer and softmax as for "auto")."""
         return self.attention_impl if self.attention_impl in IMPLS[self.token_mixer] else "auto"
 
     @classmethod

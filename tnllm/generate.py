@@ -3,7 +3,9 @@
   generate     checks token lists, left-pads them to a length bucket (powers of two), casts the
                matmul weights to the compute dtype once (`serving_params`), runs
                `tnllm.decode.prefill` and `tnllm.decode.decode` and returns numpy arrays.
-  complete     text in, text out: tokenizes, generates in batches, decodes.
+  complete     text in, text out: tokenizes, then `complete_ids`.
+  complete_ids token ids in, text out: generates in batches, decodes (also the lm-evaluation-harness
+               model's generate_until).
   main         `python -m tnllm.generate --checkpoint DIR --prompt "..."`.
 
 The decoding layer itself (prefill, the loop, its step and speed options) is `tnllm.decode`.
@@ -11,13 +13,13 @@ The decoding layer itself (prefill, the loop, its step and speed options) is `tn
 from __future__ import annotations
 
 import os
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Iterator, List, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tnllm.config import ModelConfig
+from tnllm.config import ModelConfig, check_positive
 from tnllm.decode import (DecodeOptions, Generation, Sampling, decode, left_pad, prefill,
                           prompt_bucket)
 from tnllm.decode.step import one_row_copies
@@ -35,11 +37,6 @@ def _require_model_config(cfg) -> None:
         raise TypeError(
             f"cfg is a {type(cfg).__name__}, not a ModelConfig; pass tnllm.config.model_config(config) "
             "for the full config that load_model returns.")
-
-
-def _check_positive(name: str, value) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def _check_positions(max_new_tokens: int, longest: int) -> None:
@@ -66,8 +63,8 @@ def _check_request(cfg: ModelConfig, prompts, max_new_tokens, eos_id, pad_id, pr
                 f"Prompt {row} holds token id {int(ids.min() if ids.min() < 0 else ids.max())}, "
                 f"outside the model's vocabulary 0..{cfg.vocab_size - 1}; check the tokenizer."
             )
-    _check_positive("max_new_tokens", max_new_tokens)
-    _check_positive("prefill_chunk", prefill_chunk)
+    check_positive("max_new_tokens", max_new_tokens)
+    check_positive("prefill_chunk", prefill_chunk)
     for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
         if value is not None and not 0 <= value < cfg.vocab_size:
             raise ValueError(
@@ -183,38 +180,61 @@ def complete(params, cfg: ModelConfig, tokenizer, texts: Sequence[str], *, max_n
              prefill_chunk: int = 2048, options: DecodeOptions = DecodeOptions(),
              progress: bool = False) -> List[Completion]:
     """Tokenizes `texts`, continues them in batches of at most `batch_size` and decodes the
-    continuations (`generate` says what sampler, seed, prefill_chunk and options do).
+    continuations (`complete_ids` says how; `generate` what sampler, seed, prefill_chunk and
+    options do).
 
-    `tokenizer` follows `tnllm.tokenizer` (encode, decode, vocab_size, bos_id, eos_id, pad_id). A
-    batch never holds more rows than there are texts; a last, shorter batch is filled up with
-    copies of its last prompt, so every batch has the same size and reuses one compiled program.
+    `tokenizer` follows `tnllm.tokenizer` (encode, decode, vocab_size, bos_id, eos_id, pad_id);
+    generation stops a row at its eos_id.
     """
     from tqdm import tqdm
 
+    prompts = [([tokenizer.bos_id] if add_bos else []) + list(tokenizer.encode(t)) for t in texts]
+    return list(tqdm(
+        complete_ids(params, cfg, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                     eos_id=tokenizer.eos_id, sampler=sampler, seed=seed, batch_size=batch_size,
+                     prefill_chunk=prefill_chunk, options=options),
+        total=len(prompts), desc="generate", unit="text", disable=not progress))
+
+
+def complete_ids(params, cfg: ModelConfig, tokenizer, prompts: Sequence[Sequence[int]], *,
+                 max_new_tokens: int, eos_id: Optional[int], sampler: Sampler = Greedy(),
+                 seed: int = 0, batch_size: int = 8, prefill_chunk: int = 2048,
+                 options: DecodeOptions = DecodeOptions()) -> Iterator[Completion]:
+    """Continues token-id `prompts` in batches of at most `batch_size`, in the order given, and
+    yields one Completion per prompt, a batch's as soon as it is generated.
+
+    Rows stop at `eos_id` (None: none stops early), which the text leaves out; `tokenizer`
+    decodes the text and gives the pad id. Batch b (of prompts b*batch_size onwards) is sampled
+    with seed + b*batch_size. A batch never holds more rows than there are prompts; a last,
+    shorter batch is filled up with copies of its last prompt, so every batch has the same size
+    and reuses one compiled program.
+    """
     _require_model_config(cfg)
-    _check_positive("batch_size", batch_size)
+    check_positive("batch_size", batch_size)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}; load "
             "the tokenizer the model was trained with."
         )
-    prompts = [([tokenizer.bos_id] if add_bos else []) + list(tokenizer.encode(t)) for t in texts]
-    batch_size = min(batch_size, len(prompts))
-    completions = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch",
-                      disable=not progress):
+    # Checked above, at the call; the batches run as the caller takes their completions.
+    return _complete_batches(params, cfg, tokenizer, [list(p) for p in prompts],
+                             min(batch_size, max(len(prompts), 1)), eos_id=eos_id,
+                             max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
+                             prefill_chunk=prefill_chunk, options=options)
+
+
+def _complete_batches(params, cfg, tokenizer, prompts, batch_size, *, eos_id, seed,
+                      **kwargs) -> Iterator[Completion]:
+    for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         filled = batch + [batch[-1]] * (batch_size - len(batch))
-        out = generate(params, cfg, filled, max_new_tokens=max_new_tokens, sampler=sampler,
-                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=seed + start,
-                       return_logprobs=True, prefill_chunk=prefill_chunk, options=options)
+        out = generate(params, cfg, filled, eos_id=eos_id, pad_id=tokenizer.pad_id,
+                       seed=seed + start, return_logprobs=True, **kwargs)
         for row in range(len(batch)):
             n = int(out.lengths[row])
             tokens = out.tokens[row, :n].tolist()
-            text_ids = tokens[:-1] if tokens and tokens[-1] == tokenizer.eos_id else tokens
-            completions.append(Completion(tokenizer.decode(text_ids), tokens,
-                                          out.logprobs[row, :n].tolist()))
-    return completions
+            text_ids = tokens[:-1] if tokens and tokens[-1] == eos_id else tokens
+            yield Completion(tokenizer.decode(text_ids), tokens, out.logprobs[row, :n].tolist())
 
 
 def _define_flags():
@@ -277,8 +297,8 @@ def _run():
     if not FLAGS["verbosity"].present:  # Orbax logs every checkpoint it opens at INFO
         logging.set_verbosity(logging.WARNING)
     # Checked before the model is read: a bad number should not wait for a large checkpoint.
-    _check_positive("--batch_size", FLAGS.batch_size)
-    _check_positive("--max_new_tokens", FLAGS.max_new_tokens)
+    check_positive("--batch_size", FLAGS.batch_size)
+    check_positive("--max_new_tokens", FLAGS.max_new_tokens)
     _check_positions(FLAGS.max_new_tokens, 1)
     texts = _read_prompts(FLAGS.prompt, FLAGS.prompt_file)
     config, params = load_model(FLAGS.checkpoint)

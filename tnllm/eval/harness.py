@@ -15,8 +15,8 @@ Requests map onto `tnllm.eval.score` and `tnllm.generate`:
   loglikelihood_rolling  every text on its own after the prefix token, its windows carrying the
                          state (`tnllm.eval.perplexity.score_documents`): the whole text is
                          context, exactly, for TNL and cosFormer.
-  generate_until         `tnllm.generate.generate` in batches (left-padded prefill), greedy or
-                         sampled, the text cut at the first stop sequence.
+  generate_until         `tnllm.generate.complete_ids`: batches of left-padded prompts, greedy or
+                         sampled, stopped at eot_token_id, the text cut at the first stop sequence.
 """
 from __future__ import annotations
 
@@ -35,18 +35,15 @@ from tnllm import config as config_lib
 from tnllm.checkpoint import load_model
 from tnllm.eval.perplexity import score_documents
 from tnllm.eval.score import continuation_logprobs
-from tnllm.generate import generate, serving_params
+from tnllm.generate import complete_ids, serving_params
 from tnllm.sampling import make_sampler
 from tnllm.tokenizer import load_tokenizer
 
 GENERATION_KEYS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
 
 
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"The tnllm model argument {name} must be a positive integer, got "
-                         f"{value!r}.")
-    return value
+def _argument(name: str, value) -> int:
+    return config_lib.check_positive(f"The tnllm model argument {name}", value)
 
 
 @register_model("tnllm")
@@ -77,8 +74,8 @@ class TnllmLM(TemplateLM):
         del device, max_batch_size
         if isinstance(batch_size, str) and batch_size.isdigit():
             batch_size = int(batch_size)
-        self.batch_size = _positive("batch_size", batch_size)
-        self.max_gen_toks = _positive("max_gen_toks", max_gen_toks)
+        self.batch_size = _argument("batch_size", batch_size)
+        self.max_gen_toks = _argument("max_gen_toks", max_gen_toks)
         if prefix_token not in ("eos", "bos"):
             raise ValueError(f"The tnllm model argument prefix_token must be eos or bos, got "
                              f"{prefix_token!r}.")
@@ -93,7 +90,7 @@ class TnllmLM(TemplateLM):
         self.tokenizer_ = load_tokenizer(config.data.tokenizer)
         self.prefix = prefix_token
         self.add_bos = bool(add_bos)
-        self._max_length = _positive("max_length", max_length or int(config.data.seq_len))
+        self._max_length = _argument("max_length", max_length or int(config.data.seq_len))
         self.reuse_context = reuse_context
         self.seed = int(seed)
 
@@ -174,20 +171,17 @@ class TnllmLM(TemplateLM):
             until, max_new, sampler = self._generation_settings(requests[indices[0]].args[1])
             prompts = {i: self.tok_encode(requests[i].args[0]) or [self.prefix_token_id]
                        for i in indices}
+            # Longest first: prompts of similar lengths share a batch and its padded length.
             order = sorted(indices, key=lambda i: -len(prompts[i]))
-            for start in range(0, len(order), self.batch_size):
-                part = order[start:start + self.batch_size]
-                batch = [prompts[i] for i in part]
-                batch += [batch[-1]] * (self.batch_size - len(batch))
-                gen = generate(self.params, self.cfg, batch, max_new_tokens=max_new,
-                               sampler=sampler, eos_id=self.eot_token_id,
-                               pad_id=self.tokenizer_.pad_id, seed=self.seed + start)
-                for row, i in enumerate(part):
-                    ids = gen.tokens[row, :int(gen.lengths[row])].tolist()
-                    if ids and ids[-1] == self.eot_token_id:
-                        ids = ids[:-1]
-                    out[i] = cut_at_stop(self.tok_decode(ids), until)
-                bar.update(len(part))
+            # Rows decode up to max_gen_toks (or EOS) and the text is cut after: stopping at a
+            # stop sequence would need it matched inside the compiled loop, which sees token ids
+            # only, while a string has many tokenizations (" x" ends "a x" as one token or two).
+            for i, completion in zip(order, complete_ids(
+                    self.params, self.cfg, self.tokenizer_, [prompts[i] for i in order],
+                    max_new_tokens=max_new, eos_id=self.eot_token_id, sampler=sampler,
+                    seed=self.seed, batch_size=self.batch_size)):
+                out[i] = cut_at_stop(completion.text, until)
+                bar.update(1)
         bar.close()
         return out
 
@@ -198,7 +192,8 @@ class TnllmLM(TemplateLM):
                              f"it takes {', '.join(GENERATION_KEYS)}.")
         until = kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
-        max_new = _positive("max_gen_toks", kwargs.get("max_gen_toks", self.max_gen_toks))
+        max_new = config_lib.check_positive("The generation setting max_gen_toks",
+                                            kwargs.get("max_gen_toks", self.max_gen_toks))
         temperature = float(kwargs.get("temperature", 1.0 if kwargs.get("do_sample") else 0.0))
         if not kwargs.get("do_sample", temperature > 0):
             temperature = 0.0

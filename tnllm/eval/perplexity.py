@@ -109,11 +109,6 @@ def _define_flags():
     flags.DEFINE_string("out", None, "Write the result as JSON to this file.")
 
 
-def _positive(name: str, value: Optional[int]) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}.")
-
-
 def main(argv):
     del argv
     try:
@@ -129,7 +124,8 @@ def _run() -> dict:
     if not FLAGS["verbosity"].present:  # Orbax logs every checkpoint it opens at INFO
         logging.set_verbosity(logging.WARNING)
     for name in ("context", "windows", "batch_size"):
-        _positive(f"--{name}", FLAGS[name].value)
+        if FLAGS[name].value is not None:  # None: the default the flag's help names
+            config_lib.check_positive(f"--{name}", FLAGS[name].value)
     config, params = load_model(FLAGS.checkpoint)
     cfg = config_lib.model_config(config)
     if FLAGS.attention_impl:
