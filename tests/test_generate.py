@@ -1,6 +1,5 @@
 """Generation: prefill + recurrent decode equals one forward pass; batching, EOS, compile-once."""
 import functools
-import importlib
 import subprocess
 import sys
 
@@ -13,7 +12,6 @@ from conftest import REPO, assert_prefill_then_decode_matches_forward, rel_err, 
 
 from tnllm import config
 from tnllm import generate as generate_module
-from tnllm.attention import choose_impl
 from tnllm.decode import (DecodeOptions, Sampling, decode, decode_step, left_pad, loop, prefill,
                           prompt_bucket)
 from tnllm.decode.step import carried_states
@@ -193,53 +191,6 @@ def test_cosformer_decodes_one_row_as_two_copies_of_its_state():
     assert twice.shape == alone.shape and rel_err(twice, alone) <= 1e-6
     for a, t in zip(alone_states, twice_states):
         assert t.shape == (2,) + a.shape[1:] and rel_err(t[:1], a) <= 1e-6 and rel_err(t[1:], a) <= 1e-6
-
-
-@pytest.mark.parametrize("mixer, impl", [("cosformer", "reference"), ("softmax", "xla")])
-def test_other_mixers_step_in_the_form_the_config_names(mixer, impl, monkeypatch):
-    """The step of cosFormer and the softmax baseline asks each layer's mixer for the user's form
-    (not "auto" in its place), and cosFormer's two forms continue a state by the same token."""
-    cfg = CFG.replace(token_mixer=mixer, attention_impl=impl, max_cache_len=16, num_layers=1)
-    variables = jax.jit(TransNormerLLM(cfg).init)(jax.random.key(2), jnp.zeros((1, 1), jnp.int32))
-    params = nn.unbox(variables)["params"]
-    states = tuple(jnp.abs(jax.random.normal(jax.random.key(i), s.shape, s.dtype)) for i, s in
-                   enumerate(jax.tree.leaves(state_specs(cfg, 1))))
-    states = jax.tree.unflatten(jax.tree.structure(state_specs(cfg, 1)), states)
-    token, position = jnp.asarray([17]), jnp.asarray([9])
-    module = importlib.import_module(f"tnllm.{mixer}")
-    asked = []
-
-    def spy(token_mixer, form, *args, **kwargs):
-        asked.append(form)
-        return choose_impl(token_mixer, form, *args, **kwargs)
-
-    monkeypatch.setattr(module, "choose_impl", spy)
-    # The mixer asks while the step is traced: a config no other test compiles the step for.
-    logits, _ = decode_step(params, token, position, states, cfg=cfg)
-    assert asked == [impl]
-    if mixer == "cosformer":
-        linear = decode_step(params, token, position, states,
-                             cfg=cfg.replace(attention_impl="linear"))[0]
-        assert asked == [impl, "linear"] and rel_err(logits, linear) <= 1e-5
-
-
-@pytest.mark.gpu
-def test_softmax_steps_through_cudnn_as_through_xla_when_the_config_names_it():
-    """A bf16 softmax baseline whose config names "cudnn" runs its one-token step over the KV
-    cache through cuDNN (a query of one token, the cache mask as a bias) and gets XLA's logits."""
-    cfg = CFG.replace(token_mixer="softmax", attention_impl="cudnn", dtype="bfloat16",
-                      d_model=128, hidden_dim=128, num_heads=2, max_cache_len=64)
-    params = nn.unbox(jax.jit(TransNormerLLM(cfg).init)(jax.random.key(3),
-                                                        jnp.zeros((1, 1), jnp.int32)))["params"]
-    specs = state_specs(cfg, 2)
-    leaves = [jax.random.normal(jax.random.key(i), s.shape, jnp.float32).astype(s.dtype)
-              for i, s in enumerate(jax.tree.leaves(specs))]
-    states = jax.tree.unflatten(jax.tree.structure(specs), leaves)
-    token, position = jnp.asarray([17, 5]), jnp.asarray([40, 9])
-    cudnn = decode_step(params, token, position, states, cfg=cfg)[0]
-    xla = decode_step(params, token, position, states, cfg=cfg.replace(attention_impl="xla"))[0]
-    assert "cudnn" in decode_step.lower(params, token, position, states, cfg=cfg).as_text()
-    assert rel_err(cudnn, xla) <= 2e-2
 
 
 def test_decode_options_resolve_to_one_step(params):

@@ -153,8 +153,8 @@ class ModelConfig:
     @property
     def mixer_impl(self) -> str:
         """The form of the configured token mixer that attention_impl names: attention_impl itself,
-        or "auto" where it names a form of TNL's GLA only (a config that sets "recurrent" or
-        "pallas" for TNL runs cosFormer and softmax as for "auto")."""
+        or "auto" where it names a form of TNL's GLA only (generation asks every mixer for the
+        "recurrent" form; cosFormer and softmax have none and choose as for "auto")."""
         return self.attention_impl if self.attention_impl in IMPLS[self.token_mixer] else "auto"
 
     @classmethod

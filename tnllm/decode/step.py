@@ -15,10 +15,8 @@ the paper's layer (`tnllm.model.DecoderLayer`) for one token, so that the step c
                 weights under 10M elements (gpu_algebraic_simplifier.cc), where a matrix product
                 streams the weight once; two rows keep them matrix products.
 
-TNL's step always runs the recurrent form, the one form that costs one token's work, whatever
-config.model.attention_impl names for the parallel forms of training and prefill. The other token
-mixers step through the model itself (`tnllm.model.TransNormerLLM`) in the form the config names;
-at one row cosFormer runs on two rows, its state included (`carried_states`),
+The other token mixers step through the model itself (`tnllm.model.TransNormerLLM` with the
+recurrent form); at one row cosFormer runs on two rows, its state included (`carried_states`),
 and the softmax baseline on one, since a second KV cache would double what a step reads.
 """
 from __future__ import annotations
@@ -139,11 +137,7 @@ def decode_step(params, tokens: Array, positions: Array, states: Sequence[Any], 
     if cfg.token_mixer == "gla":
         return _tnl_step(params, tokens, positions, states, cfg=cfg, fold_norms=fold_norms,
                          copies=copies)
-    # The form the user chose runs the token where the mixer has it: cosFormer's "reference" and
-    # "linear" and softmax's "xla" and "cudnn" all continue a state or cache by one token
-    # exactly; forms of TNL's alone (recurrent, pallas, ...) leave the mixer's "auto"
-    # (`ModelConfig.mixer_impl`).
-    model = TransNormerLLM(cfg)
+    model = TransNormerLLM(cfg.replace(attention_impl="recurrent"))
     widen = lambda x: jnp.concatenate([x] * copies)[:, None]  # noqa: E731
     logits, states = model.apply({"params": params}, widen(tokens), positions=widen(positions),
                                  initial_states=tuple(states))
