@@ -160,37 +160,50 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _fingerprints_and_finite(tree: Any) -> Tuple[Any, Any]:
-    finite = jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.floating)
-                          else jnp.bool_(True), tree)
-    return jax.tree.map(_leaf_fingerprint, tree), finite
+def _value_table(tree: Any) -> jax.Array:
+    """[leaves, 3] uint32, a row per array of `tree` in `jax.tree.leaves` order: its two fingerprint
+    sums and 1 when all its values are finite. One array, so that one transfer brings them all back
+    (a tree of small arrays would be one transfer each)."""
+    def row(x):
+        finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.floating) else True
+        return jnp.append(_leaf_fingerprint(x), jnp.uint32(finite))
+
+    return jnp.stack([row(x) for x in jax.tree.leaves(tree)] or [jnp.zeros(3, jnp.uint32)])
 
 
-def fingerprints(tree: Any) -> Dict[str, List[int]]:
-    """{key: [two uint32 sums]} of every array of `tree`, computed where the arrays live.
+def _value_rows(tree: Any) -> Iterator[Tuple[Any, np.ndarray]]:
+    """(key path, [fingerprint sum, fingerprint sum, finite]) of every array of `tree`, computed
+    where the arrays live in one device call."""
+    table = np.asarray(jax.device_get(_value_table(tree)))
+    return zip((p for p, _ in jax.tree_util.tree_leaves_with_path(tree)), table)
+
+
+def fingerprints(items: Dict[str, Any]) -> Dict[str, Dict[str, List[int]]]:
+    """{item: {key: [two uint32 sums]}} of every array of each tree in `items`, all computed where
+    the arrays live in one device call and brought back in one transfer.
 
     Why fingerprints of the arrays and not checksums of Orbax's files: they are computed on the
     devices in one pass at save time (no file is read back), do not depend on Orbax's file layout or
     compression, hold for arrays sharded over many hosts (each host writes only its shards), and
     check the values that training actually gets after a restore, whatever path they took.
     """
-    sums, _ = jax.device_get(_fingerprints_and_finite(tree))
-    return {_key_name(p): [int(v) for v in np.asarray(s)]
-            for p, s in jax.tree_util.tree_leaves_with_path(sums)}
+    sums: Dict[str, Dict[str, List[int]]] = {name: {} for name in items}
+    for path, row in _value_rows(items):
+        sums[path[0].key][_key_name(path[1:])] = [int(v) for v in row[:2]]
+    return sums
 
 
 def verify(tree: Any, saved: Optional[Dict[str, List[int]]], item: str) -> None:
     """Raises DamagedCheckpoint when a restored tree holds non-finite values or differs from the
     fingerprints saved with it (`saved` None: a checkpoint written before fingerprints existed)."""
-    sums, finite = jax.device_get(_fingerprints_and_finite(tree))
-    for path, ok in jax.tree_util.tree_leaves_with_path(finite):
-        if not ok:
-            raise DamagedCheckpoint(f"{item}/{_key_name(path)} holds NaN or infinite values")
+    rows = [(_key_name(path), row) for path, row in _value_rows(tree)]
+    for key, row in rows:
+        if not row[2]:
+            raise DamagedCheckpoint(f"{item}/{key} holds NaN or infinite values")
     if saved is None:
         return
-    for path, s in jax.tree_util.tree_leaves_with_path(sums):
-        key = _key_name(path)
-        if saved.get(key) != [int(v) for v in np.asarray(s)]:
+    for key, row in rows:
+        if saved.get(key) != [int(v) for v in row[:2]]:
             raise DamagedCheckpoint(f"the fingerprint of {item}/{key} differs from the one saved "
                                     "with it")
 
@@ -305,7 +318,7 @@ class TrainCheckpoints:
             return
         self.wait()  # a failed earlier save is reported under its own step, before this one starts
         meta = dict(step=step, loader=loader,
-                    fingerprints=dict(params=fingerprints(params), opt_state=fingerprints(opt_state)))
+                    fingerprints=fingerprints(dict(params=params, opt_state=opt_state)))
         with self._disk_errors(step):
             self.manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params),
