@@ -23,9 +23,11 @@ name and renamed into place.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
+import logging as py_logging
 import os
 import shutil
 import socket
@@ -40,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from tnllm import config as config_lib
 from tnllm.model import TransNormerLLM
@@ -160,37 +163,50 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _fingerprints_and_finite(tree: Any) -> Tuple[Any, Any]:
-    finite = jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.floating)
-                          else jnp.bool_(True), tree)
-    return jax.tree.map(_leaf_fingerprint, tree), finite
+def _value_table(tree: Any) -> jax.Array:
+    """[leaves, 3] uint32, a row per array of `tree` in `jax.tree.leaves` order: its two fingerprint
+    sums and 1 when all its values are finite. One array, so that one transfer brings them all back
+    (a tree of small arrays would be one transfer each)."""
+    def row(x):
+        finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.floating) else True
+        return jnp.append(_leaf_fingerprint(x), jnp.uint32(finite))
+
+    return jnp.stack([row(x) for x in jax.tree.leaves(tree)] or [jnp.zeros(3, jnp.uint32)])
 
 
-def fingerprints(tree: Any) -> Dict[str, List[int]]:
-    """{key: [two uint32 sums]} of every array of `tree`, computed where the arrays live.
+def _value_rows(tree: Any) -> Iterator[Tuple[Any, np.ndarray]]:
+    """(key path, [fingerprint sum, fingerprint sum, finite]) of every array of `tree`, computed
+    where the arrays live in one device call."""
+    table = np.asarray(jax.device_get(_value_table(tree)))
+    return zip((p for p, _ in jax.tree_util.tree_leaves_with_path(tree)), table)
+
+
+def fingerprints(items: Dict[str, Any]) -> Dict[str, Dict[str, List[int]]]:
+    """{item: {key: [two uint32 sums]}} of every array of each tree in `items`, all computed where
+    the arrays live in one device call and brought back in one transfer.
 
     Why fingerprints of the arrays and not checksums of Orbax's files: they are computed on the
     devices in one pass at save time (no file is read back), do not depend on Orbax's file layout or
     compression, hold for arrays sharded over many hosts (each host writes only its shards), and
     check the values that training actually gets after a restore, whatever path they took.
     """
-    sums, _ = jax.device_get(_fingerprints_and_finite(tree))
-    return {_key_name(p): [int(v) for v in np.asarray(s)]
-            for p, s in jax.tree_util.tree_leaves_with_path(sums)}
+    sums: Dict[str, Dict[str, List[int]]] = {name: {} for name in items}
+    for path, row in _value_rows(items):
+        sums[path[0].key][_key_name(path[1:])] = [int(v) for v in row[:2]]
+    return sums
 
 
 def verify(tree: Any, saved: Optional[Dict[str, List[int]]], item: str) -> None:
     """Raises DamagedCheckpoint when a restored tree holds non-finite values or differs from the
     fingerprints saved with it (`saved` None: a checkpoint written before fingerprints existed)."""
-    sums, finite = jax.device_get(_fingerprints_and_finite(tree))
-    for path, ok in jax.tree_util.tree_leaves_with_path(finite):
-        if not ok:
-            raise DamagedCheckpoint(f"{item}/{_key_name(path)} holds NaN or infinite values")
+    rows = [(_key_name(path), row) for path, row in _value_rows(tree)]
+    for key, row in rows:
+        if not row[2]:
+            raise DamagedCheckpoint(f"{item}/{key} holds NaN or infinite values")
     if saved is None:
         return
-    for path, s in jax.tree_util.tree_leaves_with_path(sums):
-        key = _key_name(path)
-        if saved.get(key) != [int(v) for v in np.asarray(s)]:
+    for key, row in rows:
+        if saved.get(key) != [int(v) for v in row[:2]]:
             raise DamagedCheckpoint(f"the fingerprint of {item}/{key} differs from the one saved "
                                     "with it")
 
@@ -287,6 +303,7 @@ class TrainCheckpoints:
                 max_to_keep=None if read_only else keep, create=not read_only,
                 cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save))
         self._saving: Optional[int] = None
+        self._quiet = contextlib.ExitStack()  # open while a save is in flight
 
     def steps(self) -> List[int]:
         return sorted(self.manager.all_steps())
@@ -300,12 +317,16 @@ class TrainCheckpoints:
              cfg: ml_collections.ConfigDict) -> None:
         """Starts saving (in the background when async); a step that exists already is left alone.
 
-        The arrays' fingerprints are taken first, on the devices, before training can donate them."""
+        The arrays' fingerprints are taken first, on the devices, before training can donate them.
+        A full or read-only disk raises one StorageError, here or from `wait`, and nothing else is
+        printed (`_quiet_failed_save`)."""
         if step in self.manager.all_steps():
             return
         self.wait()  # a failed earlier save is reported under its own step, before this one starts
         meta = dict(step=step, loader=loader,
-                    fingerprints=dict(params=fingerprints(params), opt_state=fingerprints(opt_state)))
+                    fingerprints=fingerprints(dict(params=params, opt_state=opt_state)))
+        # Orbax goes on writing in the background, so a failed save reports until `wait` or `close`.
+        self._quiet.enter_context(_quiet_failed_save())
         with self._disk_errors(step):
             self.manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params),
@@ -316,8 +337,11 @@ class TrainCheckpoints:
 
     def wait(self) -> None:
         """Returns once the last save is committed; a failed save raises its StorageError here."""
-        with self._disk_errors(self._saving):
-            self.manager.wait_until_finished()
+        try:
+            with self._disk_errors(self._saving):
+                self.manager.wait_until_finished()
+        finally:
+            self._quiet.close()
         self._saving = None
 
     def _disk_errors(self, step: Optional[int]):
@@ -327,10 +351,13 @@ class TrainCheckpoints:
         """Closes the manager. A failed save raises from `wait`, which callers run first; Orbax
         raises it again on closing, and that second report is dropped."""
         try:
-            self.manager.close()
+            with _quiet_failed_save():
+                self.manager.close()
         except Exception as e:  # noqa: BLE001 -- only the disk errors that `wait` reported
             if _errno(e) not in _DISK_ERRNOS:
                 raise
+        finally:
+            self._quiet.close()
 
     def _quarantine(self, step: int, error: DamagedCheckpoint) -> None:
         src = os.path.join(self.workdir, CHECKPOINTS, str(step))
@@ -433,6 +460,44 @@ class TrainCheckpoints:
 
 
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full or read-only disk
+
+
+@contextlib.contextmanager
+def _quiet_failed_save() -> Iterator[None]:
+    """Within: a failed save (a full disk) is reported only by the one StorageError of `_DiskErrors`.
+
+    Orbax logs the failure of each of its writer threads with a traceback (hundreds of lines on a
+    full disk), and after it closes its event loop tensorstore's threads still finish writes and each
+    report "Event loop is closed" as an unraisable exception; Orbax's writes run on asyncio, whose
+    failed tasks are logged too. All of these would bury the sentence that says what happened and
+    what to do. Orbax's error logs stay shown when absl's verbosity asks for INFO or more
+    (--verbosity=0). Everything is put back on leaving.
+    """
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (unraisable.exc_type is RuntimeError
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            previous_hook(unraisable)
+
+    def not_orbax_error(record: py_logging.LogRecord) -> bool:
+        return record.levelno < py_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+    quiet_logs = logging.get_verbosity() < logging.INFO
+    absl_logger, asyncio_logger = logging.get_absl_logger(), py_logging.getLogger("asyncio")
+    asyncio_level = asyncio_logger.level
+    sys.unraisablehook = hook
+    if quiet_logs:
+        absl_logger.addFilter(not_orbax_error)
+        asyncio_logger.setLevel(py_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        if sys.unraisablehook is hook:  # not if someone replaced it meanwhile
+            sys.unraisablehook = previous_hook
+        if quiet_logs:
+            absl_logger.removeFilter(not_orbax_error)
+            asyncio_logger.setLevel(asyncio_level)
 
 
 class _DiskErrors:

@@ -138,35 +138,20 @@ def init_state(model: TransNormerLLM, tx: optax.GradientTransformation, rng: jax
 
 
 def make_train_step(model: TransNormerLLM, schedule: optax.Schedule):
-    """The pure step: one optimizer update from the mean gradient of all micro-batches."""
+    """The pure step: one optimizer update from the gradient of the batch's loss, summed over its
+    micro-batches.
 
-    def train_step(state: TrainState, batch: jax.Array) -> Tuple[TrainState, Dict[str, jax.Array]]:
-        """batch: [micro_batches, batch / micro_batches, seq_len + 1] int32 token ids."""
-
-        def micro_step(grad_sum, tokens):
-            weights = jnp.full(tokens[:, 1:].shape, 1.0 / tokens[:, 1:].size, jnp.float32)
-            loss, grads = jax.value_and_grad(
-                lambda p: weighted_loss(model, p, tokens, weights))(state.params)
-            return jax.tree.map(jnp.add, grad_sum, grads), loss
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grad_sum, losses = jax.lax.scan(micro_step, zeros, batch)
-        grads = jax.tree.map(lambda g: g / batch.shape[0], grad_sum)
-        metrics = dict(loss=losses.mean(), grad_norm=optax.tree.norm(grads),
-                       lr=schedule(state.step))
-        return state.apply_gradients(grads=grads), metrics
-
-    return train_step
-
-
-def make_masked_train_step(model: TransNormerLLM, schedule: optax.Schedule):
-    """The step for packed instruction data: the loss is the mean cross-entropy over the target
-    tokens of the whole batch, all micro-batches together, not a mean of per-row means."""
+    The loss is the mean next-token cross-entropy over the target tokens of the whole batch, all
+    micro-batches together (not a mean of per-row means): every token of plain text, or with packed
+    instruction data the tokens its loss mask marks."""
 
     def train_step(state: TrainState, batch) -> Tuple[TrainState, Dict[str, jax.Array]]:
-        """batch: tokens [micro_batches, rows, seq_len + 1] int32, targets [micro_batches, rows,
-        seq_len] f32 (1 where the label is a target) and segment_ids [micro_batches, rows, seq_len]."""
-        tokens, targets, segment_ids = batch
+        """batch: tokens [micro_batches, rows, seq_len + 1] int32; with packed documents the tuple
+        (tokens, targets [micro_batches, rows, seq_len] f32 (1 where the label is a target),
+        segment_ids [micro_batches, rows, seq_len] int32)."""
+        tokens, targets, segment_ids = batch if isinstance(batch, tuple) else (batch, None, None)
+        if targets is None:
+            targets = jnp.ones(tokens[..., 1:].shape, jnp.float32)
         weights = targets / jnp.maximum(jnp.sum(targets), 1.0)
 
         def micro_step(grad_sum, xs):
@@ -394,7 +379,7 @@ class _Setup:
         batch = tuple(jax.ShapeDtypeStruct((cfg.train.grad_accum_steps, self.micro_batch, n), dtype,
                                            sharding=self.batch_sharding) for n, dtype in shapes)
         self.train_step = jax.jit(
-            make_masked_train_step(self.model, schedule),
+            make_train_step(self.model, schedule),
             in_shardings=(self.state_sharding, tuple(b.sharding for b in batch)),
             out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
             donate_argnums=0).lower(self.abstract_state, batch).compile()
@@ -406,7 +391,7 @@ class _Setup:
 
     def next_batch(self) -> jax.Array:
         """[grad_accum_steps, micro_batch, seq_len + 1] int32, sharded over the batch axes (with
-        packed documents a tuple: the tokens, targets and segment ids of `make_masked_train_step`).
+        packed documents a tuple: the tokens, targets and segment ids of `make_train_step`).
 
         The global batch is a pure function of seed and step; every process reads and hands over
         only the rows its own devices hold."""
