@@ -17,6 +17,7 @@ _EARLY_SIGNALS = []
 for _s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(_s, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
+import logging as py_logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -27,6 +28,18 @@ from ml_collections import config_flags  # noqa: E402
 from tnllm import config as config_lib  # noqa: E402
 from tnllm import distributed, metrics, train_lib  # noqa: E402
 
+_unraisablehook = sys.unraisablehook
+
+
+def _quiet_closed_loop(unraisable):
+    """After a failed save (a full disk) Orbax closes its event loop while tensorstore's threads still
+    finish writes; each then reports "Event loop is closed" as a traceback. The loop reports the
+    failed save itself, in one sentence, so those are dropped."""
+    if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+        _unraisablehook(unraisable)
+
+
+sys.unraisablehook = _quiet_closed_loop
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
 
 
@@ -77,6 +90,13 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; pass settings as --config.x=y flags.")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
         logging.set_verbosity(logging.WARNING)
+        # A failed save also reaches the loop, which says it in one sentence: Orbax's own
+        # tracebacks of it (hundreds of lines on a full disk) would bury that sentence. Orbax's
+        # writes run on asyncio (nothing else here does), whose leftover failed tasks are logged
+        # again at exit.
+        logging.get_absl_logger().addFilter(
+            lambda record: record.levelno < py_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname)
+        py_logging.getLogger("asyncio").setLevel(py_logging.CRITICAL)
     config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
         flags.FLAGS["config"])))[0]
     workdir = _WORKDIR.value or os.path.join("runs", config_name)

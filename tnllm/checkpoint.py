@@ -23,11 +23,9 @@ name and renamed into place.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
-import logging as py_logging
 import os
 import shutil
 import socket
@@ -42,7 +40,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 
 from tnllm import config as config_lib
 from tnllm.model import TransNormerLLM
@@ -303,7 +300,6 @@ class TrainCheckpoints:
                 max_to_keep=None if read_only else keep, create=not read_only,
                 cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save))
         self._saving: Optional[int] = None
-        self._quiet = contextlib.ExitStack()  # open while a save is in flight
 
     def steps(self) -> List[int]:
         return sorted(self.manager.all_steps())
@@ -317,16 +313,12 @@ class TrainCheckpoints:
              cfg: ml_collections.ConfigDict) -> None:
         """Starts saving (in the background when async); a step that exists already is left alone.
 
-        The arrays' fingerprints are taken first, on the devices, before training can donate them.
-        A full or read-only disk raises one StorageError, here or from `wait`, and nothing else is
-        printed (`_quiet_failed_save`)."""
+        The arrays' fingerprints are taken first, on the devices, before training can donate them."""
         if step in self.manager.all_steps():
             return
         self.wait()  # a failed earlier save is reported under its own step, before this one starts
         meta = dict(step=step, loader=loader,
                     fingerprints=fingerprints(dict(params=params, opt_state=opt_state)))
-        # Orbax goes on writing in the background, so a failed save reports until `wait` or `close`.
-        self._quiet.enter_context(_quiet_failed_save())
         with self._disk_errors(step):
             self.manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params),
@@ -337,11 +329,8 @@ class TrainCheckpoints:
 
     def wait(self) -> None:
         """Returns once the last save is committed; a failed save raises its StorageError here."""
-        try:
-            with self._disk_errors(self._saving):
-                self.manager.wait_until_finished()
-        finally:
-            self._quiet.close()
+        with self._disk_errors(self._saving):
+            self.manager.wait_until_finished()
         self._saving = None
 
     def _disk_errors(self, step: Optional[int]):
@@ -351,13 +340,10 @@ class TrainCheckpoints:
         """Closes the manager. A failed save raises from `wait`, which callers run first; Orbax
         raises it again on closing, and that second report is dropped."""
         try:
-            with _quiet_failed_save():
-                self.manager.close()
+            self.manager.close()
         except Exception as e:  # noqa: BLE001 -- only the disk errors that `wait` reported
             if _errno(e) not in _DISK_ERRNOS:
                 raise
-        finally:
-            self._quiet.close()
 
     def _quarantine(self, step: int, error: DamagedCheckpoint) -> None:
         src = os.path.join(self.workdir, CHECKPOINTS, str(step))
@@ -460,44 +446,6 @@ class TrainCheckpoints:
 
 
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full or read-only disk
-
-
-@contextlib.contextmanager
-def _quiet_failed_save() -> Iterator[None]:
-    """Within: a failed save (a full disk) is reported only by the one StorageError of `_DiskErrors`.
-
-    Orbax logs the failure of each of its writer threads with a traceback (hundreds of lines on a
-    full disk), and after it closes its event loop tensorstore's threads still finish writes and each
-    report "Event loop is closed" as an unraisable exception; Orbax's writes run on asyncio, whose
-    failed tasks are logged too. All of these would bury the sentence that says what happened and
-    what to do. Orbax's error logs stay shown when absl's verbosity asks for INFO or more
-    (--verbosity=0). Everything is put back on leaving.
-    """
-    previous_hook = sys.unraisablehook
-
-    def hook(unraisable):
-        if not (unraisable.exc_type is RuntimeError
-                and str(unraisable.exc_value) == "Event loop is closed"):
-            previous_hook(unraisable)
-
-    def not_orbax_error(record: py_logging.LogRecord) -> bool:
-        return record.levelno < py_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-    quiet_logs = logging.get_verbosity() < logging.INFO
-    absl_logger, asyncio_logger = logging.get_absl_logger(), py_logging.getLogger("asyncio")
-    asyncio_level = asyncio_logger.level
-    sys.unraisablehook = hook
-    if quiet_logs:
-        absl_logger.addFilter(not_orbax_error)
-        asyncio_logger.setLevel(py_logging.CRITICAL)
-    try:
-        yield
-    finally:
-        if sys.unraisablehook is hook:  # not if someone replaced it meanwhile
-            sys.unraisablehook = previous_hook
-        if quiet_logs:
-            absl_logger.removeFilter(not_orbax_error)
-            asyncio_logger.setLevel(asyncio_level)
 
 
 class _DiskErrors:
