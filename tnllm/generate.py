@@ -6,7 +6,8 @@
   complete     text in, text out: tokenizes, then `complete_ids`.
   complete_ids token ids in, text out: generates in batches, decodes (also the lm-evaluation-harness
                model's generate_until).
-  main         `python -m tnllm.generate --checkpoint DIR --prompt "..."`.
+  main         `python -m tnllm.generate --checkpoint DIR --prompt "..."` (`--mesh_context=N` splits
+               long prompts over N devices).
 
 The decoding layer itself (prefill, the loop, its step and speed options) is `tnllm.decode`.
 """
@@ -18,12 +19,14 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from tnllm import sharding
 from tnllm.config import ModelConfig, check_positive
 from tnllm.decode import (DecodeOptions, Generation, Sampling, decode, left_pad, prefill,
                           prompt_bucket)
 from tnllm.decode.step import one_row_copies
-from tnllm.model import state_specs
+from tnllm.model import check_sharding, state_specs
 from tnllm.sampling import Greedy, Sampler, make_sampler
 
 # The loop counts tokens and positions in int32.
@@ -78,6 +81,23 @@ def _check_request(cfg: ModelConfig, prompts, max_new_tokens, eos_id, pad_id, pr
             f"KV cache of config.model.max_cache_len = {cfg.max_cache_len} tokens; raise "
             "config.model.max_cache_len or shorten the request."
         )
+
+
+def _check_mesh(cfg: ModelConfig, mesh: Mesh) -> None:
+    parts = mesh.shape["context"]
+    if parts > 1 and cfg.token_mixer != "gla":
+        raise ValueError(
+            f"The mesh's context axis ({parts} devices) splits prompts for TNL's gla token mixer "
+            f"only, not {cfg.token_mixer!r}; use a mesh with context 1 (--mesh_context=1).")
+    check_sharding(cfg, mesh)
+
+
+def _home_device(params) -> jax.Device:
+    """The one device that holds `params` (the default device for host arrays): where decoding
+    runs, as without a mesh."""
+    leaf = jax.tree.leaves(params)[0]
+    devices = leaf.devices() if isinstance(leaf, jax.Array) else ()
+    return next(iter(devices)) if len(devices) == 1 else jax.devices()[0]
 
 
 def free_memory_bytes() -> Optional[int]:
@@ -140,8 +160,16 @@ def serving_params(params, cfg: ModelConfig):
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              sampler: Sampler = Greedy(), eos_id: Optional[int] = None, pad_id: int = 0,
              seed: int = 0, return_logprobs: bool = False, prefill_chunk: int = 2048,
-             options: DecodeOptions = DecodeOptions()) -> Generation:
+             options: DecodeOptions = DecodeOptions(), mesh: Optional[Mesh] = None) -> Generation:
     """Continues each prompt of a batch by up to `max_new_tokens` tokens.
+
+    Without `mesh` everything runs on the device that holds `params`. With a `mesh`, the prefill
+    runs on the mesh's devices (a copy of the params on each): its `context` axis splits every
+    prompt segment into slices that exchange only their states, its `data` and `fsdp` axes split
+    the rows when they divide the batch (`tnllm.decode.prefill`). The states that come out have a
+    fixed size whatever the prompt length; they move to the device that holds `params`, and the
+    decoding loop runs there, as without a mesh. The tokens are the same as without a mesh up to
+    float rounding.
 
     Args:
       params: the model's `params` collection (plain arrays; matmul weights are cast to
@@ -154,15 +182,24 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
       options: the decoding loop's speed options (`tnllm.decode.DecodeOptions`), e.g.
         `DecodeOptions(autotune=True)`: faster tokens on a GPU for a longer first compilation,
         worth it when one compiled program serves many requests at batch > 1.
+      mesh: a device mesh (`tnllm.sharding.make_mesh`) for the prefill; None: one device. The
+        context axis needs TNL's gla token mixer.
     Returns:
       a Generation of numpy arrays.
     """
     _check_request(cfg, prompts, max_new_tokens, eos_id, pad_id, prefill_chunk)
+    if mesh is not None:
+        _check_mesh(cfg, mesh)
     bucket = prompt_bucket(max(len(p) for p in prompts), prefill_chunk)
     tokens, mask = left_pad(prompts, bucket, pad_id)
     params = serving_params(params, cfg)
     _check_memory(cfg, len(prompts), max_new_tokens, return_logprobs)
-    prefilled = prefill(params, tokens, mask, cfg=cfg, prefill_chunk=prefill_chunk)
+    if mesh is None:
+        prefilled = prefill(params, tokens, mask, cfg=cfg, prefill_chunk=prefill_chunk)
+    else:  # jit refuses params committed to one device beside a program placed on the mesh
+        prefilled = prefill(jax.device_put(params, sharding.replicated(mesh)), tokens, mask,
+                            cfg=cfg, prefill_chunk=prefill_chunk, mesh=mesh)
+        prefilled = jax.device_put(prefilled, _home_device(params))
     sampling = Sampling(int(max_new_tokens), sampler, eos_id, pad_id, return_logprobs)
     out = decode(params, prefilled, jax.random.key(seed), cfg=cfg, sampling=sampling,
                  options=options)
@@ -178,10 +215,10 @@ class Completion(NamedTuple):
 def complete(params, cfg: ModelConfig, tokenizer, texts: Sequence[str], *, max_new_tokens: int,
              sampler: Sampler = Greedy(), seed: int = 0, batch_size: int = 8, add_bos: bool = True,
              prefill_chunk: int = 2048, options: DecodeOptions = DecodeOptions(),
-             progress: bool = False) -> List[Completion]:
+             mesh: Optional[Mesh] = None, progress: bool = False) -> List[Completion]:
     """Tokenizes `texts`, continues them in batches of at most `batch_size` and decodes the
-    continuations (`complete_ids` says how; `generate` what sampler, seed, prefill_chunk and
-    options do).
+    continuations (`complete_ids` says how; `generate` what sampler, seed, prefill_chunk,
+    options and mesh do).
 
     `tokenizer` follows `tnllm.tokenizer` (encode, decode, vocab_size, bos_id, eos_id, pad_id);
     generation stops a row at its eos_id.
@@ -192,14 +229,15 @@ def complete(params, cfg: ModelConfig, tokenizer, texts: Sequence[str], *, max_n
     return list(tqdm(
         complete_ids(params, cfg, tokenizer, prompts, max_new_tokens=max_new_tokens,
                      eos_id=tokenizer.eos_id, sampler=sampler, seed=seed, batch_size=batch_size,
-                     prefill_chunk=prefill_chunk, options=options),
+                     prefill_chunk=prefill_chunk, options=options, mesh=mesh),
         total=len(prompts), desc="generate", unit="text", disable=not progress))
 
 
 def complete_ids(params, cfg: ModelConfig, tokenizer, prompts: Sequence[Sequence[int]], *,
                  max_new_tokens: int, eos_id: Optional[int], sampler: Sampler = Greedy(),
                  seed: int = 0, batch_size: int = 8, prefill_chunk: int = 2048,
-                 options: DecodeOptions = DecodeOptions()) -> Iterator[Completion]:
+                 options: DecodeOptions = DecodeOptions(),
+                 mesh: Optional[Mesh] = None) -> Iterator[Completion]:
     """Continues token-id `prompts` in batches of at most `batch_size`, in the order given, and
     yields one Completion per prompt, a batch's as soon as it is generated.
 
@@ -207,7 +245,7 @@ def complete_ids(params, cfg: ModelConfig, tokenizer, prompts: Sequence[Sequence
     decodes the text and gives the pad id. Batch b (of prompts b*batch_size onwards) is sampled
     with seed + b*batch_size. A batch never holds more rows than there are prompts; a last,
     shorter batch is filled up with copies of its last prompt, so every batch has the same size
-    and reuses one compiled program.
+    and reuses one compiled program. `mesh`: see `generate`.
     """
     _require_model_config(cfg)
     check_positive("batch_size", batch_size)
@@ -220,7 +258,7 @@ def complete_ids(params, cfg: ModelConfig, tokenizer, prompts: Sequence[Sequence
     return _complete_batches(params, cfg, tokenizer, [list(p) for p in prompts],
                              min(batch_size, max(len(prompts), 1)), eos_id=eos_id,
                              max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
-                             prefill_chunk=prefill_chunk, options=options)
+                             prefill_chunk=prefill_chunk, options=options, mesh=mesh)
 
 
 def _complete_batches(params, cfg, tokenizer, prompts, batch_size, *, eos_id, seed,
@@ -258,6 +296,10 @@ def _define_flags():
     flags.DEFINE_integer("prefill_chunk", 2048, "Prompt tokens per prefill segment (bounds memory).")
     flags.DEFINE_bool("autotune", False, "Compile the decoding loop with XLA's exhaustive GEMM tiling "
                       "search: faster tokens on a GPU, ~30-40 s more compilation.")
+    flags.DEFINE_integer("mesh_context", 1, "Devices each prompt is split over in the prefill "
+                         "(TNL's gla mixer); decoding then runs on one device.")
+    flags.DEFINE_integer("mesh_data", 1, "Devices the prompts of a batch are split over in the "
+                         "prefill, when they divide --batch_size.")
     flags.DEFINE_integer("max_cache_len", None,
                          "KV cache length of a softmax model (prompt + new tokens); default: the "
                          "checkpoint's config.")
@@ -276,6 +318,21 @@ def _read_prompts(prompts: Sequence[str], prompt_file: Optional[str]) -> List[st
     if not texts:
         raise ValueError("No prompt given; pass --prompt TEXT or --prompt_file FILE.")
     return texts
+
+
+def cli_mesh(data: int, context: int) -> Optional[Mesh]:
+    """The prefill's mesh of `--mesh_data` x `--mesh_context` devices (None for one device), or a
+    one-sentence error where the sizes are not positive or need more devices than are present."""
+    check_positive("--mesh_data", data)
+    check_positive("--mesh_context", context)
+    if data * context == 1:
+        return None
+    present = jax.device_count()
+    if data * context > present:
+        raise ValueError(
+            f"--mesh_data={data} and --mesh_context={context} need {data * context} devices but "
+            f"{present} are present; lower them so that their product is at most {present}.")
+    return sharding.make_mesh(dict(data=data, fsdp=1, context=context, tensor=1))
 
 
 def main(argv):
@@ -300,6 +357,7 @@ def _run():
     check_positive("--batch_size", FLAGS.batch_size)
     check_positive("--max_new_tokens", FLAGS.max_new_tokens)
     _check_positions(FLAGS.max_new_tokens, 1)
+    mesh = cli_mesh(FLAGS.mesh_data, FLAGS.mesh_context)
     texts = _read_prompts(FLAGS.prompt, FLAGS.prompt_file)
     config, params = load_model(FLAGS.checkpoint)
     cfg = config_lib.model_config(config)
@@ -312,7 +370,7 @@ def _run():
     completions = complete(params, cfg, tokenizer, texts, max_new_tokens=FLAGS.max_new_tokens,
                            sampler=sampler, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                            add_bos=FLAGS.add_bos, prefill_chunk=FLAGS.prefill_chunk,
-                           options=DecodeOptions(autotune=FLAGS.autotune),
+                           options=DecodeOptions(autotune=FLAGS.autotune), mesh=mesh,
                            progress=len(texts) > FLAGS.batch_size)
     for text, completion in zip(texts, completions):
         print(f"{text}{completion.text}")
