@@ -38,7 +38,7 @@ def _mesh(shape):
     return sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
 
 
-CASES = ("operator", "model", "prefill", "collectives")
+CASES = ("operator", "model", "prefill", "generate", "collectives")
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,10 @@ def test_model_on_context_meshes_matches_one_device(on_8_devices):
 
 def test_prefill_on_a_context_axis_matches_one_device(on_8_devices):
     assert not on_8_devices["prefill"], on_8_devices["prefill"]
+
+
+def test_generate_on_a_mesh_returns_the_tokens_of_one_device(on_8_devices):
+    assert not on_8_devices["generate"], on_8_devices["generate"]
 
 
 def test_one_state_exchange_per_layer_and_none_without_the_axis(on_8_devices):
@@ -221,6 +225,51 @@ def _case_prefill():
                 ValueError, match=rf"config.mesh.context \(2\) splits sequences for TNL's gla token "
                                   rf"mixer only, not '{mixer}'; set config.mesh.context to 1."):
             jax.eval_shape(TransNormerLLM(cfg).init, rng, tokens)
+
+
+def _case_generate():
+    """Greedy `generate` with a (data 2, context 2) mesh: two prompts of 37 and 21 tokens, segments
+    of 16 split into slices of 8, rows split over the data axis; the tokens equal one device's, the
+    log-probabilities within 1e-5, the prefill ran split, and decoding ran on one device. A softmax
+    model refuses the context axis in one sentence."""
+    from tnllm import generate as generate_module
+    from tnllm.model import TransNormerLLM
+
+    cfg = CFG.replace(chunk_size=8)
+    prompts = [list(range(3, 40)), [5, 9, 200] * 7]
+    params = nn.meta.unbox(TransNormerLLM(cfg).init(jax.random.PRNGKey(8), jnp.asarray(prompts[:1]))
+                           ["params"])
+    params = jax.device_put(params, jax.devices()[0])  # committed, as load_model returns them
+    mesh = _mesh((2, 1, 2, 1))
+    run = functools.partial(generate_module.generate, params, cfg, prompts, max_new_tokens=6,
+                            prefill_chunk=16, return_logprobs=True)
+    want = run()
+    decoded_on, lowered = [], []
+    decode, prefill = generate_module.decode, generate_module.prefill
+
+    def spy_decode(params, prefilled, *args, **kwargs):
+        decoded_on.append({d for x in jax.tree.leaves(prefilled) for d in x.devices()})
+        return decode(params, prefilled, *args, **kwargs)
+
+    def spy_prefill(*args, **kwargs):
+        lowered.append(prefill.lower(*args, **kwargs).as_text())
+        return prefill(*args, **kwargs)
+
+    generate_module.decode, generate_module.prefill = spy_decode, spy_prefill
+    try:
+        got = run(mesh=mesh)
+    finally:
+        generate_module.decode, generate_module.prefill = decode, prefill
+    assert (got.tokens == want.tokens).all(), (got.tokens, want.tokens)
+    assert (got.lengths == want.lengths).all()
+    assert abs(got.logprobs - want.logprobs).max() <= 1e-5, abs(got.logprobs - want.logprobs).max()
+    assert "all_gather" in lowered[0]  # the context axis split the segments
+    assert decoded_on == [{jax.devices()[0]}]
+    softmax = CFG.replace(token_mixer="softmax", lrpe_layers=())
+    with pytest.raises(ValueError, match=r"^The mesh's context axis \(2 devices\) splits prompts for "
+                                         r"TNL's gla token mixer only, not 'softmax'; use a mesh "
+                                         r"with context 1 \(--mesh_context=1\).$"):
+        generate_module.generate(params, softmax, prompts, max_new_tokens=6, mesh=mesh)
 
 
 def _case_collectives():
