@@ -376,6 +376,9 @@ def test_prompts_come_from_flags_and_a_file(tmp_path):
     ("--max_new_tokens=3000000000",
      "error: max_new_tokens 3000000000 after a prompt of 1 tokens passes the 2147483647 positions "
      "that decoding counts in int32; lower max_new_tokens to at most 2147483646."),
+    ("--mesh_context=2",  # the child has one CPU device
+     "error: --mesh_data=1 and --mesh_context=2 need 2 devices but 1 are present; lower them so "
+     "that their product is at most 1."),
 ])
 def test_the_cli_refuses_bad_numbers_in_one_sentence_before_reading_the_model(tmp_path, flag,
                                                                              sentence):
@@ -394,3 +397,25 @@ def test_the_cli_names_bad_input_in_one_line(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'absent'} is neither an export (no config.json) nor a training work "
         "directory (no checkpoints/); pass one of those.")
+
+
+def test_the_cli_splits_prompts_over_a_mesh_and_prints_one_devices_text(params, tmp_path):
+    """`--mesh_context=2 --mesh_data=2` on 4 fake CPU devices: a prompt of 23 bytes (a bucket of 32,
+    segments of 16 split into slices of 8) prints the greedy text that `complete` gives on one
+    device."""
+    from tnllm.checkpoint import save_export
+    from tnllm.tokenizer import ByteTokenizer
+
+    full = config.load("configs/tiny.py")
+    full.model.update(chunk_size=8, init_std=0.3)
+    save_export(str(tmp_path / "export"), full, params)
+    prompt = "the quick brown fox jum"
+    want = complete(params, CFG, ByteTokenizer(), [prompt], max_new_tokens=NEW, prefill_chunk=16)
+    out = subprocess.run([sys.executable, "-m", "tnllm.generate", f"--checkpoint={tmp_path / 'export'}",
+                          f"--prompt={prompt}", f"--max_new_tokens={NEW}", "--temperature=0",
+                          "--prefill_chunk=16", "--mesh_context=2", "--mesh_data=2"],
+                         cwd=REPO, capture_output=True, text=True,
+                         env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                                            JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout == f"{prompt}{want[0].text}\n\n"
