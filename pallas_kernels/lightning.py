@@ -252,8 +252,7 @@ def _decay_attention_kernel(slope_ref, q_ref, k_ref, v_ref, *refs, seq_len: int,
             o += q_decay[:, None] * dot(q, state.astype(q.dtype), (((1,), (0,)), ((), ())))
             o_ref[rows, :] = o.astype(o_ref.dtype)
         k_scaled = (k * k_decay[:, None]).astype(k.dtype)
-        state = chunk_decay * state + dot(k_scaled, v, (((0,), (0,)), ((), ())))  # [dqk, block_v]
-        return state
+        return chunk_decay * state + dot(k_scaled, v, (((0,), (0,)), ((), ())))  # [dqk, block_v]
 
     state = s0_ref[...] if has_initial else jnp.zeros((dqk, block_v), f32)
     state = lax.fori_loop(0, seg_chunks, body, state)
