@@ -276,8 +276,7 @@ def _recurrent(q, k, v, slopes, initial_state, chunk_size, segment_ids=None):
     s0 = _zero_state(q, v) if initial_state is None else initial_state.astype(jnp.float32)
     time_major = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
     if segment_ids is not None:  # the state resets before each document's first token
-        ids = lightning.document_ids(segment_ids)
-        starts = time_major(jnp.pad(ids[:, 1:] != ids[:, :-1], ((0, 0), (1, 0))))
+        starts = time_major(jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0))))
 
         def step(state, inputs):
             *qkv_t, start_t = inputs
@@ -402,10 +401,11 @@ def choose_impl(token_mixer: str, impl: str, q: Array, k: Array, v: Array, *, ch
         flash = (jax.default_backend() == "gpu" and jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16)
                  and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and not masked)
         return "cudnn" if flash else "xla"
-    if pallas_compiles() and not pallas_kernels.TRITON:
-        _warn_no_triton()
+    if not pallas_compiles():
         return "blockwise"
-    return "pallas" if pallas_compiles() and lightning.supports(q, k, v, chunk_size) else "blockwise"
+    if not pallas_kernels.TRITON:  # lightning.supports says no then too
+        _warn_no_triton()
+    return "pallas" if lightning.supports(q, k, v, chunk_size) else "blockwise"
 
 
 @functools.lru_cache(maxsize=None)
@@ -445,9 +445,8 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *, impl: st
         if split:  # the slices' states would need each document's start to combine
             raise ValueError("Packed documents (segment_ids) do not run split over the context mesh "
                              "axis; set config.mesh.context to 1.")
-        return _FORMS[impl](q, k, v, slopes, initial_state, chunk_size, segment_ids)
-    if split:
+    elif split:
         return _context_parallel(_LOCAL_FORMS[impl], q, k, v, slopes, initial_state, chunk_size)
     # Without a split length (no mesh, a `context` axis of 1, or a length it does not divide, e.g.
     # the one token `init` traces) the whole sequence runs on each device's batch and heads.
-    return _FORMS[impl](q, k, v, slopes, initial_state, chunk_size)
+    return _FORMS[impl](q, k, v, slopes, initial_state, chunk_size, segment_ids)

@@ -13,6 +13,7 @@ The decoding layer itself (prefill, the loop, its step and speed options) is `tn
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Iterator, List, NamedTuple, Optional, Sequence
 
@@ -83,6 +84,7 @@ def _check_request(cfg: ModelConfig, prompts, max_new_tokens, eos_id, pad_id, pr
         )
 
 
+@functools.lru_cache(maxsize=None)  # check_sharding traces the model: once, not once a batch
 def _check_mesh(cfg: ModelConfig, mesh: Mesh) -> None:
     parts = mesh.shape["context"]
     if parts > 1 and cfg.token_mixer != "gla":
