@@ -421,7 +421,8 @@ def source_stamp(path: str) -> list:
     """What identifies a source's contents: path, size and modification time of each of its files."""
     files = [path] if not os.path.isdir(path) else sorted(
         os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
-    return [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+    stats = [(f, os.stat(f)) for f in files]
+    return [[os.path.abspath(f), st.st_size, st.st_mtime_ns] for f, st in stats]
 
 
 def store_key(files: Sequence[str], data_cfg: ml_collections.ConfigDict, tokenizer) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import json
 import os
 import warnings
@@ -357,8 +358,10 @@ class Store:
                        for split, docs in parts.items()}
         self.built, self.directory = True, data_cfg.path or "the standard library"
         files = [data.source_stamp(p) for p in data.find_files(data_cfg.path)]
-        self.key = json.dumps([files, data_cfg.template, data_cfg.text_field, data_cfg.seq_len, f,
-                               getattr(tokenizer, "fingerprint", tokenizer.vocab_size)])
+        # A hash, as `data.store_key`: the key goes into every checkpoint and is compared on resume.
+        self.key = hashlib.sha256(json.dumps([files, data_cfg.template, data_cfg.text_field,
+                                              data_cfg.seq_len, f, tokenizer.fingerprint]).encode()
+                                  ).hexdigest()[:20]
         splits = {}
         for split, docs in parts.items():
             answers = [t[m] for t, m in docs]

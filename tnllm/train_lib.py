@@ -243,11 +243,10 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def _global_array(rows: np.ndarray, sharding_: jax.sharding.Sharding, batch_dim: int = 0) -> jax.Array:
+def _global_array(rows: np.ndarray, sharding_: jax.sharding.Sharding) -> jax.Array:
     """The global array whose value is `rows`, built from this process's share of them."""
-    mine = distributed.local_rows(sharding_, rows.shape, batch_dim)
-    local = rows[(slice(None),) * batch_dim + (mine,)]
-    return jax.make_array_from_process_local_data(sharding_, local, rows.shape)
+    mine = distributed.local_rows(sharding_, rows.shape)
+    return jax.make_array_from_process_local_data(sharding_, rows[mine], rows.shape)
 
 
 def _earlier_training(workdir: str) -> str:
