@@ -351,42 +351,31 @@ class _Setup:
         self.resumed_from = step
 
     def _compile(self, cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> None:
-        if self.packed:
-            return self._compile_packed(cfg, schedule)
-        seq = cfg.data.seq_len + 1
-        batch = jax.ShapeDtypeStruct((cfg.train.grad_accum_steps, self.micro_batch, seq), jnp.int32,
-                                     sharding=sharding.batch_sharding(self.mesh, batch_dim=1))
-        self.train_step = jax.jit(
-            make_train_step(self.model, schedule), in_shardings=(self.state_sharding, batch.sharding),
-            out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
-            donate_argnums=0).lower(self.abstract_state, batch).compile()
-        rows = sharding.batch_sharding(self.mesh)
-        self.eval_step = jax.jit(
-            make_eval_step(self.model), out_shardings=sharding.replicated(self.mesh)).lower(
-            self.abstract_state.params,
-            jax.ShapeDtypeStruct((self.micro_batch, seq), jnp.int32, sharding=rows),
-            jax.ShapeDtypeStruct((self.micro_batch,), jnp.float32, sharding=rows)).compile()
-        self.rows = rows
-        self.batch_sharding = batch.sharding
-
-    def _compile_packed(self, cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> None:
-        """The steps of packed instruction data: batches of (tokens, targets, segment_ids)."""
+        """The train and eval steps for this run's batches: token windows [grad_accum_steps,
+        micro_batch, seq_len + 1], or with packed instruction data the tuple (tokens, targets,
+        segment_ids) of `make_train_step`."""
         self.rows = sharding.batch_sharding(self.mesh)
         self.batch_sharding = sharding.batch_sharding(self.mesh, batch_dim=1)
         seq = cfg.data.seq_len
-        shapes = ((seq + 1, jnp.int32), (seq, jnp.float32), (seq, jnp.int32))
+        shapes = [(seq + 1, jnp.int32)]
+        if self.packed:
+            shapes += [(seq, jnp.float32), (seq, jnp.int32)]
         batch = tuple(jax.ShapeDtypeStruct((cfg.train.grad_accum_steps, self.micro_batch, n), dtype,
                                            sharding=self.batch_sharding) for n, dtype in shapes)
+        rows = [jax.ShapeDtypeStruct((self.micro_batch, n), dtype, sharding=self.rows)
+                for n, dtype in shapes]
+        if self.packed:
+            evaluate = functools.partial(weighted_loss, self.model)
+        else:  # windows and the weight of each row
+            batch, evaluate = batch[0], make_eval_step(self.model)
+            rows.append(jax.ShapeDtypeStruct((self.micro_batch,), jnp.float32, sharding=self.rows))
         self.train_step = jax.jit(
             make_train_step(self.model, schedule),
-            in_shardings=(self.state_sharding, tuple(b.sharding for b in batch)),
+            in_shardings=(self.state_sharding, jax.tree.map(lambda b: b.sharding, batch)),
             out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
             donate_argnums=0).lower(self.abstract_state, batch).compile()
-        rows = tuple(jax.ShapeDtypeStruct((self.micro_batch, n), dtype, sharding=self.rows)
-                     for n, dtype in shapes)
-        self.eval_step = jax.jit(
-            functools.partial(weighted_loss, self.model), out_shardings=sharding.replicated(self.mesh)
-        ).lower(self.abstract_state.params, *rows).compile()
+        self.eval_step = jax.jit(evaluate, out_shardings=sharding.replicated(self.mesh)).lower(
+            self.abstract_state.params, *rows).compile()
 
     def next_batch(self) -> jax.Array:
         """[grad_accum_steps, micro_batch, seq_len + 1] int32, sharded over the batch axes (with
