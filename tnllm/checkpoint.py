@@ -82,23 +82,29 @@ def _key_name(path) -> str:
 
 
 def check_shapes(expected: Any, found: Any, where: str, fix: str, item: str = "params") -> None:
-    """Raises a ValueError naming the first key whose presence or shape differs between two trees.
+    """Raises a ValueError naming the first key whose presence or shape differs between two trees,
+    and then `fix` (`shape_difference` says what the trees are)."""
+    difference = shape_difference(expected, found, where, item)
+    if difference:
+        raise ValueError(f"{difference}; {fix}.")
+
+
+def shape_difference(expected: Any, found: Any, where: str, item: str = "params") -> Optional[str]:
+    """The first key whose presence or shape differs between two trees, as a clause; None if none.
 
     expected, found: trees with `.shape` leaves (arrays, ShapeDtypeStructs or Orbax metadata);
-    item: the name the keys are shown under.
+    where: what holds `found`; item: the name the keys are shown under.
     """
     want = {_key_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
     have = {_key_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(found)}
     for key in sorted(want.keys() | have.keys()):
         if key not in have:
-            raise ValueError(f"{where} lacks {item}/{key} (shape {want[key]}) that the config "
-                             f"expects; {fix}.")
+            return f"{where} lacks {item}/{key} (shape {want[key]}) that the config expects"
         if key not in want:
-            raise ValueError(f"{where} holds {item}/{key} (shape {have[key]}) that the config does "
-                             f"not have; {fix}.")
+            return f"{where} holds {item}/{key} (shape {have[key]}) that the config does not have"
         if want[key] != have[key]:
-            raise ValueError(f"{where} holds {item}/{key} of shape {have[key]} but the config "
-                             f"expects {want[key]}; {fix}.")
+            return f"{where} holds {item}/{key} of shape {have[key]} but the config expects {want[key]}"
+    return None
 
 
 def _metadata_tree(metadata: Any) -> Any:
@@ -397,10 +403,9 @@ class TrainCheckpoints:
             raise DamagedCheckpoint(_first_line(e)) from e
         where = f"Work directory {self.workdir} (checkpoint step {step})"
         for name, target in targets.items():
-            try:
-                check_shapes(target, found[name], where, "", item=name)
-            except ValueError as mismatch:
-                raise StorageError(self._mismatch(step, str(mismatch).rstrip("; ."), cfg)) from None
+            difference = shape_difference(target, found[name], where, item=name)
+            if difference:
+                raise StorageError(self._mismatch(step, difference, cfg))
         restored = self._restore(step, dict(meta=ocp.args.JsonRestore(), **{
             name: ocp.args.StandardRestore(target) for name, target in targets.items()}))
         saved = restored["meta"].get("fingerprints", {})
