@@ -216,7 +216,9 @@ def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states:
         store_state=store_states, stages=stages)
     name = "lightning_attention_hopper_" + ("reverse" if reverse else "forward")
     call = plgpu.kernel(kernel, out_type=tuple(out_type),
-                        grid=(segments * tiles, heads, batch), grid_names=("j", "h", "b"),
+                        # Mosaic GPU runs the last grid axis fastest: a head's value tiles
+                        # then run side by side and share their q and k reads in L2.
+                        grid=(batch, heads, segments * tiles), grid_names=("b", "h", "j"),
                         compiler_params=plgpu.CompilerParams(approx_math=True),
                         kernel_name=name if output else name + "_states")
     args = [slopes.astype(jnp.float32)] + ([q] if output else []) + [k, v]
