@@ -14,8 +14,9 @@ the same kernel with the roles of the tensors exchanged (docs/kernels.md, docs/s
     dK = op_rev(V, dO, Q; state dS^T)        reverse sweep, from the final-state cotangent
     dV = op_rev(K, Q, dO; state dS)          reverse sweep; its final state is d(initial state)
 
-A plan with `kernel="mosaic"` runs the same sweeps with `pallas_kernels.lightning_hopper`'s Mosaic
-GPU kernel instead (Hopper; opt-in).
+On Hopper and later, the default plan runs the same sweeps with `pallas_kernels.lightning_hopper`'s
+Mosaic GPU kernel where it takes the inputs (`default_kernel`: bf16, head dims multiples of 64,
+chunks of 64); a plan with `kernel="triton"` keeps this module's kernel.
 
 Each program owns one (batch, head) and one `block_v`-wide tile of the value dimension: the rows
 of the state are independent, so value tiles split the work without any reduction. When batch x
@@ -30,7 +31,8 @@ state entering it and how many to the one leaving it (scalars), and per token th
 document within its chunk (its last in reverse). Within a chunk the decay matrix is masked to one
 document, the carried state reaches only the rows of the document it belongs to, and a chunk
 holding a document start passes no state on, so no decay crosses a boundary; the states entering
-segments combine only within one document (`entering_states`).
+segments combine only within one document (`entering_states`). The Mosaic GPU kernel reads the
+same facts per row (`_document_rows`), through the ring of copies that brings q, k and v.
 
 Matmul operands are the input dtype (bf16 on the fast path) with float32 accumulation; the state,
 the decay factors and every sum are float32. float32 inputs use IEEE float32 dots (no TF32).
@@ -394,6 +396,24 @@ def _chunk_documents(ids: Array, *, chunk: int, seq_len: int,
     return reach.reshape(batch, seq_pad), count(entering), count(leaving)
 
 
+def _document_rows(ids: Array, *, chunk: int, seq_len: int, reverse: bool) -> Array:
+    """`_chunk_documents` per row, for `lightning_hopper.decay_attention`: [batch, seq_pad] int32
+    of the reach row and the flags (`lightning_hopper.SEES_STATE` ...), so that the kernel reads
+    them with q, k and v through its ring of copies and loads no scalar from global memory."""
+    batch, seq_pad = ids.shape
+    reach, entering, leaving = _chunk_documents(ids, chunk=chunk, seq_len=seq_len, reverse=reverse)
+    row = jnp.arange(chunk, dtype=jnp.int32)
+    entering, leaving = entering[..., None], leaving[..., None]
+    if reverse:
+        sees, builds = row >= chunk - entering, row < leaving
+    else:
+        sees, builds = row < entering, row >= chunk - leaving
+    flags = (jnp.where(sees, lightning_hopper.SEES_STATE, 0)
+             + jnp.where(builds, lightning_hopper.BUILDS_STATE, 0)
+             + jnp.where(entering == chunk, lightning_hopper.PASSES_STATE, 0))
+    return reach + flags.reshape(batch, seq_pad).astype(jnp.int32)
+
+
 # ----------------------------------------------------------------------------------------------
 # sequence segments: the states that enter them
 # ----------------------------------------------------------------------------------------------
@@ -462,11 +482,13 @@ def _sweep(plan: Plan):
 
     def mosaic(q, k, v, *, slopes, initial_states, seq_len, reverse, output, store_states,
                segments, blocks, interpret, ids):
-        del ids, interpret  # lightning_attention refuses both for this kernel
+        del interpret  # lightning_attention refuses it for this kernel
+        rows = None if ids is None else _document_rows(ids, chunk=blocks.chunk, seq_len=seq_len,
+                                                       reverse=reverse)
         return lightning_hopper.decay_attention(
             q, k, v, slopes, initial_states, seq_len=seq_len, reverse=reverse, output=output,
             store_states=store_states, segments=segments, chunk=blocks.chunk,
-            stages=blocks.num_stages)
+            stages=blocks.num_stages, document_rows=rows)
 
     return mosaic
 
@@ -596,6 +618,15 @@ def check_segment_ids(q: Array, segment_ids: Optional[Array]) -> None:
                          f"{segment_ids.dtype} {segment_ids.shape}.")
 
 
+def default_kernel(q: Array, k: Array, v: Array, chunk_size: int, interpret: bool) -> str:
+    """The kernel of the default plan: the Mosaic GPU one on Hopper and later where it takes the
+    inputs (bf16, head dims multiples of 64, chunks of 64), else the Triton-lowering one."""
+    if not interpret and lightning_hopper.available() and lightning_hopper.supports(
+            q, k, v, chunk_size):
+        return "mosaic"
+    return "triton"
+
+
 def supports(q: Array, k: Array, v: Array, chunk_size: int) -> bool:
     """Whether `lightning_attention` takes these inputs with its default plan (`tnllm.attention.
     choose_impl` asks before choosing the kernels for impl="auto")."""
@@ -603,7 +634,7 @@ def supports(q: Array, k: Array, v: Array, chunk_size: int) -> bool:
         _check(q, k, v, chunk_size, None)
     except ValueError:
         return False
-    return TRITON
+    return TRITON or default_kernel(q, k, v, chunk_size, jax.default_backend() != "gpu") == "mosaic"
 
 
 def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
@@ -637,23 +668,23 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
     check_segment_ids(q, segment_ids)
     batch, seq_len, heads = q.shape[:3]
     multiprocessors, shared_memory = _gpu()
-    if plan is None:
-        plan = default_plan(q.shape[-1], v.shape[-1], chunk_size, itemsize=q.dtype.itemsize,
-                            batch_heads=batch * heads, seq_len=seq_len,
-                            multiprocessors=multiprocessors, shared_memory=shared_memory)
-    chunk_size = max(b.chunk for b in (plan.fwd, plan.dq, plan.dk, plan.dv))
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
         if interpret:
             _warn_interpret()
-    older_gpu = jax.default_backend() == "gpu" and not lightning_hopper.available()
+    if plan is None:
+        plan = default_plan(q.shape[-1], v.shape[-1], chunk_size, itemsize=q.dtype.itemsize,
+                            batch_heads=batch * heads, seq_len=seq_len,
+                            multiprocessors=multiprocessors, shared_memory=shared_memory,
+                            kernel=default_kernel(q, k, v, chunk_size, interpret))
+    chunk_size = max(b.chunk for b in (plan.fwd, plan.dq, plan.dk, plan.dv))
     if plan.kernel == "triton" and not TRITON:
         raise ValueError(f"impl='pallas' cannot run: {triton_missing()}; use impl='blockwise' "
                          "(or, on Hopper, a plan with kernel='mosaic').")
-    if plan.kernel == "mosaic" and (interpret or segment_ids is not None or older_gpu):
-        raise ValueError("The Mosaic GPU kernels run compiled on a Hopper GPU only, without "
-                         "segment_ids; use the Triton kernels here (the default plan, or "
-                         "default_plan(..., kernel='triton')).")
+    older_gpu = jax.default_backend() == "gpu" and not lightning_hopper.available()
+    if plan.kernel == "mosaic" and (interpret or older_gpu):
+        raise ValueError("The Mosaic GPU kernels run compiled on a Hopper GPU only; use the "
+                         "Triton kernels here (default_plan(..., kernel='triton')).")
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)
     segments = plan.segments

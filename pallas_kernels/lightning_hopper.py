@@ -33,13 +33,17 @@ BLOCK_V = 64  # value columns a program owns: one 128-byte swizzled tile of bf16
 _TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
+# Bits of `decay_attention`'s document_rows: the reach row, then three flags.
+REACH, SEES_STATE, BUILDS_STATE, PASSES_STATE = 255, 256, 512, 1024
+
 SMEM_BYTES = 227 * 1024  # an H100's or H200's shared memory per block
 
 
 def smem_bytes(dqk: int, chunk: int, stages: int, output: bool) -> int:
-    """Shared memory of one program: the ring of q (with `output`), k and v chunks, the decayed v,
-    the state in the input dtype (with `output`), and ~1 KB of barriers."""
-    ring = stages * chunk * ((2 if output else 1) * dqk + BLOCK_V) * 2
+    """Shared memory of one program: the ring of q (with `output`), k and v chunks (and of the
+    document rows, when given), the decayed v, the state in the input dtype (with `output`), and
+    ~1 KB of barriers."""
+    ring = stages * chunk * (((2 if output else 1) * dqk + BLOCK_V) * 2 + 4)
     return ring + chunk * BLOCK_V * 2 + (dqk * BLOCK_V * 2 if output else 0) + 1024
 
 
@@ -65,13 +69,16 @@ def supports(q: Array, k: Array, v: Array, chunk: int) -> bool:
 
 
 def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: int,
-            reverse: bool, has_initial: bool, output: bool, store_state: bool, stages: int):
+            reverse: bool, has_initial: bool, output: bool, store_state: bool, stages: int,
+            has_documents: bool):
     """Refs: slopes [heads] f32; (q) k [batch, seq_pad, heads, dqk]; v [batch, seq_pad, heads, dv];
-    (the states entering the segments [batch, heads, segments, dqk, dv] f32); (o like v); (the
-    states leaving the segments, like the entering ones)."""
+    (the document rows [batch, seq_pad] int32, see `decay_attention`); (the states entering the
+    segments [batch, heads, segments, dqk, dv] f32); (o like v); (the states leaving the segments,
+    like the entering ones)."""
     refs = list(refs)
     q_ref = refs.pop(0) if output else None
     k_ref, v_ref = refs.pop(0), refs.pop(0)
+    doc_ref = refs.pop(0) if has_documents else None
     s0_ref = refs.pop(0) if has_initial else None
     o_ref = refs.pop(0) if output else None
     s_out_ref = refs.pop(0) if store_state else None
@@ -93,7 +100,8 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
         intra_decay = jnp.where(causal, jnp.exp(neg_s * dist), 0.0)
     # Token index within the chunk as a per-row vector: the decays are computed once per row (a
     # few exponentials a thread) and broadcast over the columns they scale.
-    rows = plgpu.broadcasted_iota(jnp.int32, (c_len,), 0, layout=wgmma_layout.reduce(1))
+    row_layout = wgmma_layout.reduce(1)
+    rows = plgpu.broadcasted_iota(jnp.int32, (c_len,), 0, layout=row_layout)
 
     def by_row(x, columns):
         return lax.broadcast_in_dim(x, (c_len, columns), [0])
@@ -119,13 +127,28 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
             else:  # row t sees the state of earlier tokens through lambda^(t+1)
                 q_exp, k_exp = rows + 1, length - 1 - rows
             if output:
-                q_s, k_s, v_s, o_s = bufs
+                q_s, k_s, v_s, *bufs = bufs
             else:
-                k_s, v_s = bufs
+                k_s, v_s, *bufs = bufs
+            q_valid, k_valid, decay = valid, valid, intra_decay if output else None
+            chunk_decay = jnp.exp(neg_s * length.astype(f32))
+            if has_documents:
+                doc_s = bufs.pop(0)
+                doc = plgpu.load(doc_s, (), layout=row_layout, optimized=False)
+                q_valid = valid & ((doc & SEES_STATE) != 0)
+                k_valid = valid & ((doc & BUILDS_STATE) != 0)
+                # A scalar read from shared memory: the flag is the same on every row.
+                chunk_decay = jnp.where((doc_s[0] & PASSES_STATE) != 0, chunk_decay, 0.0)
+                if output:  # k_j shares q_t's document iff j lies between t and reach_t
+                    reach = by_row(doc & REACH, c_len)
+                    cols = iota((c_len, c_len), 1)
+                    decay = jnp.where((cols <= reach) if reverse else (cols >= reach), decay, 0.0)
+            if output:
+                o_s = bufs.pop(0)
 
             def decay_values():
                 # The value rows scaled by their decay to the chunk's far edge, for the update.
-                k_decay = jnp.where(valid, jnp.exp(neg_s * k_exp.astype(f32)), 0.0)
+                k_decay = jnp.where(k_valid, jnp.exp(neg_s * k_exp.astype(f32)), 0.0)
                 v = plgpu.layout_cast(v_s[...], wgmma_layout)
                 vs_smem[...] = (v.astype(f32) * by_row(k_decay, bv)).astype(dtype)
                 plgpu.commit_smem()
@@ -141,8 +164,8 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                 zeros_cv = plgpu.layout_cast(jnp.zeros((c_len, bv), f32), wgmma_layout)
                 scores, inter = pl.run_state(scores_and_inter)(
                     (plgpu.ACC.init(zeros_cc), plgpu.ACC.init(zeros_cv)))
-                q_decay = jnp.where(valid, jnp.exp(neg_s * q_exp.astype(f32)), 0.0)
-                p = (scores * intra_decay).astype(dtype)
+                q_decay = jnp.where(q_valid, jnp.exp(neg_s * q_exp.astype(f32)), 0.0)
+                p = (scores * decay).astype(dtype)
                 o = inter * by_row(q_decay, bv)
 
                 def products(refs):
@@ -151,7 +174,7 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                     plgpu.wgmma(acc_s, plgpu.transpose_ref(k_s, (1, 0)), vs_smem)
 
                 o, state = pl.run_state(products)(
-                    (plgpu.ACC.init(o), plgpu.ACC.init(state * jnp.exp(neg_s * length.astype(f32)))))
+                    (plgpu.ACC.init(o), plgpu.ACC.init(state * chunk_decay)))
                 o_s[...] = o.astype(dtype)
                 s_smem[...] = state.astype(dtype)
                 plgpu.commit_smem()
@@ -161,8 +184,7 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                 def update(acc_s):
                     plgpu.wgmma(acc_s, plgpu.transpose_ref(k_s, (1, 0)), vs_smem)
 
-                state = pl.run_state(update)(
-                    plgpu.ACC.init(state * jnp.exp(neg_s * length.astype(f32))))
+                state = pl.run_state(update)(plgpu.ACC.init(state * chunk_decay))
             return state
 
         chunk_of = ((lambda i: seg * seg_chunks + seg_chunks - 1 - i) if reverse
@@ -172,6 +194,9 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
         head = lambda ref: ref.at[b, :, h, :]  # noqa: E731
         in_specs = ([qk_spec] if output else []) + [qk_spec, v_spec]
         ins = ([head(q_ref)] if output else []) + [head(k_ref), head(v_ref)]
+        if has_documents:  # the rows' document flags ride the same ring as q, k and v
+            in_specs.append(plgpu.BlockSpec((c_len,), lambda i: (chunk_of(i),)))
+            ins.append(doc_ref.at[b])
         outs = [head(o_ref)] if output else []
         state = plgpu.emit_pipeline(step, grid=(seg_chunks,), in_specs=in_specs,
                                     out_specs=[v_spec] if output else [],
@@ -188,16 +213,22 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
 
 def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states: Optional[Array],
                     *, seq_len: int, reverse: bool, output: bool, store_states: bool,
-                    segments: int, chunk: int = 64,
-                    stages: int = 2) -> Tuple[Optional[Array], Optional[Array]]:
-    """`pallas_kernels.lightning.decay_attention` (same arguments and results, without document
-    ids) on Hopper's TMA and tensor cores.
+                    segments: int, chunk: int = 64, stages: int = 2,
+                    document_rows: Optional[Array] = None) -> Tuple[Optional[Array], Optional[Array]]:
+    """`pallas_kernels.lightning.decay_attention` on Hopper's TMA and tensor cores: the same
+    arguments and results, with packed documents given per row (`document_rows`).
 
     Args:
       q, k: [batch, seq_pad, heads, dqk]; v: [batch, seq_pad, heads, dv], bf16, seq_pad a multiple
         of `chunk` and rows from seq_len on zero; dqk and dv multiples of 64.
       slopes: [heads] f32; initial_states: None or [batch, heads, segments, dqk, dv] f32.
       stages: chunks of q, k and v in flight (TMA ring depth).
+      document_rows: None (one document) or [batch, seq_pad] int32, per row and for this sweep's
+        direction: the row within its chunk of its document's first row (last in reverse) in the
+        low bits (`REACH`), and the flags `SEES_STATE` (the row belongs to the document of the
+        state entering the chunk), `BUILDS_STATE` (to that of the state leaving it) and
+        `PASSES_STATE` (on every row of a chunk with no document start: the state passes
+        through it).
     Returns:
       o [batch, seq_pad, heads, dv] bf16 or None; the states leaving the segments or None.
     """
@@ -213,7 +244,7 @@ def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states:
     kernel = functools.partial(
         _kernel, seq_len=seq_len, chunk=chunk, seg_chunks=num_chunks // segments, tiles=tiles,
         reverse=reverse, has_initial=initial_states is not None, output=output,
-        store_state=store_states, stages=stages)
+        store_state=store_states, stages=stages, has_documents=document_rows is not None)
     name = "lightning_attention_hopper_" + ("reverse" if reverse else "forward")
     call = plgpu.kernel(kernel, out_type=tuple(out_type),
                         # Mosaic GPU runs the last grid axis fastest: a head's value tiles
@@ -222,6 +253,8 @@ def decay_attention(q: Array, k: Array, v: Array, slopes: Array, initial_states:
                         compiler_params=plgpu.CompilerParams(approx_math=True),
                         kernel_name=name if output else name + "_states")
     args = [slopes.astype(jnp.float32)] + ([q] if output else []) + [k, v]
+    if document_rows is not None:
+        args.append(document_rows)
     if initial_states is not None:
         args.append(initial_states)
     outs = list(call(*args))

@@ -162,11 +162,7 @@ def test_pallas_kernels_at_chunk_and_segment_edges():
     (31) or before an end (48), where all rows but one of a chunk see the state. Gradients run the
     reverse sweeps over the same edges."""
     starts = [(16, 35, 38, 41), (15, 16, 48, 63, 64, 89), (31, 49)]
-    segment_ids = np.zeros((3, 90), np.int32)
-    for row, cuts in enumerate(starts):
-        for cut in cuts:
-            segment_ids[row, cut:] += 1
-    check_pallas(jnp.asarray(segment_ids), 1, 16, 16, jnp.float32, 16, 2)
+    check_pallas(edge_segments(90, starts), 1, 16, 16, jnp.float32, 16, 2)
 
 
 def test_pallas_kernels_with_documents_lower_for_gpus():
@@ -199,6 +195,65 @@ def test_compiled_pallas_kernels_equal_documents_one_by_one(dtype):
     outs, grads = objective(attn, q, k, v, s0, do, d_final)
     tol = F32_TOL if dtype == jnp.float32 else BF16_TOL
     assert_close(outs, grads, *one_by_one(q, k, v, slopes, s0, do, d_final, segment_ids), tol)
+
+
+def edge_segments(seq, starts):
+    """[len(starts), seq] int32 segment ids with documents starting at the given rows."""
+    segment_ids = np.zeros((len(starts), seq), np.int32)
+    for row, cuts in enumerate(starts):
+        for cut in cuts:
+            segment_ids[row, cut:] += 1
+    return jnp.asarray(segment_ids)
+
+
+# Chunks of 64 (the Mosaic kernels' only size): starts at a chunk's first and last rows, three in
+# one chunk, at a segment's first row (192, with two segments of a 384-row padded sequence) and at
+# the last token; a document longer than a segment.
+MOSAIC_EDGES = [(64, 140, 150, 160), (63, 64, 192, 255, 256, 299), (127, 193)]
+
+
+def mosaic_attention(slopes, segment_ids, dk, dv, segments, interpret=None):
+    plan = dataclasses.replace(lightning.default_plan(dk, dv, 64, kernel="mosaic"),
+                               segments=segments)
+
+    def attn(q, k, v, s0):
+        return lightning.lightning_attention(q, k, v, slopes, initial_state=s0, plan=plan,
+                                             interpret=interpret, segment_ids=segment_ids)
+    return attn
+
+
+def test_mosaic_kernels_with_documents_lower_for_gpus():
+    """The Mosaic GPU kernels with ids lower for a GPU, forward and backward, also on a machine
+    without one (Pallas's CPU interpreter does not run them; the GPU test below does)."""
+    segment_ids = edge_segments(300, MOSAIC_EDGES)
+    q, k, v, slopes, s0, do, d_final = inputs(5, 3, 300, 2, 128, 64, jnp.bfloat16)
+    attn = mosaic_attention(slopes, segment_ids, 128, 64, 2, interpret=False)
+
+    def loss(q, k, v, s0):
+        o, final = attn(q, k, v, s0)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * d_final)
+
+    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, v, s0).lower(
+        lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+    # forward: states pass and sweep; backward: states pass, dQ, dK, dV
+    assert sum("mosaic_gpu" in line for line in calls) == 6
+    assert not any("triton" in line for line in calls)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("segment_ids,heads,dk,dv,segments", [
+    pytest.param(edge_segments(300, MOSAIC_EDGES), 2, 128, 128, 2, id="edges-2-segments"),
+    pytest.param(random_segments(4, 2, 1000, max_docs=12), 3, 256, 128, None, id="dk256-dv128"),
+    pytest.param(random_segments(5, 2, 777, max_docs=30), 2, 64, 64, 4, id="d64-4-segments"),
+])
+def test_compiled_mosaic_kernels_equal_documents_one_by_one(segment_ids, heads, dk, dv, segments):
+    """The Mosaic GPU kernels, compiled on a Hopper GPU, on packed documents."""
+    batch, seq = segment_ids.shape
+    q, k, v, slopes, s0, do, d_final = inputs(6, batch, seq, heads, dk, dv, jnp.bfloat16)
+    outs, grads = objective(mosaic_attention(slopes, segment_ids, dk, dv, segments),
+                            q, k, v, s0, do, d_final)
+    assert_close(outs, grads, *one_by_one(q, k, v, slopes, s0, do, d_final, segment_ids), BF16_TOL)
 
 
 def test_one_document_equals_the_plain_call():

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import lightning
+from pallas_kernels import lightning, lightning_hopper
 from tnllm import attention
 from tnllm.config import ModelConfig
 from tnllm.model import TransNormerLLM
@@ -277,17 +277,24 @@ def test_mosaic_kernels_lower_for_gpus(batch, seq, heads, dk, dv, with_state, se
     (dict(dtype=jnp.float32), "bf16"),
     (dict(dk=32), "multiples of 64"),
     (dict(interpret=True), "compiled on a Hopper GPU"),
-    (dict(documents=True), "without segment_ids"),
 ])
 def test_mosaic_plan_refuses_what_it_cannot_run(change, match):
     shape = dict(dk=64, dtype=jnp.bfloat16)
     shape.update(change)
     q = jnp.ones((1, 70, 2, shape["dk"]), shape["dtype"])
     plan = lightning.default_plan(shape["dk"], shape["dk"], 64, kernel="mosaic")
-    ids = jnp.zeros((1, 70), jnp.int32).at[:, 30:].set(1) if change.get("documents") else None
     with pytest.raises(ValueError, match=match):
         lightning.lightning_attention(q, q, q, attention.alibi_slopes(2), plan=plan,
-                                      interpret=change.get("interpret", False), segment_ids=ids)
+                                      interpret=change.get("interpret", False))
+
+
+def test_the_default_plan_takes_the_mosaic_kernels_only_on_hopper():
+    """On a CPU (and GPUs before Hopper) the default plan keeps the Triton-lowering kernels."""
+    q = jnp.ones((1, 70, 2, 128), jnp.bfloat16)
+    assert lightning.default_kernel(q, q, q, 64, interpret=False) == (
+        "mosaic" if lightning_hopper.available() else "triton")
+    assert lightning.default_kernel(q, q, q, 64, interpret=True) == "triton"
+    assert lightning.default_kernel(q.astype(jnp.float32), q, q, 64, interpret=False) == "triton"
 
 
 _NO_TRITON = '''
@@ -295,7 +302,7 @@ import sys, warnings
 sys.modules["jax.experimental.pallas.triton"] = None  # JAX without Pallas's Triton backend
 import jax.numpy as jnp
 import pallas_kernels
-from pallas_kernels import lightning
+from pallas_kernels import lightning, lightning_hopper
 from tnllm import attention, config
 from tnllm.decode import loop
 assert not pallas_kernels.TRITON

@@ -403,9 +403,11 @@ def choose_impl(token_mixer: str, impl: str, q: Array, k: Array, v: Array, *, ch
         return "cudnn" if flash else "xla"
     if not pallas_compiles():
         return "blockwise"
-    if not pallas_kernels.TRITON:  # lightning.supports says no then too
+    if lightning.supports(q, k, v, chunk_size):  # Hopper's Mosaic kernels need no Triton
+        return "pallas"
+    if not pallas_kernels.TRITON:
         _warn_no_triton()
-    return "pallas" if lightning.supports(q, k, v, chunk_size) else "blockwise"
+    return "blockwise"
 
 
 @functools.lru_cache(maxsize=None)
