@@ -61,14 +61,23 @@ def make_inputs(seed, batch, seq, heads, dk, dtype, dv=None):
     return q, k, v, do
 
 
+def plan_of(kernel, q, v):
+    """The default plan of these shapes with the given kernel ("triton" or "mosaic")."""
+    multiprocessors, shared_memory = lightning._gpu()
+    return lightning.default_plan(q.shape[-1], v.shape[-1], itemsize=q.dtype.itemsize,
+                                  batch_heads=q.shape[0] * q.shape[2], seq_len=q.shape[1],
+                                  multiprocessors=multiprocessors, shared_memory=shared_memory, kernel=kernel)
+
+
 def variant_fns(slopes, only=""):
-    """name -> o = f(q, k, v) per timed variant (those in `only`, if any); "mosaic" on Hopper."""
+    """name -> o = f(q, k, v) per timed variant (those in `only`, if any): "ours" is the default
+    plan (the Mosaic kernels on Hopper), "triton" and "mosaic" (on Hopper) each kernel's plan."""
     fns = {"ours": lambda q, k, v: lightning.lightning_attention(q, k, v, slopes)[0],
+           "triton": lambda q, k, v: lightning.lightning_attention(q, k, v, slopes, plan=plan_of("triton", q, v))[0],
            "blockwise": lambda q, k, v: attention.lightning_attention(q, k, v, slopes, impl="blockwise")[0],
            "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")}
     if lightning_hopper.available():
-        fns["mosaic"] = lambda q, k, v: lightning.lightning_attention(q, k, v, slopes, plan=lightning.default_plan(
-            q.shape[-1], v.shape[-1], kernel="mosaic"))[0]
+        fns["mosaic"] = lambda q, k, v: lightning.lightning_attention(q, k, v, slopes, plan=plan_of("mosaic", q, v))[0]
     return {name: f for name, f in fns.items() if not only or name in only.split(",")}
 
 
@@ -268,6 +277,7 @@ def write_fla_check(path):
 def fla_worker(out):
     """FLA's check and timings, in a process of its own: torch and XLA each manage device memory."""
     import torch
+    import triton.testing
     from fla.ops.simple_gla import chunk_simple_gla
 
     dev = "cuda"
@@ -289,19 +299,17 @@ def fla_worker(out):
                     "dv": rel(v.grad, t["dv"])}
     print("FLA check", res["check"], flush=True)
 
-    def b2b_ms(f, arg_sets):  # bench.timing's method, waiting on torch's stream
-        return time_ms(f, arg_sets, sync=lambda _: torch.cuda.synchronize())
+    def do_bench_ms(f, args):  # FLA's own benchmarks' method: triton.testing.do_bench, median
+        return triton.testing.do_bench(lambda: f(*args), quantiles=[0.5])
 
     for shape in SHAPES:
         batch, seq, heads, dim = shape
         gen = torch.Generator(device=dev).manual_seed(0)
         randn = lambda *s: torch.randn(*s, device=dev, generator=gen)  # noqa: E731
-        sets = []
-        for _ in range(2):  # two input sets, alternated by the back-to-back timing like ours
-            q, k = (torch.nn.functional.silu(randn(batch, seq, heads, dim)).bfloat16().requires_grad_()
-                    for _ in "qk")
-            v = randn(batch, seq, heads, dim).bfloat16().requires_grad_()
-            sets.append((q, k, v, randn(batch, seq, heads, dim).bfloat16()))
+        q, k = (torch.nn.functional.silu(randn(batch, seq, heads, dim)).bfloat16().requires_grad_()
+                for _ in "qk")
+        args = (q, k, randn(batch, seq, heads, dim).bfloat16().requires_grad_(),
+                randn(batch, seq, heads, dim).bfloat16())
         slopes = t[f"slopes_{heads}"]
 
         def fwd_bwd(q, k, v, do):
@@ -309,8 +317,8 @@ def fla_worker(out):
             return o, torch.autograd.grad(o, (q, k, v), do)
 
         with torch.no_grad():
-            fwd = b2b_ms(lambda q, k, v, do: attn(q, k, v, slopes), sets)
-        res["rows"].append({"shape": shape, "fla_fwd": fwd, "fla_fwd_bwd": b2b_ms(fwd_bwd, sets)})
+            fwd = do_bench_ms(lambda q, k, v, do: attn(q, k, v, slopes), args)
+        res["rows"].append({"shape": shape, "fla_fwd": fwd, "fla_fwd_bwd": do_bench_ms(fwd_bwd, args)})
         print("FLA", res["rows"][-1], flush=True)
         with open(os.path.join(out, "fla.json"), "w") as f:  # after each shape: partial results count
             json.dump(res, f)
@@ -338,13 +346,16 @@ def markdown_table(results):
             row["fla_ratio"] = row["fla_fwd_bwd"] / row["ours_fwd_bwd"]
         if row.get("ours_fwd"):
             row["of_floor"] = row["ours_fwd"] / row["floor_fwd"]
+            row["of_floor_bwd"] = row["ours_fwd_bwd"] / row["floor_fwd_bwd"]
         rows.append(row)
     return report.markdown(rows, [(h, k, "" if k == "shape" else ".3f") for h, k in (
         ("B, T, H, D", "shape"), ("ours fwd", "ours_fwd"), ("ours fwd+bwd", "ours_fwd_bwd"),
+        ("Triton fwd", "triton_fwd"), ("Triton fwd+bwd", "triton_fwd_bwd"),
         ("Mosaic fwd", "mosaic_fwd"), ("Mosaic fwd+bwd", "mosaic_fwd_bwd"), ("floor fwd+bwd", "floor_fwd_bwd"),
         ("blockwise fwd+bwd", "blockwise_fwd_bwd"), ("cuDNN flash fwd+bwd", "cudnn_fwd_bwd"),
         ("FLA fwd", "fla_fwd"), ("FLA fwd+bwd", "fla_fwd_bwd"), ("FLA / ours, fwd+bwd", "fla_ratio"),
-        ("floor fwd", "floor_fwd"), ("ours fwd / floor", "of_floor"))])
+        ("floor fwd", "floor_fwd"), ("ours fwd / floor", "of_floor"),
+        ("ours fwd+bwd / floor", "of_floor_bwd"))])
 
 
 def plot_memory(rows, out):

@@ -130,25 +130,40 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                 q_s, k_s, v_s, *bufs = bufs
             else:
                 k_s, v_s, *bufs = bufs
-            q_valid, k_valid, decay = valid, valid, intra_decay if output else None
-            chunk_decay = jnp.exp(neg_s * length.astype(f32))
-            if has_documents:
-                doc_s = bufs.pop(0)
+            doc_s = bufs.pop(0) if has_documents else None
+            o_s = bufs.pop(0) if output else None
+            # Each read of the document rows sits after the first products are issued, so that
+            # it overlaps them; shared-memory reads are cheap to repeat.
+
+            def rows_with(flag):  # the chunk's valid rows whose document flags hold `flag`
+                if not has_documents:
+                    return valid
                 doc = plgpu.load(doc_s, (), layout=row_layout, optimized=False)
-                q_valid = valid & ((doc & SEES_STATE) != 0)
-                k_valid = valid & ((doc & BUILDS_STATE) != 0)
-                # A scalar read from shared memory: the flag is the same on every row.
-                chunk_decay = jnp.where((doc_s[0] & PASSES_STATE) != 0, chunk_decay, 0.0)
-                if output:  # k_j shares q_t's document iff j lies between t and reach_t
+                return valid & ((doc & flag) != 0)
+
+            def state_decay():  # lambda^len, or 0 where a document starts in the chunk
+                decay = jnp.exp(neg_s * length.astype(f32))
+                if not has_documents:
+                    return decay
+                return jnp.where((doc_s[0] & PASSES_STATE) != 0, decay, 0.0)  # a scalar read
+
+            def intra_decay_of_documents():
+                if not has_documents:
+                    return intra_decay
+
+                def one_document(decay):  # k_j shares q_t's document iff j is between t and reach_t
+                    doc = plgpu.load(doc_s, (), layout=row_layout, optimized=False)
                     reach = by_row(doc & REACH, c_len)
                     cols = iota((c_len, c_len), 1)
-                    decay = jnp.where((cols <= reach) if reverse else (cols >= reach), decay, 0.0)
-            if output:
-                o_s = bufs.pop(0)
+                    return jnp.where((cols <= reach) if reverse else (cols >= reach), decay, 0.0)
+
+                # Most chunks hold no document start: they skip the mask.
+                passes = (doc_s[0] & PASSES_STATE) != 0
+                return lax.cond(passes, lambda decay: decay, one_document, intra_decay)
 
             def decay_values():
                 # The value rows scaled by their decay to the chunk's far edge, for the update.
-                k_decay = jnp.where(k_valid, jnp.exp(neg_s * k_exp.astype(f32)), 0.0)
+                k_decay = jnp.where(rows_with(BUILDS_STATE), jnp.exp(neg_s * k_exp.astype(f32)), 0.0)
                 v = plgpu.layout_cast(v_s[...], wgmma_layout)
                 vs_smem[...] = (v.astype(f32) * by_row(k_decay, bv)).astype(dtype)
                 plgpu.commit_smem()
@@ -164,8 +179,8 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                 zeros_cv = plgpu.layout_cast(jnp.zeros((c_len, bv), f32), wgmma_layout)
                 scores, inter = pl.run_state(scores_and_inter)(
                     (plgpu.ACC.init(zeros_cc), plgpu.ACC.init(zeros_cv)))
-                q_decay = jnp.where(q_valid, jnp.exp(neg_s * q_exp.astype(f32)), 0.0)
-                p = (scores * decay).astype(dtype)
+                q_decay = jnp.where(rows_with(SEES_STATE), jnp.exp(neg_s * q_exp.astype(f32)), 0.0)
+                p = (scores * intra_decay_of_documents()).astype(dtype)
                 o = inter * by_row(q_decay, bv)
 
                 def products(refs):
@@ -174,7 +189,7 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                     plgpu.wgmma(acc_s, plgpu.transpose_ref(k_s, (1, 0)), vs_smem)
 
                 o, state = pl.run_state(products)(
-                    (plgpu.ACC.init(o), plgpu.ACC.init(state * chunk_decay)))
+                    (plgpu.ACC.init(o), plgpu.ACC.init(state * state_decay())))
                 o_s[...] = o.astype(dtype)
                 s_smem[...] = state.astype(dtype)
                 plgpu.commit_smem()
@@ -184,7 +199,7 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                 def update(acc_s):
                     plgpu.wgmma(acc_s, plgpu.transpose_ref(k_s, (1, 0)), vs_smem)
 
-                state = pl.run_state(update)(plgpu.ACC.init(state * chunk_decay))
+                state = pl.run_state(update)(plgpu.ACC.init(state * state_decay()))
             return state
 
         chunk_of = ((lambda i: seg * seg_chunks + seg_chunks - 1 - i) if reverse
