@@ -293,7 +293,7 @@ def fla_worker(out):
     o.backward(t["do"].bfloat16())
 
     def rel(a, b):
-        return rel_err(a.float().cpu().numpy(), b.cpu().numpy())
+        return rel_err(a.detach().float().cpu().numpy(), b.cpu().numpy())
 
     res["check"] = {"o": rel(o, t["o"]), "dq": rel(q.grad, t["dq"]), "dk": rel(k.grad, t["dk"]),
                     "dv": rel(v.grad, t["dv"])}
