@@ -335,14 +335,14 @@ def read_documents(path: str, text_field: str) -> Iterator[str]:
 
 
 @dataclasses.dataclass
-class _Tokenized:
+class Tokenized:
     """A block's documents as token ids ([n] int32 each) with their UTF-8 sizes."""
     ids: List[np.ndarray]
     num_bytes: List[int]
     skipped: _Skipped
 
 
-def _tokenize(block: _Block, text_field: str, tokenizer) -> _Tokenized:
+def _tokenize(block: _Block, text_field: str, tokenizer) -> Tokenized:
     skipped = _Skipped()
     try:
         texts = _texts(block, text_field, skipped)
@@ -350,7 +350,7 @@ def _tokenize(block: _Block, text_field: str, tokenizer) -> _Tokenized:
         skipped.files.append(block.path)
         texts = []
     ids = [np.asarray(t, np.int32) for t in tokenizer.encode_batch(texts)] if texts else []
-    return _Tokenized(ids, [len(t.encode("utf-8")) for t in texts], skipped)
+    return Tokenized(ids, [len(t.encode("utf-8")) for t in texts], skipped)
 
 
 _worker_tokenizer = None  # set in each tokenizer process by _start_worker
@@ -366,12 +366,12 @@ def _start_worker(spec: str, fingerprint: str) -> None:
                          "again once it stays put.")
 
 
-def _tokenize_in_worker(block: _Block, text_field: str) -> _Tokenized:
+def _tokenize_in_worker(block: _Block, text_field: str) -> Tokenized:
     return _tokenize(block, text_field, _worker_tokenizer)
 
 
 def _tokenized_blocks(blocks: Iterable[_Block], text_field: str, tokenizer, workers: int
-                      ) -> Iterator[Tuple[_Block, _Tokenized]]:
+                      ) -> Iterator[Tuple[_Block, Tokenized]]:
     """Each block with its tokens, in block order, tokenized by `workers` processes."""
     if workers <= 1:
         for block in blocks:
@@ -397,6 +397,26 @@ def _tokenized_blocks(blocks: Iterable[_Block], text_field: str, tokenizer, work
                            "short.") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def tokenize_files(files: Sequence[str], data_cfg: ml_collections.ConfigDict, tokenizer
+                   ) -> Iterator[Tokenized]:
+    """The documents of `files` tokenized block by block, in order, by `data.num_workers` processes,
+    with a progress bar over the bytes read. Files that are not UTF-8 text yield no documents and
+    are named in their block's `skipped.files`."""
+    blocks = (block for path in files for block in _blocks(path, data_cfg.text_field))
+    total = sum(map(_source_size, files))
+    # No more processes than blocks: starting one costs about a second.
+    workers = min(num_workers(data_cfg), -(-total // _BLOCK_BYTES))
+    documents = 0
+    with tqdm(total=total, desc="tokenizing", unit="B", unit_scale=True, leave=False) as bar:
+        for block, result in _tokenized_blocks(blocks, data_cfg.text_field, tokenizer, workers):
+            yield result
+            documents += len(result.ids)
+            bar.update(block.disk_bytes)
+            bar.set_postfix_str(f"{documents:,} documents, "
+                                f"{documents / max(bar.format_dict['elapsed'], 1e-9):,.0f}/s",
+                                refresh=False)
 
 
 def is_validation(piece: int, val_fraction: float) -> bool:
@@ -504,32 +524,21 @@ def _build_store(files: Sequence[str], data_cfg, tokenizer, directory: str) -> N
         documents, piece, long_documents, skipped = 0, 0, 0, _Skipped()
         seq_len, val_fraction = data_cfg.seq_len, data_cfg.val_fraction  # read once: per document
         eos = np.array([tokenizer.eos_id], np.int32)
-        blocks = (block for path in files for block in _blocks(path, data_cfg.text_field))
-        total = sum(map(_source_size, files))
-        # No more processes than blocks: starting one costs about a second.
-        workers = min(num_workers(data_cfg), -(-total // _BLOCK_BYTES))
-        bar = tqdm(total=total, desc="tokenizing", unit="B", unit_scale=True, leave=False)
-        with bar:
-            for block, result in _tokenized_blocks(blocks, data_cfg.text_field, tokenizer, workers):
-                if result.ids:  # one count per block: a count per document costs vocab_size each
-                    counts += np.bincount(np.concatenate(result.ids), minlength=tokenizer.vocab_size)
-                    counts[tokenizer.eos_id] += len(result.ids)
-                for ids, num_bytes in zip(result.ids, result.num_bytes):
-                    n = max(len(ids), 1)
-                    long_documents += len(ids) > seq_len
-                    for start, end, val, ends_with_eos in pieces(len(ids), seq_len, piece,
-                                                                 val_fraction):
-                        # A piece's bytes are its share of the document's; the shares sum to the whole.
-                        share = num_bytes * end // n - num_bytes * start // n
-                        writers["val" if val else "train"].add(
-                            np.concatenate([ids[start:end], eos[:int(ends_with_eos)]]), share)
-                        piece += 1
-                documents += len(result.ids)
-                skipped.add(result.skipped)
-                bar.update(block.disk_bytes)
-                bar.set_postfix_str(f"{documents:,} documents, "
-                                    f"{documents / max(bar.format_dict['elapsed'], 1e-9):,.0f}/s",
-                                    refresh=False)
+        for result in tokenize_files(files, data_cfg, tokenizer):
+            if result.ids:  # one count per block: a count per document costs vocab_size each
+                counts += np.bincount(np.concatenate(result.ids), minlength=tokenizer.vocab_size)
+                counts[tokenizer.eos_id] += len(result.ids)
+            for ids, num_bytes in zip(result.ids, result.num_bytes):
+                n = max(len(ids), 1)
+                long_documents += len(ids) > seq_len
+                for start, end, val, ends_with_eos in pieces(len(ids), seq_len, piece, val_fraction):
+                    # A piece's bytes are its share of the document's; the shares sum to the whole.
+                    share = num_bytes * end // n - num_bytes * start // n
+                    writers["val" if val else "train"].add(
+                        np.concatenate([ids[start:end], eos[:int(ends_with_eos)]]), share)
+                    piece += 1
+            documents += len(result.ids)
+            skipped.add(result.skipped)
         for w in writers.values():
             w.flush()
         if data_cfg.path:  # not for the stdlib's few test modules in other encodings
@@ -655,21 +664,25 @@ class Windows:
                          .astype(np.int64))
 
 
-class Loader:
-    """The training batch stream with its position; `state()` is what checkpoints save."""
+class BatchStream:
+    """A training batch stream with its position; `state()` is what checkpoints save.
 
-    def __init__(self, store: TokenStore, seq_len: int, batch_size: int, seed: int):
-        self.windows = Windows(store.splits["train"], seq_len)
-        self.store_key, self.batch_size, self.seed = store.key, batch_size, seed
+    windows: the training split's batch source, whose `batch(seed, n, batch_size, rows)` gives rows
+    `rows` of batch n as a pure function of its arguments (`Windows`, `tnllm.instruct.Batches`), so
+    a stream restored to a saved position goes on exactly as the original one did.
+    """
+
+    def __init__(self, windows, store_key: str, batch_size: int, seed: int):
+        self.windows, self.store_key, self.batch_size, self.seed = windows, store_key, batch_size, seed
         self.next_batch = 0
 
-    def __next__(self) -> np.ndarray:
-        """The next batch: [batch_size, seq_len + 1] int32 token ids."""
+    def __next__(self):
+        """The next batch, as `windows.batch` gives it."""
         return self.next_rows(None)
 
-    def next_rows(self, rows: Optional[Sequence[int]]) -> np.ndarray:
+    def next_rows(self, rows: Optional[Sequence[int]]):
         """Rows `rows` (positions in the batch; None: all) of the next batch, reading only their
-        windows, as a host does for the rows its devices hold: [len(rows), seq_len + 1] int32."""
+        windows, as a host does for the rows its devices hold."""
         batch = self.windows.batch(self.seed, self.next_batch, self.batch_size, rows)
         self.next_batch += 1
         return batch
@@ -690,3 +703,11 @@ class Loader:
                 warnings.append(f"the loader {name} was {state.get(name)} and is now "
                                 f"{getattr(self, name)}, so batches differ from the original run's")
         return warnings
+
+
+class Loader(BatchStream):
+    """The stream of a token store's training windows: each batch is [batch_size, seq_len + 1]
+    int32 token ids (`Windows.batch`)."""
+
+    def __init__(self, store: TokenStore, seq_len: int, batch_size: int, seed: int):
+        super().__init__(Windows(store.splits["train"], seq_len), store.key, batch_size, seed)

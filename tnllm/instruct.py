@@ -211,21 +211,19 @@ def read_documents(path: str, encoder: Encoder, window: int) -> List[Document]:
 
 
 def text_documents(data_cfg, tokenizer, window: int) -> List[Document]:
-    """The plain-text documents of config.data.path, read as `tnllm.data` reads them, for packing
+    """The plain-text documents of config.data.path, read and tokenized as `tnllm.data` does
+    (`data.tokenize_files`: config.data.num_workers processes, a progress bar), for packing
     whole (config.data.packing = "documents" without a template): BOS, the text, EOS, every token a
     target. One longer than the window is cut into pieces of `window` tokens, each packed as a
     document of its own; consecutive pieces share one token, the last of one and the first of the
     next (context only), so every token but BOS is a target once. Files that are not UTF-8 text are
     skipped with one warning."""
     documents, skipped = [], []
-    for path in data.find_files(data_cfg.path):
-        try:
-            texts = list(data.read_documents(path, data_cfg.text_field))
-        except data.NotText:
-            skipped.append(path)
-            continue
-        for ids in tokenizer.encode_batch(texts):
-            tokens = np.asarray([tokenizer.bos_id] + ids + [tokenizer.eos_id], np.int32)
+    bos, eos = np.array([tokenizer.bos_id], np.int32), np.array([tokenizer.eos_id], np.int32)
+    for result in data.tokenize_files(data.find_files(data_cfg.path), data_cfg, tokenizer):
+        skipped += result.skipped.files
+        for ids in result.ids:
+            tokens = np.concatenate([bos, ids, eos])
             for start in range(0, len(tokens) - 1, window - 1):
                 piece = tokens[start:start + window]
                 targets = np.ones(len(piece), bool)
@@ -307,7 +305,7 @@ class Batches:
     def batch(self, seed: int, n: int, size: int, rows: Optional[Sequence[int]] = None
               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Training batch n: windows n * size ... (n + 1) * size - 1 of the epochs one after another
-        (only its rows `rows`, when given; `tnllm.data.Loader.next_rows`)."""
+        (only its rows `rows`, when given; `tnllm.data.BatchStream.next_rows`)."""
         start, epoch = n * size, 0
         while start >= self._counts.get((seed, epoch), float("inf")):  # epochs already counted
             start -= self._counts[seed, epoch]
@@ -376,11 +374,9 @@ class Store:
         return s["tokens"] / max(s["bytes"], 1)
 
 
-class Loader(data.Loader):
-    """`tnllm.data.Loader` over packed instruction windows: batches are (tokens, weights,
-    segment_ids) (`Batches.arrays`); state and restore are the same."""
+class Loader(data.BatchStream):
+    """The stream of a packed store's training windows: each batch is (tokens, weights,
+    segment_ids) (`Batches.batch`)."""
 
-    def __init__(self, store: Store, batch_size: int, seed: int):  # pylint: disable=super-init-not-called
-        self.windows = store.splits["train"]
-        self.store_key, self.batch_size, self.seed = store.key, batch_size, seed
-        self.next_batch = 0
+    def __init__(self, store: Store, batch_size: int, seed: int):
+        super().__init__(store.splits["train"], store.key, batch_size, seed)
