@@ -401,9 +401,9 @@ def _tokenized_blocks(blocks: Iterable[_Block], text_field: str, tokenizer, work
 
 def tokenize_files(files: Sequence[str], data_cfg: ml_collections.ConfigDict, tokenizer
                    ) -> Iterator[Tokenized]:
-    """The documents of `files` tokenized block by block, in order, by config.data.num_workers processes,
-    with a progress bar over the bytes read. Files that are not UTF-8 text yield no documents and
-    are named in their block's `skipped.files`."""
+    """The documents of `files` tokenized block by block, in order, by config.data.num_workers
+    processes, with a progress bar over the bytes read. Files that are not UTF-8 text yield no
+    documents and are named in their block's `skipped.files`."""
     blocks = (block for path in files for block in _blocks(path, data_cfg.text_field))
     total = sum(map(_source_size, files))
     # No more processes than blocks: starting one costs about a second.
