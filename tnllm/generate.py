@@ -3,9 +3,10 @@
   generate     checks token lists, left-pads them to a length bucket (powers of two), casts the
                matmul weights to the compute dtype once (`serving_params`), runs
                `tnllm.decode.prefill` and `tnllm.decode.decode` and returns numpy arrays.
+  on_mesh      the params replicated over a mesh: placed once for many `generate` calls with it.
   complete     text in, text out: tokenizes, then `complete_ids`.
   complete_ids token ids in, text out: generates in batches, decodes (also the lm-evaluation-harness
-               model's generate_until).
+               model's generate_until); `filled_batches` gives its batches (and eval's) one size.
   main         `python -m tnllm.generate --checkpoint DIR --prompt "..."` (`--mesh_context=N` splits
                long prompts over N devices).
 
