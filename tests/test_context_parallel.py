@@ -38,7 +38,7 @@ def _mesh(shape):
     return sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
 
 
-CASES = ("operator", "model", "prefill", "generate", "collectives")
+CASES = ("operator", "model", "prefill", "generate", "complete", "collectives")
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,10 @@ def test_prefill_on_a_context_axis_matches_one_device(on_8_devices):
 
 def test_generate_on_a_mesh_returns_the_tokens_of_one_device(on_8_devices):
     assert not on_8_devices["generate"], on_8_devices["generate"]
+
+
+def test_batches_on_a_mesh_copy_the_params_once_and_return_one_devices_tokens(on_8_devices):
+    assert not on_8_devices["complete"], on_8_devices["complete"]
 
 
 def test_one_state_exchange_per_layer_and_none_without_the_axis(on_8_devices):
@@ -227,19 +231,26 @@ def _case_prefill():
             jax.eval_shape(TransNormerLLM(cfg).init, rng, tokens)
 
 
-def _case_generate():
-    """Greedy `generate` with a (data 2, context 2) mesh: two prompts of 37 and 21 tokens, segments
-    of 16 split into slices of 8, rows split over the data axis; the tokens equal one device's, the
-    log-probabilities within 1e-5, the prefill ran split, and decoding ran on one device. A softmax
-    model refuses the context axis in one sentence."""
-    from tnllm import generate as generate_module
+def _generation_model():
+    """(cfg, params committed to the default device as load_model returns them, two prompts of
+    37 and 21 tokens) for the cases of `tnllm.generate`."""
     from tnllm.model import TransNormerLLM
 
     cfg = CFG.replace(chunk_size=8)
     prompts = [list(range(3, 40)), [5, 9, 200] * 7]
     params = nn.meta.unbox(TransNormerLLM(cfg).init(jax.random.PRNGKey(8), jnp.asarray(prompts[:1]))
                            ["params"])
-    params = jax.device_put(params, jax.devices()[0])  # committed, as load_model returns them
+    return cfg, jax.device_put(params, jax.devices()[0]), prompts
+
+
+def _case_generate():
+    """Greedy `generate` with a (data 2, context 2) mesh: two prompts of 37 and 21 tokens, segments
+    of 16 split into slices of 8, rows split over the data axis; the tokens equal one device's, the
+    log-probabilities within 1e-5, the prefill ran split, and decoding ran on one device. A softmax
+    model refuses the context axis in one sentence."""
+    from tnllm import generate as generate_module
+
+    cfg, params, prompts = _generation_model()
     mesh = _mesh((2, 1, 2, 1))
     run = functools.partial(generate_module.generate, params, cfg, prompts, max_new_tokens=6,
                             prefill_chunk=16, return_logprobs=True)
@@ -270,6 +281,48 @@ def _case_generate():
                                          r"TNL's gla token mixer only, not 'softmax'; use a mesh "
                                          r"with context 1 \(--mesh_context=1\).$"):
         generate_module.generate(params, softmax, prompts, max_new_tokens=6, mesh=mesh)
+
+
+def _case_complete():
+    """`complete_ids` of five prompts in batches of 2 (the last filled up) with a (data 2,
+    context 2) mesh copies the params onto the mesh once, not once a batch, decodes every batch on
+    the default device, and gives the tokens of one device."""
+    from tnllm import generate as generate_module
+
+    cfg, params, prompts = _generation_model()
+    prompts = prompts + [p[::-1] for p in prompts] + [prompts[0][1:]]
+
+    class Tokenizer:  # ids as text
+        vocab_size, pad_id = cfg.vocab_size, 0
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    run = functools.partial(generate_module.complete_ids, params, cfg, Tokenizer(), prompts,
+                            max_new_tokens=6, eos_id=None, batch_size=2, prefill_chunk=16)
+    want = list(run())
+    copies, decoded_on = [], []
+    device_put, decode = jax.device_put, generate_module.decode
+
+    def spy_device_put(x, device=None, *args, **kwargs):
+        if (isinstance(device, jax.sharding.NamedSharding)
+                and jax.tree.structure(x) == jax.tree.structure(params)):
+            copies.append(device)
+        return device_put(x, device, *args, **kwargs)
+
+    def spy_decode(params, prefilled, *args, **kwargs):
+        decoded_on.append({d for x in jax.tree.leaves((params, prefilled)) for d in x.devices()})
+        return decode(params, prefilled, *args, **kwargs)
+
+    jax.device_put, generate_module.decode = spy_device_put, spy_decode
+    try:
+        got = list(run(mesh=_mesh((2, 1, 2, 1))))
+    finally:
+        jax.device_put, generate_module.decode = device_put, decode
+    assert len(copies) == 1, copies
+    assert decoded_on == [{jax.devices()[0]}] * 3, decoded_on
+    assert [c.tokens for c in got] == [c.tokens for c in want]
+    assert max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g.logprobs, w.logprobs)) <= 1e-5
 
 
 def _case_collectives():

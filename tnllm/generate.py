@@ -3,9 +3,10 @@
   generate     checks token lists, left-pads them to a length bucket (powers of two), casts the
                matmul weights to the compute dtype once (`serving_params`), runs
                `tnllm.decode.prefill` and `tnllm.decode.decode` and returns numpy arrays.
+  on_mesh      the params replicated over a mesh: placed once for many `generate` calls with it.
   complete     text in, text out: tokenizes, then `complete_ids`.
   complete_ids token ids in, text out: generates in batches, decodes (also the lm-evaluation-harness
-               model's generate_until).
+               model's generate_until); `filled_batches` gives its batches (and eval's) one size.
   main         `python -m tnllm.generate --checkpoint DIR --prompt "..."` (`--mesh_context=N` splits
                long prompts over N devices).
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Iterator, List, NamedTuple, Optional, Sequence
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -95,11 +96,38 @@ def _check_mesh(cfg: ModelConfig, mesh: Mesh) -> None:
 
 
 def _home_device(params) -> jax.Device:
-    """The one device that holds `params` (the default device for host arrays): where decoding
-    runs, as without a mesh."""
+    """Where decoding runs, as without a mesh: the one device that holds `params`; for params
+    replicated over a mesh, the default device if it holds a copy, else the first that does; for
+    host arrays, the default device."""
     leaf = jax.tree.leaves(params)[0]
-    devices = leaf.devices() if isinstance(leaf, jax.Array) else ()
-    return next(iter(devices)) if len(devices) == 1 else jax.devices()[0]
+    devices = leaf.sharding.device_set if isinstance(leaf, jax.Array) else {jax.devices()[0]}
+    if len(devices) == 1:
+        return next(iter(devices))
+    return jax.devices()[0] if jax.devices()[0] in devices else min(devices, key=lambda d: d.id)
+
+
+def _on_device(params, device: jax.Device):
+    """`params` on `device` alone, for the decoding loop: a replicated array's copy there as it is
+    (no copy made), an array split over devices gathered there, the rest as they are."""
+    def one(x):
+        if not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1:
+            return x
+        if x.is_fully_replicated and device in x.sharding.device_set:
+            return next(s.data for s in x.addressable_shards if s.device == device)
+        return jax.device_put(x, device)
+
+    return jax.tree.map(one, params)
+
+
+def on_mesh(params, mesh: Mesh):
+    """`params` replicated on every device of `mesh`, as a prefill on the mesh takes them: copied
+    there, or returned as they are where they are already. Place them once before many calls of
+    `generate` with that mesh (as `complete_ids` does), which otherwise copies them each call."""
+    replicated = sharding.replicated(mesh)
+    if all(isinstance(x, jax.Array) and x.sharding.is_equivalent_to(replicated, x.ndim)
+           for x in jax.tree.leaves(params)):
+        return params
+    return jax.device_put(params, replicated)
 
 
 def free_memory_bytes() -> Optional[int]:
@@ -166,12 +194,13 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     """Continues each prompt of a batch by up to `max_new_tokens` tokens.
 
     Without `mesh` everything runs on the device that holds `params`. With a `mesh`, the prefill
-    runs on the mesh's devices (a copy of the params on each): its `context` axis splits every
-    prompt segment into slices that exchange only their states, its `data` and `fsdp` axes split
-    the rows when they divide the batch (`tnllm.decode.prefill`). The states that come out have a
-    fixed size whatever the prompt length; they move to the device that holds `params`, and the
-    decoding loop runs there, as without a mesh. The tokens are the same as without a mesh up to
-    float rounding.
+    runs on the mesh's devices (a copy of the params on each, made by `on_mesh` unless `params`
+    are already replicated there): its `context` axis splits every prompt segment into slices
+    that exchange only their states, its `data` and `fsdp` axes split the rows when they divide
+    the batch (`tnllm.decode.prefill`). The states that come out have a fixed size whatever the
+    prompt length; they move to the device that holds `params` (for params replicated over the
+    mesh, the default device's copy, else the first device's), and the decoding loop runs there,
+    as without a mesh. The tokens are the same as without a mesh up to float rounding.
 
     Args:
       params: the model's `params` collection (plain arrays; matmul weights are cast to
@@ -194,16 +223,18 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
         _check_mesh(cfg, mesh)
     bucket = prompt_bucket(max(len(p) for p in prompts), prefill_chunk)
     tokens, mask = left_pad(prompts, bucket, pad_id)
-    params = serving_params(params, cfg)
+    params = serving_params(params, cfg)  # no copy of weights already in cfg.dtype
     _check_memory(cfg, len(prompts), max_new_tokens, return_logprobs)
+    home = _home_device(params)
+    on_home = _on_device(params, home)
     if mesh is None:
-        prefilled = prefill(params, tokens, mask, cfg=cfg, prefill_chunk=prefill_chunk)
+        prefilled = prefill(on_home, tokens, mask, cfg=cfg, prefill_chunk=prefill_chunk)
     else:  # jit refuses params committed to one device beside a program placed on the mesh
-        prefilled = prefill(jax.device_put(params, sharding.replicated(mesh)), tokens, mask,
-                            cfg=cfg, prefill_chunk=prefill_chunk, mesh=mesh)
-        prefilled = jax.device_put(prefilled, _home_device(params))
+        prefilled = prefill(on_mesh(params, mesh), tokens, mask, cfg=cfg,
+                            prefill_chunk=prefill_chunk, mesh=mesh)
+        prefilled = jax.device_put(prefilled, home)
     sampling = Sampling(int(max_new_tokens), sampler, eos_id, pad_id, return_logprobs)
-    out = decode(params, prefilled, jax.random.key(seed), cfg=cfg, sampling=sampling,
+    out = decode(on_home, prefilled, jax.random.key(seed), cfg=cfg, sampling=sampling,
                  options=options)
     return jax.device_get(out)
 
@@ -263,14 +294,25 @@ def complete_ids(params, cfg: ModelConfig, tokenizer, prompts: Sequence[Sequence
                              prefill_chunk=prefill_chunk, options=options, mesh=mesh)
 
 
-def _complete_batches(params, cfg, tokenizer, prompts, batch_size, *, eos_id, seed,
+def filled_batches(items: Sequence, batch_size: int) -> Iterator[Tuple[list, int]]:
+    """`items` in slices of `batch_size`, the last filled up to `batch_size` with copies of its
+    last item, so that every batch has one shape and reuses one compiled program; yields
+    (filled slice, number of real items)."""
+    for start in range(0, len(items), batch_size):
+        part = list(items[start:start + batch_size])
+        yield part + [part[-1]] * (batch_size - len(part)), len(part)
+
+
+def _complete_batches(params, cfg, tokenizer, prompts, batch_size, *, eos_id, seed, mesh,
                       **kwargs) -> Iterator[Completion]:
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        filled = batch + [batch[-1]] * (batch_size - len(batch))
+    # Cast and placed once for all batches, not once a batch: generate then copies nothing.
+    params = serving_params(params, cfg)
+    if mesh is not None:
+        params = on_mesh(params, mesh)
+    for b, (filled, real) in enumerate(filled_batches(prompts, batch_size)):
         out = generate(params, cfg, filled, eos_id=eos_id, pad_id=tokenizer.pad_id,
-                       seed=seed + start, return_logprobs=True, **kwargs)
-        for row in range(len(batch)):
+                       seed=seed + b * batch_size, return_logprobs=True, mesh=mesh, **kwargs)
+        for row in range(real):
             n = int(out.lengths[row])
             tokens = out.tokens[row, :n].tolist()
             text_ids = tokens[:-1] if tokens and tokens[-1] == eos_id else tokens

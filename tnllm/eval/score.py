@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from tnllm.config import ModelConfig
 from tnllm.decode import Prefilled, left_pad, prefill, prompt_bucket
+from tnllm.generate import filled_batches
 from tnllm.model import TransNormerLLM, zero_states
 
 Array = jax.Array
@@ -56,14 +57,6 @@ def token_logprobs(params, inputs: Array, targets: Array, positions: Array, mask
     target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     logprobs = target - jax.nn.logsumexp(logits, axis=-1)
     return logprobs, jnp.argmax(logits, axis=-1) == targets, states
-
-
-def _batches(order: Sequence[int], batch_size: int):
-    """`order` in slices of batch_size, each filled up to batch_size with its last entry; yields
-    (filled slice, number of real entries)."""
-    for start in range(0, len(order), batch_size):
-        part = list(order[start:start + batch_size])
-        yield part + [part[-1]] * (batch_size - len(part)), len(part)
 
 
 def carries_state(cfg: ModelConfig) -> bool:
@@ -96,7 +89,7 @@ def stream_logprobs(params, cfg: ModelConfig, streams: Sequence[np.ndarray], *, 
     out: List[Optional[np.ndarray]] = [None] * len(streams)
     total_windows = int(sum(-(-(lengths[order] - 1) // window)))
     bar = tqdm(total=total_windows, desc=desc, unit="window", disable=not progress)
-    for rows, real in _batches(order, batch_size):
+    for rows, real in filled_batches(order, batch_size):
         longest = int(lengths[rows].max())
         padded = np.zeros((len(rows), -(-(longest - 1) // window) * window + 1), np.int32)
         for r, i in enumerate(rows):
@@ -166,8 +159,8 @@ def _recompute(params, cfg, requests, batch_size, progress):
     lengths = np.array([len(c) + len(x) for c, x in requests])
     order = np.argsort(-lengths, kind="stable")
     out = [None] * len(requests)
-    for rows, real in tqdm(list(_batches(order, batch_size)), desc="loglikelihood", unit="batch",
-                           disable=not progress):
+    for rows, real in tqdm(list(filled_batches(order, batch_size)), desc="loglikelihood",
+                           unit="batch", disable=not progress):
         seqs = [requests[i][0] + requests[i][1] for i in rows]
         bucket = prompt_bucket(max(len(s) for s in seqs) - 1)
         inputs, mask = left_pad([s[:-1] for s in seqs], bucket)
@@ -189,13 +182,13 @@ def _with_prefill(params, cfg, requests, batch_size, progress):
         contexts.setdefault(tuple(ctx), []).append(i)
     keys = sorted(contexts, key=len, reverse=True)  # similar lengths share a batch
     out = [None] * len(requests)
-    for rows, real in tqdm(list(_batches(range(len(keys)), batch_size)), desc="loglikelihood",
-                           unit="batch", disable=not progress):
+    for rows, real in tqdm(list(filled_batches(range(len(keys)), batch_size)),
+                           desc="loglikelihood", unit="batch", disable=not progress):
         ctxs = [keys[k] for k in rows]
         tokens, mask = left_pad(ctxs, prompt_bucket(max(map(len, ctxs))))
         prefilled = prefill(params, tokens, mask, cfg=cfg)
         pairs = [(r, i) for r in range(real) for i in contexts[ctxs[r]]]
-        for part, n in _batches(pairs, batch_size):
+        for part, n in filled_batches(pairs, batch_size):
             conts = [requests[i][1] for _, i in part]
             k = prompt_bucket(max(len(c) for c in conts) - 1)
             inputs = np.zeros((len(part), k), np.int32)
