@@ -8,7 +8,8 @@ Forms (all exact, all agree; `impl` selects one):
   reference  the quadratic masked form O = ((Q K^T) * D) V (`pallas_kernels.lightning.
              lightning_reference`, beside the kernels it checks); for tests and short sequences.
   blockwise  Lightning Attention-2 chunks of `chunk_size`: intra-chunk masked products in parallel,
-             a float32 state carried across chunks by `lax.scan`. The XLA path for training.
+             a float32 state carried across chunks by `lax.scan` (`lightning_attention_blockwise`).
+             The XLA path for training.
   recurrent  `lax.scan` over tokens with `lightning_attention_step`: only multiplications by
              lambda <= 1, so it stays finite at any length (the paper's robust inference form).
   pallas     the GPU kernels of `pallas_kernels/` (interpret mode on machines without a GPU).
