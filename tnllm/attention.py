@@ -8,7 +8,8 @@ Forms (all exact, all agree; `impl` selects one):
   reference  the quadratic masked form O = ((Q K^T) * D) V (`pallas_kernels.lightning.
              lightning_reference`, beside the kernels it checks); for tests and short sequences.
   blockwise  Lightning Attention-2 chunks of `chunk_size`: intra-chunk masked products in parallel,
-             a float32 state carried across chunks by `lax.scan`. The XLA path for training.
+             a float32 state carried across chunks by `lax.scan` (`lightning_attention_blockwise`).
+             The XLA path for training.
   recurrent  `lax.scan` over tokens with `lightning_attention_step`: only multiplications by
              lambda <= 1, so it stays finite at any length (the paper's robust inference form).
   pallas     the GPU kernels of `pallas_kernels/` (interpret mode on machines without a GPU).
@@ -39,7 +40,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -130,14 +131,62 @@ def _reference(q, k, v, slopes, initial_state, chunk_size, segment_ids=None):
 # ----------------------------------------------------------------------------------------------
 # blockwise: Lightning Attention-2
 # ----------------------------------------------------------------------------------------------
-def _blockwise(q, k, v, slopes, initial_state, chunk_size, segment_ids=None):
-    if segment_ids is not None:
-        return _blockwise_documents(q, k, v, slopes, initial_state, chunk_size, segment_ids)
+class _ChunkDocuments(NamedTuple):
+    """Where packed documents cut the chunks of `lightning_attention_blockwise` (b batch, n chunks
+    of c tokens; padding repeats the last document)."""
+
+    same: Array  # [b, 1, n, c, c] bool: tokens i, j of a chunk belong to one document
+    sees_state: Array  # [b, 1, n, c, 1] bool: the token is in the entering state's document
+    builds_state: Array  # [b, 1, n, c, 1] bool: the token is in the chunk's last document
+    passes: Array  # [b, n] bool: no document starts in the chunk, so the entering state goes on
+
+
+def _chunk_documents(segment_ids: Array, num_chunks: int, chunk_size: int) -> _ChunkDocuments:
+    """The chunks' document masks of segment_ids [b, t] (t <= num_chunks * chunk_size)."""
+    b, t = segment_ids.shape
+    pad = num_chunks * chunk_size - t
+    ids = lightning.document_ids(segment_ids)
+    entering = jnp.pad(ids, ((0, 0), (1, 0)))[:, :-1]  # document of the token before each token
+    if pad:
+        ids, entering = (jnp.pad(x, ((0, 0), (0, pad)), mode="edge") for x in (ids, entering))
+    idc = ids.reshape(b, num_chunks, chunk_size)
+    state_id = entering.reshape(b, num_chunks, chunk_size)[:, :, 0]  # [b, n]
+    last_id = idc[:, :, -1]  # [b, n]
+    return _ChunkDocuments(same=(idc[:, :, :, None] == idc[:, :, None, :])[:, None],
+                           sees_state=(idc == state_id[..., None])[:, None, :, :, None],
+                           builds_state=(idc == last_id[..., None])[:, None, :, :, None],
+                           passes=last_id == state_id)
+
+
+def lightning_attention_blockwise(q: Array, k: Array, v: Array, slopes: Array,
+                                  initial_state: Optional[Array], chunk_size: int,
+                                  segment_ids: Optional[Array] = None) -> Tuple[Array, Array]:
+    """The blockwise form of `lightning_attention` (Lightning Attention-2), on checked inputs.
+
+    Per chunk of c tokens, with the state S entering it and len its valid tokens (only the last
+    chunk can be short):
+        O = ((Q K^T) * D) V + (lambda^(r+1) Q) S,   S <- lambda^len S + (lambda^(len-1-r) K)^T V,
+    D the chunk's causal decay mask (lambda^(i-j) for j <= i, else 0) and r a token's row in it. The intra-chunk
+    products and every chunk's own K^T V run in parallel; only the state is carried by `lax.scan`.
+
+    With segment_ids the decays are cut at document starts, and nothing else changes: a token sees
+    only earlier tokens of its document and the entering state only if it is in that state's
+    document, only the chunk's last document builds the leaving state, and a chunk in which a
+    document starts passes no state on. Without them none of this is traced.
+
+    Args:
+      q, k: [batch, seq, heads, dk]; v: [batch, seq, heads, dv]; slopes: [heads] f32;
+      initial_state: [batch, heads, dk, dv] or None; chunk_size: c, any seq is allowed;
+      segment_ids: [batch, seq] int or None (`lightning_attention`).
+    Returns:
+      o: [batch, seq, heads, dv] in v's dtype; final_state: [batch, heads, dk, dv] float32.
+    """
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     c = chunk_size
     n = -(-t // c)
     pad = n * c - t
+    documents = None if segment_ids is None else _chunk_documents(segment_ids, n, c)
     if pad:
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
         q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
@@ -154,96 +203,41 @@ def _blockwise(q, k, v, slopes, initial_state, chunk_size, segment_ids=None):
     causal = r[None, :] <= r[:, None]
     dist = jnp.where(causal, r[:, None] - r[None, :], 0).astype(jnp.float32)
     intra_decay = jnp.where(causal[None], jnp.exp(-slopes[:, None, None] * dist[None]), 0.0)  # [h,c,c]
+    intra_decay = intra_decay[None, :, None]  # [1, h, 1, c, c]
     q_decay = jnp.exp(-slopes[:, None] * (r + 1).astype(jnp.float32)[None, :])  # [h, c]: lambda^(r+1)
     k_exp = (length[:, None] - 1 - r[None, :]).astype(jnp.float32)  # [n, c]
-    k_decay = jnp.where(r[None, :] < length[:, None], jnp.exp(-slopes[:, None, None] * k_exp[None]), 0.0)  # [h, n, c]
+    # [h, n, c]: lambda^(len-1-r), zero at padding
+    k_decay = jnp.where(r[None, :] < length[:, None], jnp.exp(-slopes[:, None, None] * k_exp[None]), 0.0)
     # lambda^len - 1, added as a decrement for the reason given in lightning_attention_step.
     chunk_decrement = jnp.expm1(-slopes[:, None] * length[None, :].astype(jnp.float32))  # [h, n]
-
-    prec = _dot_precision(q, k, v)
-    scores = jnp.einsum("bhncd,bhnjd->bhncj", qc, kc, precision=prec,
-                        preferred_element_type=jnp.float32)
-    o_intra = jnp.einsum("bhncj,bhnje->bhnce", scores * intra_decay[None, :, None], vc.astype(jnp.float32),
-                         precision=prec)
-    # Each chunk's own contribution to the state, all chunks at once: (lambda^(len-1-r) K_c)^T V_c.
-    kv = jnp.einsum("bhncd,bhnce->bhnde", kc.astype(jnp.float32) * k_decay[None, ..., None],
-                    vc.astype(jnp.float32), precision=lax.Precision.HIGHEST)
-
-    def step(state, inputs):
-        kv_n, decrement_n = inputs  # [b, h, dk, dv], [h]
-        return state + (decrement_n[None, :, None, None] * state + kv_n), state
-
-    s0 = _zero_state(q, v) if initial_state is None else initial_state.astype(jnp.float32)
-    final, before = lax.scan(step, s0, (kv.transpose(2, 0, 1, 3, 4), chunk_decrement.T))
-    before = before.transpose(1, 2, 0, 3, 4)  # [b, h, n, dk, dv]: the state entering each chunk
-    o_inter = jnp.einsum("bhncd,bhnde->bhnce", qc.astype(jnp.float32) * q_decay[None, :, None, :, None],
-                         before, precision=lax.Precision.HIGHEST)
-    o = (o_intra + o_inter).transpose(0, 2, 3, 1, 4).reshape(b, n * c, h, dv)[:, :t]
-    return o.astype(v.dtype), final
-
-
-def _blockwise_documents(q, k, v, slopes, initial_state, chunk_size, segment_ids):
-    """_blockwise with packed documents: the decays masked to one document, per row of the batch.
-
-    A chunk's tokens see the entering state only if they belong to its document (that of the
-    token before the chunk), only the chunk's last document adds to the leaving state, and a
-    chunk that starts a document passes no state through.
-    """
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
-    c = chunk_size
-    n = -(-t // c)
-    pad = n * c - t
-    ids = lightning.document_ids(segment_ids)
-    entering = jnp.pad(ids, ((0, 0), (1, 0)))[:, :-1]  # document of the token before each token
-    if pad:
-        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
-        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
-        ids, entering = (jnp.pad(x, ((0, 0), (0, pad)), mode="edge") for x in (ids, entering))
-
-    def chunks(x):  # [b, n*c, h, d] -> [b, h, n, c, d]
-        return x.reshape(b, n, c, h, x.shape[-1]).transpose(0, 3, 1, 2, 4)
-
-    qc, kc, vc = chunks(q), chunks(k), chunks(v)
-    idc = ids.reshape(b, n, c)
-    state_id = entering.reshape(b, n, c)[:, :, 0]  # [b, n]: the entering state's document
-    last_id = idc[:, :, -1]  # [b, n]: padding repeats the last id
-    r = jnp.arange(c)
-    length = jnp.minimum(c, t - jnp.arange(n) * c)  # [n]
-    valid = r[None, :] < length[:, None]  # [n, c]
-
-    causal = r[None, :] <= r[:, None]
-    dist = jnp.where(causal, r[:, None] - r[None, :], 0).astype(jnp.float32)
-    intra_decay = jnp.where(causal[None], jnp.exp(-slopes[:, None, None] * dist[None]), 0.0)  # [h,c,c]
-    same = idc[:, :, :, None] == idc[:, :, None, :]  # [b, n, c, c]
-    intra_decay = jnp.where(same[:, None], intra_decay[None, :, None], 0.0)  # [b, h, n, c, c]
-    q_keep = (idc == state_id[..., None])[:, None, :, :, None]  # [b, 1, n, c, 1]
-    q_decay = jnp.exp(-slopes[:, None] * (r + 1).astype(jnp.float32)[None, :])  # [h, c]
-    k_exp = (length[:, None] - 1 - r[None, :]).astype(jnp.float32)  # [n, c]
-    k_keep = valid[None] & (idc == last_id[..., None])  # [b, n, c]
-    k_decay = jnp.where(k_keep[:, None], jnp.exp(-slopes[:, None, None] * k_exp[None])[None], 0.0)
-    chunk_decrement = jnp.expm1(-slopes[:, None] * length[None, :].astype(jnp.float32))  # [h, n]
-    passes = last_id == state_id  # [b, n]: no document starts inside the chunk
+    q_decayed = qc.astype(jnp.float32) * q_decay[None, :, None, :, None]  # [b, h, n, c, dk]
+    k_decayed = kc.astype(jnp.float32) * k_decay[None, ..., None]  # [b, h, n, c, dk]
+    passes = None
+    if documents is not None:  # the decays above, cut to one document per row of the batch
+        intra_decay = jnp.where(documents.same, intra_decay, 0.0)  # [b, h, n, c, c]
+        q_decayed = jnp.where(documents.sees_state, q_decayed, 0.0)
+        k_decayed = jnp.where(documents.builds_state, k_decayed, 0.0)
+        passes = documents.passes.T  # [n, b]
 
     prec = _dot_precision(q, k, v)
     scores = jnp.einsum("bhncd,bhnjd->bhncj", qc, kc, precision=prec,
                         preferred_element_type=jnp.float32)
     o_intra = jnp.einsum("bhncj,bhnje->bhnce", scores * intra_decay, vc.astype(jnp.float32),
                          precision=prec)
-    kv = jnp.einsum("bhncd,bhnce->bhnde", kc.astype(jnp.float32) * k_decay[..., None],
-                    vc.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    # Each chunk's own contribution to the state, all chunks at once: (lambda^(len-1-r) K_c)^T V_c.
+    kv = jnp.einsum("bhncd,bhnce->bhnde", k_decayed, vc.astype(jnp.float32), precision=lax.Precision.HIGHEST)
 
     def step(state, inputs):
-        kv_n, decrement_n, passes_n = inputs  # [b, h, dk, dv], [h], [b]
-        kept = jnp.where(passes_n[:, None, None, None], state + decrement_n[None, :, None, None] * state, 0.0)
-        return kept + kv_n, state
+        kv_n, decrement_n, passes_n = inputs  # [b, h, dk, dv], [h], [b] or None
+        entering = state
+        if passes_n is not None:  # a chunk in which a document starts passes no state on
+            state = jnp.where(passes_n[:, None, None, None], state, 0.0)
+        return state + (decrement_n[None, :, None, None] * state + kv_n), entering
 
     s0 = _zero_state(q, v) if initial_state is None else initial_state.astype(jnp.float32)
-    final, before = lax.scan(step, s0, (kv.transpose(2, 0, 1, 3, 4), chunk_decrement.T, passes.T))
-    before = before.transpose(1, 2, 0, 3, 4)  # [b, h, n, dk, dv]
-    o_inter = jnp.einsum("bhncd,bhnde->bhnce",
-                         jnp.where(q_keep, qc.astype(jnp.float32) * q_decay[None, :, None, :, None], 0.0),
-                         before, precision=lax.Precision.HIGHEST)
+    final, before = lax.scan(step, s0, (kv.transpose(2, 0, 1, 3, 4), chunk_decrement.T, passes))
+    before = before.transpose(1, 2, 0, 3, 4)  # [b, h, n, dk, dv]: the state entering each chunk
+    o_inter = jnp.einsum("bhncd,bhnde->bhnce", q_decayed, before, precision=lax.Precision.HIGHEST)
     o = (o_intra + o_inter).transpose(0, 2, 3, 1, 4).reshape(b, n * c, h, dv)[:, :t]
     return o.astype(v.dtype), final
 
@@ -322,7 +316,7 @@ def _pallas(q, k, v, slopes, initial_state, chunk_size, segment_ids=None):
 
 _FORMS: Dict[str, Callable] = {
     "reference": _reference,
-    "blockwise": _blockwise,
+    "blockwise": lightning_attention_blockwise,
     "recurrent": _recurrent,
     "pallas": _pallas,
 }

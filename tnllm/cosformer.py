@@ -35,7 +35,7 @@ from jax import lax
 
 from pallas_kernels import lightning
 from tnllm import sharding
-from tnllm.attention import choose_impl, document_positions, lightning_attention
+from tnllm.attention import choose_impl, document_positions, lightning_attention_blockwise
 from tnllm.config import ModelConfig, check_context_mixer
 
 Array = jax.Array
@@ -116,10 +116,9 @@ def _linear(q, k, qf, kf, va, s0, *, q_positions, k_positions, m, causal, key_ma
     del q, k, q_positions, k_positions, m, key_mask
     if segment_ids is not None:
         # The causal scan is Lightning Attention without decay (lambda = 1), whose blockwise form
-        # resets the state at every document start.
-        return lightning_attention(qf, kf, va.astype(jnp.float32), jnp.zeros(qf.shape[2], jnp.float32),
-                                   impl="blockwise",
-                                   chunk_size=chunk_size, initial_state=s0, segment_ids=segment_ids)
+        # resets the state at every document start; called directly, as the inputs are checked.
+        no_decay = jnp.zeros(qf.shape[2], jnp.float32)
+        return lightning_attention_blockwise(qf, kf, va.astype(jnp.float32), no_decay, s0, chunk_size, segment_ids)
     if causal:
         return _causal_scan(qf, kf, va, s0, chunk_size)
     state = s0 + _key_sums(kf, va)
