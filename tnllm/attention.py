@@ -141,7 +141,7 @@ class _ChunkDocuments(NamedTuple):
     passes: Array  # [b, n] bool: no document starts in the chunk, so the entering state goes on
 
 
-def _chunk_documents(segment_ids: Array, num_chunks: int, chunk_size: int) -> _ChunkDocuments:
+def _chunk_masks(segment_ids: Array, num_chunks: int, chunk_size: int) -> _ChunkDocuments:
     """The chunks' document masks of segment_ids [b, t] (t <= num_chunks * chunk_size)."""
     b, t = segment_ids.shape
     pad = num_chunks * chunk_size - t
@@ -186,7 +186,7 @@ def lightning_attention_blockwise(q: Array, k: Array, v: Array, slopes: Array,
     c = chunk_size
     n = -(-t // c)
     pad = n * c - t
-    documents = None if segment_ids is None else _chunk_documents(segment_ids, n, c)
+    documents = None if segment_ids is None else _chunk_masks(segment_ids, n, c)
     if pad:
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
         q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
