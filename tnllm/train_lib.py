@@ -321,7 +321,7 @@ class _Setup:
         # A box holds one array, so the boxed tree's leaves are the state's, in the same order.
         self.abstract_state = jax.tree.unflatten(jax.tree.structure(self.state_sharding), [
             jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-            for a, s in zip(jax.tree.leaves(boxed), jax.tree.leaves(self.state_sharding))])
+            for a, s in zip(jax.tree.leaves(boxed), jax.tree.leaves(self.state_sharding), strict=True)])
         a = self.abstract_state
         restored = self.checkpoints.restore_latest(dict(params=a.params, opt_state=a.opt_state), cfg)
         if restored is None:
