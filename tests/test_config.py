@@ -99,6 +99,20 @@ def test_lrpe_layers_can_be_set_on_the_command_line(args, want):
     assert config.model_config(cfg.value).lrpe_layers == want
 
 
+@pytest.mark.parametrize("data,message", [
+    (dict(packing="bogus"), r"^config.data.packing must be one of concat, documents, got 'bogus'\.$"),
+    (dict(template="alpaca"), r"^Instruction records are packed as whole documents: set "
+                              r"config.data.packing = 'documents' with config.data.template\.$"),
+])
+def test_packing_is_checked_with_the_config(data, message):
+    cfg = config.load("configs/tiny.py")
+    cfg.data.update(**data)
+    with pytest.raises(ValueError, match=message):
+        config.check(cfg)
+    cfg.data.update(packing="documents")
+    config.check(cfg)  # the fix the sentence names is accepted
+
+
 def test_train_py_takes_lrpe_layers_and_checks_them():
     out = subprocess.run([sys.executable, "train.py", "--config.model.lrpe_layers=0,5"], cwd=REPO,
                          capture_output=True, text=True, env=subprocess_env())

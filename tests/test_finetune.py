@@ -244,11 +244,11 @@ def test_init_from_with_other_shapes_or_no_export_is_one_sentence(corpus, export
 def test_the_example_config_is_a_valid_fine_tuning_config():
     cfg = config.load(os.path.join(REPO, "configs", "finetune_385m.py"))
     config.check(cfg)
-    assert train_lib._packed_documents(cfg.data) and cfg.train.init_from
+    assert cfg.data.packing == "documents" and cfg.train.init_from
     instruct.load_template(cfg.data.template)
     cfg.data.update(packing="concat")
     with pytest.raises(ValueError, match="set config.data.packing = 'documents' with config.data.template"):
-        train_lib._packed_documents(cfg.data)
+        config.check(cfg)
 
 
 def test_plain_text_documents_pack_whole_and_train(corpus, tmp_path):

@@ -309,6 +309,12 @@ def check(cfg: ml_collections.ConfigDict) -> ModelConfig:
     if not 0 < cfg.data.val_fraction < 1:
         raise ValueError(f"config.data.val_fraction must lie strictly between 0 and 1, got "
                          f"{cfg.data.val_fraction}.")
+    if cfg.data.packing not in PACKINGS:
+        raise ValueError(f"config.data.packing must be one of {', '.join(PACKINGS)}, got "
+                         f"{cfg.data.packing!r}.")
+    if cfg.data.template and cfg.data.packing != "documents":
+        raise ValueError("Instruction records are packed as whole documents: set "
+                         "config.data.packing = 'documents' with config.data.template.")
     if cfg.train.batch_size % cfg.train.grad_accum_steps:
         raise ValueError(
             f"config.train.batch_size ({cfg.train.batch_size}) must be a multiple of "

@@ -40,7 +40,7 @@ from tnllm.checkpoint import (DAMAGED, EXPORT_CONFIG, StorageError, TrainCheckpo
 from tnllm.loss import cross_entropy_sum, sequence_slices
 from tnllm.metrics import (METRICS, MetricsLog, flops_per_token, peak_flops, peak_memory_bytes,
                            plot_losses)
-from tnllm.model import TransNormerLLM, check_sharding, zero_states
+from tnllm.model import TransNormerLLM, zero_states
 from tnllm.sampling import make_sampler
 from tnllm.tokenizer import BYTE_SPEC, load_tokenizer
 
@@ -280,7 +280,7 @@ class _Setup:
             cfg.data.tokenizer = os.path.abspath(cfg.data.tokenizer)
         t = cfg.train
         self.micro_batch = t.batch_size // t.grad_accum_steps
-        self.packed = _packed_documents(cfg.data)
+        self.packed = cfg.data.packing == "documents"  # whole documents per window (tnllm.instruct)
         if self.packed:
             self.store = instruct.Store(cfg.data, self.tokenizer)
             self.loader = instruct.Loader(self.store, t.batch_size, t.seed)
@@ -294,7 +294,6 @@ class _Setup:
             self.loader = data.Loader(self.store, cfg.data.seq_len, t.batch_size, t.seed)
             self.val = data.Windows(self.store.splits["val"], cfg.data.seq_len, "val")
         self.mesh = sharding.make_mesh(cfg.mesh)
-        check_sharding(self.model_cfg, self.mesh)
         sharding.check_batch(self.micro_batch, self.mesh, "The micro-batch (config.train.batch_size "
                                                           "/ config.train.grad_accum_steps)")
         self.model = TransNormerLLM(self.model_cfg)
@@ -314,12 +313,15 @@ class _Setup:
 
     def _build_state(self, cfg: ml_collections.ConfigDict, workdir: str, from_scratch: bool) -> None:
         rng = jax.random.key(cfg.train.seed)
-        # The shardings init_sharded would give, needed first to restore onto them.
-        self.state_sharding = sharding.logical_to_sharding(
-            nn.get_partition_spec(jax.eval_shape(self._init_state, rng)), self.mesh)
-        self.abstract_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            jax.eval_shape(lambda r: nn.meta.unbox(self._init_state(r)), rng), self.state_sharding)
+        # One trace of the model's init gives the state's shapes and its logical axes, thus its
+        # shardings: a restore needs both, and a fresh state is then born on its shards.
+        boxed = jax.eval_shape(self._init_state, rng)
+        sharding.check_params(boxed.params, self.mesh)
+        self.state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed), self.mesh)
+        # A box holds one array, so the boxed tree's leaves are the state's, in the same order.
+        self.abstract_state = jax.tree.unflatten(jax.tree.structure(self.state_sharding), [
+            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+            for a, s in zip(jax.tree.leaves(boxed), jax.tree.leaves(self.state_sharding), strict=True)])
         a = self.abstract_state
         restored = self.checkpoints.restore_latest(dict(params=a.params, opt_state=a.opt_state), cfg)
         if restored is None:
@@ -331,7 +333,8 @@ class _Setup:
             if from_scratch and distributed.is_main_process() and os.path.isfile(
                     os.path.join(workdir, METRICS)):
                 _set_metrics_aside(workdir)
-            self.state, _ = sharding.init_sharded(self._init_state, self.mesh, rng)
+            self.state = jax.jit(lambda r: nn.meta.unbox(self._init_state(r)),
+                                 out_shardings=self.state_sharding)(rng)
             if cfg.train.init_from:
                 self.state = self.state.replace(params=params_from_export(
                     cfg.train.init_from, a.params, self.state_sharding.params))
@@ -356,19 +359,24 @@ class _Setup:
         segment_ids) of `make_train_step`."""
         self.rows = sharding.batch_sharding(self.mesh)
         self.batch_sharding = sharding.batch_sharding(self.mesh, batch_dim=1)
+        steps, m = cfg.train.grad_accum_steps, self.micro_batch
+        mine = distributed.local_rows(self.batch_sharding, (steps, m, 1), batch_dim=1)
+        # The rows of the loader's batch that `next_batch` reads, the same every step: row r of
+        # micro-batch a is row a * micro_batch + r of the loader's batch.
+        self.local_batch_rows = (np.arange(steps)[:, None] * m +
+                                 np.arange(mine.start, mine.stop)).ravel()
         seq = cfg.data.seq_len
         shapes = [(seq + 1, jnp.int32)]
         if self.packed:
             shapes += [(seq, jnp.float32), (seq, jnp.int32)]
-        batch = tuple(jax.ShapeDtypeStruct((cfg.train.grad_accum_steps, self.micro_batch, n), dtype,
-                                           sharding=self.batch_sharding) for n, dtype in shapes)
-        rows = [jax.ShapeDtypeStruct((self.micro_batch, n), dtype, sharding=self.rows)
-                for n, dtype in shapes]
+        batch = tuple(jax.ShapeDtypeStruct((steps, m, n), dtype, sharding=self.batch_sharding)
+                      for n, dtype in shapes)
+        rows = [jax.ShapeDtypeStruct((m, n), dtype, sharding=self.rows) for n, dtype in shapes]
         if self.packed:
             evaluate = functools.partial(weighted_loss, self.model)
         else:  # windows and the weight of each row
             batch, evaluate = batch[0], make_eval_step(self.model)
-            rows.append(jax.ShapeDtypeStruct((self.micro_batch,), jnp.float32, sharding=self.rows))
+            rows.append(jax.ShapeDtypeStruct((m,), jnp.float32, sharding=self.rows))
         self.train_step = jax.jit(
             make_train_step(self.model, schedule),
             in_shardings=(self.state_sharding, jax.tree.map(lambda b: b.sharding, batch)),
@@ -384,10 +392,7 @@ class _Setup:
         The global batch is a pure function of seed and step; every process reads and hands over
         only the rows its own devices hold."""
         steps, m = self.loader.batch_size // self.micro_batch, self.micro_batch
-        mine = distributed.local_rows(self.batch_sharding, (steps, m, 1), batch_dim=1)
-        # Row r of micro-batch a is row a * micro_batch + r of the loader's batch.
-        rows = (np.arange(steps)[:, None] * m + np.arange(mine.start, mine.stop)).ravel()
-        local = self.loader.next_rows(rows)
+        local = self.loader.next_rows(self.local_batch_rows)
         arrays = tuple(jax.make_array_from_process_local_data(
             self.batch_sharding, x.reshape(steps, -1, *x.shape[1:]), (steps, m, *x.shape[1:]))
             for x in (local if self.packed else (local,)))
@@ -422,18 +427,6 @@ class _Setup:
                                                     for x in (tokens, weights, segment_ids))))
             targets += float(weights.sum())
         return total / max(targets, 1.0)
-
-
-def _packed_documents(data_cfg: ml_collections.ConfigDict) -> bool:
-    """Whether config.data asks for whole documents per window (instruction data or plain text);
-    one sentence for a combination that does not exist."""
-    if data_cfg.packing not in config_lib.PACKINGS:
-        raise ValueError(f"config.data.packing must be one of {', '.join(config_lib.PACKINGS)}, got "
-                         f"{data_cfg.packing!r}.")
-    if data_cfg.template and data_cfg.packing != "documents":
-        raise ValueError("Instruction records are packed as whole documents: set "
-                         "config.data.packing = 'documents' with config.data.template.")
-    return data_cfg.packing == "documents"
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, from_scratch: bool = False,
