@@ -4,6 +4,8 @@ blockwise XLA form and cuDNN flash attention: checked against float32 first, the
     python -m bench.kernels --out /tmp/k --stages check,table,fla,memory,plots
     python -m bench.kernels --out /tmp/k --stages sweep --sweep 64:64:4:4,64:128:8:3
     python -m bench.kernels --out /tmp/k --smoke          # tiny shapes on a CPU, interpret mode
+
+The fla stage needs `fla-core` and a CUDA build of PyTorch beside JAX (not in requirements.txt).
 """
 from __future__ import annotations
 
