@@ -132,6 +132,7 @@ def test_clear_errors(corpus, reference_run, tmp_path):
     cfg.train.lr = 1.0
     with pytest.raises(ValueError, match="Unknown config.train field"):
         train_lib.train(cfg, str(tmp_path / "b"))
+    assert not (tmp_path / "b").exists()  # refused before the work directory is made or locked
     cfg = _cfg(corpus)
     cfg.data.path = str(tmp_path / "no-such-dir")
     with pytest.raises(FileNotFoundError, match="config.data.path"):

@@ -438,6 +438,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, from_scratch: bool = Fal
     Raises StorageError (a ValueError) with one sentence for work-directory and checkpoint faults.
     """
     cfg = cfg.copy_and_resolve_references()
+    config_lib.check(cfg)  # a bad config is refused before the work directory is made or locked
     main = distributed.is_main_process()
     with StopSignals(early_signals) as stop:
         lock = WorkdirLock(workdir) if main else None
