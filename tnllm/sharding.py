@@ -129,14 +129,17 @@ def logical_to_sharding(specs: Any, mesh: Mesh) -> Any:
     return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
 
 
-def init_sharded(create: Callable[..., Any], mesh: Mesh, *args: Any) -> Tuple[Any, Any]:
+def init_sharded(create: Callable[..., Any], mesh: Mesh, *args: Any,
+                 shardings: Any = None) -> Tuple[Any, Any]:
     """Runs `create(*args)` so that every array is born on its own shards (never whole on one device).
 
     `create` returns a tree with boxed parameters (model.init, optimizer init, a TrainState...);
     optimizer states built from boxed parameters carry the same boxes. Returns the unboxed tree and
-    its shardings (for `in_shardings`/`out_shardings` of the step).
+    its shardings (for `in_shardings`/`out_shardings` of the step). `shardings`: those of a caller
+    that already traced `create` (`jax.eval_shape`), so that it is not traced again for them.
     """
-    shardings = logical_to_sharding(nn.get_partition_spec(jax.eval_shape(create, *args)), mesh)
+    if shardings is None:
+        shardings = logical_to_sharding(nn.get_partition_spec(jax.eval_shape(create, *args)), mesh)
     state = jax.jit(lambda *a: nn.meta.unbox(create(*a)), out_shardings=shardings)(*args)
     return state, shardings
 

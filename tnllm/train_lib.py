@@ -333,8 +333,8 @@ class _Setup:
             if from_scratch and distributed.is_main_process() and os.path.isfile(
                     os.path.join(workdir, METRICS)):
                 _set_metrics_aside(workdir)
-            self.state = jax.jit(lambda r: nn.meta.unbox(self._init_state(r)),
-                                 out_shardings=self.state_sharding)(rng)
+            self.state, _ = sharding.init_sharded(self._init_state, self.mesh, rng,
+                                                  shardings=self.state_sharding)
             if cfg.train.init_from:
                 self.state = self.state.replace(params=params_from_export(
                     cfg.train.init_from, a.params, self.state_sharding.params))
