@@ -116,11 +116,12 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
             s_smem[...] = state.astype(dtype)
             plgpu.commit_smem()
 
+        chunk_of = ((lambda i: seg * seg_chunks + seg_chunks - 1 - i) if reverse
+                    else (lambda i: seg * seg_chunks + i))
+
         def step(idx, *bufs):
             *bufs, state = bufs
-            i = idx[0]
-            c = seg * seg_chunks + ((seg_chunks - 1 - i) if reverse else i)
-            length = jnp.clip(seq_len - c * c_len, 0, c_len)
+            length = jnp.clip(seq_len - chunk_of(idx[0]) * c_len, 0, c_len)
             valid = rows < length
             if reverse:  # row t sees the state of later tokens through lambda^(len-1-t)
                 q_exp, k_exp = length - 1 - rows, rows + 1
@@ -141,11 +142,12 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                 doc = plgpu.load(doc_s, (), layout=row_layout, optimized=False)
                 return valid & ((doc & flag) != 0)
 
+            def passes():  # no document starts in the chunk: a scalar read, the same on every row
+                return (doc_s[0] & PASSES_STATE) != 0
+
             def state_decay():  # lambda^len, or 0 where a document starts in the chunk
                 decay = jnp.exp(neg_s * length.astype(f32))
-                if not has_documents:
-                    return decay
-                return jnp.where((doc_s[0] & PASSES_STATE) != 0, decay, 0.0)  # a scalar read
+                return jnp.where(passes(), decay, 0.0) if has_documents else decay
 
             def intra_decay_of_documents():
                 if not has_documents:
@@ -154,12 +156,13 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                 def one_document(decay):  # k_j shares q_t's document iff j is between t and reach_t
                     doc = plgpu.load(doc_s, (), layout=row_layout, optimized=False)
                     reach = by_row(doc & REACH, c_len)
+                    # A fresh column index, not the setup's `j_idx`, which the loop would then
+                    # keep live (32 values a thread) for the whole sweep.
                     cols = iota((c_len, c_len), 1)
                     return jnp.where((cols <= reach) if reverse else (cols >= reach), decay, 0.0)
 
                 # Most chunks hold no document start: they skip the mask.
-                passes = (doc_s[0] & PASSES_STATE) != 0
-                return lax.cond(passes, lambda decay: decay, one_document, intra_decay)
+                return lax.cond(passes(), lambda decay: decay, one_document, intra_decay)
 
             def decay_values():
                 # The value rows scaled by their decay to the chunk's far edge, for the update.
@@ -202,8 +205,6 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                 state = pl.run_state(update)(plgpu.ACC.init(state * state_decay()))
             return state
 
-        chunk_of = ((lambda i: seg * seg_chunks + seg_chunks - 1 - i) if reverse
-                    else (lambda i: seg * seg_chunks + i))
         qk_spec = plgpu.BlockSpec((c_len, dqk), lambda i: (chunk_of(i), 0), transforms=_TRANSFORMS)
         v_spec = plgpu.BlockSpec((c_len, bv), lambda i: (chunk_of(i), tile), transforms=_TRANSFORMS)
         head = lambda ref: ref.at[b, :, h, :]  # noqa: E731
