@@ -63,23 +63,15 @@ def make_inputs(seed, batch, seq, heads, dk, dtype, dv=None):
     return q, k, v, do
 
 
-def plan_of(kernel, q, v):
-    """The default plan of these shapes with the given kernel ("triton" or "mosaic")."""
-    multiprocessors, shared_memory = lightning._gpu()
-    return lightning.default_plan(q.shape[-1], v.shape[-1], itemsize=q.dtype.itemsize,
-                                  batch_heads=q.shape[0] * q.shape[2], seq_len=q.shape[1],
-                                  multiprocessors=multiprocessors, shared_memory=shared_memory, kernel=kernel)
-
-
 def variant_fns(slopes, only=""):
     """name -> o = f(q, k, v) per timed variant (those in `only`, if any): "ours" is the default
     plan (the Mosaic kernels on Hopper), "triton" and "mosaic" (on Hopper) each kernel's plan."""
     fns = {"ours": lambda q, k, v: lightning.lightning_attention(q, k, v, slopes)[0],
-           "triton": lambda q, k, v: lightning.lightning_attention(q, k, v, slopes, plan=plan_of("triton", q, v))[0],
+           "triton": lambda q, k, v: lightning.lightning_attention(q, k, v, slopes, plan=lightning.plan_for(q, v, 64, "triton"))[0],
            "blockwise": lambda q, k, v: attention.lightning_attention(q, k, v, slopes, impl="blockwise")[0],
            "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")}
     if lightning_hopper.available():
-        fns["mosaic"] = lambda q, k, v: lightning.lightning_attention(q, k, v, slopes, plan=plan_of("mosaic", q, v))[0]
+        fns["mosaic"] = lambda q, k, v: lightning.lightning_attention(q, k, v, slopes, plan=lightning.plan_for(q, v, 64, "mosaic"))[0]
     return {name: f for name, f in fns.items() if not only or name in only.split(",")}
 
 

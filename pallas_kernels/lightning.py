@@ -618,6 +618,16 @@ def check_segment_ids(q: Array, segment_ids: Optional[Array]) -> None:
                          f"{segment_ids.dtype} {segment_ids.shape}.")
 
 
+def plan_for(q: Array, v: Array, chunk_size: int, kernel: str) -> Plan:
+    """`default_plan` for these inputs on the local GPU, with the given kernel ("triton" or
+    "mosaic"): the plan `lightning_attention` uses when given none (with `default_kernel`)."""
+    multiprocessors, shared_memory = _gpu()
+    return default_plan(q.shape[-1], v.shape[-1], chunk_size, itemsize=q.dtype.itemsize,
+                        batch_heads=q.shape[0] * q.shape[2], seq_len=q.shape[1],
+                        multiprocessors=multiprocessors, shared_memory=shared_memory,
+                        kernel=kernel)
+
+
 def default_kernel(q: Array, k: Array, v: Array, chunk_size: int, interpret: bool) -> str:
     """The kernel of the default plan: the Mosaic GPU one on Hopper and later where it takes the
     inputs (bf16, head dims multiples of 64, chunks of 64), else the Triton-lowering one."""
@@ -655,7 +665,7 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
       chunk_size: tokens per chunk, 16, 32, 64 or 128 (of the default plan).
       plan: block sizes of the four kernel calls, chunks included, sequence segments, and the
         kernel that runs them (`Plan.kernel`; `default_plan(..., kernel="mosaic")` for the Mosaic
-        GPU one on Hopper); default `default_plan` for these shapes and this GPU; a plan without
+        GPU one on Hopper); default `plan_for` these inputs with `default_kernel`; a plan without
         segments gets `default_segments`.
       interpret: run in Pallas interpret mode; default: only when JAX has no GPU.
       segment_ids: optional [batch, seq] int, equal within a document (`document_ids`): the state
@@ -667,16 +677,12 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
     _check(q, k, v, chunk_size, plan)
     check_segment_ids(q, segment_ids)
     batch, seq_len, heads = q.shape[:3]
-    multiprocessors, shared_memory = _gpu()
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
         if interpret:
             _warn_interpret()
     if plan is None:
-        plan = default_plan(q.shape[-1], v.shape[-1], chunk_size, itemsize=q.dtype.itemsize,
-                            batch_heads=batch * heads, seq_len=seq_len,
-                            multiprocessors=multiprocessors, shared_memory=shared_memory,
-                            kernel=default_kernel(q, k, v, chunk_size, interpret))
+        plan = plan_for(q, v, chunk_size, default_kernel(q, k, v, chunk_size, interpret))
     chunk_size = max(b.chunk for b in (plan.fwd, plan.dq, plan.dk, plan.dv))
     if plan.kernel == "triton" and not TRITON:
         raise ValueError(f"impl='pallas' cannot run: {triton_missing()}; use impl='blockwise' "
@@ -690,7 +696,7 @@ def lightning_attention(q: Array, k: Array, v: Array, slopes: Array, *,
     segments = plan.segments
     if segments is None:
         programs = v.shape[-1] // plan.fwd.block_v * heads * batch
-        segments = default_segments(programs, -(-seq_len // chunk_size), multiprocessors)
+        segments = default_segments(programs, -(-seq_len // chunk_size), _gpu()[0])
     # Whole chunks of every kernel call in every segment; padding rows are zeros.
     pad = -seq_len % (chunk_size * segments)
     ids = None
