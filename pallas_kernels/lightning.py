@@ -114,10 +114,10 @@ def default_plan(dk: int, dv: int, chunk_size: int = 64, *, itemsize: int = 2,
         plan's segments come from `default_segments` and the pipeline depth from the waves.
       multiprocessors, shared_memory: of the GPU (bytes per program).
       kernel: "triton", or "mosaic" for `lightning_hopper`'s kernel (one warpgroup and a 64-wide
-        value tile a program, a ring of two TMA stages; no further tuning).
+        value tile a program, a ring of three TMA stages; no further tuning).
     """
     if kernel == "mosaic":
-        blocks = Blocks(chunk=chunk_size, block_v=lightning_hopper.BLOCK_V, num_stages=2)
+        blocks = Blocks(chunk=chunk_size, block_v=lightning_hopper.BLOCK_V, num_stages=3)
         segments = None
         if batch_heads is not None and seq_len is not None:
             segments = default_segments(dv // blocks.block_v * batch_heads,

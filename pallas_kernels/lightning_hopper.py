@@ -149,20 +149,22 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                 decay = jnp.exp(neg_s * length.astype(f32))
                 return jnp.where(passes(), decay, 0.0) if has_documents else decay
 
-            def intra_decay_of_documents():
+            def within_documents(p):  # the decayed scores [C, C] f32, cross-document pairs zeroed
                 if not has_documents:
-                    return intra_decay
+                    return p
 
-                def one_document(decay):  # k_j shares q_t's document iff j is between t and reach_t
+                def one_document(p):  # k_j shares q_t's document iff j is between t and reach_t
                     doc = plgpu.load(doc_s, (), layout=row_layout, optimized=False)
                     reach = by_row(doc & REACH, c_len)
                     # A fresh column index, not the setup's `j_idx`, which the loop would then
                     # keep live (32 values a thread) for the whole sweep.
                     cols = iota((c_len, c_len), 1)
-                    return jnp.where((cols <= reach) if reverse else (cols >= reach), decay, 0.0)
+                    return jnp.where((cols <= reach) if reverse else (cols >= reach), p, 0.0)
 
-                # Most chunks hold no document start: they skip the mask.
-                return lax.cond(passes(), lambda decay: decay, one_document, intra_decay)
+                # Most chunks hold no document start: they skip the mask. The branch takes the
+                # product, which dies here, not the decay, which stays live for the next chunk:
+                # its result then needs no copy of 32 registers a thread on the common path.
+                return lax.cond(passes(), lambda p: p, one_document, p)
 
             def decay_values():
                 # The value rows scaled by their decay to the chunk's far edge, for the update.
@@ -183,7 +185,7 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                 scores, inter = pl.run_state(scores_and_inter)(
                     (plgpu.ACC.init(zeros_cc), plgpu.ACC.init(zeros_cv)))
                 q_decay = jnp.where(rows_with(SEES_STATE), jnp.exp(neg_s * q_exp.astype(f32)), 0.0)
-                p = (scores * intra_decay_of_documents()).astype(dtype)
+                p = within_documents(scores * intra_decay).astype(dtype)
                 o = inter * by_row(q_decay, bv)
 
                 def products(refs):
