@@ -4,17 +4,20 @@ thread pool, then timed one by one (median of --steps steps after a warm-up). --
 only, at batch 1, to find the longest sequence that fits.
 
     python -m bench.train_throughput --configs=385m,softmax_385m --impls=pallas --remat=save_dots
+    python -m bench.train_throughput --configs=385m --impls=pallas:triton,pallas:mosaic --lengths=2048
     python -m bench.train_throughput --smoke          # tiny configs on a CPU
 
 Writes $OUT/train_throughput.json and .png (OUT defaults to ./bench_out); prints the tables.
 """
 import concurrent.futures
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,7 @@ import numpy as np
 from absl import app, flags
 
 from bench import profiling, report, timing
+from pallas_kernels import lightning
 from tnllm import config as config_lib
 from tnllm import metrics, train_lib
 from tnllm.model import TransNormerLLM
@@ -29,7 +33,8 @@ from tnllm.model import TransNormerLLM
 REPO = Path(__file__).resolve().parents[1]
 
 flags.DEFINE_list("configs", ["385m", "softmax_385m", "1b", "softmax_1b"], "Config files to measure.")
-flags.DEFINE_list("impls", ["pallas", "blockwise"], "Attention impls of the configs with token_mixer gla.")
+flags.DEFINE_list("impls", ["pallas", "blockwise"], "Attention impls of the configs with token_mixer "
+                  "gla; pallas:triton or pallas:mosaic runs the Pallas impl with that kernel.")
 flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384", "32768"], "Sequence lengths.")
 flags.DEFINE_integer("tokens", 32768, "Tokens per training step at every length.")
 flags.DEFINE_integer("steps", 3, "Timed steps per case, after one warm-up step.")
@@ -57,7 +62,7 @@ def case_config(case: dict):
     if FLAGS.train_segment is not None and cfg.model.token_mixer != "softmax":
         cfg.model.train_segment = FLAGS.train_segment
     if cfg.model.token_mixer == "gla":
-        cfg.model.attention_impl = case["impl"]
+        cfg.model.attention_impl = case["impl"].split(":")[0]
     if FLAGS.smoke:
         cfg.model.num_layers = 1
     cfg.data.seq_len = case["seq_len"]
@@ -68,6 +73,20 @@ def case_config(case: dict):
 
 
 _INITS = {}  # model config -> (jitted state initialiser, the future of its compilation)
+
+
+@contextlib.contextmanager
+def kernel_of(impl: str):
+    """While a step is traced, Lightning Attention's default plans run the kernel an impl names
+    after its colon (pallas:triton, pallas:mosaic), to compare the two in the same model."""
+    if ":" not in impl:
+        yield
+        return
+    kernel = impl.split(":")[1]
+    if kernel not in lightning.KERNELS:
+        raise ValueError(f"--impls names kernel {kernel!r}; use one of {lightning.KERNELS}.")
+    with mock.patch.object(lightning, "default_kernel", lambda *args: kernel):
+        yield
 
 
 def compile_case(case: dict, pool):
@@ -86,7 +105,9 @@ def compile_case(case: dict, pool):
         state = jax.eval_shape(_INITS[model_cfg][0], jax.random.key(0))
         batch = jax.ShapeDtypeStruct((1, cfg.train.batch_size, cfg.data.seq_len + 1), jnp.int32)
         step = jax.jit(train_lib.make_train_step(model, schedule), donate_argnums=0)
-        return cfg, pool.submit(step.lower(state, batch).compile), _INITS[model_cfg][1]
+        with kernel_of(case["impl"]):
+            lowered = step.lower(state, batch)
+        return cfg, pool.submit(lowered.compile), _INITS[model_cfg][1]
     except Exception as e:  # noqa: BLE001 -- recorded, and the other cases go on
         failed = concurrent.futures.Future()
         failed.set_exception(e)
