@@ -379,20 +379,20 @@ def _chunk_documents(ids: Array, *, chunk: int, seq_len: int,
     """
     batch, seq_pad = ids.shape
     chunks = ids.reshape(batch, seq_pad // chunk, chunk)
-    row = jnp.arange(chunk, dtype=jnp.int32)
-    edge = jnp.ones_like(chunks[..., :1], dtype=bool)
-    if reverse:  # a document's last row in the chunk: the id changes after it, or the chunk ends
-        last = jnp.concatenate([chunks[..., :-1] != chunks[..., 1:], edge], axis=-1)
-        reach = lax.cummin(jnp.where(last, row, chunk - 1), axis=2, reverse=True)
+    # The ids never decrease, so a token's document starts in the chunk after the rows of earlier
+    # documents, and ends before those of later ones: counts of a [chunk, chunk] comparison, one
+    # fused reduction (a cumulative max over rows would lower to a windowed reduction per chunk).
+    count_rows = functools.partial(jnp.sum, axis=-1, dtype=jnp.int32)
+    if reverse:  # a document's last row in the chunk
+        reach = count_rows(chunks[..., None, :] <= chunks[..., :, None]) - 1
         leaving = chunks[..., 0]
-    else:  # a document's first row in the chunk: the id changes before it, or the chunk starts
-        starts = jnp.concatenate([edge, chunks[..., 1:] != chunks[..., :-1]], axis=-1)
-        reach = lax.cummax(jnp.where(starts, row, 0), axis=2)
+    else:  # a document's first row in the chunk
+        reach = count_rows(chunks[..., None, :] < chunks[..., :, None])
         leaving = chunks[..., -1]
     # The state entering a chunk is the one at its boundary (after it when reverse).
     edges = jnp.arange(seq_pad // chunk) * chunk + (chunk if reverse else 0)
     entering = _boundary_ids(ids, edges, seq_len=seq_len, reverse=reverse)
-    count = lambda doc: jnp.sum(chunks == doc[..., None], axis=-1, dtype=jnp.int32)  # noqa: E731
+    count = lambda doc: count_rows(chunks == doc[..., None])  # noqa: E731
     return reach.reshape(batch, seq_pad), count(entering), count(leaving)
 
 
