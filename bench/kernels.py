@@ -187,7 +187,8 @@ def stage_segments(results, shapes):
 
 
 def stage_boundaries(results, document_tokens=512):
-    """Ours on packed documents (a start every ~document_tokens) against no boundaries, same inputs."""
+    """Ours on packed documents (a start every ~document_tokens) against no boundaries, same inputs;
+    o and the gradients of both checked against the float32 blockwise form first."""
     log("== packed documents against none, forward and forward+backward (ms)")
     results["boundaries"] = []
     for batch, seq, heads, dim in SHAPES:
@@ -197,6 +198,14 @@ def stage_boundaries(results, document_tokens=512):
         for name, ids in (("plain", None), ("documents", jnp.asarray(np.cumsum(starts, 1), jnp.int32))):
             fwd, fwd_bwd = fwd_and_fwd_bwd(lambda q, k, v, ids=ids: lightning.lightning_attention(
                 q, k, v, slopes, segment_ids=ids)[0])
+            _, want = fwd_and_fwd_bwd(lambda q, k, v, ids=ids: attention.lightning_attention(
+                q, k, v, slopes, impl="blockwise", segment_ids=ids)[0])
+            got = jax.tree.leaves(fwd_bwd(*sets[0]))
+            ref = jax.tree.leaves(want(*(x.astype(jnp.float32) for x in sets[0])))
+            row[f"{name}_error"] = max(rel_err(a, b) for a, b in zip(got, ref))
+            if row[f"{name}_error"] > BF16_TOL:
+                raise SystemExit(f"{name} on {row['shape']}: error {row[f'{name}_error']:.2e} "
+                                 f"against float32 over {BF16_TOL}; nothing timed.")
             row[name] = [time_ms(fwd, [s[:3] for s in sets]), time_ms(fwd_bwd, sets)]
         row["cost"] = [d / p - 1 for d, p in zip(row["documents"], row["plain"])]
         results["boundaries"].append(row)
