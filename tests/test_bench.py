@@ -51,3 +51,22 @@ def _errors(tree):
     if isinstance(tree, list):
         return [e for v in tree for e in _errors(v)]
     return []
+
+
+def test_train_throughput_impls_name_the_lightning_kernel():
+    """--impls=pallas:mosaic traces the step with the Mosaic kernels' plan (which a CPU refuses),
+    pallas alone keeps the default plan, and an unknown kernel gets one sentence."""
+    import jax.numpy as jnp
+
+    from bench.train_throughput import kernel_of
+    from pallas_kernels import lightning
+
+    q = jnp.ones((1, 64, 2, 64), jnp.bfloat16)
+    with kernel_of("pallas:mosaic"), pytest.raises(ValueError, match="Mosaic GPU kernels run"):
+        lightning.lightning_attention(q, q, q, jnp.ones(2), interpret=True)
+    with kernel_of("pallas"):
+        o, _ = lightning.lightning_attention(q, q, q, jnp.ones(2), interpret=True)
+    assert o.shape == q.shape
+    with pytest.raises(ValueError, match="names kernel 'cuda'"):
+        with kernel_of("pallas:cuda"):
+            pass
