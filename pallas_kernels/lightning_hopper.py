@@ -163,8 +163,9 @@ def _kernel(slope_ref, *refs, seq_len: int, chunk: int, seg_chunks: int, tiles: 
                     return jnp.where((cols <= reach) if reverse else (cols >= reach), p, 0.0)
 
                 # Most chunks hold no document start: they skip the mask. The branch takes the
-                # product, which dies here, not the decay, which stays live for the next chunk:
-                # its result then needs no copy of 32 registers a thread on the common path.
+                # product, which dies here, not the decay, which stays live for the next chunk,
+                # so that its result may reuse the product's registers: taking the decay, the
+                # kernel copied 32 registers a thread on every chunk (Nsight Compute).
                 return lax.cond(passes(), lambda p: p, one_document, p)
 
             def decay_values():
