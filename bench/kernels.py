@@ -3,6 +3,7 @@ blockwise XLA form and cuDNN flash attention: checked against float32 first, the
 
     python -m bench.kernels --out /tmp/k --stages check,table,fla,memory,plots
     python -m bench.kernels --out /tmp/k --stages sweep --sweep 64:64:4:4,64:128:8:3
+    python -m bench.kernels --out /tmp/k --stages sweep --sweep_kernel mosaic --sweep 64:64:4:2,64:64:4:3
     python -m bench.kernels --out /tmp/k --smoke          # tiny shapes on a CPU, interpret mode
 
 The fla stage needs `fla-core` and a CUDA build of PyTorch beside JAX (not in requirements.txt).
@@ -160,23 +161,25 @@ def time_plans(shape, plans, seed):
     return [row for row, _ in plans]
 
 
-def stage_sweep(results, configs, shapes):
-    """One Blocks for all four kernel calls, with the default segments for it."""
-    log("== block-size sweep: forward and forward+backward (ms)")
+def stage_sweep(results, configs, shapes, kernel):
+    """One Blocks for all four kernel calls of `kernel`, with the default segments for it."""
+    log(f"== block-size sweep ({kernel}): forward and forward+backward (ms)")
     results["sweep"] = [row for shape in shapes for row in time_plans(
-        shape, [({"shape": shape, "blocks": b.__dict__}, lightning.Plan(fwd=b, dq=b, dk=b, dv=b))
-                for b in configs], seed=3)]
+        shape, [({"shape": shape, "kernel": kernel, "blocks": b.__dict__},
+                 lightning.Plan(fwd=b, dq=b, dk=b, dv=b, kernel=kernel)) for b in configs], seed=3)]
 
 
 def stage_segments(results, shapes):
     """The default plan with the sequence cut into 1, 2, 4, ... segments, up to four waves of
     programs; the default choice is marked."""
     log("== sequence segments (ms)")
-    cores = jax.devices()[0].core_count if jax.default_backend() == "gpu" else 132
+    on_gpu = jax.default_backend() == "gpu"
+    cores = jax.devices()[0].core_count if on_gpu else 132
     results["segments"] = []
     for shape in shapes:
         batch, seq, heads, dim = shape
-        base = lightning.default_plan(dim, dim)
+        x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+        base = lightning.plan_for(x, x, 64, lightning.default_kernel(x, x, x, 64, not on_gpu))
         programs, chunks = dim // base.fwd.block_v * heads * batch, seq // base.fwd.chunk
         auto = lightning.default_segments(programs, chunks, cores)
         counts = [n for n in (2 ** i for i in range(12))  # up to four waves, two chunks a segment
@@ -376,6 +379,8 @@ def main():
     parser.add_argument("--stages", default=None, help="of check, sweep, segments, table, fla, memory, "
                         "boundaries, plots; default check,table,fla,memory,plots (--smoke: all but fla)")
     parser.add_argument("--sweep", default="", help="block configs C:bv:warps:stages,... for 'sweep'")
+    parser.add_argument("--sweep_kernel", default="triton", choices=lightning.KERNELS,
+                        help="the kernel 'sweep' runs (mosaic: Hopper, C 64, bv 64, warps unused)")
     parser.add_argument("--variants", default="", help="'table' times only these (ours,mosaic,...)")
     parser.add_argument("--sweep_shapes", default="0,1,2",
                         help="indices into SHAPES of the shapes 'sweep' runs")
@@ -408,7 +413,8 @@ def main():
 
     run = {"sweep": lambda: stage_sweep(
                results, [lightning.Blocks(*map(int, c.split(":"))) for c in args.sweep.split(",")],
-               [SHAPES[int(i)] for i in args.sweep_shapes.split(",") if int(i) < len(SHAPES)]),
+               [SHAPES[int(i)] for i in args.sweep_shapes.split(",") if int(i) < len(SHAPES)],
+               args.sweep_kernel),
            "segments": lambda: stage_segments(results, SHAPES + SEGMENT_SHAPES),
            "table": lambda: stage_table(results, results["bandwidth"], args.variants),
            "fla": lambda: stage_fla(results), "memory": lambda: stage_memory(results),
