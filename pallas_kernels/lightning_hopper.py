@@ -40,9 +40,9 @@ SMEM_BYTES = 227 * 1024  # an H100's or H200's shared memory per block
 
 
 def smem_bytes(dqk: int, chunk: int, stages: int, output: bool) -> int:
-    """Shared memory of one program: the ring of q and o (with `output`), k and v chunks (and of
-    the document rows, when given), the decayed v, the state in the input dtype (with `output`),
-    and ~1 KB of barriers."""
+    """Shared memory of one program: the ring of q and o (with `output`), k and v chunks (and room
+    for the document rows, given or not), the decayed v, the state in the input dtype (with
+    `output`), and ~1 KB of barriers."""
     copies = 2 if output else 1  # (q and k, or k alone) of dqk columns; (v and o, or v) of BLOCK_V
     ring = stages * chunk * (copies * (dqk + BLOCK_V) * 2 + 4)
     return ring + chunk * BLOCK_V * 2 + (dqk * BLOCK_V * 2 if output else 0) + 1024
